@@ -1,0 +1,140 @@
+"""Per-token KL estimators and the KL-penalty controllers (fixed, adaptive, alarm-driven).
+
+Estimators (Schulman 2020, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html):
+with tokens sampled from the policy q and the reference p, and log r = log p(x) - log q(x),
+
+    k1 = -log r = log q - log p                  unbiased for KL(q||p), can be negative
+    k3 = (r - 1) - log r                         unbiased, always >= 0, lower variance
+
+Controllers decide the penalty coefficient beta in  R_t = score * [t = last] - beta * KL_t.
+Each keeps its own state (``state_dict`` / ``load_state_dict`` for checkpoints) and returns
+the beta changes it made as events ``{"step", "beta_old", "beta_new", "cause"}``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k1 = log q(x) - log p(x) per token (Schulman 2020); (B, R) -> (B, R)."""
+    return logprobs - ref_logprobs
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3 = exp(log p - log q) - 1 - (log p - log q) per token (Schulman 2020); >= 0."""
+    log_r = ref_logprobs - logprobs
+    return torch.expm1(log_r) - log_r
+
+
+KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"k1": kl_k1, "k3": kl_k3}
+
+
+def _event(step: int, old: float, new: float, cause: str) -> dict:
+    return {"step": step, "beta_old": old, "beta_new": new, "cause": cause}
+
+
+class FixedKLController:
+    """beta stays where it was set."""
+
+    def __init__(self, beta: float):
+        self.beta = float(beta)
+
+    def update(self, *, step: int, kl: float, n_samples: int, texts: list[str] | None = None) -> list[dict]:
+        return []
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta = float(state["beta"])
+
+
+def adaptive_beta(beta: float, kl: float, target: float, n_samples: int, horizon: float) -> float:
+    """One adaptive update (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences", §2.2):
+
+        e = clip(KL / target - 1, -0.2, 0.2),   beta <- beta * (1 + e * n / horizon)
+
+    ``n`` and ``horizon`` are in the same unit; here (as in the paper's code) SAMPLES: ``n`` is
+    the number of rollout samples since the last update, ``horizon`` the number of samples over
+    which beta may move by at most a factor of about e^{+-0.2}.
+    """
+    e = min(max(kl / target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + e * n_samples / horizon)
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019 proportional controller; ``horizon`` counts rollout samples."""
+
+    def __init__(self, beta: float, *, target: float, horizon: float):
+        if target <= 0 or horizon <= 0:
+            raise ValueError("AdaptiveKLController: target and horizon must be > 0")
+        self.beta, self.target, self.horizon = float(beta), float(target), float(horizon)
+
+    def update(self, *, step: int, kl: float, n_samples: int, texts: list[str] | None = None) -> list[dict]:
+        old = self.beta
+        self.beta = adaptive_beta(old, kl, self.target, n_samples, self.horizon)
+        if self.beta == old:
+            return []
+        return [_event(step, old, self.beta, f"adaptive: kl {kl:.4g} vs target {self.target:.4g}")]
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta, self.target, self.horizon = float(state["beta"]), float(state["target"]), float(state["horizon"])
+
+
+Detector = Callable[[list[str]], dict[str, float]]
+
+
+class AlarmKLController:
+    """Raise beta when a drift detector fires, as practitioners do by hand ("the language turned stilted").
+
+    Wraps a base controller (fixed or adaptive). After the base update, ``detector(texts)``
+    returns named rates; for every name with a threshold, a value strictly above it is an alarm.
+    On an alarm (at most once per ``cooldown`` steps) beta <- max(beta * factor, floor), so a
+    run started at beta = 0 still gets a leash. The cause names the detector and its value.
+    """
+
+    def __init__(self, base, *, detector: Detector, thresholds: dict[str, float], factor: float = 2.0,
+                 floor: float = 0.05, cooldown: int = 1):
+        if factor <= 1.0:
+            raise ValueError("AlarmKLController: factor must be > 1")
+        if not thresholds:
+            raise ValueError("AlarmKLController: thresholds is empty; nothing could ever fire")
+        self.base, self.detector, self.thresholds = base, detector, dict(thresholds)
+        self.factor, self.floor, self.cooldown = float(factor), float(floor), int(cooldown)
+        self.last_alarm_step: int | None = None
+        self.last_readings: dict[str, float] = {}
+
+    @property
+    def beta(self) -> float:
+        return self.base.beta
+
+    def update(self, *, step: int, kl: float, n_samples: int, texts: list[str] | None = None) -> list[dict]:
+        events = self.base.update(step=step, kl=kl, n_samples=n_samples, texts=texts)
+        if texts is None:
+            return events
+        readings = self.detector(texts)
+        self.last_readings = {k: float(v) for k, v in readings.items()}
+        fired = [(k, readings[k]) for k in sorted(self.thresholds) if k in readings
+                 and math.isfinite(readings[k]) and readings[k] > self.thresholds[k]]
+        cooling = self.last_alarm_step is not None and step - self.last_alarm_step < self.cooldown
+        if fired and not cooling:
+            old = self.base.beta
+            self.base.beta = max(old * self.factor, self.floor)
+            self.last_alarm_step = step
+            cause = "alarm: " + ", ".join(f"{k} {v:.3g} > {self.thresholds[k]:.3g}" for k, v in fired)
+            events.append(_event(step, old, self.base.beta, cause))
+        return events
+
+    def state_dict(self) -> dict:
+        return {"base": self.base.state_dict(), "last_alarm_step": self.last_alarm_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base.load_state_dict(state["base"])
+        self.last_alarm_step = state["last_alarm_step"]

@@ -1,0 +1,81 @@
+"""KL estimators against exact KL on small categorical distributions; controllers against their formulas."""
+
+import math
+
+import pytest
+import torch
+
+from preflab.losses.kl import (
+    AdaptiveKLController,
+    AlarmKLController,
+    FixedKLController,
+    adaptive_beta,
+    kl_k1,
+    kl_k3,
+)
+
+
+def test_estimators_are_unbiased_for_exact_kl():
+    q = torch.tensor([0.5, 0.3, 0.2])
+    p = torch.tensor([0.2, 0.5, 0.3])
+    exact = sum(qi * math.log(qi / pi) for qi, pi in zip(q.tolist(), p.tolist(), strict=True))
+    lq, lp = q.log(), p.log()
+    # expectation under q, computed exactly over the support
+    assert (q * kl_k1(lq, lp)).sum().item() == pytest.approx(exact, rel=1e-5)
+    assert (q * kl_k3(lq, lp)).sum().item() == pytest.approx(exact, rel=1e-5)
+    assert (kl_k3(lq, lp) >= 0).all()
+
+
+def test_k3_elementwise():
+    lq, lp = torch.tensor([-1.0]), torch.tensor([-2.5])
+    r = math.exp(-2.5 + 1.0)
+    assert kl_k3(lq, lp).item() == pytest.approx(r - 1 - math.log(r))
+    assert kl_k1(lq, lp).item() == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("kl, expected_e", [(0.5, -0.2), (0.9, -0.1), (1.0, 0.0), (1.1, 0.1), (3.0, 0.2)])
+def test_adaptive_controller_follows_ziegler_formula(kl, expected_e):
+    c = AdaptiveKLController(0.02, target=1.0, horizon=1000)
+    c.update(step=1, kl=kl, n_samples=64, texts=None)
+    assert c.beta == pytest.approx(0.02 * (1 + expected_e * 64 / 1000))
+    assert adaptive_beta(0.02, kl, 1.0, 64, 1000) == pytest.approx(c.beta)
+
+
+def test_adaptive_controller_converges_toward_target_kl():
+    # toy world: KL falls as beta rises (KL = 0.1 / beta); the fixed point is beta = 0.1 / target
+    c = AdaptiveKLController(0.02, target=2.0, horizon=200)
+    for step in range(300):
+        c.update(step=step, kl=0.1 / c.beta, n_samples=32)
+    assert 0.1 / c.beta == pytest.approx(2.0, rel=0.05)
+
+
+def test_fixed_controller_never_moves_and_roundtrips():
+    c = FixedKLController(0.05)
+    assert c.update(step=1, kl=100.0, n_samples=10) == [] and c.beta == 0.05
+    d = FixedKLController(0.0)
+    d.load_state_dict(c.state_dict())
+    assert d.beta == 0.05
+
+
+def test_alarm_raises_beta_from_zero_with_cause_and_cooldown():
+    readings = {"formality": 0.1}
+    c = AlarmKLController(FixedKLController(0.0), detector=lambda texts: dict(readings),
+                          thresholds={"formality": 0.5}, factor=2.0, floor=0.05, cooldown=2)
+    assert c.update(step=1, kl=0.0, n_samples=8, texts=["x"]) == [] and c.beta == 0.0
+    readings["formality"] = 0.8
+    ev = c.update(step=2, kl=0.0, n_samples=8, texts=["x"])
+    assert c.beta == 0.05 and len(ev) == 1 and "formality 0.8 > 0.5" in ev[0]["cause"]
+    assert c.update(step=3, kl=0.0, n_samples=8, texts=["x"]) == []  # cooling down
+    ev = c.update(step=4, kl=0.0, n_samples=8, texts=["x"])
+    assert c.beta == pytest.approx(0.1) and ev[0]["beta_old"] == 0.05
+    state = c.state_dict()
+    c2 = AlarmKLController(FixedKLController(0.0), detector=lambda t: {}, thresholds={"formality": 0.5})
+    c2.load_state_dict(state)
+    assert c2.beta == pytest.approx(0.1) and c2.last_alarm_step == 4
+
+
+def test_controller_validation():
+    with pytest.raises(ValueError):
+        AdaptiveKLController(0.1, target=0.0, horizon=10)
+    with pytest.raises(ValueError):
+        AlarmKLController(FixedKLController(0.1), detector=lambda t: {}, thresholds={}, factor=2)
