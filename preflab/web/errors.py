@@ -1,0 +1,73 @@
+"""One error type and one handler that renders it as JSON (API, scripts) or HTML (pages).
+
+Every failure a client can cause ends here as a 4xx with a message that names the place
+(``rationale: at least 20 characters``); unexpected exceptions become a bare 500 without
+internals.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("preflab.web")
+
+
+class WebError(Exception):
+    """A client-visible error: HTTP status, a short machine code and a message naming the place."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def wants_json(request: Request) -> bool:
+    if request.url.path.startswith("/api/"):
+        return True
+    accept = request.headers.get("accept", "")
+    return "application/json" in accept and "text/html" not in accept
+
+
+def render_error(request: Request, status: int, code: str, message: str) -> Response:
+    if wants_json(request):
+        return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+    if status == 401:
+        return RedirectResponse("/login?next=" + request.url.path, status_code=303)
+    templates = request.app.state.templates
+    return templates.TemplateResponse(request, "error.html", {"status": status, "code": code, "message": message,
+                                                              "user": None}, status_code=status)
+
+
+def _loc(loc: tuple) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "cookie")]
+    return ".".join(parts) or str(loc[0] if loc else "request")
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Register the single handler for WebError, validation errors, HTTP errors and the rest."""
+
+    @app.exception_handler(WebError)
+    async def _web_error(request: Request, exc: WebError) -> Response:
+        return render_error(request, exc.status, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        errs = exc.errors()
+        msgs = [f"{_loc(tuple(e.get('loc', ())))}: {e.get('msg', 'invalid')}" for e in errs[:5]]
+        return render_error(request, 422, "invalid_input", "; ".join(msgs) or "invalid input")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return render_error(request, exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return render_error(request, 500, "internal_error", "internal error (logged on the server)")

@@ -1,0 +1,114 @@
+"""Passwords, API tokens, signed session cookies and CSRF tokens (stdlib HMAC + argon2).
+
+- Passwords: argon2id (``argon2-cffi``), only the hash is stored.
+- API tokens: 32 random bytes; stored as SHA-256 hex (a high-entropy token needs no slow hash,
+  and a plain digest can be looked up by index).
+- Session cookie: ``base64url(json payload) "." base64url(HMAC-SHA256(secret, payload))``,
+  payload ``{"r": rater_id | null, "n": nonce, "e": expiry}``. Stateless, so any worker process
+  verifies it. Sent HttpOnly + SameSite=Lax.
+- CSRF: synchroniser token ``HMAC(secret, "csrf:" + nonce)`` bound to the session nonce; every form
+  post and every cookie-authenticated unsafe API call must carry it (form field ``csrf_token`` or
+  header ``X-CSRF-Token``). Bearer-token calls carry no cookie and need none.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from dataclasses import dataclass
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+_hasher = PasswordHasher()
+
+
+def hash_password(password: str) -> str:
+    """argon2id hash of ``password`` (salted; the only thing stored)."""
+    return _hasher.hash(password)
+
+
+def verify_password(stored_hash: str | None, password: str) -> bool:
+    """True when ``password`` matches ``stored_hash``; False on mismatch or a malformed hash."""
+    if not stored_hash:
+        return False
+    try:
+        return _hasher.verify(stored_hash, password)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def new_token() -> str:
+    """A fresh API token (shown once, never stored in clear)."""
+    return "pl_" + secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    """SHA-256 hex digest of an API token."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _mac(secret: str, msg: bytes) -> bytes:
+    return hmac.new(secret.encode(), msg, hashlib.sha256).digest()
+
+
+@dataclass(frozen=True)
+class Session:
+    rater_id: int | None
+    nonce: str
+    expires: float
+
+
+def new_session(rater_id: int | None, max_age_s: int, *, now: float | None = None) -> Session:
+    """A session with a fresh nonce (rotated at sign-in so a pre-login token is useless after)."""
+    now = time.time() if now is None else now
+    return Session(rater_id=rater_id, nonce=secrets.token_urlsafe(16), expires=now + max_age_s)
+
+
+def sign_session(session: Session, secret: str) -> str:
+    payload = json.dumps({"r": session.rater_id, "n": session.nonce, "e": int(session.expires)},
+                         separators=(",", ":")).encode()
+    return _b64(payload) + "." + _b64(_mac(secret, payload))
+
+
+def read_session(cookie: str | None, secret: str, *, now: float | None = None) -> Session | None:
+    """The session in a signed cookie, or None if absent, tampered with, malformed or expired."""
+    if not cookie or "." not in cookie or len(cookie) > 4096:
+        return None
+    body, sig = cookie.rsplit(".", 1)
+    try:
+        payload = _unb64(body)
+        if not hmac.compare_digest(_unb64(sig), _mac(secret, payload)):
+            return None
+        data = json.loads(payload)
+        s = Session(rater_id=data["r"], nonce=str(data["n"]), expires=float(data["e"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+    if s.rater_id is not None and not isinstance(s.rater_id, int):
+        return None
+    if s.expires < (time.time() if now is None else now):
+        return None
+    return s
+
+
+def csrf_token(session: Session, secret: str) -> str:
+    """The CSRF token bound to this session's nonce."""
+    return _b64(_mac(secret, b"csrf:" + session.nonce.encode()))
+
+
+def check_csrf(session: Session | None, secret: str, supplied: str | None) -> bool:
+    if session is None or not supplied:
+        return False
+    return hmac.compare_digest(csrf_token(session, secret), supplied)

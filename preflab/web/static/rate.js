@@ -1,0 +1,121 @@
+// Rater page: fetch a task from the JSON API, take a choice / strength / rationale by keys or
+// clicks, submit with a per-task idempotency key (resent on retry), load the next task in place.
+(function () {
+  "use strict";
+  const root = document.getElementById("rater");
+  const roundId = root.dataset.round;
+  const csrf = root.dataset.csrf;
+  const minRationale = parseInt(root.dataset.minRationale, 10) || 0;
+  const allowTies = root.dataset.allowTies === "true";
+  const $ = (id) => document.getElementById(id);
+  const rationale = $("rationale");
+
+  let task = null, choice = null, strength = 2, shownAt = 0, key = null, busy = false;
+
+  function newKey() {
+    const b = new Uint8Array(16);
+    crypto.getRandomValues(b);  // works on plain http too, unlike crypto.randomUUID
+    return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+  }
+
+  function say(msg) { $("message").textContent = msg || ""; }
+
+  function render() {
+    document.querySelectorAll("[data-choice]").forEach((el) =>
+      el.classList.toggle("selected", el.dataset.choice === choice));
+    document.querySelectorAll("[data-strength]").forEach((el) => {
+      el.classList.toggle("selected", choice !== "tie" && parseInt(el.dataset.strength, 10) === strength);
+      el.disabled = choice === "tie";
+    });
+    const n = rationale.value.trim().length;
+    $("count").textContent = n < minRationale ? `${n} / ${minRationale}` : `${n}`;
+  }
+
+  function progress(p) {
+    const pct = p.total ? Math.round((100 * p.done) / p.total) : 0;
+    $("progress-fill").style.width = pct + "%";
+    $("progress-text").textContent = `${p.done} of ${p.total} done`;
+  }
+
+  async function api(method, path, body) {
+    const res = await fetch(path, {
+      method, credentials: "same-origin",
+      headers: { "Accept": "application/json", "Content-Type": "application/json", "X-CSRF-Token": csrf },
+      body: body ? JSON.stringify(body) : undefined,
+    });
+    let data = null;
+    try { data = await res.json(); } catch (e) { data = null; }
+    return { status: res.status, data };
+  }
+
+  async function loadNext() {
+    $("loading").hidden = false;
+    const r = await api("GET", `/api/v1/rounds/${roundId}/next`);
+    $("loading").hidden = true;
+    if (r.status === 401) { location.href = "/login?next=" + encodeURIComponent(location.pathname); return; }
+    if (r.status !== 200) { say((r.data && r.data.error && r.data.error.message) || `error ${r.status}`); return; }
+    progress(r.data.progress);
+    if (!r.data.task) { $("task").hidden = true; $("done").hidden = false; return; }
+    task = r.data.task; choice = null; strength = 2; key = newKey();
+    $("query").textContent = task.prompt;
+    $("left-text").textContent = task.left.text;
+    $("right-text").textContent = task.right.text;
+    rationale.value = ""; say("");
+    $("task").hidden = false; $("done").hidden = true;
+    shownAt = performance.now();
+    render();
+    window.scrollTo(0, 0);
+    rationale.blur();
+  }
+
+  function choose(c) {
+    if (c === "tie" && !allowTies) return;
+    choice = c; say(""); render();
+    rationale.focus();
+  }
+
+  async function submit() {
+    if (!task || busy) return;
+    if (!choice) { say("Choose a response first (1 or 2)."); return; }
+    const text = rationale.value.trim();
+    if (text.length < minRationale) { say(`The rationale needs at least ${minRationale} characters.`); rationale.focus(); return; }
+    busy = true; $("submit").disabled = true; say("Saving…");
+    const body = {
+      assignment_id: task.assignment_id, choice, strength: choice === "tie" ? 0 : strength, rationale: text,
+      time_on_task_s: (performance.now() - shownAt) / 1000, idempotency_key: key,
+    };
+    let r = null;
+    for (let attempt = 0; attempt < 4; attempt++) {
+      try {
+        r = await api("POST", `/api/v1/rounds/${roundId}/judgements`, body);
+        if (r.status < 500) break;
+      } catch (e) { r = null; }  // network error: resend with the same idempotency key
+      await new Promise((ok) => setTimeout(ok, 300 * 2 ** attempt));
+    }
+    busy = false; $("submit").disabled = false;
+    if (r && (r.status === 200 || r.status === 201)) { say(""); await loadNext(); return; }
+    say(r && r.data && r.data.error ? r.data.error.message : "Could not save; check the connection and press Enter again.");
+  }
+
+  document.querySelectorAll("[data-choice]").forEach((el) => el.addEventListener("click", () => choose(el.dataset.choice)));
+  document.querySelectorAll("[data-strength]").forEach((el) => el.addEventListener("click", () => {
+    strength = parseInt(el.dataset.strength, 10); render();
+  }));
+  $("submit").addEventListener("click", submit);
+  rationale.addEventListener("input", render);
+
+  document.addEventListener("keydown", (ev) => {
+    if (ev.ctrlKey || ev.metaKey || ev.altKey || !task) return;
+    const typing = document.activeElement === rationale;
+    if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); submit(); return; }
+    if (typing) { if (ev.key === "Escape") rationale.blur(); return; }
+    const k = ev.key.toLowerCase();
+    const map = { "1": "left", "2": "right", "3": "tie", "t": "tie" };
+    if (k in map) { ev.preventDefault(); choose(map[k]); return; }
+    const s = { "a": 1, "s": 2, "d": 3 }[k];
+    if (s) { ev.preventDefault(); strength = s; render(); return; }
+    if (k === "r") { ev.preventDefault(); rationale.focus(); }
+  });
+
+  loadNext();
+})();
