@@ -1,0 +1,456 @@
+"""PPO with a KL leash to the frozen reference (Ziegler et al. 2019; Ouyang et al. 2022), one visible loop.
+
+Each step: sample responses for a batch of prompts with the KV-cache sampler (rollout);
+score them with the reward callable at the end of the response and subtract a per-token
+KL penalty beta * KL_t to the reference (score + KL); estimate advantages with GAE
+(advantages); run a few epochs of clipped PPO on minibatches (updates); every
+``checkpoint_every`` steps save everything needed to resume and run the evaluation hook
+(checkpoint). beta comes from a controller in ``losses/kl.py`` (fixed, adaptive, alarm).
+
+Metric keys (metrics.jsonl, one object per step): ``objective/scores`` (raw reward-model
+score), ``objective/kl`` (sum over response tokens of k1, mean over samples),
+``objective/rlhf_reward`` (score - beta * kl), ``objective/beta``, ``objective/entropy``
+(mean per-token entropy), ``ppo/loss/policy``, ``ppo/loss/value``, ``ppo/clipfrac``,
+``ppo/approx_kl``, ``val/explained_variance``, ``val/clipfrac``, ``objective/eos_rate``,
+``objective/response_len``, ``time/rollout_s``, ``time/update_s``, ``train/lr``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from preflab.config import check, field_doc, seed_everything, write_config
+from preflab.losses.gae import gae
+from preflab.losses.kl import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    AlarmKLController,
+    Detector,
+    FixedKLController,
+)
+from preflab.losses.ppo import (
+    entropy_from_logits,
+    explained_variance,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
+
+
+@dataclass
+class PPOConfig:
+    """PPO settings; defaults run the sandbox on a CPU."""
+
+    seed: int = field_doc(0, "Seed for the sampler, the minibatch order and the prompt order.")
+    steps: int = field_doc(100, "PPO iterations (one rollout batch + its updates each).")
+    prompts_per_step: int = field_doc(16, "Prompts per rollout batch (global, over all processes).")
+    samples_per_prompt: int = field_doc(1, "Responses sampled per prompt.")
+    max_new_tokens: int = field_doc(64, "Longest response in tokens.")
+    min_new_tokens: int = field_doc(0, "Shortest response in tokens (EOS suppressed before).")
+    temperature: float = field_doc(1.0, "Sampling temperature of the rollout.")
+    top_p: float = field_doc(1.0, "Nucleus sampling threshold of the rollout.")
+    lr: float = field_doc(1e-5, "AdamW learning rate of the policy.")
+    value_lr: float = field_doc(1e-4, "AdamW learning rate of the value head / model.")
+    lr_schedule: Literal["constant", "linear"] = field_doc("linear", "Learning-rate schedule (linear decays to 0).")
+    weight_decay: float = field_doc(0.0, "AdamW weight decay.")
+    max_grad_norm: float = field_doc(1.0, "Gradient-norm clip (0: off).")
+    ppo_epochs: int = field_doc(4, "Passes over each rollout batch.")
+    minibatch_size: int = field_doc(8, "Samples per optimiser step (per process).")
+    clip_range: float = field_doc(0.2, "PPO ratio clip epsilon (Schulman et al. 2017).")
+    value_clip_range: float = field_doc(0.2, "Value-prediction clip around the rollout values.")
+    vf_coef: float = field_doc(0.1, "Weight of the value loss when policy and value share a backbone.")
+    gamma: float = field_doc(1.0, "Discount factor of GAE.")
+    lam: float = field_doc(0.95, "lambda of GAE.")
+    whiten_advantages: bool = field_doc(True, "Standardise advantages per rollout batch.")
+    normalize_reward: bool = field_doc(True, "Standardise scores with a running mean/std before the KL penalty.")
+    missing_eos_penalty: float = field_doc(1.0, "Subtracted from the score of a response that never emitted EOS.")
+    kl_estimator: Literal["k1", "k3"] = field_doc("k1", "Per-token KL estimator in the reward (Schulman 2020).")
+    kl_controller: Literal["fixed", "adaptive"] = field_doc("fixed", "How beta moves (the alarm is added on top).")
+    kl_beta: float = field_doc(0.02, "Initial KL penalty coefficient beta.")
+    kl_target: float = field_doc(6.0, "Adaptive controller: target KL (nats per response, summed over tokens).")
+    kl_horizon: int = field_doc(0, "Adaptive controller: horizon in SAMPLES (0: a tenth of the run's rollout samples).")
+    alarm_thresholds: dict[str, float] = field_doc({}, "Alarm controller: detector name -> rate above which beta is raised.")
+    alarm_factor: float = field_doc(2.0, "Alarm controller: beta multiplier on an alarm.")
+    alarm_floor: float = field_doc(0.05, "Alarm controller: beta after an alarm is at least this (a leash from beta = 0).")
+    alarm_cooldown: int = field_doc(1, "Alarm controller: steps between two raises.")
+    checkpoint_every: int = field_doc(500, "Save a checkpoint (and run the eval hook) every N steps.")
+    keep_last: int = field_doc(2, "Checkpoints kept on disk (0: all).")
+    mixed_precision: Literal["no", "fp16", "bf16"] = field_doc("no", "accelerate mixed precision.")
+    cpu: bool = field_doc(False, "Force the CPU even when an accelerator is present.")
+    progress: bool = field_doc(True, "Show a rich progress bar.")
+
+    def validate(self) -> None:
+        w = "PPOConfig"
+        for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "ppo_epochs",
+                     "minibatch_size", "checkpoint_every"):
+            check(getattr(self, name) >= 1, f"{w}.{name}", "must be >= 1")
+        for name in ("lr", "value_lr", "temperature"):
+            check(getattr(self, name) > 0, f"{w}.{name}", "must be > 0")
+        check(0 < self.top_p <= 1, f"{w}.top_p", "must be in (0, 1]")
+        check(0 <= self.min_new_tokens <= self.max_new_tokens, f"{w}.min_new_tokens", "must be in [0, max_new_tokens]")
+        check(0 < self.clip_range < 1, f"{w}.clip_range", "must be in (0, 1)")
+        check(self.value_clip_range > 0, f"{w}.value_clip_range", "must be > 0")
+        check(0 <= self.gamma <= 1, f"{w}.gamma", "must be in [0, 1]")
+        check(0 <= self.lam <= 1, f"{w}.lam", "must be in [0, 1]")
+        check(self.kl_beta >= 0, f"{w}.kl_beta", "must be >= 0")
+        check(self.kl_target > 0, f"{w}.kl_target", "must be > 0")
+        check(self.kl_horizon >= 0, f"{w}.kl_horizon", "must be >= 0")
+        check(self.alarm_factor > 1, f"{w}.alarm_factor", "must be > 1")
+        check(self.alarm_floor >= 0, f"{w}.alarm_floor", "must be >= 0")
+        check(self.keep_last >= 0, f"{w}.keep_last", "must be >= 0")
+        check(self.max_grad_norm >= 0, f"{w}.max_grad_norm", "must be >= 0")
+        check(self.vf_coef >= 0, f"{w}.vf_coef", "must be >= 0")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def rollout_batch(self) -> int:
+        return self.prompts_per_step * self.samples_per_prompt
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    metrics: list[dict[str, Any]]  # one dict per step of this process's run (resumed steps included)
+    events: list[dict[str, Any]]  # beta changes with their cause
+    last_checkpoint: Path | None
+    policy_dir: Path | None  # the final policy as a Hugging Face directory
+
+
+RewardFn = Callable[[list[str], list[str]], torch.Tensor]
+
+
+class ActorCritic(torch.nn.Module):
+    """The policy plus its critic: a ``ValueHead`` on the policy's last hidden states or a separate
+    value model (any module ``(input_ids, attention_mask, position_ids) -> (B, T)``), as one module
+    so that ``accelerate`` wraps (and DDP syncs) both at once."""
+
+    def __init__(self, policy: torch.nn.Module, value_head: torch.nn.Module | None,
+                 value_model: torch.nn.Module | None):
+        super().__init__()
+        assert (value_head is None) != (value_model is None)
+        self.policy, self.value_head, self.value_model = policy, value_head, value_model
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        shared = self.value_head is not None
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          output_hidden_states=shared, use_cache=False)
+        if shared:
+            values = self.value_head(out.hidden_states[-1])  # (B, T)
+        else:
+            values = self.value_model(input_ids, attention_mask, position_ids)  # (B, T)
+        return out.logits, values
+
+
+def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift them (B, T)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """log p(token_t | prefix) for the response tokens: logits (B, T, V) -> (B, R)."""
+    resp_logits = logits[:, prompt_len - 1 : -1].float()  # (B, R, V): position t-1 predicts token t
+    return torch.log_softmax(resp_logits, -1).gather(-1, input_ids[:, prompt_len:, None]).squeeze(-1)
+
+
+class RunningMoments:
+    """Running mean / std of all scores seen (Chan et al. parallel-variance merge)."""
+
+    def __init__(self) -> None:
+        self.mean, self.var, self.count = 0.0, 1.0, 0
+
+    def update(self, x: torch.Tensor) -> None:
+        n = x.numel()
+        bm, bv = x.mean().item(), x.var(unbiased=False).item()
+        tot = self.count + n
+        delta = bm - self.mean
+        m2 = self.var * self.count + bv * n + delta**2 * self.count * n / tot
+        self.mean, self.var, self.count = self.mean + delta * n / tot, m2 / tot, tot
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / math.sqrt(self.var + 1e-8)
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.mean, self.var, self.count = float(s["mean"]), float(s["var"]), int(s["count"])
+
+
+def make_kl_controller(cfg: PPOConfig, detector: Detector | None):
+    """The controller the config asks for (fixed or adaptive), wrapped by the alarm if detectors are given."""
+    if cfg.kl_controller == "adaptive":
+        horizon = cfg.kl_horizon or max(1, cfg.steps * cfg.rollout_batch // 10)
+        base = AdaptiveKLController(cfg.kl_beta, target=cfg.kl_target, horizon=horizon)
+    else:
+        base = FixedKLController(cfg.kl_beta)
+    if detector is None:
+        return base
+    if not cfg.alarm_thresholds:
+        raise ValueError("PPOConfig.alarm_thresholds: detectors were given but no thresholds; set at least one")
+    return AlarmKLController(base, detector=detector, thresholds=cfg.alarm_thresholds, factor=cfg.alarm_factor,
+                             floor=cfg.alarm_floor, cooldown=cfg.alarm_cooldown)
+
+
+def prompt_order(n_prompts: int, step: int, per_step: int, seed: int) -> list[int]:
+    """Indices of the prompts of ``step``: epochs of seeded permutations (stateless, so resume needs no state)."""
+    out: list[int] = []
+    start = step * per_step
+    while len(out) < per_step:
+        epoch, offset = divmod(start + len(out), n_prompts)
+        perm = list(range(n_prompts))
+        random.Random(f"ppo-prompts:{seed}:{epoch}").shuffle(perm)
+        out.extend(perm[offset : offset + per_step - len(out)])
+    return out
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> list[dict]:
+    """Keep the lines of ``path`` with ``step <= last_step`` (a resumed run rewrites what follows)."""
+    if not path.exists():
+        return []
+    kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in kept if r.get("step", 0) <= last_step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def train_ppo(
+    cfg: PPOConfig,
+    *,
+    policy: torch.nn.Module,
+    ref: torch.nn.Module,
+    tokenizer,
+    reward_fn: RewardFn,
+    prompts: Sequence[str],
+    run_dir: str | Path,
+    value_model: torch.nn.Module | None = None,
+    eval_hook: Callable[[int, torch.nn.Module], dict] | None = None,
+    detectors: Detector | None = None,
+    resume: bool = False,
+) -> RunResult:
+    """Optimise ``policy`` against ``reward_fn(prompts, texts) -> (B,) scores`` with a KL leash to ``ref``.
+
+    ``prompts`` are full prompt strings (e.g. ``domain.format_prompt(query)``). ``value_model``:
+    a separate critic ``(input_ids, attention_mask, position_ids) -> (B, T)``; by default a
+    ``ValueHead`` on the policy. ``detectors``: texts -> named rates for the alarm controller.
+    ``resume``: continue from the newest checkpoint in ``run_dir``.
+    """
+    from accelerate import Accelerator
+    from rich.progress import Progress
+
+    from preflab.models.heads import ValueHead
+    from preflab.models.sampling import sample
+    from preflab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+    run_dir = Path(run_dir)
+    if not prompts:
+        raise ValueError("train_ppo: prompts is empty")
+    acc = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
+    world, rank = acc.num_processes, acc.process_index
+    if cfg.prompts_per_step % world:
+        raise ValueError(f"PPOConfig.prompts_per_step: {cfg.prompts_per_step} is not divisible by {world} processes")
+    seed_everything(cfg.seed + rank)
+    if acc.is_main_process:
+        write_config(cfg, run_dir)
+    eos_id = tokenizer.eos_token_id
+
+    value_head = ValueHead.for_model(policy, seed=cfg.seed) if value_model is None else None
+    ac = ActorCritic(policy, value_head, value_model).to(acc.device)
+    ac.eval()  # no dropout anywhere: log-probs must be the ones the sampler used
+    ref = ref.to(acc.device).eval().requires_grad_(False)
+    critic = value_head if value_head is not None else value_model
+    optimizer = torch.optim.AdamW([
+        {"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr},
+        {"params": list(critic.parameters()), "lr": cfg.value_lr},
+    ], weight_decay=cfg.weight_decay)
+    local_batch = cfg.rollout_batch // world
+    n_minibatches = max(1, math.ceil(local_batch / cfg.minibatch_size))
+    total_updates = cfg.steps * cfg.ppo_epochs * n_minibatches
+    decay = (lambda i: max(0.0, 1.0 - i / total_updates)) if cfg.lr_schedule == "linear" else (lambda i: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
+    ac, optimizer = acc.prepare(ac, optimizer)
+    controller = make_kl_controller(cfg, detectors)
+    moments = RunningMoments()
+    sampler_gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1000 + rank)
+    shuffle_gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 1)
+    kl_fn = KL_ESTIMATORS[cfg.kl_estimator]
+
+    metrics_path, events_path = run_dir / "metrics.jsonl", run_dir / "events.jsonl"
+    start, history, events, last_ckpt = 0, [], [], None
+    if resume and (last_ckpt := latest_checkpoint(run_dir)) is not None:
+        state = load_checkpoint(last_ckpt, modules={"actor_critic": acc.unwrap_model(ac)},
+                                optimizers={"optimizer": optimizer}, schedulers={"scheduler": scheduler},
+                                generators={"sampler": sampler_gen, "shuffle": shuffle_gen})
+        start = state["step"]
+        controller.load_state_dict(state["controller"])
+        moments.load_state_dict(state["reward_moments"])
+        history = _truncate_jsonl(metrics_path, start) if acc.is_main_process else []
+        events = _truncate_jsonl(events_path, start) if acc.is_main_process else []
+    elif acc.is_main_process:
+        for p in (metrics_path, events_path):
+            p.unlink(missing_ok=True)
+
+    def forward(model, ids, mask, prompt_len):
+        with acc.autocast():
+            logits, values = model(ids, mask, position_ids_of(mask))
+        return logits, values[:, prompt_len - 1 : -1].float()  # V(s_t) before each response token
+
+    progress = Progress(disable=not (cfg.progress and acc.is_main_process))
+    with progress:
+        task = progress.add_task("ppo", total=cfg.steps, completed=start)
+        for step in range(start, cfg.steps):
+            # ---- rollout -------------------------------------------------------------------
+            t0 = time.perf_counter()
+            idx = prompt_order(len(prompts), step, cfg.prompts_per_step, cfg.seed)
+            idx = idx[rank * (len(idx) // world) : (rank + 1) * (len(idx) // world)]
+            batch_prompts = [prompts[i] for i in idx for _ in range(cfg.samples_per_prompt)]
+            pol = acc.unwrap_model(ac).policy
+            with torch.no_grad():
+                s = sample(pol, tokenizer, batch_prompts, max_new_tokens=cfg.max_new_tokens,
+                           temperature=cfg.temperature, top_p=cfg.top_p, generator=sampler_gen,
+                           min_new_tokens=cfg.min_new_tokens)
+                ids, attn, P = s.input_ids.to(acc.device), s.attention_mask.to(acc.device), s.prompt_len
+                rmask = s.response_mask.to(acc.device).float()  # (B, R)
+                logits, old_values = forward(ac, ids, attn, P)
+                old_logprobs = response_logprobs(logits, ids, P)  # (B, R)
+                entropy = masked_mean(entropy_from_logits(logits[:, P - 1 : -1].float()), rmask)
+                del logits
+                ref_out = ref(input_ids=ids, attention_mask=attn, position_ids=position_ids_of(attn), use_cache=False)
+                ref_logprobs = response_logprobs(ref_out.logits, ids, P)
+                del ref_out
+            t_rollout = time.perf_counter() - t0
+
+            # ---- score + KL ----------------------------------------------------------------
+            with torch.no_grad():
+                scores = torch.as_tensor(reward_fn(batch_prompts, s.texts), dtype=torch.float32).to(acc.device)
+                has_eos = (s.response_ids.to(acc.device) == eos_id).any(-1)
+                scores_pen = torch.where(has_eos, scores, scores - cfg.missing_eos_penalty)
+                if cfg.normalize_reward:
+                    moments.update(acc.gather(scores_pen))
+                    scores_used = moments.normalize(scores_pen)
+                else:
+                    scores_used = scores_pen
+                beta = controller.beta
+                kl_tok = kl_fn(old_logprobs, ref_logprobs) * rmask  # (B, R)
+                rewards = -beta * kl_tok
+                last = (rmask.sum(-1).long() - 1).clamp_min(0)
+                rewards[torch.arange(len(last)), last] += scores_used
+                kl_seq = ((old_logprobs - ref_logprobs) * rmask).sum(-1)  # k1 summed: the reported KL
+
+                # ---- advantages --------------------------------------------------------------
+                old_values = old_values * rmask
+                advantages, returns = gae(rewards, old_values, rmask, gamma=cfg.gamma, lam=cfg.lam)
+                if cfg.whiten_advantages:
+                    advantages = masked_whiten(advantages, rmask)
+
+            # ---- updates -------------------------------------------------------------------
+            t1 = time.perf_counter()
+            stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clipfrac", "approx_kl", "vf_clipfrac")}
+            B = ids.shape[0]
+            for _ in range(cfg.ppo_epochs):
+                perm = torch.randperm(B, generator=shuffle_gen)
+                for mb in perm.split(cfg.minibatch_size):
+                    mb = mb.to(acc.device)
+                    logits, values = forward(ac, ids[mb], attn[mb], P)
+                    logprobs = response_logprobs(logits, ids[mb], P)
+                    pg = ppo_policy_loss(logprobs, old_logprobs[mb], advantages[mb], rmask[mb],
+                                         clip_range=cfg.clip_range)
+                    vf = ppo_value_loss(values, old_values[mb], returns[mb], rmask[mb],
+                                        clip_range=cfg.value_clip_range)
+                    loss = pg.loss + cfg.vf_coef * vf.loss
+                    optimizer.zero_grad(set_to_none=True)
+                    acc.backward(loss)
+                    if cfg.max_grad_norm > 0:
+                        acc.clip_grad_norm_(ac.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    for k, v in (("pg", pg.loss), ("vf", vf.loss), ("clipfrac", pg.clipfrac),
+                                 ("approx_kl", pg.approx_kl), ("vf_clipfrac", vf.clipfrac)):
+                        stats[k].append(float(v.detach()))
+            t_update = time.perf_counter() - t1
+
+            # ---- metrics and the KL controller ----------------------------------------------
+            def mean_all(x: torch.Tensor | float) -> float:
+                return float(acc.reduce(torch.as_tensor(x, dtype=torch.float32, device=acc.device).mean(),
+                                        "mean"))
+
+            kl_mean = mean_all(kl_seq)
+            row = {
+                "step": step + 1,
+                "objective/scores": mean_all(scores),
+                "objective/kl": kl_mean,
+                "objective/rlhf_reward": mean_all(scores - beta * kl_seq),
+                "objective/beta": beta,
+                "objective/entropy": mean_all(entropy),
+                "objective/eos_rate": mean_all(has_eos.float()),
+                "objective/response_len": mean_all(rmask.sum(-1)),
+                "ppo/loss/policy": mean_all(sum(stats["pg"]) / len(stats["pg"])),
+                "ppo/loss/value": mean_all(sum(stats["vf"]) / len(stats["vf"])),
+                "ppo/clipfrac": mean_all(sum(stats["clipfrac"]) / len(stats["clipfrac"])),
+                "ppo/approx_kl": mean_all(sum(stats["approx_kl"]) / len(stats["approx_kl"])),
+                "val/clipfrac": mean_all(sum(stats["vf_clipfrac"]) / len(stats["vf_clipfrac"])),
+                "val/explained_variance": mean_all(explained_variance(old_values, returns, rmask)),
+                "time/rollout_s": t_rollout,
+                "time/update_s": t_update,
+                "train/lr": scheduler.get_last_lr()[0],
+            }
+            all_texts = [t for part in _gather_texts(acc, s.texts) for t in part]
+            new_events = controller.update(step=step + 1, kl=kl_mean, n_samples=cfg.rollout_batch, texts=all_texts)
+            readings = getattr(controller, "last_readings", {})
+            row.update({f"detect/{k}": v for k, v in readings.items()})
+            history.append(row)
+            events.extend(new_events)
+            if acc.is_main_process:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                if new_events:
+                    with events_path.open("a") as f:
+                        f.writelines(json.dumps(e) + "\n" for e in new_events)
+            progress.update(task, advance=1, description=f"ppo score {row['objective/scores']:.3f} "
+                                                         f"kl {kl_mean:.2f} beta {controller.beta:.3g}")
+
+            # ---- checkpoint ----------------------------------------------------------------
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    last_ckpt = save_checkpoint(
+                        run_dir, step + 1, modules={"actor_critic": acc.unwrap_model(ac)},
+                        optimizers={"optimizer": optimizer}, schedulers={"scheduler": scheduler},
+                        generators={"sampler": sampler_gen, "shuffle": shuffle_gen},
+                        state={"controller": controller.state_dict(), "reward_moments": moments.state_dict()},
+                        keep_last=cfg.keep_last or None)
+                    if eval_hook is not None:
+                        result = eval_hook(step + 1, acc.unwrap_model(ac).policy)
+                        (run_dir / "eval").mkdir(exist_ok=True)
+                        (run_dir / "eval" / f"step_{step + 1:06d}.json").write_text(
+                            json.dumps({"step": step + 1, **result}, indent=2, default=float) + "\n")
+                acc.wait_for_everyone()
+
+    policy_dir = None
+    if acc.is_main_process:
+        policy_dir = run_dir / "policy"
+        acc.unwrap_model(ac).policy.save_pretrained(policy_dir)
+        tokenizer.save_pretrained(policy_dir)
+    acc.wait_for_everyone()
+    return RunResult(run_dir, cfg.steps, history, events, last_ckpt, policy_dir)
+
+
+def _gather_texts(acc, texts: list[str]) -> list[list[str]]:
+    """Every process's response texts (the alarm detectors judge the whole global batch)."""
+    if acc.num_processes == 1:
+        return [texts]
+    from accelerate.utils import gather_object
+
+    return [gather_object(texts)]
