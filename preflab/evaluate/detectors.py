@@ -281,6 +281,18 @@ def run_detectors(candidate: Responses, baseline: Responses | None = None, *,
     return out
 
 
+def text_rates(texts: list[str], cfg: DetectorConfig | None = None) -> dict[str, float]:
+    """Absolute values of the text-only detectors on ``texts``, for the PPO alarm controller.
+
+    Matches ``losses.kl.Detector`` (texts -> named rates): formality, hedging, confidence,
+    repetition and length (mean words).
+    """
+    cfg = cfg or DetectorConfig()
+    r = Responses(list(texts))
+    return {name: float(DETECTORS[name].fn(r, cfg).mean()) if texts else 0.0
+            for name in ("formality", "hedging", "confidence", "repetition", "length")}
+
+
 def alarms(results: dict[str, DetectorResult], max_shift: dict[str, float]) -> list[str]:
     """Names of detectors whose shift exceeds its bound in ``max_shift`` (point estimate).
 
@@ -304,4 +316,4 @@ def results_from_dict(d: dict[str, dict[str, Any]]) -> dict[str, DetectorResult]
 
 
 __all__ = ["DETECTORS", "DetectorConfig", "DetectorResult", "Responses", "alarms", "bootstrap_shift",
-           "distinct_n", "has_phrase", "run_detectors", "sequence_kl"]
+           "distinct_n", "has_phrase", "run_detectors", "sequence_kl", "text_rates"]

@@ -19,6 +19,7 @@ from preflab.evaluate.detectors import (
     has_phrase,
     run_detectors,
     sequence_kl,
+    text_rates,
 )
 from preflab.sandbox import domain
 
@@ -130,3 +131,13 @@ def test_roundtrip_config_and_errors():
         from_dict(DetectorConfig, {"hedges": []})
     custom = from_dict(DetectorConfig, {"formal": ["forsooth"]})
     assert run_detectors(Responses(["Forsooth, it is $30."]), cfg=custom, names=["formality"])["formality"].value == 1
+
+
+def test_text_rates_fit_the_ppo_alarm_controller():
+    from preflab.losses.kl import AlarmKLController, FixedKLController
+
+    rates = text_rates(["Please be advised that x.", "x."])
+    assert rates["formality"] == 0.5 and rates["hedging"] == 0.0 and rates["length"] == 3.0
+    ctl = AlarmKLController(FixedKLController(0.02), detector=text_rates, thresholds={"formality": 0.3})
+    ctl.update(step=1, kl=0.0, n_samples=2, texts=["Please be advised that x."] * 2)
+    assert ctl.beta > 0.02
