@@ -1,0 +1,443 @@
+"""Reward-model training: Bradley-Terry with a margin, prompt computed once per pair.
+
+    train_reward(cfg, *, model, tokenizer, train, val, run_dir, resume=False) -> RunResult
+
+The model is any Hugging Face ``AutoModelForSequenceClassification`` with one label
+(by default initialised from the SFT policy's weights: ``load_reward_model(policy_dir)``).
+Each pair is scored in one pass: the prompt runs once, its key/value cache is repeated
+for the two responses, and both continuations run as one batch (``share_prompt=True``);
+``share_prompt=False`` runs prompt+response twice, as TRL does. Both give the same
+rewards and gradients (tests/train/test_reward.py).
+
+Run directory: ``config.json``, ``metrics.jsonl`` (``train/*``, ``eval/*``),
+``ckpt/step_NNNNNN/`` (resume), ``data/{train,val}.jsonl``, ``model/`` (final HF dir).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from preflab.config import check, field_doc, write_config
+from preflab.losses.bradley_terry import MARGIN_PRESETS, bradley_terry_loss, margins_from_strength
+from preflab.train.data import (
+    PairBatch,
+    PreferenceExample,
+    collate_pairs,
+    encode_example,
+    encode_prompt_response,
+)
+
+
+@dataclass
+class RewardConfig:
+    lr: float = field_doc(1e-4, "AdamW learning rate (linear decay to 0 after warmup)")
+    batch_size: int = field_doc(16, "pairs per optimizer step (all processes together)")
+    grad_accum: int = field_doc(1, "micro-batches each optimizer step is split into (divides batch_size)")
+    epochs: int = field_doc(1, "passes over the training pairs")
+    max_steps: int = field_doc(0, "stop after this many optimizer steps (0: run all epochs)")
+    warmup_steps: int = field_doc(0, "linear warmup steps")
+    weight_decay: float = field_doc(0.0, "AdamW weight decay")
+    max_grad_norm: float = field_doc(1.0, "gradient clipping by global norm (0: off)")
+    margin: str = field_doc("llama2_small", "margin map from rater strength: none, llama2_small, llama2_large, "
+                                            "or 'constant' (use margin_constant)")
+    margin_constant: float = field_doc(0.0, "the margin for every pair when margin = 'constant'")
+    ties: Literal["exclude", "half"] = field_doc("exclude", "ties: 'exclude' or 'half' (trained toward 0.5)")
+    max_length: int = field_doc(256, "max tokens of prompt + response")
+    prompt_format: Literal["dialogue", "raw"] = field_doc(
+        "dialogue", "'dialogue': format_prompt(prompt) + ' ' + response; 'raw': prompt + response (TRL)")
+    share_prompt: bool = field_doc(True, "compute each prompt once and share it between chosen and rejected")
+    val_fraction: float = field_doc(0.1, "share of prompts held out for validation (split by prompt)")
+    eval_every: int = field_doc(50, "evaluate on the validation pairs every N steps (0: only at the end)")
+    eval_batch_size: int = field_doc(32, "pairs per validation batch")
+    checkpoint_every: int = field_doc(50, "save a resumable checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = field_doc(2, "how many checkpoints to keep")
+    mixed_precision: Literal["no", "fp16", "bf16"] = field_doc("no", "accelerate mixed precision")
+    seed: int = field_doc(0, "seed for data order, head init and RNG")
+
+    def validate(self) -> None:
+        w = "RewardConfig"
+        check(self.lr > 0, f"{w}.lr", "must be > 0")
+        check(self.batch_size >= 1, f"{w}.batch_size", "must be >= 1")
+        check(self.grad_accum >= 1 and self.batch_size % self.grad_accum == 0, f"{w}.grad_accum",
+              f"must be >= 1 and divide batch_size ({self.batch_size})")
+        check(self.epochs >= 1, f"{w}.epochs", "must be >= 1")
+        for name in ("max_steps", "warmup_steps", "eval_every", "checkpoint_every"):
+            check(getattr(self, name) >= 0, f"{w}.{name}", "must be >= 0")
+        check(self.keep_checkpoints >= 1, f"{w}.keep_checkpoints", "must be >= 1")
+        check(self.weight_decay >= 0 and self.max_grad_norm >= 0, f"{w}.weight_decay/max_grad_norm", "must be >= 0")
+        check(self.margin in MARGIN_PRESETS or self.margin == "constant", f"{w}.margin",
+              f"must be one of {[*MARGIN_PRESETS, 'constant']}, got {self.margin!r}")
+        check(self.ties in ("exclude", "half"), f"{w}.ties", f"must be 'exclude' or 'half', got {self.ties!r}")
+        check(self.max_length >= 8, f"{w}.max_length", "must be >= 8")
+        check(self.prompt_format in ("dialogue", "raw"), f"{w}.prompt_format", "must be 'dialogue' or 'raw'")
+        check(0.0 <= self.val_fraction < 1.0, f"{w}.val_fraction", "must be in [0, 1)")
+        check(self.eval_batch_size >= 1, f"{w}.eval_batch_size", "must be >= 1")
+        check(self.mixed_precision in ("no", "fp16", "bf16"), f"{w}.mixed_precision", "must be no, fp16 or bf16")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def margin_spec(self) -> str | float:
+        return self.margin_constant if self.margin == "constant" else self.margin
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    model_dir: Path
+    steps: int
+    metrics: dict[str, float]  # the last train/* and eval/* values
+
+
+# ---- model ----------------------------------------------------------------------------
+
+
+def load_reward_model(path: str | Path, *, tokenizer_path: str | Path | None = None, dtype=None):
+    """(model, tokenizer): a one-label ``AutoModelForSequenceClassification`` from any HF dir.
+
+    From a causal-LM (policy) dir the backbone keeps the policy's weights and the scalar
+    head is freshly initialised (seed first for a reproducible head); from a reward-model
+    dir everything loads.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_path or path))
+    if tok.pad_token_id is None:
+        raise ValueError(f"{path}: the tokenizer has no pad token (the contract's is <|pad|>)")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "score.weight newly initialised" is expected here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+class PairScorer(nn.Module):
+    """Wraps a sequence-classification model; ``forward`` scores k responses per prompt.
+
+    Inputs: prompt_ids/prompt_mask (B, P) left-padded; response_ids/response_mask (kB, R)
+    right-padded, rows ordered prompt-major (row k*i + j = response j of prompt i).
+    Returns rewards (kB,). The reward is the head applied to the last real response token,
+    as ``GPT2ForSequenceClassification`` pools it.
+    """
+
+    def __init__(self, model: nn.Module, *, share_prompt: bool = True):
+        super().__init__()
+        self.model = model
+        self.share_prompt = share_prompt
+        self.base = getattr(model, model.base_model_prefix)
+        self.head = getattr(model, "score", None)
+        if self.head is None:
+            raise ValueError(f"{type(model).__name__}: expected a sequence-classification model with a "
+                             "`score` head (AutoModelForSequenceClassification, num_labels=1)")
+        params = inspect.signature(self.base.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def forward(self, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
+        B, P = prompt_ids.shape
+        k = response_ids.shape[0] // B
+        n_prompt = prompt_mask.sum(-1)  # (B,)
+        full_mask = torch.cat([prompt_mask.repeat_interleave(k, 0), response_mask], -1)  # (kB, P+R)
+        if self.share_prompt:
+            pos_p = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+            out = self.base(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos_p, use_cache=True)
+            cache = getattr(out, self._cache_kw, None)
+            if cache is None:
+                cache = out.past_key_values
+            if k > 1:
+                cache.batch_repeat_interleave(k)
+            R = response_ids.shape[1]
+            pos_r = n_prompt.repeat_interleave(k)[:, None] + torch.arange(R, device=prompt_ids.device)  # (kB, R)
+            h = self.base(input_ids=response_ids, attention_mask=full_mask, position_ids=pos_r,
+                          use_cache=True, **{self._cache_kw: cache}).last_hidden_state  # (kB, R, H)
+            offset = 0
+        else:
+            ids = torch.cat([prompt_ids.repeat_interleave(k, 0), response_ids], -1)  # (kB, P+R)
+            pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+            h = self.base(input_ids=ids, attention_mask=full_mask, position_ids=pos,
+                          use_cache=False).last_hidden_state  # (kB, P+R, H)
+            offset = P
+        last = offset + response_mask.sum(-1) - 1  # (kB,)
+        h_last = h[torch.arange(h.shape[0], device=h.device), last]  # (kB, H)
+        return self.head(h_last).squeeze(-1).float()  # (kB,)
+
+
+def pair_rewards(scorer: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected), each (B,)."""
+    r = scorer(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask).view(-1, 2)
+    return r[:, 0], r[:, 1]
+
+
+@torch.no_grad()
+def score_pairs(model, tokenizer, examples: Sequence[PreferenceExample], *, batch_size: int = 32,
+                max_length: int = 256, prompt_format: str = "dialogue", share_prompt: bool = True,
+                device=None) -> tuple[list[float], list[float]]:
+    """Rewards of chosen and rejected for every example (eval mode, no grad)."""
+    scorer = PairScorer(model, share_prompt=share_prompt)
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    rc, rr = [], []
+    enc = [encode_example(tokenizer, e, max_length=max_length, prompt_format=prompt_format) for e in examples]
+    for i in range(0, len(enc), batch_size):
+        b = collate_pairs(enc[i: i + batch_size], pad_id=tokenizer.pad_token_id).to(device)
+        c, r = pair_rewards(scorer, b)
+        rc += c.tolist()
+        rr += r.tolist()
+    model.train(was_training)
+    return rc, rr
+
+
+@torch.no_grad()
+def score_responses(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int = 32,
+                    max_length: int = 256, prompt_format: str = "dialogue", device=None) -> list[float]:
+    """The reward of each (prompt, response)."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"score_responses: {len(prompts)} prompts but {len(responses)} responses")
+    scorer = PairScorer(model, share_prompt=False)
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    out: list[float] = []
+    for i in range(0, len(prompts), batch_size):
+        enc = [encode_prompt_response(tokenizer, p, [r], max_length=max_length, prompt_format=prompt_format)
+               for p, r in zip(prompts[i: i + batch_size], responses[i: i + batch_size], strict=True)]
+        P = max(len(p) for p, _, _ in enc)
+        R = max(len(r[0]) for _, r, _ in enc)
+        pid = torch.full((len(enc), P), pad, dtype=torch.long)
+        pm = torch.zeros_like(pid)
+        rid = torch.full((len(enc), R), pad, dtype=torch.long)
+        rm = torch.zeros_like(rid)
+        for j, (p, (r,), _) in enumerate(enc):
+            pid[j, P - len(p):], pm[j, P - len(p):] = torch.tensor(p), 1
+            rid[j, : len(r)], rm[j, : len(r)] = torch.tensor(r), 1
+        out += scorer(pid.to(device), pm.to(device), rid.to(device), rm.to(device)).tolist()
+    model.train(was_training)
+    return out
+
+
+# ---- training -------------------------------------------------------------------------
+
+
+def _write_jsonl(path: Path, examples: Sequence[PreferenceExample]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        for e in examples:
+            fh.write(json.dumps(dataclasses.asdict(e)) + "\n")
+
+
+def _batch_order(n: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
+    """Index lists of every optimizer step, epoch by epoch (seeded per epoch; last batch may be short)."""
+    steps = []
+    for epoch in range(epochs):
+        g = torch.Generator().manual_seed(seed * 1000 + epoch)
+        perm = torch.randperm(n, generator=g).tolist()
+        steps += [perm[i: i + batch_size] for i in range(0, n, batch_size)]
+    return steps
+
+
+def _step_loss(scorer, mb: PairBatch, cfg: RewardConfig, denom: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of per-pair losses of the micro-batch / ``denom`` (the step's counted pairs), and d = r_c - r_r."""
+    r_c, r_r = pair_rewards(scorer, mb)
+    m = margins_from_strength(mb.strength, cfg.margin_spec(), device=r_c.device)
+    if any(x is not None for x in mb.margin):  # explicit per-pair margins (TRL's column) win
+        explicit = torch.tensor([0.0 if x is None else x for x in mb.margin], device=r_c.device)
+        has = torch.tensor([x is not None for x in mb.margin], device=r_c.device)
+        m = torch.where(has, explicit, m if m is not None else torch.zeros_like(explicit))
+    loss = bradley_terry_loss(r_c, r_r, m, tie_mask=mb.is_tie, ties=cfg.ties, reduction="sum") / denom
+    return loss, (r_c - r_r).detach()
+
+
+def _evaluate(scorer, encoded, cfg: RewardConfig, pad_id: int, device) -> dict[str, float]:
+    scorer.eval()
+    losses, correct, gaps, n = 0.0, 0, 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(encoded), cfg.eval_batch_size):
+            b = collate_pairs(encoded[i: i + cfg.eval_batch_size], pad_id=pad_id).to(device)
+            loss, d = _step_loss(scorer, b, cfg, 1.0)
+            strict = ~b.is_tie
+            losses += float(loss)
+            correct += int(((d > 0) & strict).sum())
+            gaps += float(d[strict].sum())
+            n += int(strict.sum())
+    scorer.train()
+    n = max(n, 1)
+    return {"eval/loss": losses / n, "eval/accuracy": correct / n, "eval/reward_gap": gaps / n}
+
+
+def train_reward(
+    cfg: RewardConfig,
+    *,
+    model: nn.Module,
+    tokenizer,
+    train: Sequence[PreferenceExample],
+    val: Sequence[PreferenceExample],
+    run_dir: str | Path,
+    resume: bool = False,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    show_progress: bool = True,
+) -> RunResult:
+    """Train ``model`` (one-label sequence classifier) on ``train`` pairs; see the module docstring."""
+    from accelerate import Accelerator
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from preflab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+    if not train:
+        raise ValueError("train: no training pairs")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("tokenizer: has no pad token")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+    # ---- data: encode once; the step -> pair indices schedule is a pure function of the seed
+    enc_train = [encode_example(tokenizer, e, max_length=cfg.max_length, prompt_format=cfg.prompt_format)
+                 for e in train]
+    enc_val = [encode_example(tokenizer, e, max_length=cfg.max_length, prompt_format=cfg.prompt_format)
+               for e in val]
+    schedule = _batch_order(len(enc_train), cfg.batch_size, cfg.epochs, cfg.seed)
+    total = min(len(schedule), cfg.max_steps) if cfg.max_steps else len(schedule)
+
+    scorer = PairScorer(model, share_prompt=cfg.share_prompt)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    warm = cfg.warmup_steps
+
+    def lr_lambda(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total - step) / max(1, total - warm))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
+    # ---- resume: weights, optimizer, scheduler, RNG, step (before prepare: accelerate moves state)
+    start = 0
+    metrics_path = run_dir / "metrics.jsonl"
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, modules={"model": model}, optimizers={"optimizer": optimizer},
+                                schedulers={"scheduler": scheduler})
+        start = int(state["step"])
+        if metrics_path.exists():  # drop rows logged after the checkpoint (they are re-run)
+            rows = [ln for ln in metrics_path.read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in rows if json.loads(ln).get("step", 0) <= start]
+            metrics_path.write_text("".join(k + "\n" for k in kept))
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    write_config(cfg, run_dir)
+    _write_jsonl(run_dir / "data" / "train.jsonl", train)
+    _write_jsonl(run_dir / "data" / "val.jsonl", val)
+
+    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    scorer, optimizer = acc.prepare(scorer, optimizer)
+    world, rank = acc.num_processes, acc.process_index
+    pad_id = tokenizer.pad_token_id
+    last: dict[str, float] = {}
+
+    def log(row: dict[str, Any]) -> None:
+        if acc.is_main_process:
+            with metrics_path.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    def checkpoint(step: int) -> None:
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            save_checkpoint(run_dir, step, modules={"model": acc.unwrap_model(scorer).model},
+                            optimizers={"optimizer": optimizer.optimizer if hasattr(optimizer, "optimizer")
+                                        else optimizer},
+                            schedulers={"scheduler": scheduler}, state={"step": step, "total": total},
+                            keep_last=cfg.keep_checkpoints)
+        acc.wait_for_everyone()
+
+    scorer.train()
+    micro = cfg.batch_size // cfg.grad_accum
+    progress = Progress(TextColumn("rm train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                        TimeRemainingColumn(), disable=not (show_progress and acc.is_local_main_process))
+    t0 = time.perf_counter()
+    with progress:
+        task = progress.add_task("train", total=total, completed=start, info="")
+        for step in range(start, total):
+            # ---- one optimizer step: this process's share of the step's pairs, in micro-batches
+            idx = schedule[step]
+            items = [enc_train[i] for i in idx]
+            mine = items[rank::world]
+            denom = sum(1 for x in items if not (x.is_tie and cfg.ties == "exclude"))
+            denom = max(denom, 1) / world  # DDP averages gradients over processes
+            loss_sum, d_all = 0.0, []
+            for j in range(0, len(mine), micro):
+                mb = collate_pairs(mine[j: j + micro], pad_id=pad_id).to(acc.device)
+                last_micro = j + micro >= len(mine)
+                ctx = acc.no_sync(scorer) if (world > 1 and not last_micro) else nullcontext()
+                with ctx:
+                    with acc.autocast():
+                        loss, d = _step_loss(scorer, mb, cfg, denom)
+                    acc.backward(loss)
+                loss_sum += float(loss.detach()) / world
+                d_all.append(d[~mb.is_tie])
+            grad_norm = (acc.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm)
+                         if cfg.max_grad_norm > 0 else torch.tensor(float("nan")))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            # ---- metrics (train accuracy over this process's strict pairs, gathered)
+            d_cat = torch.cat(d_all) if d_all else torch.zeros(0, device=acc.device)
+            if world > 1:
+                d_cat = acc.gather_for_metrics(d_cat)
+                loss_sum = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum"))
+            done = step + 1
+            row: dict[str, Any] = {
+                "step": done, "train/loss": loss_sum, "train/accuracy": float((d_cat > 0).float().mean())
+                if d_cat.numel() else math.nan, "train/reward_gap": float(d_cat.mean()) if d_cat.numel() else math.nan,
+                "train/grad_norm": float(grad_norm), "train/lr": lr,
+                "train/pairs_per_s": (done - start) * cfg.batch_size / (time.perf_counter() - t0),
+            }
+            if enc_val and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total):
+                row.update(_evaluate(scorer, enc_val, cfg, pad_id, acc.device))
+            log(row)
+            last.update({k: v for k, v in row.items() if k != "step"})
+            if on_step is not None:
+                on_step(done, row)
+            if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == total:
+                checkpoint(done)
+            progress.update(task, completed=done, info=f"loss {row['train/loss']:.3f}"
+                            + (f" val acc {row['eval/accuracy']:.3f}" if "eval/accuracy" in row else ""))
+
+    # ---- final model dir (HF format) and the last eval when the run was already complete
+    if start >= total and enc_val:
+        last.update(_evaluate(scorer, enc_val, cfg, pad_id, acc.device))
+    model_dir = run_dir / "model"
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        unwrapped = acc.unwrap_model(scorer).model
+        unwrapped.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+    return RunResult(run_dir=run_dir, model_dir=model_dir, steps=total, metrics=last)
+

@@ -1,0 +1,178 @@
+"""Reward-model trainer: shared-prompt scoring equals plain scoring, training learns, run-dir layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from preflab.config import ConfigError, from_dict
+from preflab.train.data import (
+    PreferenceExample,
+    collate_pairs,
+    encode_example,
+    load_jsonl,
+    split_by_prompt,
+)
+from preflab.train.reward import (
+    PairScorer,
+    RewardConfig,
+    load_reward_model,
+    pair_rewards,
+    score_pairs,
+    score_responses,
+    train_reward,
+)
+from tests.train.rm_fixtures import sandbox_pairs, tiny_reward_model, tiny_tokenizer
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_shared_prompt_gives_same_rewards_and_gradients_as_plain(tok):
+    model = tiny_reward_model(tok, seed=1)
+    enc = [encode_example(tok, e, max_length=256) for e in sandbox_pairs(6, seed=3)]
+    assert len({len(e.prompt_ids) for e in enc}) > 1 and len({len(e.chosen_ids) for e in enc}) > 1  # real padding
+    batch = collate_pairs(enc, pad_id=tok.pad_token_id)
+    out = {}
+    for share in (True, False):
+        model.zero_grad()
+        c, r = pair_rewards(PairScorer(model, share_prompt=share), batch)
+        (torch.nn.functional.logsigmoid(c - r).sum() + (c * r).sum()).backward()
+        out[share] = (c.detach(), r.detach(), _grads(model))
+    (c1, r1, g1), (c0, r0, g0) = out[True], out[False]
+    assert torch.allclose(c1, c0, atol=1e-5) and torch.allclose(r1, r0, atol=1e-5)
+    assert g1.keys() == g0.keys() and len(g1) == len(list(model.parameters()))
+    for name in g1:
+        assert torch.allclose(g1[name], g0[name], atol=1e-5, rtol=1e-4), name
+    # both equal the HF model's own forward on each unpadded sequence
+    with torch.no_grad():
+        for i, e in enumerate(enc[:3]):
+            for ids, want in ((e.prompt_ids + e.chosen_ids, c1[i]), (e.prompt_ids + e.rejected_ids, r1[i])):
+                got = model(input_ids=torch.tensor([ids])).logits.squeeze()
+                assert got.item() == pytest.approx(want.item(), abs=1e-5)
+
+
+def test_score_helpers_agree(tok):
+    model = tiny_reward_model(tok, seed=2)
+    ex = sandbox_pairs(5, seed=4)
+    rc, rr = score_pairs(model, tok, ex, batch_size=2)
+    single = score_responses(model, tok, [e.prompt for e in ex] * 2, [e.chosen for e in ex] + [e.rejected for e in ex],
+                             batch_size=3)
+    assert single == pytest.approx(rc + rr, abs=1e-5)
+    with pytest.raises(ValueError, match="prompts"):
+        score_responses(model, tok, ["a"], [])
+
+
+def test_training_learns_and_writes_run_dir(tok, tmp_path):
+    model = tiny_reward_model(tok, seed=0)
+    train, val = split_by_prompt(sandbox_pairs(240, seed=0), val_fraction=0.25, seed=0)
+    cfg = RewardConfig(lr=2e-3, batch_size=16, epochs=2, eval_every=10, checkpoint_every=10, seed=0)
+    seen = []
+    res = train_reward(cfg, model=model, tokenizer=tok, train=train, val=val, run_dir=tmp_path,
+                       on_step=lambda s, row: seen.append(s), show_progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == seen == list(range(1, res.steps + 1))
+    assert {"train/loss", "train/accuracy", "train/lr", "train/grad_norm"} <= rows[0].keys()
+    evals = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
+    assert len(evals) == res.steps // 10 + (res.steps % 10 > 0)
+    assert res.metrics["eval/accuracy"] >= 0.75, evals  # stale vs current fact is learnable
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"]
+    assert json.loads((tmp_path / "config.json").read_text())["lr"] == 2e-3
+    assert len(load_jsonl(tmp_path / "data" / "val.jsonl")) == len(val)
+    # the final model dir is a plain HF dir that scores like the trained model
+    loaded, tok2 = load_reward_model(res.model_dir)
+    a = score_pairs(model, tok, val[:4])
+    b = score_pairs(loaded, tok2, val[:4])
+    assert a[0] == pytest.approx(b[0], abs=1e-5)
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] and len(list((tmp_path / "ckpt").iterdir())) == 2
+
+
+def test_reward_model_from_a_policy_dir(tok, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    policy = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=128, n_layer=1, n_head=2, n_embd=32))
+    policy.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    rm, tok2 = load_reward_model(tmp_path)
+    assert rm.config.num_labels == 1 and rm.config.pad_token_id == tok.pad_token_id
+    assert torch.equal(rm.transformer.h[0].mlp.c_fc.weight, policy.transformer.h[0].mlp.c_fc.weight)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="RewardConfig.grad_accum"):
+        RewardConfig(batch_size=16, grad_accum=3)
+    with pytest.raises(ConfigError, match="RewardConfig.margin"):
+        RewardConfig(margin="huge")
+    with pytest.raises(ConfigError, match="ties"):
+        from_dict(RewardConfig, {"ties": "drop"})
+    assert RewardConfig(margin="constant", margin_constant=0.5).margin_spec() == 0.5
+
+
+def test_explicit_margin_column_overrides_strength(tok):
+    from preflab.train.reward import _step_loss
+
+    model = tiny_reward_model(tok, seed=0)
+    e = sandbox_pairs(2, seed=0)
+    e = [PreferenceExample(**{**x.__dict__, "strength": 3, "is_tie": False, "margin": m})
+         for x, m in zip(e, (None, 0.0), strict=True)]
+    b = collate_pairs([encode_example(tok, x, max_length=256) for x in e], pad_id=tok.pad_token_id)
+    cfg = RewardConfig(margin="llama2_large")
+    scorer = PairScorer(model)
+    with torch.no_grad():
+        loss, d = _step_loss(scorer, b, cfg, 1.0)
+        want = -torch.nn.functional.logsigmoid(d - torch.tensor([3.0, 0.0])).sum()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+# ---- data -----------------------------------------------------------------------------
+
+
+def test_split_by_prompt_never_leaks_a_prompt():
+    ex = sandbox_pairs(200, seed=1)
+    train, val = split_by_prompt(ex, val_fraction=0.2, seed=7)
+    assert len(train) + len(val) == len(ex)
+    assert not {e.prompt for e in train} & {e.prompt for e in val}
+    n_prompts = len({e.prompt for e in ex})
+    assert abs(len({e.prompt for e in val}) - 0.2 * n_prompts) <= 1
+    assert split_by_prompt(ex, val_fraction=0.2, seed=7) == (train, val)
+    assert split_by_prompt(ex, val_fraction=0.2, seed=8)[1] != val
+
+
+def test_load_jsonl_names_file_and_line(tmp_path):
+    p = tmp_path / "pairs.jsonl"
+    p.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b", "margin": 1.5}\n\n{"prompt": "x", "chosen": 3}\n')
+    with pytest.raises(ValueError, match=r"pairs.jsonl:3: field 'chosen' must be a string"):
+        load_jsonl(p)
+    p.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b", "margin": 1.5}\nnot json\n')
+    with pytest.raises(ValueError, match=r"pairs.jsonl:2: not valid JSON"):
+        load_jsonl(p)
+    p.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b", "margin": 1.5, "extra": 1}\n')
+    (e,) = load_jsonl(p)
+    assert (e.prompt, e.chosen, e.rejected, e.margin, e.pair_id) == ("hi", "a", "b", 1.5, "pairs.jsonl:1")
+
+
+def test_encoding_layout_and_truncation(tok):
+    e = sandbox_pairs(1, seed=0)[0]
+    enc = encode_example(tok, e, max_length=256)
+    assert tok.decode(enc.prompt_ids) == f"User: {e.prompt}\nAssistant:"
+    assert enc.chosen_ids[-1] == tok.eos_token_id and tok.decode(enc.chosen_ids[:-1]) == " " + e.chosen
+    short = encode_example(tok, e, max_length=24)
+    assert short.truncated and len(short.prompt_ids) + max(len(short.chosen_ids), len(short.rejected_ids)) <= 24
+    assert short.prompt_ids == enc.prompt_ids[-len(short.prompt_ids):]
+    b = collate_pairs([enc, short], pad_id=tok.pad_token_id)
+    assert b.prompt_ids.shape[0] == 2 and b.response_ids.shape[0] == 4
+    assert b.prompt_mask[:, -1].all() and b.response_mask[:, 0].all()  # left / right padding
+    s = b.slice(1, 2)
+    assert s.prompt_ids.shape[1] == len(short.prompt_ids) and s.response_mask.sum(-1).tolist() == [
+        len(short.chosen_ids), len(short.rejected_ids)]
