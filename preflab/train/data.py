@@ -35,17 +35,21 @@ class PreferenceExample:
     topic: str | None = None
     is_tie: bool = False
     margin: float | None = None
-    judgement_id: str | None = None
+    chosen_id: str | None = None
+    rejected_id: str | None = None
 
 
 _FIELDS = {f.name for f in dataclasses.fields(PreferenceExample)}
+# the store's ``ops.PreferenceExample`` names -> ours
+_ALIASES = {"prompt_text": "prompt", "chosen_text": "chosen", "rejected_text": "rejected"}
 
 
 def example_from_row(row: Mapping[str, Any] | Any, *, where: str = "row") -> PreferenceExample:
     """A ``PreferenceExample`` from a mapping or an object with the same attribute names
     (e.g. a row of the store's ``ops.preference_examples``); extra fields are ignored."""
     if not isinstance(row, Mapping):
-        row = {k: getattr(row, k) for k in _FIELDS if hasattr(row, k)}
+        row = {k: getattr(row, k) for k in (*_FIELDS, *_ALIASES) if hasattr(row, k)}
+    row = {_ALIASES.get(k, k): v for k, v in row.items()}
     for key in ("prompt", "chosen", "rejected"):
         if not isinstance(row.get(key), str):
             raise ValueError(f"{where}: field {key!r} must be a string, got {type(row.get(key)).__name__}")
@@ -61,7 +65,8 @@ def example_from_row(row: Mapping[str, Any] | Any, *, where: str = "row") -> Pre
         rater=None if row.get("rater") is None else str(row["rater"]),
         topic=row.get("topic"), is_tie=bool(row.get("is_tie", False)),
         margin=None if margin is None else float(margin),
-        judgement_id=None if row.get("judgement_id") is None else str(row["judgement_id"]),
+        chosen_id=None if row.get("chosen_id") is None else str(row["chosen_id"]),
+        rejected_id=None if row.get("rejected_id") is None else str(row["rejected_id"]),
     )
 
 

@@ -3,7 +3,7 @@
     train_reward(cfg, *, model, tokenizer, train, val, run_dir, resume=False) -> RunResult
 
 The model is any Hugging Face ``AutoModelForSequenceClassification`` with one label
-(by default initialised from the SFT policy's weights: ``load_reward_model(policy_dir)``).
+(by default initialised from the SFT policy's weights: ``models.hf.reward_model_from_policy``).
 Each pair is scored in one pass: the prompt runs once, its key/value cache is repeated
 for the two responses, and both continuations run as one batch (``share_prompt=True``);
 ``share_prompt=False`` runs prompt+response twice, as TRL does. Both give the same
@@ -102,29 +102,6 @@ class RunResult:
 
 
 # ---- model ----------------------------------------------------------------------------
-
-
-def load_reward_model(path: str | Path, *, tokenizer_path: str | Path | None = None, dtype=None):
-    """(model, tokenizer): a one-label ``AutoModelForSequenceClassification`` from any HF dir.
-
-    From a causal-LM (policy) dir the backbone keeps the policy's weights and the scalar
-    head is freshly initialised (seed first for a reproducible head); from a reward-model
-    dir everything loads.
-    """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_path or path))
-    if tok.pad_token_id is None:
-        raise ValueError(f"{path}: the tokenizer has no pad token (the contract's is <|pad|>)")
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "score.weight newly initialised" is expected here
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=dtype)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    model.config.pad_token_id = tok.pad_token_id
-    return model, tok
 
 
 class PairScorer(nn.Module):

@@ -8,17 +8,18 @@ import pytest
 import torch
 
 from preflab.config import ConfigError, from_dict
+from preflab.models.hf import load_reward_model, reward_model_from_policy
 from preflab.train.data import (
     PreferenceExample,
     collate_pairs,
     encode_example,
+    examples_from_rows,
     load_jsonl,
     split_by_prompt,
 )
 from preflab.train.reward import (
     PairScorer,
     RewardConfig,
-    load_reward_model,
     pair_rewards,
     score_pairs,
     score_responses,
@@ -104,7 +105,7 @@ def test_reward_model_from_a_policy_dir(tok, tmp_path):
     policy = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=128, n_layer=1, n_head=2, n_embd=32))
     policy.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    rm, tok2 = load_reward_model(tmp_path)
+    rm, tok2 = reward_model_from_policy(tmp_path)
     assert rm.config.num_labels == 1 and rm.config.pad_token_id == tok.pad_token_id
     assert torch.equal(rm.transformer.h[0].mlp.c_fc.weight, policy.transformer.h[0].mlp.c_fc.weight)
 
@@ -160,6 +161,17 @@ def test_load_jsonl_names_file_and_line(tmp_path):
     p.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b", "margin": 1.5, "extra": 1}\n')
     (e,) = load_jsonl(p)
     assert (e.prompt, e.chosen, e.rejected, e.margin, e.pair_id) == ("hi", "a", "b", 1.5, "pairs.jsonl:1")
+
+
+def test_store_rows_are_adapted():
+    from types import SimpleNamespace
+
+    row = SimpleNamespace(pair_id="p1", prompt_text="q", topic="billing", chosen_text="a", rejected_text="b",
+                          chosen_id="r1", rejected_id="r2", strength=2, rater="ann", is_tie=False,
+                          guideline_version="v2", round_id=3)
+    (e,) = examples_from_rows([row])
+    assert e == PreferenceExample("p1", "q", "a", "b", strength=2, rater="ann", topic="billing",
+                                  chosen_id="r1", rejected_id="r2")
 
 
 def test_encoding_layout_and_truncation(tok):
