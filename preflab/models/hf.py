@@ -1,0 +1,100 @@
+"""Load any Hugging Face causal LM (and a reward model built from one) from a local directory."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as hf_logging
+
+
+def _check_dir(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such {what} directory")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
+    return path
+
+
+def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:  # many causal LMs ship without one; never pad with a real word
+        if tok.eos_token is None:
+            raise ValueError(f"{path}: the tokenizer has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _set_pad(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
+    model.config.pad_token_id = tok.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+
+
+@contextlib.contextmanager
+def _quiet_hf():
+    """Silence 'some weights were newly initialized' (expected for a fresh reward head)."""
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(old)
+
+
+def load_policy(path: str | Path, *, dtype: torch.dtype | None = None):
+    """``(model, tokenizer)`` of a causal LM saved with ``save_pretrained`` (eval mode).
+
+    The tokenizer always has a pad token (eos if the model ships none) and the model's
+    config carries its id.
+    """
+    path = _check_dir(path, "policy")
+    tok = _load_tokenizer(path)
+    kw = {"dtype": dtype} if dtype is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    _set_pad(model, tok)
+    return model.eval(), tok
+
+
+def load_reward_model(path: str | Path, *, dtype: torch.dtype | None = None):
+    """``(model, tokenizer)`` of a scalar reward model (sequence classifier, ``num_labels=1``)."""
+    path = _check_dir(path, "reward model")
+    tok = _load_tokenizer(path)
+    kw = {"dtype": dtype} if dtype is not None else {}
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kw)
+    _set_pad(model, tok)
+    return model.eval(), tok
+
+
+def reward_model_from_policy(policy_path: str | Path, *, seed: int = 0, dtype: torch.dtype | None = None):
+    """A reward model initialised from a policy's weights: same body, a fresh scalar head.
+
+    The head (``score`` on most architectures) is re-initialised from ``seed`` with
+    N(0, initializer_range) so the result does not depend on the global RNG. Returns
+    ``(model, tokenizer)``; the model reads the reward at the last non-pad token.
+    """
+    path = _check_dir(policy_path, "policy")
+    tok = _load_tokenizer(path)
+    kw = {"dtype": dtype} if dtype is not None else {}
+    with _quiet_hf():
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kw)
+    _set_pad(model, tok)
+    head = getattr(model, "score", None)
+    if isinstance(head, torch.nn.Linear):
+        g = torch.Generator().manual_seed(seed)
+        std = float(getattr(model.config, "initializer_range", 0.02))
+        with torch.no_grad():
+            w = torch.randn(head.weight.shape, generator=g) * std
+            head.weight.copy_(w.to(head.weight.dtype))
+            if head.bias is not None:
+                head.bias.zero_()
+    return model.eval(), tok

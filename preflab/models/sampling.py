@@ -1,0 +1,218 @@
+"""Batched sampling with a KV cache, and per-token log-probs of given tokens.
+
+Our own decode loop over the model's cache (not ``model.generate``), so that what RLHF
+needs comes out of one pass: left-padded prompts with correct position ids, temperature,
+top-p, min/max new tokens, per-row stop at EOS, and the log-prob of every sampled token
+under the model's raw (temperature 1) distribution, which is what PPO's ratio uses.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Samples:
+    """A batch of sampled responses (all tensors on the model's device)."""
+
+    input_ids: torch.Tensor  # (B, T) left-padded prompt + response, T = prompt_len + R
+    attention_mask: torch.Tensor  # (B, T) 1 on real prompt tokens and on the response up to EOS
+    prompt_len: int  # padded prompt width P
+    response_ids: torch.Tensor  # (B, R) pad after EOS
+    response_mask: torch.Tensor  # (B, R) 1 up to and including EOS
+    logprobs: torch.Tensor  # (B, R) log p(token) under the raw model distribution; 0 where masked
+    texts: list[str]  # decoded responses, EOS stripped
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only real tokens: left padding does not shift a prompt. (B, T)"""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _cache_kw(model: torch.nn.Module) -> str:
+    """The forward's KV-cache argument: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    return "cache" if _accepts(model, "cache") else "past_key_values"
+
+
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+def _logits_kw(model: torch.nn.Module, keep: int) -> dict:
+    """``logits_to_keep=keep`` where the model supports it (skips the LM head on the prompt)."""
+    return {"logits_to_keep": keep} if _accepts(model, "logits_to_keep") else {}
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def sample_token(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token per row from ``logits`` (B, V) -> (B,).
+
+    Temperature 0 is greedy. Sampling uses the exponential-race form of the categorical
+    (argmax of p_i / E_i with E_i ~ Exp(1) is distributed as Categorical(p)), which draws a
+    fixed number of random numbers per call, so batches stay reproducible for a seed.
+    Top-p (Holtzman et al. 2020) keeps the smallest set of tokens whose mass reaches p.
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p  # mass before this token already reaches p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+    dev = generator.device if generator is not None else probs.device
+    race = torch.empty(probs.shape, device=dev).exponential_(1.0, generator=generator).to(probs.device)
+    return (probs / race).argmax(-1)
+
+
+def _encode_prompts(tokenizer, prompts: list[str], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    for i, row in enumerate(ids):
+        if not row:
+            raise ValueError(f"prompts[{i}]: empty prompt")
+    width = max(len(r) for r in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        input_ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def sample(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    min_new_tokens: int = 0,
+    stop_at_eos: bool = True,
+) -> Samples:
+    """Sample a response for every prompt, batched, with the model's KV cache.
+
+    A row stops after its first EOS (``stop_at_eos``); later positions hold pad with mask 0.
+    With ``stop_at_eos=False`` every row gets exactly ``max_new_tokens`` tokens (benchmarks).
+    ``min_new_tokens`` forbids EOS among the first that many tokens (as in HF). Runs in eval mode and restores
+    the model's previous mode.
+    """
+    if not prompts:
+        raise ValueError("prompts: empty list")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature: must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p: must be in (0, 1], got {top_p}")
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if eos_id is None or pad_id is None:
+        raise ValueError("tokenizer: needs an eos and a pad token (load it with models.hf.load_policy)")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        prompt_ids, prompt_mask = _encode_prompts(tokenizer, prompts, pad_id, device)
+        B, P = prompt_ids.shape
+        cache_kw = _cache_kw(model)
+        pos = position_ids_from_mask(prompt_mask)  # (B, P)
+        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos,
+                    use_cache=True, **_logits_kw(model, 1))
+        cache, logits = _cache_of(out), out.logits[:, -1, :]  # (B, V)
+        next_pos = pos[:, -1:] + 1  # (B, 1)
+        mask = torch.ones((B, P + max_new_tokens), dtype=torch.long, device=device)
+        mask[:, :P] = prompt_mask  # the full-width mask; step t reads its first P + t + 1 columns
+        tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+        alive = torch.ones(B, dtype=torch.bool, device=device)
+        n = 0
+        for t in range(max_new_tokens):
+            if t < min_new_tokens:
+                logits = logits.clone()
+                logits[:, eos_id] = float("-inf")
+            tok = sample_token(logits, temperature=temperature, top_p=top_p, generator=generator)  # (B,)
+            lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tok[:, None]).squeeze(-1)
+            if stop_at_eos:
+                tok = torch.where(alive, tok, pad_id)
+                lp = torch.where(alive, lp, 0.0)
+            tokens[:, t] = tok
+            logps[:, t] = lp
+            n = t + 1
+            if stop_at_eos:
+                alive &= tok != eos_id
+                if not bool(alive.any()):
+                    break
+            if t + 1 == max_new_tokens:
+                break
+            out = model(input_ids=tok[:, None], attention_mask=mask[:, : P + t + 1], position_ids=next_pos,
+                        use_cache=True, **{cache_kw: cache})
+            cache, logits = _cache_of(out), out.logits[:, -1, :]
+            next_pos = next_pos + 1
+        tokens, logps = tokens[:, :n], logps[:, :n]
+        if stop_at_eos:
+            # 1 up to and including the first EOS, 0 after it
+            is_eos = (tokens == eos_id).long()
+            response_mask = ((is_eos.cumsum(-1) - is_eos) == 0).long()
+        else:
+            response_mask = torch.ones_like(tokens)
+        texts = []
+        for row in tokens.tolist():
+            if eos_id in row:
+                row = row[: row.index(eos_id)]
+            texts.append(tokenizer.decode(row, skip_special_tokens=True))
+        return Samples(
+            input_ids=torch.cat([prompt_ids, tokens], dim=1),
+            attention_mask=torch.cat([prompt_mask, response_mask], dim=1),
+            prompt_len=P,
+            response_ids=tokens,
+            response_mask=response_mask,
+            logprobs=logps * response_mask,
+            texts=texts,
+        )
+    finally:
+        model.train(was_training)
+
+
+def sequence_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    start: int,
+    *,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """log p(input_ids[:, t] | input_ids[:, :t]) for t >= ``start``: (B, T - start).
+
+    Differentiable (call under ``torch.no_grad()`` for a frozen reference). Positions come
+    from ``attention_mask``, so left padding is handled; masked positions still get a value
+    and the caller masks them. Logits are only computed from position ``start - 1`` on.
+    ``log p = logit_y / temp - logsumexp(logits / temp)``.
+    """
+    if input_ids.shape != attention_mask.shape:
+        raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+    T = input_ids.shape[1]
+    if not 1 <= start < T:
+        raise ValueError(f"start: must be in [1, {T - 1}], got {start}")
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                **_logits_kw(model, T - start + 1))
+    logits = out.logits[:, -(T - start + 1):-1, :].float()  # (B, T - start, V): predicts tokens start .. T-1
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = input_ids[:, start:]  # (B, T - start)
+    return logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)

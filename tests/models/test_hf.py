@@ -1,0 +1,55 @@
+"""Loading policies and reward models from plain Hugging Face directories."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from preflab.models.hf import load_policy, load_reward_model, reward_model_from_policy
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory, tok, tiny_model):
+    d = tmp_path_factory.mktemp("policy")
+    tiny_model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_load_policy_round_trip(policy_dir, tok, tiny_model):
+    model, t = load_policy(policy_dir)
+    assert not model.training
+    assert (t.eos_token, t.pad_token) == (tok.eos_token, tok.pad_token)
+    assert model.config.pad_token_id == t.pad_token_id
+    ids = torch.tensor([tok("Hello. The Team plan")["input_ids"]])
+    torch.testing.assert_close(model(input_ids=ids).logits, tiny_model(input_ids=ids).logits)
+    m16, _ = load_policy(policy_dir, dtype=torch.bfloat16)
+    assert next(m16.parameters()).dtype == torch.bfloat16
+
+
+def test_reward_model_from_policy(policy_dir, tmp_path, tiny_model):
+    rm, tok = reward_model_from_policy(policy_dir, seed=1)
+    body = rm.transformer.state_dict()
+    for k, v in tiny_model.transformer.state_dict().items():
+        assert torch.equal(body[k], v), k
+    assert rm.config.pad_token_id == tok.pad_token_id
+    again, _ = reward_model_from_policy(policy_dir, seed=1)
+    assert torch.equal(rm.score.weight, again.score.weight)
+    # reward is read at the last real token: right padding does not change it
+    ids = tok("Hello. The Team plan costs", add_special_tokens=False)["input_ids"]
+    padded = torch.tensor([ids + [tok.pad_token_id] * 3])
+    r1 = rm(input_ids=torch.tensor([ids])).logits
+    r2 = rm(input_ids=padded, attention_mask=(padded != tok.pad_token_id).long()).logits
+    assert r1.shape == (1, 1)
+    torch.testing.assert_close(r1, r2)
+    rm.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded, _ = load_reward_model(tmp_path)
+    torch.testing.assert_close(loaded(input_ids=torch.tensor([ids])).logits, r1)
+
+
+def test_missing_dir_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_policy(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_reward_model(tmp_path)
