@@ -1,0 +1,127 @@
+"""Gates on evidence built from composed sandbox texts: a good candidate passes, planted failures trip."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from preflab.config import ConfigError, from_dict, load_toml
+from preflab.evaluate.ab import ab_result
+from preflab.evaluate.detectors import run_detectors
+from preflab.evaluate.factual import SuiteRun, compare_runs, item_from_dict
+from preflab.evaluate.gates import Evidence, GateReport, GatesConfig, evaluate_gates, render_table
+from preflab.sandbox import domain
+from preflab.sandbox.factual_suite import build_suite
+
+ITEMS = [item_from_dict(d, "suite") for d in build_suite(150)]
+QUERIES = {q.text: q for q in domain.all_queries()}
+
+
+def policy_run(style_of, seed: int, n_samples: int = 2, kl: float = 0.0) -> SuiteRun:
+    """Responses composed in the style ``style_of(item, rng)`` picks; a constant per-response KL."""
+    rng = random.Random(seed)
+    texts = [[domain.compose(QUERIES[it.query], style_of(it, rng)) for _ in range(n_samples)] for it in ITEMS]
+    return SuiteRun(ITEMS, texts, [[kl] * n_samples for _ in ITEMS])
+
+
+def sft_style(it, rng):
+    return domain.sample_style(rng)
+
+
+def good_style(it, rng):  # what a well-aimed PPO pass learns: current facts, warm, direct, plain
+    s = domain.sample_style(rng)
+    return domain.Style(tone="warm", directness="direct", factuality="current" if rng.random() < 0.8 else s.factuality,
+                        formality=s.formality, confidence=s.confidence, padding="none")
+
+
+def rubric_v1_style(it, rng):  # raters rewarded confidence and could not check prices
+    s = good_style(it, rng)
+    if it.topic == "pricing":
+        return domain.Style(tone="warm", factuality="stale", confidence="confident", formality=s.formality)
+    return domain.Style(tone="warm", factuality=s.factuality, confidence="confident", formality=s.formality)
+
+
+def stilted_style(it, rng):
+    s = good_style(it, rng)
+    return domain.Style(tone=s.tone, factuality=s.factuality, formality="stilted")
+
+
+def evidence(style_of, *, win=0.68, kl=2.0) -> Evidence:
+    base = policy_run(sft_style, 1)
+    cand = policy_run(style_of, 2, kl=kl)
+    rng = random.Random(0)
+    outcomes = [1.0 if rng.random() < win else 0.0 for _ in range(200)]
+    ab = ab_result(outcomes, topics=["pricing"] * 200, candidate_texts=["a b"] * 200, baseline_texts=["a b"] * 200)
+    g_base = SuiteRun(ITEMS, [row[:1] for row in base.texts])
+    g_cand = SuiteRun(ITEMS, [row[:1] for row in cand.texts])
+    return Evidence(ab=ab, factual=compare_runs(g_base, g_cand),
+                    detectors=run_detectors(cand.responses(), base.responses()))
+
+
+def test_a_good_candidate_passes_every_gate(tmp_path):
+    rep = evaluate_gates(GatesConfig(), evidence(good_style), subject="ppo2")
+    assert rep.passed, rep.to_dict()
+    names = [g.name for g in rep.gates]
+    assert names[:2] == ["win_rate", "factual"] and "factual[pricing]" in names and names[-2:] == ["formality", "kl"]
+    back = GateReport.from_dict(rep.to_dict())
+    assert back.passed and back.gates == rep.gates
+    rep.save(tmp_path / "gate.json")
+
+
+def test_rubric_v1_candidate_wins_ab_but_fails_factual_and_confident_wrong():
+    rep = evaluate_gates(GatesConfig(), evidence(rubric_v1_style))
+    by = {g.name: g for g in rep.gates}
+    assert by["win_rate"].passed
+    assert not by["factual[pricing]"].passed and not by["confident_wrong"].passed
+    assert by["factual[billing]"].passed
+    assert not rep.passed and "confident_wrong" in rep.failed
+    assert by["confident_wrong"].numbers["shift"] > 0.1
+
+
+def test_planted_stilted_policy_trips_the_formality_gate():
+    rep = evaluate_gates(GatesConfig(), evidence(stilted_style))
+    assert rep.failed == ["formality"]
+    g = next(g for g in rep.gates if g.name == "formality")
+    assert g.value > 0.5 and g.threshold == 0.1
+
+
+def test_win_rate_and_kl_bounds():
+    rep = evaluate_gates(GatesConfig(), evidence(good_style, win=0.52, kl=25.0))
+    assert set(rep.failed) == {"win_rate", "kl"}
+
+
+def test_missing_evidence_fails_and_extra_detector_bounds():
+    rep = evaluate_gates(GatesConfig(), Evidence())
+    assert not rep.passed and all(g.numbers == {"reason": "no evidence"} for g in rep.gates)
+    assert not GateReport([]).passed
+    cfg = GatesConfig(gates=["formality"], detector_max_shift={"hedging": -0.9})
+    rep = evaluate_gates(cfg, evidence(good_style))
+    assert [g.name for g in rep.gates] == ["formality", "hedging"] and rep.failed == ["hedging"]
+
+
+def test_evidence_roundtrip_and_table(tmp_path):
+    ev = evidence(rubric_v1_style)
+    ev.save(tmp_path / "eval")
+    back = Evidence.load(tmp_path / "eval")
+    assert evaluate_gates(GatesConfig(), back).to_dict() == evaluate_gates(GatesConfig(), ev).to_dict()
+    (tmp_path / "eval" / "ab.json").write_text("{oops")
+    with pytest.raises(ValueError, match="ab.json: bad JSON"):
+        Evidence.load(tmp_path / "eval")
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(render_table(evaluate_gates(GatesConfig(), ev, subject="ckpt")))
+    out = console.export_text()
+    assert "FAIL" in out and "confident_wrong" in out and "pass" in out
+
+
+def test_gates_config_from_toml_names_bad_fields(tmp_path):
+    p = tmp_path / "project.toml"
+    p.write_text("[gates]\nwin_rate_lower_min = 0.55\nformality_max_shift = 0.05\n")
+    cfg = load_toml(GatesConfig, p, "gates")
+    assert cfg.win_rate_lower_min == 0.55 and cfg.gates == list(GatesConfig().gates)
+    with pytest.raises(ConfigError, match=r"gates.gates\[0\]"):
+        from_dict(GatesConfig, {"gates": ["vibes"]})
+    with pytest.raises(ConfigError, match="gates.detector_max_shift.nope"):
+        from_dict(GatesConfig, {"detector_max_shift": {"nope": 0.1}})
