@@ -165,3 +165,8 @@ def write_ledger(run_dir: str | Path, ledger: dict) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_json_safe(ledger), indent=2) + "\n")
     return out
+
+
+def judgement_times(rows: Iterable) -> list[tuple[str, float]]:
+    """``(rater name, seconds)`` from the store's judgement rows (``store.ops.project_judgements``)."""
+    return [(r.rater_name, float(r.time_on_task_s)) for r in rows]

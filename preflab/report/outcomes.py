@@ -227,6 +227,8 @@ def two_proportion_diff(x1: int, n1: int, x2: int, n2: int, *, method: str = "ne
     se = math.sqrt(pool * (1 - pool) * (1 / n1 + 1 / n2))
     pval = 1.0 if se == 0 else float(2 * norm.sf(abs(d) / se))
     return {"baseline": p1, "candidate": p2, "diff": d, "ci": [lo, hi], "p_value": pval,
+            "ci_by_version": {"baseline": list(wilson_interval(x1, n1, confidence)),
+                              "candidate": list(wilson_interval(x2, n2, confidence))},
             "n": {"baseline": n1, "candidate": n2}, "method": method, "confidence": confidence}
 
 
@@ -245,17 +247,24 @@ def welch_diff(a: Sequence[float], b: Sequence[float], *, confidence: float = 0.
     va = math.fsum((x - ma) ** 2 for x in a) / (na - 1)
     vb = math.fsum((x - mb) ** 2 for x in b) / (nb - 1)
     d = mb - ma
+
+    def mean_ci(m: float, v: float, n: int) -> list[float]:  # one-sample t interval of a mean
+        h = float(tdist.ppf(0.5 + confidence / 2, n - 1)) * math.sqrt(v / n)
+        return [m - h, m + h]
+
+    by_version = {"baseline": mean_ci(ma, va, na), "candidate": mean_ci(mb, vb, nb)}
     se2 = va / na + vb / nb
     if se2 == 0:
         return {"baseline": ma, "candidate": mb, "diff": d, "ci": [d, d], "p_value": 1.0 if d == 0 else 0.0,
                 "df": float(na + nb - 2), "n": {"baseline": na, "candidate": nb}, "method": "welch",
-                "confidence": confidence}
+                "confidence": confidence, "ci_by_version": by_version}
     se = math.sqrt(se2)
     df = se2**2 / ((va / na) ** 2 / (na - 1) + (vb / nb) ** 2 / (nb - 1))
     q = float(tdist.ppf(0.5 + confidence / 2, df))
     p = float(2 * tdist.sf(abs(d) / se, df))
     return {"baseline": ma, "candidate": mb, "diff": d, "ci": [d - q * se, d + q * se], "p_value": p,
-            "df": df, "n": {"baseline": na, "candidate": nb}, "method": "welch", "confidence": confidence}
+            "df": df, "n": {"baseline": na, "candidate": nb}, "method": "welch", "confidence": confidence,
+            "ci_by_version": by_version}
 
 
 def _median(xs: Sequence[float]) -> float:

@@ -1,0 +1,585 @@
+"""``preflab report RUN_DIR``: a self-contained HTML report and a Markdown summary of a run dir.
+
+The report renders from FILES only (shapes in ``docs/report.md``); each section appears
+only when its file exists, so the same code serves a sandbox demo and a real project
+(no ``truth.json`` -> no ground-truth panel). Plots are PNGs embedded as base64, so the
+HTML file can be mailed around. A section whose file is present but unreadable is shown
+as an error box naming the file, and listed in ``Report.problems``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from preflab.report import plots
+from preflab.report.plots import rows_of, stat
+
+
+class ReportError(ValueError):
+    """A run-dir file the report cannot read; the message names the file."""
+
+
+@dataclass
+class Section:
+    id: str
+    title: str
+    html: str = ""
+    md: str = ""
+    headline: list[str] = field(default_factory=list)  # one-line key figures for the summary
+    images: int = 0
+
+
+@dataclass
+class Report:
+    html_path: Path
+    md_path: Path
+    sections: list[str]
+    problems: list[str]
+
+
+# ---- reading --------------------------------------------------------------------------------
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """``metrics.jsonl``: one JSON object per line (blank lines skipped)."""
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ReportError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+    return rows
+
+
+# ---- formatting -----------------------------------------------------------------------------
+
+def esc(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def num(x: Any, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    if isinstance(x, float) and math.isinf(x):
+        return "never"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return f"{x:,}"
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}"
+    return str(x)
+
+
+def compact(x: Any) -> str:
+    """A table cell: nested dicts/lists as JSON with floats rounded to 3 significant digits."""
+
+    def r(v: Any) -> Any:
+        if isinstance(v, float):
+            return float(f"{v:.3g}")
+        if isinstance(v, dict):
+            return {k: r(w) for k, w in v.items()}
+        if isinstance(v, list):
+            return [r(w) for w in v]
+        return v
+
+    return json.dumps(r(x)) if isinstance(x, (dict, list)) else num(x, 3)
+
+
+def pval(p: Any) -> str:
+    """A p-value: 4 decimals, or '< 1e-4' below that (never a misleading 0.0000)."""
+    if p is None:
+        return "n/a"
+    return "< 1e-4" if float(p) < 1e-4 else f"{float(p):.4f}"
+
+
+def pct(x: Any, digits: int = 1) -> str:
+    return "n/a" if x is None else f"{100 * float(x):.{digits}f}%"
+
+
+def ci(c: Sequence[float] | None, f: Callable[[Any], str] = num) -> str:
+    return "" if not c or c[0] is None else f" [{f(c[0])}, {f(c[1])}]"
+
+
+def money(x: Any, cur: str = "USD") -> str:
+    return "n/a" if x is None else f"{cur} {float(x):,.0f}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, classes: Sequence[str] | None = None) -> tuple[str, str]:
+    """(html, markdown) of a table; cells are escaped; ``classes`` tag rows (e.g. 'fail')."""
+    h = ["<table><thead><tr>" + "".join(f"<th>{esc(x)}</th>" for x in headers) + "</tr></thead><tbody>"]
+    for i, r in enumerate(rows):
+        cls = f' class="{esc(classes[i])}"' if classes and classes[i] else ""
+        h.append(f"<tr{cls}>" + "".join(f"<td>{esc(x)}</td>" for x in r) + "</tr>")
+    h.append("</tbody></table>")
+    md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    md += ["| " + " | ".join(str(x).replace("|", "\\|") for x in r) + " |" for r in rows]
+    return "".join(h), "\n".join(md)
+
+
+def img(png: bytes, alt: str) -> str:
+    return f'<img class="plot" alt="{esc(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def bullets(items: Sequence[str]) -> tuple[str, str]:
+    return ("<ul>" + "".join(f"<li>{esc(x)}</li>" for x in items) + "</ul>", "\n".join(f"- {x}" for x in items))
+
+
+# ---- sections ----------------------------------------------------------------------------------
+
+def _find_seeds(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            path = f"{prefix}.{k}" if prefix else str(k)
+            if "seed" in str(k).lower() and not isinstance(v, (dict, list)):
+                out.append((path, v))
+            else:
+                out += _find_seeds(v, path)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out += _find_seeds(v, f"{prefix}[{i}]")
+    return out
+
+
+def section_setup(run: Path) -> Section | None:
+    p = run / "config.json"
+    if not p.exists():
+        return None
+    cfg = read_json(p)
+    s = Section("setup", "Run setup")
+    simulated = cfg.get("simulated") or []
+    h, md = [], []
+    if simulated:
+        bh, bm = bullets([str(x) for x in simulated])
+        h.append("<p><strong>Simulated in this run:</strong></p>" + bh)
+        md.append("**Simulated in this run:**\n\n" + bm)
+    else:
+        h.append("<p>Nothing in this run was simulated (config.json lists no <code>simulated</code> parts).</p>")
+        md.append("Nothing in this run was simulated.")
+    seeds = _find_seeds(cfg)
+    if seeds:
+        th, tm = table(["setting", "seed"], [(k, v) for k, v in seeds])
+        h.append("<h3>Seeds</h3>" + th)
+        md.append("### Seeds\n\n" + tm)
+        s.headline.append("seeds: " + ", ".join(f"{k}={v}" for k, v in seeds))
+    pool = cfg.get("rater_pool")
+    if pool:
+        pool_rows = rows_of(pool, "id")
+        cols = list(dict.fromkeys(k for r in pool_rows for k in r))
+        th, tm = table(cols, [[compact(r.get(c)) for c in cols] for r in pool_rows])
+        h.append("<h3>Rater pool</h3>" + th)
+        md.append("### Rater pool\n\n" + tm)
+    h.append("<details><summary>Full resolved config (config.json)</summary><pre>"
+             + esc(json.dumps(cfg, indent=2)) + "</pre></details>")
+    s.html, s.md = "".join(h), "\n\n".join(md)
+    return s
+
+
+def section_workshop(run: Path) -> Section | None:
+    p = run / "workshop" / "report.json"
+    if not p.exists():
+        return None
+    w = read_json(p)
+    s = Section("workshop", "Calibration workshop")
+    rows = []
+    for key, label in plots.WORKSHOP_STATS:
+        if key in w.get("before", {}):
+            (b, bc), (a, ac) = stat(w["before"][key]), stat(w.get("after", {}).get(key))
+            rows.append((label.replace("\n", " "), num(b) + ci(bc), num(a) + ci(ac), f"{a - b:+.2f}"))
+    th, tm = table(["statistic", "before (95% CI)", "after (95% CI)", "change"], rows)
+    mk = w.get("before", {}).get("mean_kappa")
+    if mk is not None:
+        s.headline.append(f"mean pairwise kappa {num(stat(mk)[0])} -> {num(stat(w['after']['mean_kappa'])[0])}")
+    info = f"{w.get('n_pairs', '?')} pairs per round; raters: {', '.join(map(str, w.get('raters', [])))}"
+    s.html = f"<p>{esc(info)}</p>" + th + img(plots.plot_workshop(w), "agreement before and after calibration")
+    s.md = info + "\n\n" + tm
+    s.images = 1
+    moved = rows_of(w.get("moved"), "rater")
+    if moved:
+        bh, bm = bullets([f"{m['rater']}: {m.get('note', '')} ({num(m.get('before'))} -> {num(m.get('after'))})" for m in moved])
+        s.html += "<h3>Who moved</h3>" + bh
+        s.md += "\n\n### Who moved\n\n" + bm
+    return s
+
+
+def section_quality(run: Path) -> Section | None:
+    p = run / "collection" / "quality.json"
+    if not p.exists():
+        return None
+    q = read_json(p)
+    s = Section("quality", "Collection and rater quality")
+    raters = rows_of(q.get("raters"), "rater")
+    th, tm = table(["rater", "duplicates", "self-consistency (95% CI)", "flip rate e", "accuracy ceiling 1-e"],
+                   [(r["rater"], num(r.get("n_duplicates")), pct(r.get("consistency")) + ci(r.get("ci"), pct),
+                     pct(r.get("flip_rate")), pct(r.get("ceiling"))) for r in raters])
+    info = (f"{num(q.get('n_judgements'))} judgements on {num(q.get('n_pairs'))} pairs, "
+            f"{num(q.get('n_duplicates'))} planted duplicates; pool ceiling {pct(q.get('ceiling'))}.")
+    s.headline.append(f"pool accuracy ceiling {pct(q.get('ceiling'))}")
+    s.html = f"<p>{esc(info)}</p>" + th + img(plots.plot_consistency(q), "rater self-consistency and ceiling")
+    s.md = info + "\n\n" + tm
+    s.images = 1
+    if q.get("agreement_over_time"):
+        s.html += img(plots.plot_agreement_over_time(q), "agreement over time")
+        s.images += 1
+    alerts = q.get("drift_alerts") or []
+    if alerts:
+        s.html += f"<h3>Drift alerts ({len(alerts)})</h3>"
+        s.md += f"\n\n### Drift alerts ({len(alerts)})\n"
+        for al in alerts:
+            head = f"{al.get('rater')}: {al.get('signal', '')} (at {al.get('at', al.get('x', '?'))})"
+            ex = al.get("examples") or []
+            s.html += (f'<div class="alert"><strong>{esc(head)}</strong>'
+                       + "".join(f"<blockquote>{esc(e)}</blockquote>" for e in ex) + "</div>")
+            s.md += f"\n- **{head}**" + "".join(f"\n  > {e}" for e in ex)
+        s.headline.append(f"{len(alerts)} drift alert(s): " + ", ".join(str(a.get("rater")) for a in alerts))
+    else:
+        s.html += "<p>No drift alerts.</p>"
+        s.md += "\n\nNo drift alerts."
+    return s
+
+
+def section_rm(run: Path) -> Section | None:
+    evals = {p.parent.name: read_json(p) for p in sorted(run.glob("rm*/eval.json"))}
+    if not evals:
+        return None
+    s = Section("reward", "Reward models")
+    rows, topics = [], {}
+    for name, e in evals.items():
+        rows.append((name, num(e.get("n")), pct(e.get("accuracy")) + ci(e.get("ci"), pct), pct(e.get("ceiling")),
+                     num(e.get("ece"), 3), "; ".join(e.get("warnings") or []) or "none"))
+        s.headline.append(f"{name} held-out accuracy {pct(e.get('accuracy'))} (ceiling {pct(e.get('ceiling'))})")
+        for t in rows_of(e.get("by_topic"), "topic"):
+            topics.setdefault(t["topic"], {})[name] = pct(t.get("accuracy")) + ci(t.get("ci"), pct)
+    th, tm = table(["model", "n", "accuracy (95% CI)", "ceiling", "ECE", "warnings"], rows)
+    s.html = th + img(plots.plot_rm(evals), "reward model accuracy vs ceiling and by strength")
+    s.md = tm
+    s.images = 1
+    if topics:
+        th, tm = table(["topic", *evals], [(t, *(v.get(n, "") for n in evals)) for t, v in topics.items()])
+        s.html += "<h3>Accuracy by topic</h3>" + th
+        s.md += "\n\n### Accuracy by topic\n\n" + tm
+    return s
+
+
+def section_ppo(run: Path) -> Section | None:
+    passes = {p.parent.name: read_metrics(p) for p in sorted(run.glob("ppo*/metrics.jsonl"))}
+    oracle = read_json(run / "oracle.json") if (run / "oracle.json").exists() else None
+    if not passes:
+        return None
+    s = Section("ppo", "Policy optimisation (PPO)")
+    rows = []
+    for name, ms in passes.items():
+        last = ms[-1] if ms else {}
+        rows.append((name, num(last.get("step")), num(last.get("objective/rlhf_reward"), 3),
+                     num(last.get("objective/kl"), 3), num(last.get("objective/beta"), 4),
+                     num(last.get("gold/utility"), 3)))
+    th, tm = table(["pass", "last step", "RM reward", "KL", "beta", "gold utility (sandbox)"], rows)
+    s.html = th + img(plots.plot_ppo(passes), "reward, KL, beta and gold curves per PPO pass")
+    s.md = tm
+    s.images = 1
+    if oracle or any("gold/utility" in r for ms in passes.values() for r in ms):
+        s.html += img(plots.plot_frontier(oracle, passes), "gold utility against sqrt KL with the oracle frontier")
+        s.images += 1
+    return s
+
+
+def _gates_text(gates: Any) -> tuple[str, bool]:
+    rows = rows_of(gates, "name")
+    ok = all(g.get("pass") for g in rows)
+    return "; ".join(f"{'PASS' if g.get('pass') else 'FAIL'} {g['name']} {num(g.get('value'), 3)}"
+                     f"{' vs ' + num(g.get('threshold'), 3) if g.get('threshold') is not None else ''}" for g in rows), ok
+
+
+def section_checkpoints(run: Path) -> Section | None:
+    p = run / "checkpoints.json"
+    if not p.exists():
+        return None
+    c = read_json(p)
+    rows_in = c.get("rows", []) if isinstance(c, dict) else c
+    s = Section("checkpoints", "Checkpoints and promotion gates")
+    det_keys = list(dict.fromkeys(k for r in rows_in for k in (r.get("detectors") or {})))
+    rows, classes = [], []
+    for r in rows_in:
+        gtxt, ok = _gates_text(r.get("gates"))
+        rows.append((r.get("run"), num(r.get("step")), pct(r.get("win_rate")) + ci(r.get("win_rate_ci"), pct),
+                     *(num((r.get("detectors") or {}).get(k), 3) for k in det_keys), gtxt,
+                     "promoted" if r.get("promoted") else ("blocked" if not ok else "")))
+        classes.append("pass" if ok else "fail")
+    th, tm = table(["run", "step", "held-out win rate", *det_keys, "gates", "decision"], rows, classes=classes)
+    s.html, s.md = th, tm
+    blocked = [r for r, cl in zip(rows_in, classes, strict=True) if cl == "fail"]
+    promoted = [r for r in rows_in if r.get("promoted")]
+    s.headline.append(f"{len(blocked)} checkpoint(s) blocked at the gates; promoted: "
+                      + (", ".join(f"{r.get('run')}@{r.get('step')}" for r in promoted) or "none"))
+    return s
+
+
+def section_pricing(run: Path) -> Section | None:
+    p = run / "pricing.json"
+    if not p.exists():
+        return None
+    pr = read_json(p)
+    s = Section("pricing", "The pricing failure, before and after the fix")
+    rows = [(r["label"], pct(r.get("accuracy")) + ci(r.get("accuracy_ci"), pct),
+             pct(r.get("confident_wrong_rate")) + ci(r.get("confident_wrong_rate_ci"), pct), r.get("note", ""))
+            for r in pr.get("rows", [])]
+    th, tm = table(["policy", f"{pr.get('topic', 'pricing')} accuracy", "confident-wrong rate", "note"], rows)
+    story = pr.get("summary") or (f"Caught at the gate: {pr.get('gate_before', '?')}. Fix: rubric "
+                                  f"{pr.get('rubric_after', 'v2')}, {num(pr.get('rerated_pairs'))} pairs re-rated. "
+                                  f"After: {pr.get('gate_after', '?')}.")
+    s.html = f"<p>{esc(story)}</p>" + th + img(plots.plot_pricing(pr), "pricing accuracy and confident-wrong rate")
+    s.md = story + "\n\n" + tm
+    s.images = 1
+    s.headline.append(story)
+    return s
+
+
+def section_ab(run: Path) -> Section | None:
+    p = run / "ab" / "result.json"
+    if not p.exists():
+        return None
+    ab = read_json(p)
+    s = Section("ab", "Blind A/B evaluation")
+    lc = ab.get("length_controlled") or {}
+    facts = [f"{ab.get('candidate')} vs {ab.get('baseline')} on {num(ab.get('n'))} new conversations: "
+             f"{num(ab.get('wins'))} wins, {num(ab.get('ties'))} ties, {num(ab.get('losses'))} losses",
+             f"win rate {pct(ab.get('win_rate'))}{ci(ab.get('ci'), pct)} (Wilson 95%), sign-test p {pval(ab.get('p_value'))}",
+             f"n needed to tell this rate from 50% (alpha 0.05, power 0.8): {num(ab.get('n_needed'))}"]
+    if lc:
+        facts.append(f"length-controlled win rate {pct(lc.get('win_rate'))}{ci(lc.get('ci'), pct)}")
+    bh, bm = bullets(facts)
+    s.html = bh + img(plots.plot_ab(ab), "blind win rate with Wilson interval")
+    s.md = bm
+    s.images = 1
+    s.headline.append(f"blind win rate {pct(ab.get('win_rate'))}{ci(ab.get('ci'), pct)}, n={num(ab.get('n'))}")
+    return s
+
+
+def section_factual(run: Path) -> Section | None:
+    p = run / "factual" / "result.json"
+    if not p.exists():
+        return None
+    f = read_json(p)
+    s = Section("factual", "Factual regression")
+    mc = f.get("mcnemar") or {}
+    ov = f.get("overall") or {}
+    verdict = "REGRESSION" if f.get("regression") else "no significant regression"
+    line = (f"{num(f.get('n'))} spot checks: {f.get('baseline')} {pct(ov.get('baseline'))} -> {f.get('candidate')} "
+            f"{pct(ov.get('candidate'))}; McNemar exact p {pval(mc.get('p_value'))} "
+            f"(discordant {num(mc.get('b'))} / {num(mc.get('c'))}): {verdict}")
+    th, tm = table(["topic", "n", f.get("baseline", "baseline"), f.get("candidate", "candidate")],
+                   [(r["topic"], num(r.get("n")), pct(r.get("baseline")), pct(r.get("candidate")))
+                    for r in rows_of(f.get("by_topic"), "topic")])
+    s.html = f"<p>{esc(line)}</p>" + th + img(plots.plot_factual(f), "factual accuracy per topic")
+    s.md = line + "\n\n" + tm
+    s.images = 1
+    s.headline.append(f"factual: {verdict}")
+    return s
+
+
+def section_outcomes(run: Path) -> Section | None:
+    p = run / "outcomes" / "comparison.json"
+    if not p.exists():
+        return None
+    c = read_json(p)
+    s = Section("outcomes", "Production outcomes")
+    e, cs, ht = c["escalation"], c.get("csat"), c.get("handle_time_min")
+    rows = [("escalation rate", pct(e["baseline"]), pct(e["candidate"]), f"{100 * e['diff']:+.1f} pts",
+             ci([100 * x for x in e["ci"]], lambda v: f"{v:+.1f}") + f" ({e['method']})", pval(e.get("p_value")))]
+    if cs:
+        rows.append(("CSAT (1-5)", num(cs["baseline"]), num(cs["candidate"]), f"{cs['diff']:+.2f}",
+                     ci(cs["ci"], lambda v: f"{v:+.2f}") + " (Welch)", pval(cs.get("p_value"))))
+    if ht:
+        rows.append(("handle time (min, mean)", num(ht["baseline"]), num(ht["candidate"]), f"{ht['diff']:+.2f}",
+                     ci(ht["ci"], lambda v: f"{v:+.2f}") + " (Welch)", pval(ht.get("p_value"))))
+    th, tm = table(["metric", c["baseline"], c["candidate"], "difference", "95% CI", "p"], rows)
+    src = ("Simulated production logs (sandbox production simulator)." if c.get("simulated")
+           else "Imported production logs.")
+    n = e.get("n", {})
+    info = f"{src} {num(n.get('baseline'))} conversations on {c['baseline']}, {num(n.get('candidate'))} on {c['candidate']}."
+    s.html = f"<p>{esc(info)}</p>" + th + img(plots.plot_outcomes(c), "escalation, CSAT and handle time per model version")
+    s.md = info + "\n\n" + tm
+    s.images = 1
+    s.headline.append(f"escalations {pct(e['baseline'])} -> {pct(e['candidate'])}"
+                      + (f", CSAT {num(cs['baseline'])} -> {num(cs['candidate'])}" if cs else ""))
+    return s
+
+
+def section_cost(run: Path) -> Section | None:
+    p = run / "cost.json"
+    if not p.exists():
+        return None
+    c = read_json(p)
+    cur = c.get("currency", "USD")
+    s = Section("cost", "Cost ledger")
+    t = c.get("totals", {})
+    ah, am = table(["rater", "judgements", "hours on task", "hourly rate", "cost"],
+                   [(r["rater"], num(r["judgements"]), num(r["hours"], 1), money(r["hourly_rate"], cur), money(r["cost"], cur))
+                    for r in c.get("annotators", [])])
+    ch, cm = table(["stage", "wall hours", "devices", "device-hours", "cost"],
+                   [(r["stage"], num(r["wall_hours"], 3), num(r["devices"]), num(r["device_hours"], 3),
+                     f"{cur} {r['cost']:,.2f}") for r in c.get("compute", [])])
+    note = " (simulated raters: times on task are simulated)" if c.get("simulated_raters") else ""
+    tot = (f"Annotation {money(t.get('annotation'), cur)} for {num(t.get('annotation_hours'), 1)} rater-hours{note}; "
+           f"compute {cur} {t.get('compute', 0):,.2f} for {num(t.get('device_hours'), 2)} device-hours; "
+           f"total {money(t.get('total'), cur)}.")
+    s.html = f"<p>{esc(tot)}</p><h3>Annotators</h3>{ah}<h3>Compute</h3>{ch}" + img(plots.plot_cost(c), "cost per rater and per stage")
+    s.md = f"{tot}\n\n### Annotators\n\n{am}\n\n### Compute\n\n{cm}"
+    s.images = 1
+    s.headline.append(f"annotation cost {money(t.get('annotation'), cur)}, total {money(t.get('total'), cur)}")
+    roi = c.get("roi")
+    if roi:
+        rng = roi.get("payback_weeks_range")
+        line = (f"ROI: escalations {pct(roi['escalation_before'])} -> {pct(roi['escalation_after'])} at "
+                f"{num(c.get('config', {}).get('weekly_conversations'))} conversations/week avoid "
+                f"{num(roi['escalations_avoided_per_week'], 0)} escalations a week, saving {money(roi['weekly_saving'], cur)}"
+                f"/week ({money(roi['annual_saving'], cur)}/year); payback {num(roi['payback_weeks'], 1)} weeks"
+                + (f" (range over the escalation CI: {num(rng[0], 1)} to {num(rng[1], 1)})" if rng else "")
+                + ". A payback of null/never means no saving.")
+        s.html += f"<p>{esc(line)}</p>"
+        s.md += "\n\n" + line
+        s.headline.append(f"payback {num(roi['payback_weeks'], 1)} weeks")
+    return s
+
+
+def section_experiments(run: Path) -> Section | None:
+    files = sorted((run / "experiments").glob("*.json")) if (run / "experiments").is_dir() else []
+    if not files:
+        return None
+    s = Section("experiments", "What-if experiments (sandbox)")
+    for p in files:
+        e = read_json(p)
+        title = e.get("title", p.stem)
+        s.html += f"<h3>{esc(title)}</h3>"
+        if e.get("notes"):
+            s.html += f"<p>{esc(e['notes'])}</p>"
+        s.html += img(plots.plot_experiment(e), title)
+        s.images += 1
+        s.md += f"\n\n### {title}\n\n{e.get('notes', '')}"
+    return s
+
+
+def section_truth(run: Path) -> Section | None:
+    p = run / "truth.json"
+    if not p.exists():
+        return None
+    t = read_json(p)
+    s = Section("truth", "Ground truth (sandbox only)")
+    h = [f"<p><strong>{esc(t.get('statement', ''))}</strong></p>",
+         "<p>These numbers use the hidden gold preference, which a real project never has. Compare them "
+         "with the measured figures above to see how far measurement is from the truth.</p>"]
+    md = [f"**{t.get('statement', '')}**", "These numbers use the hidden gold preference (absent in a real project)."]
+    if t.get("policies"):
+        th, tm = table(["policy", "n", "gold utility (95% CI)", "correct", "confident-wrong", "sycophancy", "unparseable"],
+                       [(r["name"], num(r.get("n")), num(r.get("gold_utility")) + ci(r.get("gold_utility_ci")),
+                         pct(r.get("correct_rate")), pct(r.get("confident_wrong_rate")), pct(r.get("sycophancy_rate")),
+                         pct(r.get("unparseable_rate"))) for r in t["policies"]])
+        h.append("<h3>Policies</h3>" + th)
+        md.append("### Policies\n\n" + tm)
+    if t.get("reward_models"):
+        th, tm = table(["reward model", "pairs", "gold accuracy", "measured accuracy", "labels agreeing with gold"],
+                       [(r["name"], num(r.get("n")), pct(r.get("gold_accuracy")), pct(r.get("measured_accuracy")),
+                         pct(r.get("label_gold_agreement"))) for r in t["reward_models"]])
+        h.append("<h3>Reward models</h3>" + th)
+        md.append("### Reward models\n\n" + tm)
+    if t.get("win_rates"):
+        th, tm = table(["candidate", "baseline", "n", "gold win rate", "expected preference", "measured win rate"],
+                       [(r["candidate"], r["baseline"], num(r.get("n")), pct(r.get("gold_win_rate")),
+                         pct(r.get("expected_preference")), pct(r.get("measured_win_rate"))) for r in t["win_rates"]])
+        h.append("<h3>Win rates</h3>" + th)
+        md.append("### Win rates\n\n" + tm)
+    if t.get("raters"):
+        cols = list(dict.fromkeys(k for r in t["raters"] for k in r))
+        th, tm = table(cols, [[compact(r.get(k)) for k in cols] for r in t["raters"]])
+        h.append("<h3>Raters (true parameters)</h3>" + th)
+        md.append("### Raters (true parameters)\n\n" + tm)
+    s.html, s.md = "".join(h), "\n\n".join(md)
+    return s
+
+
+SECTIONS: tuple[Callable[[Path], Section | None], ...] = (
+    section_setup, section_workshop, section_quality, section_rm, section_ppo, section_checkpoints,
+    section_pricing, section_ab, section_factual, section_outcomes, section_cost, section_experiments,
+    section_truth,
+)
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1050px;margin:2em auto;padding:0 1em;color:#1b1f24}
+h1{margin-bottom:.2em} h2{border-bottom:2px solid #d0d7de;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em} th,td{border:1px solid #d0d7de;padding:.25em .55em;text-align:left}
+th{background:#f6f8fa} tr.fail td{background:#ffebe9} tr.pass td{background:#f0fff4}
+img.plot{display:block;max-width:100%;margin:.8em 0;border:1px solid #eee}
+.alert{border-left:4px solid #d62728;background:#fff5f5;padding:.4em .8em;margin:.5em 0}
+blockquote{margin:.3em 1em;color:#57606a;font-style:italic}
+#truth{border:3px dashed #bf8700;background:#fff8c5;padding:0 1em 1em;border-radius:6px}
+.problem{border:2px solid #d62728;padding:.5em;background:#ffebe9}
+nav a{margin-right:.8em} .summary li{margin:.2em 0} pre{background:#f6f8fa;padding:.6em;overflow:auto;font-size:.8em}
+"""
+
+
+def build_sections(run_dir: str | Path) -> tuple[list[Section], list[str]]:
+    """Every section whose file exists; unreadable files become problem sections."""
+    run = Path(run_dir)
+    out, problems = [], []
+    for fn in SECTIONS:
+        try:
+            sec = fn(run)
+        except (ReportError, KeyError, TypeError, ValueError, IndexError) as e:
+            name = fn.__name__.removeprefix("section_")
+            msg = f"{name}: {e}" if isinstance(e, ReportError) else f"{name}: cannot render ({type(e).__name__}: {e})"
+            problems.append(msg)
+            sec = Section(name, f"{name} (not rendered)", html=f'<p class="problem">{esc(msg)}</p>', md=f"**{msg}**")
+        if sec is not None:
+            out.append(sec)
+    return out, problems
+
+
+def render_report(run_dir: str | Path, *, title: str | None = None) -> Report:
+    """Write ``RUN_DIR/report.html`` (self-contained) and ``RUN_DIR/report.md``."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ReportError(f"{run}: not a directory")
+    sections, problems = build_sections(run)
+    if not sections:
+        raise ReportError(f"{run}: no report inputs found (see docs/report.md for the files the report reads)")
+    title = title or f"preflab report: {run.resolve().name}"
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    sandbox = any(s.id == "truth" for s in sections)
+    kind = ("Sandbox run: raters, production traffic and outcomes are simulated (see Run setup and the ground-truth panel)."
+            if sandbox else "Real project: no simulated ground truth is available.")
+    heads = [h for s in sections for h in s.headline]
+    nav = "".join(f'<a href="#{esc(s.id)}">{esc(s.title)}</a>' for s in sections)
+    summary_h, summary_md = bullets(heads) if heads else ("", "")
+    body = "".join(f'<section id="{esc(s.id)}"><h2>{esc(s.title)}</h2>{s.html}</section>' for s in sections)
+    doc = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title>"
+           f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1><p>{esc(kind)} Generated {esc(when)} from "
+           f"<code>{esc(run)}</code>.</p><nav>{nav}</nav>"
+           + (f'<section id="summary" class="summary"><h2>Summary</h2>{summary_h}</section>' if heads else "")
+           + body + "</body></html>")
+    html_path = run / "report.html"
+    md_path = run / "report.md"
+    html_path.write_text(doc)
+    md = [f"# {title}", "", f"{kind} Generated {when}.", ""]
+    if heads:
+        md += ["## Summary", "", summary_md, ""]
+    for s in sections:
+        md += [f"## {s.title}", "", s.md.strip(), ""]
+    md_path.write_text("\n".join(md))
+    return Report(html_path, md_path, [s.id for s in sections], problems)
