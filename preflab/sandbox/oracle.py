@@ -1,0 +1,147 @@
+"""The oracle frontier: the best any KL-regularised optimiser could do in the sandbox.
+
+Sandbox responses are composed from a finite set of style parts, so for each prompt x we
+can enumerate every well-formed answer Y(x) = {compose(x, s) : s in all_styles()} (144).
+With pi_ref(y|x) the SFT model's own probability, renormalised over Y(x), the maximiser of
+E_pi[r] - beta * KL(pi || pi_ref) is the tilted distribution (Korbak et al. 2022, "RL with KL
+penalties is better viewed as Bayesian inference"; Rafailov et al. 2023, eq. (4)):
+
+    pi*_beta(y|x) = pi_ref(y|x) exp(r(y) / beta) / Z_beta(x)
+
+For a grid of beta we compute KL(pi* || pi_ref) and the expected gold utility under pi*,
+averaged over prompts, for r = gold (the physical limit) and r = a proxy reward model (what
+a perfect optimiser of the proxy would reach). Plotting gold against sqrt(KL) gives the
+frontier that PPO and DPO runs are measured against (``gold_at_kl`` interpolates it).
+
+Sandbox only: this module reads the hidden gold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from preflab.sandbox.domain import Query, all_styles, compose, format_prompt
+from preflab.sandbox.gold import gold_utility
+
+DEFAULT_BETAS = tuple(float(b) for b in np.geomspace(1e-3, 1e3, 49))
+
+
+def enumerate_responses(query: Query) -> list[str]:
+    """Every distinct composed answer to ``query`` (one per style; duplicates removed, order kept)."""
+    return list(dict.fromkeys(compose(query, s) for s in all_styles()))
+
+
+@torch.no_grad()
+def reference_logprobs(model, tokenizer, query: Query, responses: Sequence[str]) -> np.ndarray:
+    """log pi_ref(y | x) of each response, renormalised over ``responses`` (sums to 1 in prob).
+
+    A response is scored as the sandbox dialogue: ``format_prompt(x)`` + ``" " + y + eos``.
+    """
+    from preflab.models.sampling import sequence_logprobs
+
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    p_ids = tokenizer(format_prompt(query.text), add_special_tokens=False)["input_ids"]
+    r_ids = [tokenizer(" " + r, add_special_tokens=False)["input_ids"] + [eos] for r in responses]
+    P, R = len(p_ids), max(len(r) for r in r_ids)
+    ids = torch.full((len(r_ids), P + R), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(r_ids):
+        ids[i, :P] = torch.tensor(p_ids)
+        ids[i, P : P + len(r)] = torch.tensor(r)
+        mask[i, : P + len(r)] = 1
+    device = next(model.parameters()).device
+    lp = sequence_logprobs(model, ids.to(device), mask.to(device), P).cpu()  # (N, R)
+    seq = (lp * mask[:, P:]).sum(-1).double().numpy()
+    return seq - np.logaddexp.reduce(seq)
+
+
+def tilt(ref_logp: np.ndarray, reward: np.ndarray, beta: float) -> np.ndarray:
+    """log pi*(y) = log pi_ref(y) + r(y)/beta - log Z  (beta = inf returns pi_ref)."""
+    if np.isinf(beta):
+        return ref_logp.copy()
+    z = ref_logp + reward / beta
+    return z - np.logaddexp.reduce(z)
+
+
+def kl_divergence(logp: np.ndarray, ref_logp: np.ndarray) -> float:
+    """KL(p || ref) = sum p (log p - log ref) for two log-distributions on the same support."""
+    p = np.exp(logp)
+    return float(np.sum(p * (logp - ref_logp)))
+
+
+@dataclass
+class Frontier:
+    """Oracle curve for one reward: per beta, mean KL(pi*||pi_ref) and mean expected gold / reward."""
+
+    reward: str  # "gold" or "proxy"
+    betas: np.ndarray  # (G,) descending: from the reference (inf) to the greediest
+    kl: np.ndarray  # (G,) nats per response, mean over prompts
+    gold: np.ndarray  # (G,) expected gold utility
+    reward_value: np.ndarray  # (G,) expected value of the tilting reward
+
+    @property
+    def sqrt_kl(self) -> np.ndarray:
+        return np.sqrt(np.maximum(self.kl, 0.0))
+
+    def gold_at_kl(self, kl: float) -> float:
+        """The oracle's expected gold at KL ``kl`` (linear in KL between grid points; the top beyond)."""
+        order = np.argsort(self.kl)
+        return float(np.interp(kl, self.kl[order], self.gold[order]))
+
+    def fraction_of_gain(self, kl: float, gold: float) -> float:
+        """(gold - gold_ref) / (oracle gold at ``kl`` - gold_ref): share of the oracle's gain achieved."""
+        base = float(self.gold[np.argmin(self.kl)])
+        return (gold - base) / max(self.gold_at_kl(kl) - base, 1e-9)
+
+    def to_dict(self) -> dict:
+        return {"reward": self.reward, "betas": self.betas.tolist(), "kl": self.kl.tolist(),
+                "sqrt_kl": self.sqrt_kl.tolist(), "gold": self.gold.tolist(),
+                "reward_value": self.reward_value.tolist()}
+
+
+def frontier_from_tables(reward_name: str, ref_logps: Sequence[np.ndarray], rewards: Sequence[np.ndarray],
+                         golds: Sequence[np.ndarray], betas: Sequence[float] = DEFAULT_BETAS) -> Frontier:
+    """The frontier from per-prompt tables (pure: log pi_ref, the tilting reward, gold utility)."""
+    grid = np.array(sorted({float("inf"), *map(float, betas)}, reverse=True))
+    kl, gold, rv = np.zeros(len(grid)), np.zeros(len(grid)), np.zeros(len(grid))
+    for lp, r, g in zip(ref_logps, rewards, golds, strict=True):
+        for i, b in enumerate(grid):
+            ls = tilt(lp, r, b)
+            p = np.exp(ls)
+            kl[i] += kl_divergence(ls, lp)
+            gold[i] += float(p @ g)
+            rv[i] += float(p @ r)
+    n = len(ref_logps)
+    return Frontier(reward_name, grid, kl / n, gold / n, rv / n)
+
+
+def oracle_frontiers(
+    model,
+    tokenizer,
+    queries: Sequence[Query],
+    *,
+    proxy_fn: Callable[[list[str], list[str]], torch.Tensor] | None = None,
+    betas: Sequence[float] = DEFAULT_BETAS,
+) -> dict[str, Frontier]:
+    """Frontiers tilted by gold and (if ``proxy_fn``: (prompts, texts) -> scores) by the proxy reward.
+
+    ``model`` is the SFT/reference policy; its log-probs define pi_ref over the enumerated answers.
+    """
+    if not queries:
+        raise ValueError("oracle_frontiers: queries is empty")
+    ref_logps, golds, proxies = [], [], []
+    for q in queries:
+        responses = enumerate_responses(q)
+        ref_logps.append(reference_logprobs(model, tokenizer, q, responses))
+        golds.append(np.array([gold_utility(q, r) for r in responses]))
+        if proxy_fn is not None:
+            scores = proxy_fn([format_prompt(q.text)] * len(responses), responses)
+            proxies.append(np.asarray(torch.as_tensor(scores, dtype=torch.float64).cpu()))
+    out = {"gold": frontier_from_tables("gold", ref_logps, golds, golds, betas)}
+    if proxy_fn is not None:
+        out["proxy"] = frontier_from_tables("proxy", ref_logps, proxies, golds, betas)
+    return out
