@@ -280,3 +280,134 @@ def ab_result(outcomes: Sequence[float], *, topics: Sequence[str], candidate_tex
 
 # Type of a response generator: prompts -> one response text each.
 Generate = Callable[[list[str]], list[str]]
+
+
+# ---- the round flow (store + sampler) ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ABQuery:
+    """A held-out query for an A/B round."""
+
+    id: str
+    text: str
+    topic: str = ""
+
+
+def _hash(*parts: object) -> str:
+    import hashlib
+
+    return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()
+
+
+def generate_responses(model, tokenizer, queries: Sequence[ABQuery], cfg: ABConfig | None = None, *,
+                       prompt_template: str = "User: {query}\nAssistant:", batch_size: int = 64) -> list[str]:
+    """One sampled response per query (``cfg.temperature``, 0 = greedy), seeded by ``cfg.seed``."""
+    import torch
+
+    from preflab.models.sampling import sample
+
+    cfg = cfg or ABConfig()
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
+    prompts = [prompt_template.format(query=q.text) for q in queries]
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        s = sample(model, tokenizer, prompts[start : start + batch_size], max_new_tokens=cfg.max_new_tokens,
+                   temperature=cfg.temperature, top_p=cfg.top_p, generator=gen)
+        out.extend(t.strip() for t in s.texts)
+    return out
+
+
+EMPTY_RESPONSE = "(no response)"
+
+
+def store_ab_round(session, *, project_id: int, name: str, queries: Sequence[ABQuery], candidate_source: str,
+                   baseline_source: str, candidate_texts: Sequence[str], baseline_texts: Sequence[str],
+                   overlap: int = 1, seed: int = 0, guideline_version_id: int | None = None) -> int:
+    """Store prompts, both responses and one pair per query, and open an ``eval`` round.
+
+    Blindness: response and pair ids are opaque hashes, which response is canonical side
+    ``a`` is drawn per pair (seeded), and model identity lives only in ``Response.source``
+    (never shown to raters); the store randomises screen sides per rater. No planted
+    duplicates in eval rounds. An empty response is stored as ``(no response)``.
+    """
+    from preflab.store import ops
+
+    n = len(queries)
+    if not n:
+        raise ValueError("queries: an A/B round needs at least one query")
+    if len(candidate_texts) != n or len(baseline_texts) != n:
+        raise ValueError(f"texts: need one candidate and one baseline response per query ({n})")
+    if candidate_source == baseline_source:
+        raise ValueError(f"candidate_source: the same as the baseline ({baseline_source!r})")
+    prompts, responses, pairs = [], [], []
+    for q, ct, bt in zip(queries, candidate_texts, baseline_texts, strict=True):
+        prompts.append(ops.PromptIn(id=q.id, text=q.text, topic=q.topic))
+        rc = "r_" + _hash(name, q.id, candidate_source)[:16]
+        rb = "r_" + _hash(name, q.id, baseline_source)[:16]
+        responses.append(ops.ResponseIn(id=rc, prompt_id=q.id, text=ct or EMPTY_RESPONSE, source=candidate_source))
+        responses.append(ops.ResponseIn(id=rb, prompt_id=q.id, text=bt or EMPTY_RESPONSE, source=baseline_source))
+        a, b = (rc, rb) if int(_hash("side", seed, name, q.id), 16) % 2 == 0 else (rb, rc)
+        pairs.append(ops.PairIn(id="p_" + _hash(name, q.id)[:16], prompt_id=q.id, response_a_id=a, response_b_id=b))
+    ops.add_prompts(session, project_id=project_id, prompts=prompts)
+    ops.add_responses(session, project_id=project_id, responses=responses)
+    ops.add_pairs(session, project_id=project_id, pairs=pairs)
+    return ops.create_round(session, project_id=project_id, name=name, kind="eval", pair_ids=[p.id for p in pairs],
+                            guideline_version_id=guideline_version_id, overlap=overlap, duplicate_rate=0.0,
+                            routing="any", seed=seed,
+                            meta={"candidate_source": candidate_source, "baseline_source": baseline_source})
+
+
+def create_ab_round(session, *, project_id: int, name: str, queries: Sequence[ABQuery],
+                    candidate: tuple[Any, Any, str], baseline: tuple[Any, Any, str], cfg: ABConfig | None = None,
+                    prompt_template: str = "User: {query}\nAssistant:") -> int:
+    """Generate both checkpoints' responses to ``queries`` and open a blind eval round.
+
+    ``candidate`` / ``baseline``: ``(model, tokenizer, source label)``; the label (e.g. the
+    checkpoint path) is how ``ab_result_from_round`` tells the two apart.
+    """
+    cfg = cfg or ABConfig()
+    ct = generate_responses(candidate[0], candidate[1], queries, cfg, prompt_template=prompt_template)
+    bt = generate_responses(baseline[0], baseline[1], queries, cfg, prompt_template=prompt_template)
+    return store_ab_round(session, project_id=project_id, name=name, queries=queries, candidate_source=candidate[2],
+                          baseline_source=baseline[2], candidate_texts=ct, baseline_texts=bt, overlap=cfg.overlap,
+                          seed=cfg.seed)
+
+
+def ab_result_from_round(session, round_id: int, candidate_source: str | None = None, *,
+                         cfg: ABConfig | None = None) -> ABResult:
+    """Read a round's judgements and compute the A/B statistics for the candidate.
+
+    Every judgement is one outcome (planted duplicates excluded); with overlap > 1 the
+    judgements of one pair are correlated and the interval is somewhat optimistic.
+    ``candidate_source`` defaults to the one recorded when the round was created.
+    """
+    from preflab.store import ops
+
+    rnd = ops.get_round(session, round_id=round_id)
+    candidate_source = candidate_source or rnd.meta.get("candidate_source")
+    if not candidate_source:
+        raise ValueError(f"round {round_id}: no candidate_source given or recorded")
+    rows = ops.round_judgements(session, round_id=round_id, include_duplicates=False)
+    texts = {}
+    if rows:
+        for p in ops.list_pairs(session, project_id=rnd.project_id, pair_ids=sorted({r.pair_id for r in rows})):
+            texts[p.response_a_id], texts[p.response_b_id] = p.response_a_text, p.response_b_text
+    outcomes, topics, ct, bt = [], [], [], []
+    baseline_source = rnd.meta.get("baseline_source", "")
+    for r in rows:
+        if r.source_a == candidate_source and r.source_b != candidate_source:
+            cand, base = r.response_a_id, r.response_b_id
+            baseline_source = r.source_b
+        elif r.source_b == candidate_source and r.source_a != candidate_source:
+            cand, base = r.response_b_id, r.response_a_id
+            baseline_source = r.source_a
+        else:
+            raise ValueError(f"round {round_id}: pair {r.pair_id!r} has no response from {candidate_source!r} "
+                             f"(sources {r.source_a!r}, {r.source_b!r})")
+        outcomes.append(outcome_of(r.winner_id, candidate=cand, baseline=base))
+        topics.append(r.topic)
+        ct.append(texts[cand])
+        bt.append(texts[base])
+    return ab_result(outcomes, topics=topics, candidate_texts=ct, baseline_texts=bt, candidate=candidate_source,
+                     baseline=baseline_source, cfg=cfg)

@@ -150,3 +150,85 @@ def test_per_topic_and_ab_result_roundtrip():
     from preflab.evaluate.ab import ABResult
 
     assert ABResult.from_dict(res.to_dict()) == res
+
+
+# ---- the round flow through a real store -------------------------------------------------
+
+
+@pytest.fixture
+def engine(tmp_path):
+    from preflab.store import db
+
+    eng = db.make_engine(tmp_path / "store.db")
+    db.upgrade(eng)
+    yield eng
+    eng.dispose()
+
+
+def test_blind_round_through_the_store_matches_direct_statistics(engine):
+    from preflab.evaluate.ab import ABQuery, ab_result_from_round, store_ab_round
+    from preflab.sandbox import domain
+    from preflab.store import db, ops
+
+    qs = domain.generate_queries(40, seed=5, split="heldout")
+    queries = [ABQuery(q.id, q.text, q.topic) for q in qs]
+    cand = [domain.compose(q, domain.Style(tone="warm")) + " Extra words here." for q in qs]
+    base = [domain.compose(q, domain.Style(tone="dismissive", factuality="stale")) for q in qs]
+    with db.session_scope(engine) as s:
+        pid = ops.create_project(s, name="p")
+        rid = store_ab_round(s, project_id=pid, name="eval-1", queries=queries, candidate_source="runs/ppo/policy",
+                             baseline_source="runs/sft", candidate_texts=cand, baseline_texts=base, seed=3)
+        raters = [ops.create_rater(s, project_id=pid, name=f"r{i}") for i in range(2)]
+    # raters see opaque ids and random sides; they prefer warm answers, tie every 8th
+    shown_left_cand, expected = 0, []
+    with db.session_scope(engine) as s:
+        pairs = {p.id: p for p in ops.list_pairs(s, project_id=pid)}
+        assert all("ppo" not in p.response_a_id + p.response_b_id + p.id for p in pairs.values())
+        assert {p.response_a_source for p in pairs.values()} == {"runs/ppo/policy", "runs/sft"}  # a/b drawn
+        k = 0
+        while True:
+            rater = raters[k % 2]
+            t = ops.next_task(s, round_id=rid, rater_id=rater)
+            if t is None:
+                rater = raters[(k + 1) % 2]
+                t = ops.next_task(s, round_id=rid, rater_id=rater)
+                if t is None:
+                    break
+            left_is_cand = t.left_text.startswith(domain.OPENERS["warm"])
+            shown_left_cand += left_is_cand
+            choice = "tie" if k % 8 == 7 else ("left" if left_is_cand else "right")
+            expected.append(0.5 if choice == "tie" else 1.0)
+            ops.submit_judgement(s, assignment_id=t.assignment_id, rater_id=rater, choice=choice, strength=1,
+                                 rationale="warmer and correct", time_on_task_s=3.0, idempotency_key=f"k{k}")
+            k += 1
+    assert 0 < shown_left_cand < 40  # both screen layouts occurred
+    with db.session_scope(engine, readonly=True) as s:
+        res = ab_result_from_round(s, rid)
+    assert res.candidate == "runs/ppo/policy" and res.baseline == "runs/sft"
+    assert res.overall == win_rate(expected)
+    assert res.overall.ties == 5 and res.overall.rate == pytest.approx(37.5 / 40)
+    assert sum(w.n for w in res.by_topic.values()) == 40
+    with db.session_scope(engine, readonly=True) as s, pytest.raises(ValueError, match="no response from"):
+        ab_result_from_round(s, rid, "runs/other")
+
+
+def test_create_ab_round_generates_with_the_sampler(engine):
+    import torch
+
+    from preflab.evaluate.ab import ABConfig, ABQuery, create_ab_round
+    from preflab.models.tiny import tiny_gpt2, tiny_gpt2_config, train_tokenizer
+    from preflab.sandbox import domain
+    from preflab.store import db, ops
+
+    torch.set_num_threads(1)
+    tok = train_tokenizer(domain.sandbox_texts(n=100), 300)
+    mcfg = tiny_gpt2_config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32, n_positions=96,
+                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    qs = [ABQuery(q.id, q.text, q.topic) for q in domain.generate_queries(5, seed=1, split="heldout")]
+    with db.session_scope(engine) as s:
+        pid = ops.create_project(s, name="p")
+        rid = create_ab_round(s, project_id=pid, name="e", queries=qs, candidate=(tiny_gpt2(mcfg, seed=1), tok, "c"),
+                              baseline=(tiny_gpt2(mcfg, seed=2), tok, "b"), cfg=ABConfig(max_new_tokens=5))
+        info = ops.get_round(s, round_id=rid)
+        assert info.kind == "eval" and info.n_items == 5 and info.duplicate_rate == 0
+        assert len(ops.list_pairs(s, project_id=pid)) == 5

@@ -1,0 +1,91 @@
+"""Promotion: a checkpoint moves to a stage only when every gate passes; every decision is stored.
+
+``promote_checkpoint`` loads the checkpoint's evidence (``<ckpt>/eval/``), evaluates the
+gates of the project config, writes ``gate.json`` next to the evidence and, in one store
+transaction, records the decision (event ``kind='gate_decision'``, payload: stage,
+promoted, the full gate report) and, if every gate passed, the promotion (event
+``kind='promotion'``). A refused checkpoint is recorded too. Promotion to ``production``
+also requires an earlier promotion of the same checkpoint to ``staging``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from preflab.evaluate.gates import Evidence, Gate, GateReport, GatesConfig, evaluate_gates
+from preflab.store import db, ops
+
+STAGES = ("staging", "production")
+
+
+@dataclass(frozen=True)
+class Decision:
+    checkpoint: str
+    stage: str
+    promoted: bool
+    report: GateReport
+    event_id: int  # the gate_decision event
+
+
+def checkpoint_subject(checkpoint: str | Path) -> str:
+    """The store's name for a checkpoint: its resolved path."""
+    return str(Path(checkpoint).resolve())
+
+
+def promoted_to(session, *, project_id: int, stage: str) -> str | None:
+    """The checkpoint most recently promoted to ``stage`` (None if none)."""
+    events = [e for e in ops.list_events(session, project_id=project_id, kind="promotion")
+              if e.payload.get("stage") == stage]
+    return events[-1].subject if events else None
+
+
+def decisions(session, *, project_id: int, checkpoint: str | Path | None = None) -> list[ops.EventInfo]:
+    """Every recorded gate decision (optionally for one checkpoint), oldest first."""
+    subject = checkpoint_subject(checkpoint) if checkpoint is not None else None
+    return ops.list_events(session, project_id=project_id, kind="gate_decision", subject=subject)
+
+
+def record_decision(session, *, project_id: int, checkpoint: str | Path, stage: str, report: GateReport) -> Decision:
+    """Store the decision for ``report`` and, when it passed, the promotion (caller's transaction)."""
+    if stage not in STAGES:
+        raise ValueError(f"stage: must be one of {list(STAGES)}, got {stage!r}")
+    subject = checkpoint_subject(checkpoint)
+    if stage == "production":
+        staged = any(e.subject == subject and e.payload.get("stage") == "staging"
+                     for e in ops.list_events(session, project_id=project_id, kind="promotion"))
+        report = GateReport(report.gates + [Gate("staged_first", staged, None, None,
+                                                 "promoted to staging before production", {})], report.subject)
+    promoted = report.passed
+    eid = ops.record_event(session, project_id=project_id, kind="gate_decision", subject=subject,
+                           payload={"stage": stage, "promoted": promoted, "failed": report.failed,
+                                    "report": report.to_dict()})
+    if promoted:
+        ops.record_event(session, project_id=project_id, kind="promotion", subject=subject,
+                         payload={"stage": stage, "decision_event": eid})
+    return Decision(subject, stage, promoted, report, eid)
+
+
+def promote_checkpoint(checkpoint: str | Path, *, stage: str, db_url: str, project: str = "default",
+                       gates: GatesConfig | None = None, eval_dir: str | Path | None = None) -> Decision:
+    """Evaluate the gates on the checkpoint's evidence, write ``gate.json``, record the decision."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        raise ValueError(f"{checkpoint}: no such checkpoint")
+    if stage not in STAGES:
+        raise ValueError(f"stage: must be one of {list(STAGES)}, got {stage!r}")
+    eval_dir = Path(eval_dir) if eval_dir is not None else checkpoint / "eval"
+    report = evaluate_gates(gates or GatesConfig(), Evidence.load(eval_dir), subject=str(checkpoint))
+    engine = db.make_engine(db_url)
+    try:
+        db.upgrade(engine)
+
+        def run(s) -> Decision:
+            pid = ops.ensure_project(s, name=project)
+            return record_decision(s, project_id=pid, checkpoint=checkpoint, stage=stage, report=report)
+
+        decision = db.transact(engine, run)
+    finally:
+        engine.dispose()
+    decision.report.save(eval_dir / "gate.json")
+    return decision
