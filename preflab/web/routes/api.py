@@ -1,0 +1,242 @@
+"""The JSON API (``/api/v1``): everything the pages do, for the pages' JS and for scripts.
+
+Routes are plain ``def`` (run in the threadpool): each does one store op in one transaction
+through ``run_store`` and returns a wire schema; no SQL here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+
+from preflab.web import schemas as w
+from preflab.web.deps import AdminUser, CurrentUser, Settings, csrf_guard, run_store
+from preflab.web.errors import WebError
+
+router = APIRouter(prefix="/api/v1", tags=["api"], dependencies=[Depends(csrf_guard)])
+
+JSONL_BODY = {"requestBody": {"required": True, "content": {
+    "application/x-ndjson": {"schema": {"type": "string", "description": "one JSON object per line"}}}}}
+
+
+def _ops():  # noqa: ANN202 - heavy import kept out of module import
+    from preflab.store import ops
+
+    return ops
+
+
+def own_round(request: Request, user, round_id: int):  # noqa: ANN001, ANN201
+    """The round if it belongs to the user's project (else 404, never a hint that it exists)."""
+    ops = _ops()
+    info = run_store(request, lambda s: ops.get_round(s, round_id=round_id), readonly=True)
+    if info.project_id != user.project_id:
+        raise WebError(404, "not_found", f"round {round_id} not found")
+    return info
+
+
+def rater_round(request: Request, user, info) -> w.RoundOut:  # noqa: ANN001
+    ops = _ops()
+    p = run_store(request, lambda s: ops.progress(s, round_id=info.id, rater_id=user.id), readonly=True)
+    return w.RoundOut(id=info.id, name=info.name, kind=info.kind, allow_ties=info.allow_ties,
+                      min_rationale_chars=info.min_rationale_chars, guideline_version=info.guideline_label,
+                      progress=w.Progress(done=p.done, total=p.total))
+
+
+@router.get("/me", response_model=w.Me)
+def me(user: CurrentUser) -> w.Me:
+    """Who the token or session belongs to."""
+    return w.Me(id=user.id, name=user.name, role=user.role)
+
+
+@router.get("/rounds", response_model=list[w.RoundOut])
+def rounds(request: Request, user: CurrentUser) -> list[w.RoundOut]:
+    """Open rounds of the project, with the caller's own progress."""
+    ops = _ops()
+    infos = run_store(request, lambda s: ops.list_rounds(s, project_id=user.project_id), readonly=True)
+    return [rater_round(request, user, r) for r in infos if r.status == "open"]
+
+
+@router.get("/rounds/{round_id}/next", response_model=w.NextOut)
+def next_task(request: Request, round_id: int, user: CurrentUser) -> w.NextOut:
+    """Lease the caller's next comparison (the same one again until it is judged); task null = done."""
+    ops = _ops()
+    own_round(request, user, round_id)
+
+    def lease(s):  # noqa: ANN001, ANN202
+        t = ops.next_task(s, round_id=round_id, rater_id=user.id)
+        return t, (None if t else ops.progress(s, round_id=round_id, rater_id=user.id))
+
+    task, prog = run_store(request, lease)
+    if task is None:
+        return w.NextOut(task=None, progress=w.Progress(done=prog.done, total=prog.total))
+    return w.NextOut(task=w.TaskOut(assignment_id=task.assignment_id, prompt=task.prompt_text,
+                                    left=w.Side(text=task.left_text), right=w.Side(text=task.right_text)),
+                     progress=w.Progress(done=task.done, total=task.total))
+
+
+@router.post("/rounds/{round_id}/judgements", response_model=w.JudgementOut,
+             responses={409: {"description": "assignment already judged under another key"}})
+def submit(request: Request, round_id: int, body: w.JudgementIn, user: CurrentUser, settings: Settings,
+           response: Response) -> w.JudgementOut:
+    """Store the caller's judgement against the canonical response ids; idempotent on the key.
+
+    Time on task is the client's measurement, clipped to ``[0, max_time_on_task_s]``.
+    Answers 201 when stored now and 200 when the key had been stored before (``replayed``).
+    """
+    ops = _ops()
+    own_round(request, user, round_id)
+    if len(body.rationale) > settings.max_rationale_chars:
+        raise WebError(422, "invalid_input", f"rationale: at most {settings.max_rationale_chars} characters")
+    seconds = min(max(body.time_on_task_s, 0.0), settings.max_time_on_task_s)
+
+    def store(s):  # noqa: ANN001, ANN202
+        rec = ops.submit_judgement(s, assignment_id=body.assignment_id, rater_id=user.id, choice=body.choice,
+                                   strength=body.strength, rationale=body.rationale, time_on_task_s=seconds,
+                                   idempotency_key=body.idempotency_key)
+        if rec.round_id != round_id:
+            raise WebError(404, "not_found", f"assignment {body.assignment_id} is not in round {round_id}")
+        return rec, ops.progress(s, round_id=round_id, rater_id=user.id)
+
+    rec, prog = run_store(request, store)
+    response.status_code = 200 if rec.replayed else 201
+    return w.JudgementOut(judgement_id=rec.id, assignment_id=rec.assignment_id, replayed=rec.replayed,
+                          progress=w.Progress(done=prog.done, total=prog.total))
+
+
+@router.get("/me/judgements/{idempotency_key}", response_model=w.JudgementOut)
+def my_judgement(request: Request, idempotency_key: str, user: CurrentUser) -> w.JudgementOut:
+    """Was the caller's submission with this key stored? (For a client that lost the answer.)"""
+    ops = _ops()
+    recs = run_store(request, lambda s: ops.rater_judgements(s, rater_id=user.id), readonly=True)
+    for rec in recs:
+        if rec.idempotency_key == idempotency_key:
+            rid = rec.round_id
+            prog = run_store(request, lambda s, rid=rid: ops.progress(s, round_id=rid, rater_id=user.id), readonly=True)
+            return w.JudgementOut(judgement_id=rec.id, assignment_id=rec.assignment_id, replayed=True,
+                                  progress=w.Progress(done=prog.done, total=prog.total))
+    raise WebError(404, "not_found", f"no judgement of yours with idempotency key {idempotency_key!r}")
+
+
+# ---- admin ----------------------------------------------------------------------------------
+
+
+def admin_round(request: Request, info) -> w.RoundAdminOut:  # noqa: ANN001
+    ops = _ops()
+    prog = run_store(request, lambda s: ops.round_progress(s, round_id=info.id), readonly=True)
+    return w.RoundAdminOut(id=info.id, name=info.name, kind=info.kind, status=info.status, overlap=info.overlap,
+                           duplicate_rate=info.duplicate_rate, allow_ties=info.allow_ties,
+                           min_rationale_chars=info.min_rationale_chars, guideline_version=info.guideline_label,
+                           n_items=info.n_items, n_judgements=prog.n_judgements)
+
+
+def create_round_op(request: Request, user, body: w.RoundCreate) -> w.RoundAdminOut:  # noqa: ANN001
+    """Shared by the API and the admin form: resolve guideline label and 'all pairs', create."""
+    ops = _ops()
+
+    def create(s):  # noqa: ANN001, ANN202
+        gid = None
+        if body.guideline_version:
+            found = [g for g in ops.list_guidelines(s, project_id=user.project_id) if g.label == body.guideline_version]
+            if not found:
+                raise WebError(404, "not_found", f"guideline_version: unknown label {body.guideline_version!r}")
+            gid = found[0].id
+        pair_ids = body.pair_ids
+        if pair_ids is None:
+            pair_ids = [p.id for p in ops.list_pairs(s, project_id=user.project_id)]
+            if not pair_ids:
+                raise WebError(400, "invalid_input", "pair_ids: the project has no pairs yet; import some first")
+        rid = ops.create_round(s, project_id=user.project_id, name=body.name, kind=body.kind, pair_ids=pair_ids,
+                               guideline_version_id=gid, overlap=body.overlap, duplicate_rate=body.duplicate_rate,
+                               allow_ties=body.allow_ties, min_rationale_chars=body.min_rationale_chars,
+                               routing=body.routing, fallback=body.fallback, seed=body.seed,
+                               lease_s=float(request.app.state.settings.lease_s))
+        return ops.get_round(s, round_id=rid)
+
+    return admin_round(request, run_store(request, create))
+
+
+@router.get("/admin/rounds", response_model=list[w.RoundAdminOut])
+def admin_rounds(request: Request, user: AdminUser) -> list[w.RoundAdminOut]:
+    """Every round of the project with counts (admin)."""
+    ops = _ops()
+    infos = run_store(request, lambda s: ops.list_rounds(s, project_id=user.project_id), readonly=True)
+    return [admin_round(request, r) for r in infos]
+
+
+@router.post("/rounds", response_model=w.RoundAdminOut, status_code=201)
+def create_round(request: Request, body: w.RoundCreate, user: AdminUser) -> w.RoundAdminOut:
+    """Create a round from imported pairs (admin)."""
+    return create_round_op(request, user, body)
+
+
+@router.get("/rounds/{round_id}/progress", response_model=list[w.ProgressRow])
+def round_progress(request: Request, round_id: int, user: AdminUser) -> list[w.ProgressRow]:
+    """Judgements done and tasks in hand per rater (admin)."""
+    ops = _ops()
+    own_round(request, user, round_id)
+    prog = run_store(request, lambda s: ops.round_progress(s, round_id=round_id), readonly=True)
+    return [w.ProgressRow(rater=r.rater_name, rater_id=r.rater_id, done=r.done, total=r.done + r.leased)
+            for r in prog.raters]
+
+
+@router.post("/raters", response_model=w.RaterCreated, status_code=201)
+def create_rater(request: Request, body: w.RaterCreate, user: AdminUser) -> w.RaterCreated:
+    """Add a rater (admin); the password and API token are returned once, only hashes are stored."""
+    import secrets
+
+    ops = _ops()
+    password = body.password or secrets.token_urlsafe(12)
+
+    def create(s):  # noqa: ANN001, ANN202
+        rid = ops.create_rater(s, project_id=user.project_id, name=body.name, password=password, role=body.role,
+                               specialties=body.specialties, hourly_rate=body.hourly_rate)
+        return rid, ops.issue_api_token(s, rater_id=rid)
+
+    rid, token = run_store(request, create)
+    return w.RaterCreated(id=rid, name=body.name, role=body.role, password=password, token=token)
+
+
+@router.get("/alerts", response_model=list[w.AlertOut])
+def alerts(request: Request, user: AdminUser, resolved: bool = False) -> list[w.AlertOut]:
+    """Rater-quality and other alerts of the project (admin)."""
+    ops = _ops()
+    rows = run_store(request, lambda s: ops.list_alerts(s, project_id=user.project_id, resolved=resolved),
+                     readonly=True)
+    return [w.AlertOut(id=a.id, kind=a.kind, message=a.message, rater_id=a.rater_id, round_id=a.round_id,
+                       created_at=a.created_at) for a in rows]
+
+
+ExportFormat = Literal["jsonl", "trl"]
+
+
+@router.get("/rounds/{round_id}/export", response_class=Response,
+            responses={200: {"content": {"application/x-ndjson": {}}}})
+def export(request: Request, round_id: int, user: AdminUser,
+           format: ExportFormat = Query("jsonl", description="jsonl: every judgement; trl: prompt/chosen/rejected/margin")) -> Response:
+    """Download a round's judgements (admin)."""
+    from preflab.web.transfer import export_round
+
+    info = own_round(request, user, round_id)
+    text = run_store(request, lambda s: export_round(s, round_id=round_id, fmt=format), readonly=True)
+    name = f"{info.name}-{format}.jsonl".replace("/", "_").replace('"', "")
+    return Response(text, media_type="application/x-ndjson",
+                    headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+
+@router.post("/import/{kind}", response_model=w.ImportOut, openapi_extra=JSONL_BODY)
+async def import_jsonl(request: Request, kind: Literal["prompts", "pairs"], user: AdminUser) -> w.ImportOut:
+    """Import prompts or pairs (responses inline) from a JSONL body; all or nothing (admin)."""
+    from starlette.concurrency import run_in_threadpool
+
+    from preflab.web.transfer import import_jsonl as do_import
+
+    raw = await request.body()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise WebError(400, "invalid_input", f"{kind}.jsonl: not UTF-8 text") from None
+    counts = await run_in_threadpool(
+        lambda: run_store(request, lambda s: do_import(s, project_id=user.project_id, kind=kind, text=text)))
+    return w.ImportOut(kind=kind, counts=counts)

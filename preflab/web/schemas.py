@@ -1,0 +1,141 @@
+"""Wire schemas of the JSON API (pydantic), kept apart from the store's ORM tables.
+
+Nothing a rater receives names a model, a checkpoint or a canonical response id: a task is an
+assignment id, the query and two texts; the server maps the rater's screen side back to the
+canonical winner.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+RoundKind = Literal["calibration", "collection", "rerate", "eval"]
+IDEM_PATTERN = r"^[A-Za-z0-9_.:\-]{8,128}$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Me(BaseModel):
+    id: int
+    name: str
+    role: Literal["rater", "admin"]
+
+
+class Progress(BaseModel):
+    done: int
+    total: int
+
+
+class RoundOut(BaseModel):
+    """A round as a rater sees it."""
+
+    id: int
+    name: str
+    kind: RoundKind
+    allow_ties: bool
+    min_rationale_chars: int
+    guideline_version: str | None
+    progress: Progress
+
+
+class RoundAdminOut(BaseModel):
+    id: int
+    name: str
+    kind: RoundKind
+    status: str
+    overlap: int
+    duplicate_rate: float
+    allow_ties: bool
+    min_rationale_chars: int
+    guideline_version: str | None
+    n_items: int
+    n_judgements: int
+
+
+class RoundCreate(Strict):
+    name: str = Field(min_length=1, max_length=200)
+    kind: RoundKind = "collection"
+    pair_ids: list[str] | None = Field(None, max_length=100_000,
+                                       description="Pairs to rate; omitted = every pair of the project.")
+    guideline_version: str | None = Field(None, max_length=64, description="Label; omitted = the newest version.")
+    overlap: int = Field(3, ge=1, le=50)
+    duplicate_rate: float = Field(0.1, ge=0.0, le=0.5)
+    min_rationale_chars: int = Field(20, ge=0, le=2000)
+    allow_ties: bool = True
+    routing: Literal["specialty", "any"] = "specialty"
+    fallback: Literal["always", "after", "never"] = "always"
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class Side(BaseModel):
+    text: str
+
+
+class TaskOut(BaseModel):
+    assignment_id: int
+    prompt: str
+    left: Side
+    right: Side
+
+
+class NextOut(BaseModel):
+    task: TaskOut | None
+    progress: Progress
+
+
+class JudgementIn(Strict):
+    assignment_id: int = Field(ge=1, le=2**62)
+    choice: Literal["left", "right", "tie"]
+    strength: int = Field(2, ge=0, le=3, description="0 negligible/tie, 1 slightly, 2 clearly, 3 much better")
+    rationale: str = Field(max_length=20_000)
+    time_on_task_s: float = Field(0.0, ge=0.0, le=1e7, description="Client-measured; clipped server side.")
+    idempotency_key: str = Field(pattern=IDEM_PATTERN, description="One per task; resend it on retry.")
+
+
+class JudgementOut(BaseModel):
+    judgement_id: int
+    assignment_id: int
+    replayed: bool = Field(description="True when this key had been stored before (nothing new written).")
+    progress: Progress
+
+
+class ImportOut(BaseModel):
+    kind: Literal["prompts", "pairs"]
+    counts: dict[str, int]
+
+
+class ProgressRow(BaseModel):
+    rater: str
+    rater_id: int
+    done: int
+    total: int
+
+
+class AlertOut(BaseModel):
+    id: int
+    kind: str
+    message: str
+    rater_id: int | None
+    round_id: int | None
+    created_at: dt.datetime
+
+
+class RaterCreate(Strict):
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f]+$")
+    role: Literal["rater", "admin"] = "rater"
+    specialties: list[str] = Field(default_factory=list, max_length=20)
+    hourly_rate: float = Field(0.0, ge=0.0, le=10_000.0)
+    password: str | None = Field(None, min_length=8, max_length=500, description="Omitted = a random one, shown once.")
+
+
+class RaterCreated(BaseModel):
+    id: int
+    name: str
+    role: str
+    password: str = Field(description="Shown once; only its argon2 hash is stored.")
+    token: str = Field(description="API token, shown once; only its SHA-256 is stored.")
