@@ -151,7 +151,8 @@ class PairScorer(nn.Module):
             offset = P
         last = offset + response_mask.sum(-1) - 1  # (kB,)
         h_last = h[torch.arange(h.shape[0], device=h.device), last]  # (kB, H)
-        return self.head(h_last).squeeze(-1).float()  # (kB,)
+        r = self.head(h_last).squeeze(-1)  # (kB,)
+        return r if r.dtype == torch.float64 else r.float()  # losses in fp32 (fp64 kept for exactness tests)
 
 
 def pair_rewards(scorer: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
