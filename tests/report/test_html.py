@@ -1,0 +1,102 @@
+"""The report renders from run-dir files: every section when its file exists, none otherwise."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from preflab.report.html import ReportError, render_report
+from tests.report.fixture_run import make_run_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+ALL = ["setup", "workshop", "quality", "reward", "ppo", "checkpoints", "pricing", "ab", "factual", "outcomes",
+       "cost", "experiments", "truth"]
+
+
+@pytest.fixture(scope="module")
+def sandbox_run(tmp_path_factory):
+    return make_run_dir(tmp_path_factory.mktemp("r") / "demo", conversations_per_week=150)
+
+
+def test_full_sandbox_report(sandbox_run):
+    rep = render_report(sandbox_run)
+    assert rep.sections == ALL and rep.problems == []
+    doc = rep.html_path.read_text()
+    assert doc.count('<img class="plot"') == 13 and "src=\"http" not in doc  # self-contained
+    assert "Ground truth (sandbox only)" in doc and "Sandbox run" in doc
+    md = rep.md_path.read_text()
+    for needle in ("mean pairwise kappa 0.54 -> 0.71", "blind win rate 68.0% [61.3%, 74.0%]", "## Cost ledger",
+                   "rm.seed | 1", "collection.seed | 3", "## Ground truth (sandbox only)", "payback"):
+        assert needle in md, needle
+
+
+def test_real_project_has_no_gold_panel(tmp_path):
+    run = make_run_dir(tmp_path / "real", sandbox=False, conversations_per_week=60)
+    rep = render_report(run)
+    assert "truth" not in rep.sections and "experiments" not in rep.sections
+    doc = rep.html_path.read_text()
+    assert "Ground truth" not in doc and "Real project" in doc and "Nothing in this run was simulated" in doc
+    assert "Imported production logs" in doc
+
+
+def test_sections_follow_files(sandbox_run, tmp_path):
+    run = tmp_path / "partial"
+    run.mkdir()
+    shutil.copytree(sandbox_run / "ab", run / "ab")
+    shutil.copy(sandbox_run / "cost.json", run / "cost.json")
+    assert render_report(run).sections == ["ab", "cost"]
+    with pytest.raises(ReportError, match="no report inputs"):
+        render_report(_empty(tmp_path))
+    with pytest.raises(ReportError, match="not a directory"):
+        render_report(tmp_path / "missing")
+
+
+def _empty(tmp_path):
+    d = tmp_path / "empty"
+    d.mkdir()
+    return d
+
+
+def test_bad_file_is_named_and_the_rest_renders(sandbox_run, tmp_path):
+    run = tmp_path / "bad"
+    shutil.copytree(sandbox_run, run)
+    (run / "ab" / "result.json").write_text('{"win_rate": 0.6,\n oops}')
+    (run / "ppo_v1" / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1\n')
+    rep = render_report(run)
+    assert any("result.json:2: invalid JSON" in p for p in rep.problems)
+    assert any("metrics.jsonl:2: invalid JSON" in p for p in rep.problems)
+    assert "outcomes" in rep.sections and "cost" in rep.sections
+    assert 'class="problem"' in rep.html_path.read_text()
+
+
+def test_json_text_is_escaped(sandbox_run, tmp_path):
+    run = tmp_path / "esc"
+    run.mkdir()
+    shutil.copytree(sandbox_run / "collection", run / "collection")
+    q = json.loads((run / "collection" / "quality.json").read_text())
+    q["drift_alerts"][0]["examples"] = ['<script>alert(1)</script>']
+    (run / "collection" / "quality.json").write_text(json.dumps(q))
+    doc = render_report(run).html_path.read_text()
+    assert "<script>" not in doc and "&lt;script&gt;alert(1)&lt;/script&gt;" in doc
+
+
+def test_cli_report_and_outcomes(sandbox_run, tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "preflab.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+
+    out = cli("outcomes", "compare", "--run", str(sandbox_run), "--baseline", "sft", "--candidate", "ppo_v2")
+    assert out.returncode == 0, out.stderr
+    assert "escalation rate" in out.stdout and "comparison.json" in out.stdout
+    bad = tmp_path / "bad.csv"
+    bad.write_text("conversation_id,model_version,escalated,csat,handle_time_min,timestamp\nx,sft,1,7,1,2026-01-05\n")
+    out = cli("outcomes", "import", str(bad), "--run", str(tmp_path / "r"))
+    assert out.returncode == 2 and "bad.csv:2: csat" in out.stdout.replace("\n", "")
+    assert not (tmp_path / "r" / "outcomes").exists()
+    out = cli("report", str(tmp_path / "nothing-here"))
+    assert out.returncode == 2 and "not a directory" in out.stdout
