@@ -139,6 +139,306 @@ def outcomes_compare(
         console.print(f"wrote {write_comparison(run, comp, simulated=simulated)}")
 
 
+# ---- evaluation: factual, ab, gates, promote, diagnose (evaluate/) ------------------------
+
+factual_app = typer.Typer(help="Factual regression suites: build, run a checkpoint, compare two.", no_args_is_help=True)
+app.add_typer(factual_app, name="factual")
+ab_app = typer.Typer(help="Blind A/B evaluation rounds: create from two checkpoints, score the judgements.",
+                     no_args_is_help=True)
+app.add_typer(ab_app, name="ab")
+
+
+def _fail(e: Exception) -> None:
+    console.print(f"[red]error:[/red] {e}")
+    raise typer.Exit(2) from None
+
+
+def _gates_cfg(config: str | None):
+    from preflab.config import load_toml
+    from preflab.evaluate.gates import GatesConfig
+
+    return load_toml(GatesConfig, config, "gates") if config else GatesConfig()
+
+
+@factual_app.command("sandbox-suite")
+def factual_sandbox_suite(
+    out: str = typer.Argument(..., help="JSONL file to write."),
+    n: int = typer.Option(150, min=1, help="Items (spread over every fact, pricing included)."),
+    seed: int = typer.Option(0, help="Seed of the held-out query choice."),
+) -> None:
+    """Write the sandbox's factual suite (from the knowledge base, held-out queries)."""
+    from preflab.sandbox.factual_suite import write_sandbox_suite
+
+    try:
+        console.print(f"wrote {write_sandbox_suite(out, n, seed=seed)} ({n} items)")
+    except ValueError as e:
+        _fail(e)
+
+
+@factual_app.command("run")
+def factual_run(
+    checkpoint: str = typer.Argument(..., help="Hugging Face model directory."),
+    suite: str = typer.Option(..., help="Suite file (.jsonl or .yaml)."),
+    samples: int = typer.Option(1, min=1, help="Responses per item (the first counts for accuracy)."),
+    temperature: float = typer.Option(0.0, min=0.0, help="Sampling temperature; 0 = greedy."),
+    max_new_tokens: int = typer.Option(64, min=1, help="Longest response."),
+    seed: int = typer.Option(0, help="Sampler seed."),
+    out: str = typer.Option(None, help="JSON file for the run (default CHECKPOINT/eval/factual.json)."),
+) -> None:
+    """Run a checkpoint against a suite: accuracy overall and per topic."""
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from preflab.evaluate.factual import FactualConfig, load_suite, run_suite
+    from preflab.models.hf import load_policy
+
+    try:
+        items = load_suite(suite)
+        cfg = FactualConfig(n_samples=samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+        cfg.validate()
+        model, tok = load_policy(checkpoint)
+        run = run_suite(model, tok, items, cfg, source=str(Path(checkpoint).resolve()), progress=True)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    path = run.save(out or Path(checkpoint) / "eval" / "factual.json")
+    t = Table(title=f"factual accuracy of {checkpoint}")
+    for c in ("topic", "items", "accuracy"):
+        t.add_column(c)
+    for topic, d in run.per_topic().items():
+        t.add_row(topic, str(d["n"]), f"{d['accuracy']:.1%}")
+    t.add_row("[bold]all[/bold]", str(len(items)), f"[bold]{run.accuracy:.1%}[/bold]")
+    console.print(t)
+    console.print(f"wrote {path}")
+
+
+@factual_app.command("compare")
+def factual_compare(
+    baseline: str = typer.Argument(..., help="Baseline run JSON (from `preflab factual run`)."),
+    candidate: str = typer.Argument(..., help="Candidate run JSON on the same suite."),
+    alpha: float = typer.Option(0.05, help="Significance level for a regression."),
+    out: str = typer.Option(None, help="Write the comparison JSON here."),
+) -> None:
+    """Paired comparison with McNemar's exact test, overall and per topic."""
+    import json
+
+    from rich.table import Table
+
+    from preflab.evaluate.factual import SuiteRun, compare_runs
+
+    try:
+        cmp = compare_runs(SuiteRun.load(baseline), SuiteRun.load(candidate), alpha=alpha)
+    except (ValueError, OSError, KeyError) as e:
+        _fail(e)
+    t = Table(title="factual: candidate vs baseline (McNemar exact)")
+    for c in ("topic", "n", "baseline", "candidate", "lost", "gained", "p", "regression"):
+        t.add_column(c)
+    for name, d in [*cmp.by_topic.items(), ("all", cmp.to_dict())]:
+        t.add_row(name, str(d["n"]), f"{d['accuracy_baseline']:.1%}", f"{d['accuracy_candidate']:.1%}",
+                  str(d["only_baseline"]), str(d["only_candidate"]), f"{d['p_value']:.3g}",
+                  "[red]yes[/red]" if d["regression"] else "no")
+    console.print(t)
+    if out:
+        from pathlib import Path
+
+        Path(out).write_text(json.dumps(cmp.to_dict(), indent=2) + "\n")
+        console.print(f"wrote {out}")
+
+
+@ab_app.command("create")
+def ab_create(
+    candidate: str = typer.Option(..., help="Candidate model directory."),
+    baseline: str = typer.Option(..., help="Baseline model directory."),
+    name: str = typer.Option(..., help="Round name (shown to raters: do not name the models)."),
+    n: int = typer.Option(200, min=1, help="Held-out queries."),
+    queries: str = typer.Option(None, help="JSONL of {id, text, topic}; default: the sandbox's held-out queries."),
+    overlap: int = typer.Option(1, min=1, help="Raters per pair."),
+    temperature: float = typer.Option(1.0, min=0.0, help="Sampling temperature (0 = greedy)."),
+    max_new_tokens: int = typer.Option(64, min=1, help="Longest response."),
+    seed: int = typer.Option(0, help="Seed for queries, sampling and sides."),
+    db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
+    project: str = typer.Option("default", help="Project."),
+) -> None:
+    """Generate both checkpoints' responses and open a blind eval round (sides random, identities hidden)."""
+    import json
+    from pathlib import Path
+
+    from preflab.evaluate.ab import ABConfig, ABQuery, create_ab_round
+    from preflab.models.hf import load_policy
+    from preflab.store import db as store_db
+    from preflab.store import ops
+
+    try:
+        if queries:
+            rows = [json.loads(line) for line in Path(queries).read_text().splitlines() if line.strip()]
+            qs = [ABQuery(str(r["id"]), r["text"], r.get("topic", "")) for r in rows][:n]
+        else:
+            from preflab.sandbox.domain import generate_queries
+
+            qs = [ABQuery(q.id, q.text, q.topic) for q in generate_queries(n, seed=seed, split="heldout")]
+            qs = list({q.id: q for q in qs}.values())
+        cfg = ABConfig(n_queries=len(qs), overlap=overlap, temperature=temperature, max_new_tokens=max_new_tokens,
+                       seed=seed)
+        cfg.validate()
+        cand, base = load_policy(candidate), load_policy(baseline)
+        engine = store_db.make_engine(db)
+        store_db.upgrade(engine)
+        with store_db.session_scope(engine) as s:
+            pid = ops.ensure_project(s, name=project)
+            rid = create_ab_round(s, project_id=pid, name=name, queries=qs,
+                                  candidate=(*cand, str(Path(candidate).resolve())),
+                                  baseline=(*base, str(Path(baseline).resolve())), cfg=cfg)
+        engine.dispose()
+    except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
+        _fail(e)
+    console.print(f"round {rid} '{name}': {len(qs)} blind pairs, overlap {overlap}")
+
+
+@ab_app.command("result")
+def ab_result_cmd(
+    round_id: int = typer.Argument(..., help="Eval round id."),
+    db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
+    out: str = typer.Option(None, help="JSON file (default: CANDIDATE/eval/ab.json when that directory exists)."),
+) -> None:
+    """Win rate (ties half), Wilson CI, sign test, n needed, length-controlled rate, per topic."""
+    import json
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from preflab.evaluate.ab import ab_result_from_round
+    from preflab.store import db as store_db
+
+    try:
+        engine = store_db.make_engine(db)
+        with store_db.session_scope(engine, readonly=True) as s:
+            res = ab_result_from_round(s, round_id)
+        engine.dispose()
+    except ValueError as e:
+        _fail(e)
+    t = Table(title=f"A/B round {round_id}: {res.candidate} vs {res.baseline}")
+    for c in ("topic", "n", "wins", "losses", "ties", "win rate", "95% CI", "sign p"):
+        t.add_column(c)
+    for name, w in [*res.by_topic.items(), ("all", res.overall)]:
+        t.add_row(name, str(w.n), str(w.wins), str(w.losses), str(w.ties), f"{w.rate:.1%}",
+                  f"[{w.ci_low:.1%}, {w.ci_high:.1%}]", f"{w.p_value:.3g}")
+    console.print(t)
+    lc = res.length_controlled
+    console.print(f"length-controlled win rate {lc.rate:.1%} [{lc.ci_low:.1%}, {lc.ci_high:.1%}]; "
+                  f"n needed to tell {res.overall.rate:.1%} from 50%: {res.overall.n_needed}")
+    target = Path(out) if out else (Path(res.candidate) / "eval" / "ab.json" if Path(res.candidate).is_dir() else None)
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(res.to_dict(), indent=2) + "\n")
+        console.print(f"wrote {target}")
+
+
+@app.command("gates")
+def gates_cmd(
+    checkpoint: str = typer.Argument(..., help="Candidate model directory (evidence in CHECKPOINT/eval/)."),
+    config: str = typer.Option(None, help="Project TOML with a [gates] table."),
+    baseline: str = typer.Option(None, help="Collect evidence first: baseline model directory."),
+    suite: str = typer.Option(None, help="Collect evidence first: factual suite file."),
+    reference: str = typer.Option(None, help="Reference model for the KL (usually the SFT model)."),
+    max_new_tokens: int = typer.Option(64, min=1, help="Longest response when collecting."),
+    seed: int = typer.Option(0, help="Seed when collecting."),
+) -> None:
+    """Evaluate the promotion gates on a checkpoint (optionally collecting the evidence first)."""
+    from pathlib import Path
+
+    from preflab.evaluate.gates import (
+        Evidence,
+        EvidenceConfig,
+        collect_evidence,
+        evaluate_gates,
+        render_table,
+    )
+
+    try:
+        cfg = _gates_cfg(config)
+        eval_dir = Path(checkpoint) / "eval"
+        if (baseline is None) != (suite is None):
+            raise ValueError("give --baseline and --suite together to collect evidence")
+        if baseline is not None:
+            from preflab.evaluate.factual import load_suite
+            from preflab.models.hf import load_policy
+
+            collect_evidence(load_policy(checkpoint), load_policy(baseline), load_suite(suite),
+                             reference=load_policy(reference) if reference else None,
+                             cfg=EvidenceConfig(max_new_tokens=max_new_tokens, seed=seed), out_dir=eval_dir,
+                             progress=True)
+        report = evaluate_gates(cfg, Evidence.load(eval_dir), subject=checkpoint)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    report.save(eval_dir / "gate.json")
+    console.print(render_table(report))
+    if not report.passed:
+        console.print(f"[red]failed:[/red] {', '.join(report.failed)}")
+        raise typer.Exit(1)
+    console.print("[green]all gates pass[/green]")
+
+
+@app.command("promote")
+def promote_cmd(
+    checkpoint: str = typer.Argument(..., help="Model directory to promote (evidence in CHECKPOINT/eval/)."),
+    to: str = typer.Option(..., "--to", help="Stage: staging or production."),
+    config: str = typer.Option(None, help="Project TOML with a [gates] table."),
+    db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
+    project: str = typer.Option("default", help="Project."),
+) -> None:
+    """Promote only if every gate passes; the decision is recorded either way. Exit 1 when refused."""
+    from preflab.evaluate.gates import render_table
+    from preflab.evaluate.promote import promote_checkpoint
+
+    try:
+        d = promote_checkpoint(checkpoint, stage=to, db_url=db, project=project, gates=_gates_cfg(config))
+    except ValueError as e:
+        _fail(e)
+    console.print(render_table(d.report))
+    if not d.promoted:
+        console.print(f"[red]refused:[/red] {checkpoint} not promoted to {to}; failed: {', '.join(d.report.failed)} "
+                      f"(decision recorded, event {d.event_id})")
+        raise typer.Exit(1)
+    console.print(f"[green]promoted[/green] {checkpoint} to {to} (event {d.event_id})")
+
+
+@app.command("diagnose")
+def diagnose_cmd(
+    checkpoint: str = typer.Argument(..., help="Model directory."),
+    suite: str = typer.Option(..., help="Factual suite file."),
+    n: int = typer.Option(16, min=2, help="Samples per item."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (> 0)."),
+    max_new_tokens: int = typer.Option(64, min=1, help="Longest response."),
+    seed: int = typer.Option(0, help="Sampler seed."),
+    groups: bool = typer.Option(False, help="Also print the table per group (fact)."),
+    out: str = typer.Option(None, help="JSON file (default CHECKPOINT/eval/diagnose.json)."),
+) -> None:
+    """Knowledge or preference? First-sample vs any-of-n correctness per item, per topic, and a verdict."""
+    import json
+    from pathlib import Path
+
+    from preflab.evaluate.diagnose import DiagnoseConfig, diagnose, render_tables
+    from preflab.evaluate.factual import load_suite
+    from preflab.models.hf import load_policy
+
+    try:
+        cfg = DiagnoseConfig(n_samples=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+        cfg.validate()
+        items = load_suite(suite)
+        model, tok = load_policy(checkpoint)
+        d, _ = diagnose(model, tok, items, cfg, progress=True)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    console.print(render_tables(d))
+    if groups:
+        console.print(render_tables(d, groups=True))
+    console.print(f"[bold]verdict:[/bold] {d.verdict}")
+    path = Path(out) if out else Path(checkpoint) / "eval" / "diagnose.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(d.to_dict(), indent=2) + "\n")
+    console.print(f"wrote {path}")
+
+
 # ---- end of commands -------------------------------------------------------------------
 
 
