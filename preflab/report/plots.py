@@ -276,10 +276,12 @@ def plot_factual(factual: Mapping) -> bytes:
     for j, (key, color) in enumerate((("baseline", BEFORE), ("candidate", AFTER))):
         vals = [_num(r.get(key)) for r in rows]
         a.bar([i + (j - 0.5) * 0.38 for i in range(len(rows))], vals, 0.38, color=color,
-              label=f"{key}: {factual.get(key, key)}")
+              label=f"{key}: {factual.get(key, key)}",
+              yerr=list(zip(*[_err(v, r.get(key + "_ci")) for v, r in zip(vals, rows, strict=True)], strict=True)) if rows else None,
+              capsize=3)
     a.set_xticks(range(len(rows)), [f"{r['topic']}\n(n={r.get('n', '?')})" for r in rows], fontsize=8)
     a.set_ylim(0, 1.05)
-    a.set_ylabel("share of spot checks correct")
+    a.set_ylabel("share of spot checks correct\n(95% CI where given)")
     a.set_title("Factual regression suite")
     a.legend(fontsize=8, loc="lower right")
     return _png(fig)
