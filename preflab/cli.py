@@ -346,6 +346,8 @@ def gates_cmd(
     """Evaluate the promotion gates on a checkpoint (optionally collecting the evidence first)."""
     from pathlib import Path
 
+    from rich.markup import escape
+
     from preflab.evaluate.gates import (
         Evidence,
         EvidenceConfig,
@@ -373,7 +375,7 @@ def gates_cmd(
     report.save(eval_dir / "gate.json")
     console.print(render_table(report))
     if not report.passed:
-        console.print(f"[red]failed:[/red] {', '.join(report.failed)}")
+        console.print(f"[red]failed:[/red] {escape(', '.join(report.failed))}")
         raise typer.Exit(1)
     console.print("[green]all gates pass[/green]")
 
@@ -387,6 +389,8 @@ def promote_cmd(
     project: str = typer.Option("default", help="Project."),
 ) -> None:
     """Promote only if every gate passes; the decision is recorded either way. Exit 1 when refused."""
+    from rich.markup import escape
+
     from preflab.evaluate.gates import render_table
     from preflab.evaluate.promote import promote_checkpoint
 
@@ -396,7 +400,8 @@ def promote_cmd(
         _fail(e)
     console.print(render_table(d.report))
     if not d.promoted:
-        console.print(f"[red]refused:[/red] {checkpoint} not promoted to {to}; failed: {', '.join(d.report.failed)} "
+        console.print(f"[red]refused:[/red] {escape(checkpoint)} not promoted to {to}; "
+                      f"failed: {escape(', '.join(d.report.failed))} "
                       f"(decision recorded, event {d.event_id})")
         raise typer.Exit(1)
     console.print(f"[green]promoted[/green] {checkpoint} to {to} (event {d.event_id})")
@@ -437,6 +442,239 @@ def diagnose_cmd(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(d.to_dict(), indent=2) + "\n")
     console.print(f"wrote {path}")
+
+
+# ---- rm: reward model (train/reward.py, evaluate/preference.py) -------------------------
+
+rm_app = typer.Typer(help="Reward model: train (Bradley-Terry + margin), evaluate held-out, score responses.",
+                     no_args_is_help=True)
+app.add_typer(rm_app, name="rm")
+
+
+@rm_app.command("train")
+def rm_train(
+    out: str = typer.Option(..., "--out", help="Run directory (config.json, metrics.jsonl, ckpt/, model/)."),
+    policy: str = typer.Option(None, "--policy", help="HF dir the reward model starts from (a policy or a reward model)."),
+    db: str = typer.Option(None, "--db", help="Store URL; with --project, train on its latest judgements."),
+    project: str = typer.Option(None, "--project", help="Project name in the store."),
+    data: str = typer.Option(None, "--data", help="Instead of the store: JSONL with prompt/chosen/rejected[/margin]."),
+    config: str = typer.Option(None, "--config", help="TOML file; its [rm] table sets RewardConfig fields."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's last checkpoint."),
+    lr: float = typer.Option(None, help="RewardConfig.lr"),
+    batch_size: int = typer.Option(None, help="RewardConfig.batch_size (pairs per optimizer step)"),
+    grad_accum: int = typer.Option(None, help="RewardConfig.grad_accum"),
+    epochs: int = typer.Option(None, help="RewardConfig.epochs"),
+    margin: str = typer.Option(None, help="RewardConfig.margin: none | llama2_small | llama2_large | constant"),
+    ties: str = typer.Option(None, help="RewardConfig.ties: exclude | half"),
+    mixed_precision: str = typer.Option(None, help="RewardConfig.mixed_precision: no | fp16 | bf16"),
+    seed: int = typer.Option(None, help="RewardConfig.seed"),
+) -> None:
+    """Train a reward model on judged pairs (split by prompt into train/validation)."""
+    import tomllib
+
+    from preflab.config import from_dict
+    from preflab.train.data import load_jsonl, load_store_examples, split_by_prompt
+    from preflab.train.reward import RewardConfig, initial_reward_model, train_reward
+
+    try:
+        if (data is None) == (db is None):
+            raise ValueError("give either --db URL --project NAME or --data file.jsonl")
+        if policy is None:
+            raise ValueError("--policy: the HF directory to start from is required")
+        table = tomllib.loads(open(config).read()).get("rm", {}) if config else {}
+        flags = dict(lr=lr, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, margin=margin, ties=ties,
+                     mixed_precision=mixed_precision, seed=seed)
+        table.update({k: v for k, v in flags.items() if v is not None})
+        cfg = from_dict(RewardConfig, table, where=f"{config}:rm" if config else "rm")
+        if data is not None:
+            examples = load_jsonl(data)
+        else:
+            if not project:
+                raise ValueError("--project: required with --db")
+            examples = load_store_examples(db, project=project)
+        train, val = split_by_prompt(examples, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        model, tok = initial_reward_model(policy, seed=cfg.seed)
+        res = train_reward(cfg, model=model, tokenizer=tok, train=train, val=val, run_dir=out, resume=resume)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    m = res.metrics
+    console.print(f"trained {res.steps} steps on {len(train)} pairs ({len(val)} held out); "
+                  f"val accuracy {m.get('eval/accuracy', float('nan')):.3f}; model in {res.model_dir}")
+    console.print(f"next: preflab rm eval {out}")
+
+
+@rm_app.command("eval")
+def rm_eval(
+    run_dir: str = typer.Argument(..., help="Run directory written by `rm train`."),
+    ceiling: float = typer.Option(None, help="Accuracy ceiling from the raters' duplicate consistency."),
+    db: str = typer.Option(None, "--db", help="Store URL: compute the ceiling from its planted duplicates."),
+    project: str = typer.Option(None, "--project", help="Project name in the store (with --db)."),
+    n_boot: int = typer.Option(1000, help="Bootstrap replicates for the CIs."),
+) -> None:
+    """Held-out accuracy (overall, per rater/topic/strength, with CIs), calibration, length bias, warnings."""
+    from rich.table import Table
+
+    from preflab.evaluate.preference import evaluate_run, store_ceiling
+
+    try:
+        if ceiling is None and db is not None:
+            if not project:
+                raise ValueError("--project: required with --db")
+            found = store_ceiling(db, project=project)
+            ceiling = found[0] if found else None
+        rep = evaluate_run(run_dir, ceiling=ceiling, n_boot=n_boot)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    a = rep.accuracy
+    console.print(f"held-out accuracy {a.value:.1%} (95% CI {a.low:.1%}-{a.high:.1%}, n={a.n}, ties {rep.n_ties})"
+                  + (f"   ceiling {rep.ceiling:.1%}" if rep.ceiling is not None else "   ceiling: unknown"))
+    for title, groups in (("rater", rep.per_rater), ("topic", rep.per_topic), ("strength", rep.per_strength)):
+        t = Table(title=f"accuracy by {title}")
+        for col in (title, "n", "accuracy", "95% CI"):
+            t.add_column(col)
+        for k, g in groups.items():
+            t.add_row(k, str(g.n), f"{g.value:.1%}", f"{g.low:.1%}-{g.high:.1%}")
+        console.print(t)
+    console.print(f"ECE {rep.ece:.3f}   corr(reward, length) {rep.length_corr:+.2f}   "
+                  f"corr(gap, length gap) {rep.length_gap_corr:+.2f}   strength monotonic: {rep.strength_monotonic}")
+    for w in rep.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    console.print(f"wrote {run_dir}/eval/preference.json")
+
+
+@rm_app.command("score")
+def rm_score(
+    model: str = typer.Option(..., "--model", help="Reward-model HF dir (e.g. RUN_DIR/model)."),
+    input: str = typer.Option(..., "--input", help="JSONL with prompt/response per line."),
+    output: str = typer.Option(None, "--output", help="JSONL out (default: stdout): each row plus 'score'."),
+    prompt_format: str = typer.Option("dialogue", help="dialogue (format_prompt) | raw"),
+    batch_size: int = typer.Option(32, help="Responses per forward pass."),
+) -> None:
+    """Score prompt/response pairs with a reward model."""
+    import json
+    from pathlib import Path
+
+    from preflab.models.hf import load_reward_model
+    from preflab.train.reward import score_responses
+
+    try:
+        rows = []
+        for n, line in enumerate(Path(input).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{input}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "response")):
+                raise ValueError(f"{input}:{n}: expected an object with string fields 'prompt' and 'response'")
+            rows.append(row)
+        rm, tok = load_reward_model(model)
+        scores = score_responses(rm, tok, [r["prompt"] for r in rows], [r["response"] for r in rows],
+                                 batch_size=batch_size, prompt_format=prompt_format)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    text = "".join(json.dumps({**r, "score": s}) + "\n" for r, s in zip(rows, scores, strict=True))
+    if output:
+        Path(output).write_text(text)
+        console.print(f"scored {len(rows)} responses -> {output}")
+    else:
+        sys.stdout.write(text)
+
+
+guidelines_app = typer.Typer(help="Guideline versions and rubric items (the fix loop).", no_args_is_help=True)
+app.add_typer(guidelines_app, name="guidelines")
+
+
+@guidelines_app.command("add-rubric")
+def guidelines_add_rubric(
+    label: str = typer.Option(..., help="Label of the new guideline version, e.g. v2."),
+    item: list[str] = typer.Option(..., help="A rubric item (repeat for several)."),
+    db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
+    project: str = typer.Option("default", help="Project."),
+) -> None:
+    """Create a new guideline version: the newest one's text and rubric plus the given items."""
+    from preflab.collect.rerate import add_rubric
+    from preflab.store import db as store_db
+    from preflab.store import ops
+
+    engine = store_db.make_engine(db)
+    try:
+        with store_db.session_scope(engine) as s:
+            pid = ops.ensure_project(s, name=project)
+            add_rubric(s, project_id=pid, label=label, items=item)
+            g = ops.latest_guideline(s, project_id=pid)
+    except ValueError as e:
+        _fail(e)
+    console.print(f"guideline {g.label}: {len(g.rubric)} rubric items")
+    for r in g.rubric:
+        console.print(f"  - {r}")
+
+
+@guidelines_app.command("list")
+def guidelines_list(
+    db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
+    project: str = typer.Option("default", help="Project."),
+) -> None:
+    """List guideline versions with their rubric items."""
+    from preflab.store import db as store_db
+    from preflab.store import ops
+
+    engine = store_db.make_engine(db)
+    with store_db.session_scope(engine, readonly=True) as s:
+        pid = ops.project_id(s, name=project)
+        gs = ops.list_guidelines(s, project_id=pid) if pid is not None else []
+    for g in gs:
+        console.print(f"[bold]{g.label}[/bold] ({g.created_at:%Y-%m-%d}): {'; '.join(g.rubric) or '(no rubric)'}")
+
+
+@app.command("rerate")
+def rerate_cmd(
+    where: list[str] = typer.Option([], help="Filter KEY=VALUE (topic, round_kind, source); repeatable."),
+    limit: int = typer.Option(800, min=1, help="Most pairs to re-rate."),
+    guideline: str = typer.Option(..., help="Guideline version the re-rate round uses, e.g. v2."),
+    name: str = typer.Option(None, help="Round name (default rerate-<guideline>)."),
+    overlap: int = typer.Option(1, min=1, help="Raters per pair."),
+    seed: int = typer.Option(0, help="Seed of the selection."),
+    db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
+    project: str = typer.Option("default", help="Project."),
+) -> None:
+    """Open a re-rate round over judged pairs matching --where, under a newer guideline."""
+    from preflab.collect.rerate import create_rerate_round, parse_where
+    from preflab.store import db as store_db
+    from preflab.store import ops
+
+    engine = store_db.make_engine(db)
+    try:
+        with store_db.session_scope(engine) as s:
+            pid = ops.ensure_project(s, name=project)
+            rr = create_rerate_round(s, project_id=pid, name=name or f"rerate-{guideline}", where=parse_where(where),
+                                     limit=limit, guideline=guideline, overlap=overlap, seed=seed)
+    except ValueError as e:
+        _fail(e)
+    console.print(f"re-rate round {rr.round_id}: {rr.n_pairs} pairs under guideline {rr.guideline}")
+
+
+@app.command("lineage")
+def lineage_cmd(
+    db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
+    project: str = typer.Option("default", help="Project."),
+) -> None:
+    """Show which judgements, guideline, reward model and policy each run came from."""
+    from rich.table import Table
+
+    from preflab.collect.rerate import lineage
+    from preflab.store import db as store_db
+    from preflab.store import ops
+
+    engine = store_db.make_engine(db)
+    with store_db.session_scope(engine, readonly=True) as s:
+        pid = ops.project_id(s, name=project)
+        rows = lineage(s, project_id=pid) if pid is not None else []
+    t = Table("run", "from")
+    for r in rows:
+        t.add_row(r["run"], ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("run", "at")))
+    console.print(t)
 
 
 # ---- end of commands -------------------------------------------------------------------
