@@ -227,6 +227,7 @@ def evaluate_gates(cfg: GatesConfig, evidence: Evidence, *, subject: str = "") -
 
 def render_table(report: GateReport):  # noqa: ANN201 - rich imported lazily
     """A rich table of the gates: name, pass/FAIL, value, threshold, rule, numbers."""
+    from rich.markup import escape
     from rich.table import Table
 
     def fmt(v: Any) -> str:
@@ -236,12 +237,12 @@ def render_table(report: GateReport):  # noqa: ANN201 - rich imported lazily
             return f"{v:.4g}"
         return str(v)
 
-    t = Table(title=f"gates for {report.subject}" if report.subject else "gates")
+    t = Table(title=escape(f"gates for {report.subject}" if report.subject else "gates"))
     for col in ("gate", "result", "value", "threshold", "rule", "numbers"):
         t.add_column(col)
     for g in report.gates:
-        t.add_row(g.name, "[green]pass[/green]" if g.passed else "[red]FAIL[/red]", fmt(g.value), fmt(g.threshold),
-                  g.rule, ", ".join(f"{k}={fmt(v)}" for k, v in g.numbers.items()))
+        t.add_row(escape(g.name), "[green]pass[/green]" if g.passed else "[red]FAIL[/red]", fmt(g.value),
+                  fmt(g.threshold), escape(g.rule), escape(", ".join(f"{k}={fmt(v)}" for k, v in g.numbers.items())))
     return t
 
 

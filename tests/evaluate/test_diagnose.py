@@ -93,3 +93,25 @@ def test_diagnose_runs_a_model():
     d, run = diagnose(tiny_gpt2(cfg, seed=0), tok, ITEMS[:4], DiagnoseConfig(n_samples=3, max_new_tokens=4))
     assert run.correct.shape == (4, 3) and len(d.items) == 4
     assert all(i.kind == "knowledge_gap" for i in d.items)  # an untrained model knows nothing
+
+
+def test_cli_diagnose(tmp_path):
+    import json
+
+    import torch
+    from typer.testing import CliRunner
+
+    from preflab.cli import app
+    from preflab.models.tiny import train_tokenizer
+    from tests.evaluate.test_gates import _save_tiny
+
+    torch.set_num_threads(1)
+    tok = train_tokenizer(domain.sandbox_texts(n=100), 300)
+    ck = _save_tiny(tmp_path / "m", 0, tok)
+    runner = CliRunner()
+    runner.invoke(app, ["factual", "sandbox-suite", str(tmp_path / "s.jsonl"), "--n", "5"])
+    res = runner.invoke(app, ["diagnose", str(ck), "--suite", str(tmp_path / "s.jsonl"), "--n", "2",
+                              "--max-new-tokens", "4", "--groups"])
+    assert res.exit_code == 0, res.output
+    assert "verdict" in res.output
+    assert json.loads((ck / "eval" / "diagnose.json").read_text())["n_samples"] == 2

@@ -125,3 +125,47 @@ def test_gates_config_from_toml_names_bad_fields(tmp_path):
         from_dict(GatesConfig, {"gates": ["vibes"]})
     with pytest.raises(ConfigError, match="gates.detector_max_shift.nope"):
         from_dict(GatesConfig, {"detector_max_shift": {"nope": 0.1}})
+
+
+def _save_tiny(path, seed, tok):
+    from preflab.models.tiny import tiny_gpt2, tiny_gpt2_config
+
+    cfg = tiny_gpt2_config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32, n_positions=128,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    tiny_gpt2(cfg, seed=seed).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_cli_factual_run_compare_and_gates_collect(tmp_path):
+    import json
+
+    import torch
+    from typer.testing import CliRunner
+
+    from preflab.cli import app
+    from preflab.models.tiny import train_tokenizer
+
+    torch.set_num_threads(1)
+    tok = train_tokenizer(domain.sandbox_texts(n=100), 300)
+    sft, cand = _save_tiny(tmp_path / "sft", 0, tok), _save_tiny(tmp_path / "cand", 1, tok)
+    runner = CliRunner()
+    suite = tmp_path / "suite.jsonl"
+    assert runner.invoke(app, ["factual", "sandbox-suite", str(suite), "--n", "8"]).exit_code == 0
+    for ck in (sft, cand):
+        res = runner.invoke(app, ["factual", "run", str(ck), "--suite", str(suite), "--max-new-tokens", "6"])
+        assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["factual", "compare", str(sft / "eval" / "factual.json"),
+                              str(cand / "eval" / "factual.json")])
+    assert res.exit_code == 0 and "McNemar" in res.output, res.output
+    res = runner.invoke(app, ["gates", str(cand), "--baseline", str(sft), "--suite", str(suite),
+                              "--reference", str(sft), "--max-new-tokens", "6"])
+    assert res.exit_code == 1, res.output  # no A/B evidence yet: the win-rate gate fails
+    gate = json.loads((cand / "eval" / "gate.json").read_text())
+    by = {g["name"]: g for g in gate["gates"]}
+    assert by["win_rate"]["numbers"] == {"reason": "no evidence"}
+    det = json.loads((cand / "eval" / "detectors.json").read_text())
+    assert by["kl"]["value"] == det["kl"]["value"] and abs(det["kl"]["baseline"]) < 1e-4  # the SFT model vs itself
+    assert (cand / "eval" / "detectors.json").exists() and (cand / "eval" / "samples_candidate.json").exists()
+    res = runner.invoke(app, ["gates", str(cand), "--baseline", str(sft)])
+    assert res.exit_code == 2 and "together" in res.output

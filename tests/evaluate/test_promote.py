@@ -63,3 +63,22 @@ def test_missing_evidence_or_checkpoint(setup, tmp_path):
         promote_checkpoint(tmp_path / "nope", stage="staging", db_url=url)
     with pytest.raises(ValueError, match="stage"):
         promote_checkpoint(good, stage="prod", db_url=url)
+
+
+def test_cli_promote_refuses_with_a_table_and_exit_1(setup):
+    from typer.testing import CliRunner
+
+    from preflab.cli import app
+
+    url, good, bad = setup
+    runner = CliRunner()
+    res = runner.invoke(app, ["promote", str(bad), "--to", "staging", "--db", url], terminal_width=200)
+    assert res.exit_code == 1, res.output
+    assert "FAIL" in res.output and "confident_wrong" in res.output and "refused" in res.output
+    res = runner.invoke(app, ["promote", str(good), "--to", "staging", "--db", url], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert "promoted" in res.output
+    decs, staged, _ = _events(url)
+    assert [d.payload["promoted"] for d in decs] == [False, True] and staged == str(good.resolve())
+    res = runner.invoke(app, ["gates", str(bad)], terminal_width=200)
+    assert res.exit_code == 1 and "factual[pricing]" in res.output
