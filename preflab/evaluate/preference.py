@@ -240,3 +240,20 @@ def evaluate_run(run_dir: str | Path, *, ceiling: float | None = None, n_boot: i
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report.to_json() + "\n")
     return report
+
+
+def store_ceiling(db_url: str, *, project: str) -> tuple[float, int] | None:
+    """(accuracy ceiling, n duplicates) from all raters' planted-duplicate answers, pooled; None if none."""
+    from preflab.quality.consistency import self_consistency
+    from preflab.store import db, ops
+
+    engine = db.make_engine(db_url)
+    with db.session_scope(engine, readonly=True) as s:
+        pid = ops.project_id(s, name=project)
+        if pid is None:
+            raise ValueError(f"{db_url}: no project named {project!r}")
+        dups = ops.duplicate_pairs(s, project_id=pid)
+    if not dups:
+        return None
+    c = self_consistency([(d.first, d.second) for d in dups])
+    return c.ceiling, c.n

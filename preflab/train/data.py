@@ -223,3 +223,19 @@ def collate_pairs(items: Sequence[EncodedPair], *, pad_id: int) -> PairBatch:
             resp_mask[2 * i + j, : len(r)] = 1
     return PairBatch(prompt_ids, prompt_mask, resp_ids, resp_mask, [x.strength for x in items],
                      [x.margin for x in items], torch.tensor([x.is_tie for x in items], dtype=torch.bool))
+
+
+def load_store_examples(db_url: str, *, project: str) -> list[PreferenceExample]:
+    """The training pairs of ``project`` from the store: the latest judgement per (pair, rater)
+    under the newest guideline version, planted duplicates once (``ops.preference_examples``)."""
+    from preflab.store import db, ops
+
+    engine = db.make_engine(db_url)
+    with db.session_scope(engine, readonly=True) as s:
+        pid = ops.project_id(s, name=project)
+        if pid is None:
+            raise ValueError(f"{db_url}: no project named {project!r}")
+        rows = ops.preference_examples(s, project_id=pid)
+    if not rows:
+        raise ValueError(f"{db_url}: project {project!r} has no judged pairs yet")
+    return examples_from_rows(rows)

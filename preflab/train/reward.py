@@ -419,3 +419,15 @@ def train_reward(
         tokenizer.save_pretrained(model_dir)
     return RunResult(run_dir=run_dir, model_dir=model_dir, steps=total, metrics=last)
 
+
+
+def initial_reward_model(path: str | Path, *, seed: int = 0):
+    """(model, tokenizer) to start training from: a reward-model dir (``*ForSequenceClassification``)
+    loads as is (adapting an existing RM); any other HF dir (a policy) gets a fresh seeded head."""
+    from preflab.models.hf import load_reward_model, reward_model_from_policy
+
+    cfg_file = Path(path) / "config.json"
+    archs = (json.loads(cfg_file.read_text()).get("architectures") if cfg_file.is_file() else None) or [""]
+    if archs[0].endswith("ForSequenceClassification"):
+        return load_reward_model(path)
+    return reward_model_from_policy(path, seed=seed)

@@ -188,3 +188,48 @@ def test_encoding_layout_and_truncation(tok):
     s = b.slice(1, 2)
     assert s.prompt_ids.shape[1] == len(short.prompt_ids) and s.response_mask.sum(-1).tolist() == [
         len(short.chosen_ids), len(short.rejected_ids)]
+
+
+# ---- CLI ------------------------------------------------------------------------------
+
+
+def test_cli_rm_train_eval_score(tok, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from typer.testing import CliRunner
+
+    from preflab.cli import app
+
+    torch.manual_seed(0)
+    policy = tmp_path / "policy"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=256, n_layer=1, n_head=2, n_embd=32,
+                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).save_pretrained(policy)
+    tok.save_pretrained(policy)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected}) + "\n"
+                            for e in sandbox_pairs(60, seed=9)))
+    (tmp_path / "rm.toml").write_text("[rm]\nlr = 1e-3\nval_fraction = 0.25\ncheckpoint_every = 0\n")
+    run = tmp_path / "run"
+    runner = CliRunner()
+    r = runner.invoke(app, ["rm", "train", "--data", str(data), "--policy", str(policy), "--out", str(run),
+                            "--config", str(tmp_path / "rm.toml"), "--batch-size", "8", "--margin", "none"])
+    assert r.exit_code == 0, r.output
+    assert "val accuracy" in r.output
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["lr"], cfg["batch_size"], cfg["margin"]) == (1e-3, 8, "none")
+    r = runner.invoke(app, ["rm", "eval", str(run), "--ceiling", "0.8", "--n-boot", "100"])
+    assert r.exit_code == 0, r.output
+    assert "held-out accuracy" in r.output and (run / "eval" / "preference.json").is_file()
+    inp = tmp_path / "score.jsonl"
+    inp.write_text(json.dumps({"prompt": "How much is the Team plan?", "response": "Hello."}) + "\n")
+    r = runner.invoke(app, ["rm", "score", "--model", str(run / "model"), "--input", str(inp), "--output",
+                            str(tmp_path / "scored.jsonl")])
+    assert r.exit_code == 0, r.output
+    (row,) = [json.loads(x) for x in (tmp_path / "scored.jsonl").read_text().splitlines()]
+    assert isinstance(row["score"], float) and row["response"] == "Hello."
+    # bad input: named, exit code 2
+    inp.write_text('{"prompt": "x"}\n')
+    r = runner.invoke(app, ["rm", "score", "--model", str(run / "model"), "--input", str(inp)])
+    assert r.exit_code == 2 and "score.jsonl:1" in r.output
+    r = runner.invoke(app, ["rm", "train", "--data", str(data), "--policy", str(policy), "--out", str(run),
+                            "--ties", "drop"])
+    assert r.exit_code == 2 and "ties" in r.output
