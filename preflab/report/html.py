@@ -67,6 +67,59 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
+# ---- native shapes of other stages -> the documented shapes ------------------------------
+# The report also reads the ``to_dict()`` output of evaluate.ab.ABResult,
+# evaluate.preference.PreferenceReport and evaluate.factual.FactualComparison as they are.
+
+def ci_of(d: Any) -> list[float] | None:
+    """``ci``, or ``ci_low``/``ci_high``, or ``low``/``high`` of a dict."""
+    if not isinstance(d, dict):
+        return None
+    if d.get("ci"):
+        return list(d["ci"])
+    for lo, hi in (("ci_low", "ci_high"), ("low", "high")):
+        if d.get(lo) is not None and d.get(hi) is not None:
+            return [d[lo], d[hi]]
+    return None
+
+
+def norm_ab(ab: dict) -> dict:
+    if "overall" not in ab:
+        return ab
+    o = ab["overall"]
+    lc = ab.get("length_controlled") or {}
+    return {"candidate": ab.get("candidate"), "baseline": ab.get("baseline"), "n": o.get("n"), "wins": o.get("wins"),
+            "ties": o.get("ties"), "losses": o.get("losses"), "win_rate": o.get("rate"), "ci": ci_of(o),
+            "p_value": o.get("p_value"), "n_needed": o.get("n_needed"),
+            "length_controlled": {"win_rate": lc.get("rate"), "ci": ci_of(lc)} if lc else None,
+            "by_topic": [{"topic": r["topic"], "win_rate": r.get("rate", r.get("win_rate")), "ci": ci_of(r), "n": r.get("n")}
+                         for r in rows_of(ab.get("by_topic"), "topic")]}
+
+
+def norm_rm(e: dict) -> dict:
+    if not isinstance(e.get("accuracy"), dict):
+        return e
+
+    def acc_rows(obj: Any, key: str) -> list[dict]:
+        return [{key: r[key], "accuracy": r.get("value"), "ci": ci_of(r), "n": r.get("n")} for r in rows_of(obj, key)]
+
+    a = e["accuracy"]
+    return {"n": a.get("n", e.get("n_pairs")), "accuracy": a.get("value"), "ci": ci_of(a), "ceiling": e.get("ceiling"),
+            "ece": e.get("ece"), "warnings": e.get("warnings") or [],
+            "by_strength": acc_rows(e.get("per_strength"), "strength"), "by_topic": acc_rows(e.get("per_topic"), "topic")}
+
+
+def norm_factual(f: dict) -> dict:
+    if "accuracy_baseline" not in f:
+        return f
+    return {"candidate": f.get("candidate", "candidate"), "baseline": f.get("baseline", "baseline"), "n": f.get("n"),
+            "overall": {"baseline": f["accuracy_baseline"], "candidate": f.get("accuracy_candidate")},
+            "mcnemar": {"b": f.get("only_baseline"), "c": f.get("only_candidate"), "p_value": f.get("p_value")},
+            "regression": f.get("regression"),
+            "by_topic": [{"topic": r["topic"], "n": r.get("n"), "baseline": r.get("accuracy_baseline"),
+                          "candidate": r.get("accuracy_candidate")} for r in rows_of(f.get("by_topic"), "topic")]}
+
+
 # ---- formatting -----------------------------------------------------------------------------
 
 def esc(x: Any) -> str:
@@ -256,7 +309,10 @@ def section_quality(run: Path) -> Section | None:
 
 
 def section_rm(run: Path) -> Section | None:
-    evals = {p.parent.name: read_json(p) for p in sorted(run.glob("rm*/eval.json"))}
+    evals = {}
+    for p in sorted([*run.glob("rm*/eval.json"), *run.glob("rm*/eval/preference.json")]):
+        name = p.parent.name if p.name == "eval.json" else p.parent.parent.name
+        evals.setdefault(name, norm_rm(read_json(p)))
     if not evals:
         return None
     s = Section("reward", "Reward models")
@@ -301,9 +357,12 @@ def section_ppo(run: Path) -> Section | None:
 
 
 def _gates_text(gates: Any) -> tuple[str, bool]:
-    rows = rows_of(gates, "name")
-    ok = all(g.get("pass") for g in rows)
-    return "; ".join(f"{'PASS' if g.get('pass') else 'FAIL'} {g['name']} {num(g.get('value'), 3)}"
+    """Gate rows (``pass`` or evaluate.gates' ``passed``; a GateReport dict works too) -> text, all passed."""
+    if isinstance(gates, dict) and isinstance(gates.get("gates"), list):
+        gates = gates["gates"]
+    rows = [{**g, "pass": bool(g.get("pass", g.get("passed")))} for g in rows_of(gates, "name")]
+    ok = all(g["pass"] for g in rows)
+    return "; ".join(f"{'PASS' if g['pass'] else 'FAIL'} {g['name']} {num(g.get('value'), 3)}"
                      f"{' vs ' + num(g.get('threshold'), 3) if g.get('threshold') is not None else ''}" for g in rows), ok
 
 
@@ -355,7 +414,7 @@ def section_ab(run: Path) -> Section | None:
     p = run / "ab" / "result.json"
     if not p.exists():
         return None
-    ab = read_json(p)
+    ab = norm_ab(read_json(p))
     s = Section("ab", "Blind A/B evaluation")
     lc = ab.get("length_controlled") or {}
     facts = [f"{ab.get('candidate')} vs {ab.get('baseline')} on {num(ab.get('n'))} new conversations: "
@@ -376,7 +435,7 @@ def section_factual(run: Path) -> Section | None:
     p = run / "factual" / "result.json"
     if not p.exists():
         return None
-    f = read_json(p)
+    f = norm_factual(read_json(p))
     s = Section("factual", "Factual regression")
     mc = f.get("mcnemar") or {}
     ov = f.get("overall") or {}

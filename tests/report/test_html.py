@@ -100,3 +100,39 @@ def test_cli_report_and_outcomes(sandbox_run, tmp_path):
     assert not (tmp_path / "r" / "outcomes").exists()
     out = cli("report", str(tmp_path / "nothing-here"))
     assert out.returncode == 2 and "not a directory" in out.stdout
+
+
+def test_reads_the_native_outputs_of_the_evaluators(tmp_path):
+    """evaluate.ab / preference / factual / gates write to_dict() as is; the report reads it."""
+    from types import SimpleNamespace
+
+    from preflab.evaluate.ab import ab_result
+    from preflab.evaluate.factual import FactualComparison
+    from preflab.evaluate.gates import Gate, GateReport
+    from preflab.evaluate.preference import preference_report
+
+    run = tmp_path / "native"
+    (run / "ab").mkdir(parents=True)
+    outcomes = [1.0] * 14 + [0.5] * 2 + [0.0] * 4
+    ab = ab_result(outcomes, topics=["pricing", "billing"] * 10, candidate_texts=["a b c"] * 20,
+                   baseline_texts=["a b"] * 20, candidate="ppo_v2", baseline="sft")
+    (run / "ab" / "result.json").write_text(json.dumps(ab.to_dict()))
+    ex = [SimpleNamespace(pair_id=f"p{i}", chosen="x y", rejected="x", rater="ana", topic="pricing",
+                          strength=1 + i % 3, is_tie=False) for i in range(30)]
+    pref = preference_report(ex, [1.0] * 24 + [-1.0] * 6, [0.0] * 30, ceiling=0.8, n_boot=50)
+    (run / "rm_v1" / "eval").mkdir(parents=True)
+    (run / "rm_v1" / "eval" / "preference.json").write_text(json.dumps(pref.to_dict()))
+    fc = FactualComparison(n=10, accuracy_baseline=0.6, accuracy_candidate=0.7, only_baseline=1, only_candidate=2,
+                           p_value=1.0, regression=False,
+                           by_topic={"pricing": {"n": 10, "accuracy_baseline": 0.6, "accuracy_candidate": 0.7}})
+    (run / "factual").mkdir()
+    (run / "factual" / "result.json").write_text(json.dumps(fc.to_dict()))
+    gates = GateReport([Gate("win_rate", False, 0.45, 0.5, "lower CI > threshold")], subject="ppo_v1@500")
+    (run / "checkpoints.json").write_text(json.dumps([{"run": "ppo_v1", "step": 500, "gates": gates.to_dict()}]))
+    rep = render_report(run)
+    assert rep.problems == [] and rep.sections == ["reward", "checkpoints", "ab", "factual"]
+    md = rep.md_path.read_text()
+    assert f"blind win rate {100 * ab.overall.rate:.1f}%" in md
+    assert "rm_v1 held-out accuracy 80.0% (ceiling 80.0%)" in md
+    assert "sft 60.0% -> ppo_v2" not in md and "baseline 60.0% -> candidate 70.0%" in md
+    assert "FAIL win_rate 0.450 vs 0.500" in md and "1 checkpoint(s) blocked" in md
