@@ -12,6 +12,7 @@ from preflab.web import schemas as w
 from preflab.web.deps import AdminUser, csrf_guard, run_store
 from preflab.web.errors import WebError
 from preflab.web.routes.api import (
+    RoundId,
     admin_rounds,
     alerts,
     create_rater,
@@ -117,7 +118,7 @@ def admin_add_rater(request: Request, user: AdminUser, name: Annotated[str, Form
 
 
 @router.get("/rounds/{round_id}")
-def admin_round_page(request: Request, round_id: int, user: AdminUser) -> HTMLResponse:
+def admin_round_page(request: Request, round_id: RoundId, user: AdminUser) -> HTMLResponse:
     info = own_round(request, user, round_id)
     rows = round_progress(request, round_id, user)
     return render(request, "admin_round.html", {"user": user, "round": {

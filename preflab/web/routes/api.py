@@ -6,14 +6,17 @@ through ``run_store`` and returns a wire schema; no SQL here.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response
 
 from preflab.web import schemas as w
 from preflab.web.deps import AdminUser, CurrentUser, Settings, csrf_guard, run_store
 from preflab.web.errors import WebError
+
+# ids beyond 2**62 would overflow a database integer: reject them as bad input
+RoundId = Annotated[int, Path(ge=1, le=2**62, description="Round id")]
 
 router = APIRouter(prefix="/api/v1", tags=["api"], dependencies=[Depends(csrf_guard)])
 
@@ -59,7 +62,7 @@ def rounds(request: Request, user: CurrentUser) -> list[w.RoundOut]:
 
 
 @router.get("/rounds/{round_id}/next", response_model=w.NextOut)
-def next_task(request: Request, round_id: int, user: CurrentUser) -> w.NextOut:
+def next_task(request: Request, round_id: RoundId, user: CurrentUser) -> w.NextOut:
     """Lease the caller's next comparison (the same one again until it is judged); task null = done."""
     ops = _ops()
     own_round(request, user, round_id)
@@ -78,7 +81,7 @@ def next_task(request: Request, round_id: int, user: CurrentUser) -> w.NextOut:
 
 @router.post("/rounds/{round_id}/judgements", response_model=w.JudgementOut,
              responses={409: {"description": "assignment already judged under another key"}})
-def submit(request: Request, round_id: int, body: w.JudgementIn, user: CurrentUser, settings: Settings,
+def submit(request: Request, round_id: RoundId, body: w.JudgementIn, user: CurrentUser, settings: Settings,
            response: Response) -> w.JudgementOut:
     """Store the caller's judgement against the canonical response ids; idempotent on the key.
 
@@ -106,7 +109,7 @@ def submit(request: Request, round_id: int, body: w.JudgementIn, user: CurrentUs
 
 
 @router.get("/me/judgements/{idempotency_key}", response_model=w.JudgementOut)
-def my_judgement(request: Request, idempotency_key: str, user: CurrentUser) -> w.JudgementOut:
+def my_judgement(request: Request, idempotency_key: Annotated[str, Path(pattern=w.IDEM_PATTERN)], user: CurrentUser) -> w.JudgementOut:
     """Was the caller's submission with this key stored? (For a client that lost the answer.)"""
     ops = _ops()
     recs = run_store(request, lambda s: ops.rater_judgements(s, rater_id=user.id), readonly=True)
@@ -172,7 +175,7 @@ def create_round(request: Request, body: w.RoundCreate, user: AdminUser) -> w.Ro
 
 
 @router.get("/rounds/{round_id}/progress", response_model=list[w.ProgressRow])
-def round_progress(request: Request, round_id: int, user: AdminUser) -> list[w.ProgressRow]:
+def round_progress(request: Request, round_id: RoundId, user: AdminUser) -> list[w.ProgressRow]:
     """Judgements done and tasks in hand per rater (admin)."""
     ops = _ops()
     own_round(request, user, round_id)
@@ -213,7 +216,7 @@ ExportFormat = Literal["jsonl", "trl"]
 
 @router.get("/rounds/{round_id}/export", response_class=Response,
             responses={200: {"content": {"application/x-ndjson": {}}}})
-def export(request: Request, round_id: int, user: AdminUser,
+def export(request: Request, round_id: RoundId, user: AdminUser,
            format: ExportFormat = Query("jsonl", description="jsonl: every judgement; trl: prompt/chosen/rejected/margin")) -> Response:
     """Download a round's judgements (admin)."""
     from preflab.web.transfer import export_round

@@ -16,7 +16,7 @@ from preflab.web.deps import (
     run_store,
     set_session_cookie,
 )
-from preflab.web.routes.api import own_round, rater_round, rounds
+from preflab.web.routes.api import RoundId, own_round, rater_round, rounds
 
 router = APIRouter(include_in_schema=False, dependencies=[Depends(csrf_guard)])
 
@@ -102,7 +102,7 @@ def rate_index(request: Request, user: CurrentUser) -> HTMLResponse:
 
 
 @router.get("/rate/{round_id}")
-def rate_page(request: Request, round_id: int, user: CurrentUser, settings: Settings) -> HTMLResponse:
+def rate_page(request: Request, round_id: RoundId, user: CurrentUser, settings: Settings) -> HTMLResponse:
     """The rating page: the JS fetches tasks from ``/api/v1/rounds/{id}/next``."""
     from preflab.store import ops
 
