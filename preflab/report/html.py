@@ -120,6 +120,47 @@ def norm_factual(f: dict) -> dict:
                           "candidate": r.get("accuracy_candidate")} for r in rows_of(f.get("by_topic"), "topic")]}
 
 
+def norm_workshop(w: dict) -> dict:
+    """quality.calibration.before_after() output -> the documented workshop shape."""
+    if "statistics" not in (w.get("before") or {}):
+        return w
+    names = {"mean_pairwise_kappa": "mean_kappa", "fleiss_kappa": "fleiss", "krippendorff_alpha": "alpha"}
+
+    def phase(r: dict) -> dict:
+        return {short: {"value": r["statistics"][long]["value"], "ci": ci_of(r["statistics"][long])}
+                for long, short in names.items() if long in r["statistics"]}
+
+    b, a = w["before"], w["after"]
+    raters = sorted(set(b.get("raters", {})) | set(a.get("raters", {})))
+    per = [{"rater": r, "before": b.get("raters", {}).get(r, {}).get("agreement_with_majority"),
+            "after": a.get("raters", {}).get(r, {}).get("agreement_with_majority")} for r in raters]
+    moved = [{"rater": m["rater"], "before": m.get("kappa_before"), "after": m.get("kappa_after"),
+              "note": "mean kappa with the others"} for m in (w.get("movers") or [])[:3]
+             if m.get("kappa_change") is not None]
+    return {"n_pairs": w.get("n_pairs", b.get("n_items")), "raters": w.get("raters", raters), "before": phase(b),
+            "after": phase(a), "per_rater": per, "moved": w.get("moved", moved)}
+
+
+def norm_oracle(o: Any) -> list[dict]:
+    """``oracle.json`` -> curves ``[{"label", "points": [{"sqrt_kl", "gold"}]}]``.
+
+    Accepts ``{"label", "points"}``, a sandbox.oracle.Frontier ``to_dict()`` (parallel
+    ``sqrt_kl``/``gold`` lists), or a mapping of names to either.
+    """
+    if not isinstance(o, dict):
+        return []
+    if "points" in o:
+        return [{"label": o.get("label", "oracle frontier"), "points": o["points"]}]
+    if isinstance(o.get("sqrt_kl"), list) and isinstance(o.get("gold"), list):
+        label = f"oracle frontier ({o['reward']}-tilted)" if o.get("reward") else "oracle frontier"
+        return [{"label": label, "points": [{"sqrt_kl": x, "gold": g} for x, g in zip(o["sqrt_kl"], o["gold"], strict=True)]}]
+    out = []
+    for name, v in o.items():
+        for c in norm_oracle(v):
+            out.append({**c, "label": c["label"] if "(" in c["label"] else f"{c['label']} ({name})"})
+    return out
+
+
 # ---- formatting -----------------------------------------------------------------------------
 
 def esc(x: Any) -> str:
@@ -249,7 +290,7 @@ def section_workshop(run: Path) -> Section | None:
     p = run / "workshop" / "report.json"
     if not p.exists():
         return None
-    w = read_json(p)
+    w = norm_workshop(read_json(p))
     s = Section("workshop", "Calibration workshop")
     rows = []
     for key, label in plots.WORKSHOP_STATS:
@@ -336,7 +377,7 @@ def section_rm(run: Path) -> Section | None:
 
 def section_ppo(run: Path) -> Section | None:
     passes = {p.parent.name: read_metrics(p) for p in sorted(run.glob("ppo*/metrics.jsonl"))}
-    oracle = read_json(run / "oracle.json") if (run / "oracle.json").exists() else None
+    oracle = norm_oracle(read_json(run / "oracle.json")) if (run / "oracle.json").exists() else []
     if not passes:
         return None
     s = Section("ppo", "Policy optimisation (PPO)")

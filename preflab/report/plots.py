@@ -205,13 +205,15 @@ def plot_ppo(passes: Mapping[str, Sequence[Mapping]]) -> bytes:
     return _png(fig)
 
 
-def plot_frontier(oracle: Mapping | None, passes: Mapping[str, Sequence[Mapping]]) -> bytes:
-    """Gold utility vs sqrt(KL): each PPO pass's path against the oracle frontier."""
+def plot_frontier(oracle: Sequence[Mapping], passes: Mapping[str, Sequence[Mapping]]) -> bytes:
+    """Gold utility vs sqrt(KL): each PPO pass's path against the oracle frontier curve(s)."""
     fig, ax = _fig(7, 3.8)
     a = ax[0][0]
-    if oracle and oracle.get("points"):
-        pts = sorted((p["sqrt_kl"], p["gold"]) for p in oracle["points"])
-        a.plot(*zip(*pts, strict=True), color="black", ls="--", marker="x", label=oracle.get("label", "oracle frontier"))
+    for k, curve in enumerate(oracle or []):
+        pts = sorted((p["sqrt_kl"], p["gold"]) for p in curve["points"] if p.get("sqrt_kl") is not None)
+        if pts:
+            a.plot(*zip(*pts, strict=True), color=("black", "grey")[k % 2], ls=("--", ":")[k % 2], marker="x",
+                   label=curve.get("label", "oracle frontier"))
     for i, (name, rows) in enumerate(passes.items()):
         pts = [(math.sqrt(max(r["objective/kl"], 0.0)), r["gold/utility"]) for r in rows
                if r.get("objective/kl") is not None and r.get("gold/utility") is not None]

@@ -129,10 +129,28 @@ def test_reads_the_native_outputs_of_the_evaluators(tmp_path):
     (run / "factual" / "result.json").write_text(json.dumps(fc.to_dict()))
     gates = GateReport([Gate("win_rate", False, 0.45, 0.5, "lower CI > threshold")], subject="ppo_v1@500")
     (run / "checkpoints.json").write_text(json.dumps([{"run": "ppo_v1", "step": 500, "gates": gates.to_dict()}]))
+    import numpy as np
+
+    from preflab.quality.calibration import before_after
+    from preflab.sandbox.oracle import frontier_from_tables
+
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 2, 40)
+    noisy = lambda flip: {f"i{i}": {r: int(t) ^ int(rng.random() < flip) for r in ("ana", "ben", "eli")}  # noqa: E731
+                          for i, t in enumerate(truth)}
+    (run / "workshop").mkdir()
+    (run / "workshop" / "report.json").write_text(json.dumps(before_after(noisy(0.3), noisy(0.1), n_boot=50)))
+    fr = frontier_from_tables("gold", [np.log(np.full(4, 0.25))], [np.arange(4.0)], [np.arange(4.0)])
+    (run / "oracle.json").write_text(json.dumps({"gold": fr.to_dict()}))
+    (run / "ppo_v1").mkdir()
+    (run / "ppo_v1" / "metrics.jsonl").write_text('{"step": 0, "objective/kl": 0.0, "gold/utility": 1.5}\n')
     rep = render_report(run)
-    assert rep.problems == [] and rep.sections == ["reward", "checkpoints", "ab", "factual"]
+    assert rep.problems == []
+    assert rep.sections == ["workshop", "reward", "ppo", "checkpoints", "ab", "factual"]
+    assert rep.html_path.read_text().count('<img class="plot"') == 6
     md = rep.md_path.read_text()
     assert f"blind win rate {100 * ab.overall.rate:.1f}%" in md
     assert "rm_v1 held-out accuracy 80.0% (ceiling 80.0%)" in md
     assert "sft 60.0% -> ppo_v2" not in md and "baseline 60.0% -> candidate 70.0%" in md
     assert "FAIL win_rate 0.450 vs 0.500" in md and "1 checkpoint(s) blocked" in md
+    assert "mean pairwise kappa " in md and "| Fleiss' kappa |" in md
