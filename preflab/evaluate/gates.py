@@ -265,6 +265,16 @@ class EvidenceConfig:
         check(self.batch_size >= 1, "evidence.batch_size", "must be >= 1")
 
 
+def _suite_configs(cfg: EvidenceConfig):
+    from preflab.evaluate.factual import FactualConfig
+
+    greedy = FactualConfig(n_samples=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
+                           batch_size=cfg.batch_size, seed=cfg.seed, prompt_template=cfg.prompt_template)
+    sampled = FactualConfig(n_samples=cfg.detector_samples, temperature=1.0, max_new_tokens=cfg.max_new_tokens,
+                            batch_size=cfg.batch_size, seed=cfg.seed + 1, prompt_template=cfg.prompt_template)
+    return greedy, sampled
+
+
 def collect_evidence(candidate, baseline, items, *, reference=None, cfg: EvidenceConfig | None = None,
                      detector_cfg=None, alpha: float = 0.05, out_dir: str | Path | None = None,
                      progress: bool = False) -> Evidence:
@@ -277,13 +287,10 @@ def collect_evidence(candidate, baseline, items, *, reference=None, cfg: Evidenc
     distribution, and an unbiased KL estimate). Writes the files to ``out_dir`` if given.
     """
     from preflab.evaluate.detectors import DetectorConfig, run_detectors
-    from preflab.evaluate.factual import FactualConfig, compare_runs, run_suite
+    from preflab.evaluate.factual import compare_runs, run_suite
 
     cfg = cfg or EvidenceConfig()
-    greedy = FactualConfig(n_samples=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
-                           batch_size=cfg.batch_size, seed=cfg.seed, prompt_template=cfg.prompt_template)
-    sampled = FactualConfig(n_samples=cfg.detector_samples, temperature=1.0, max_new_tokens=cfg.max_new_tokens,
-                            batch_size=cfg.batch_size, seed=cfg.seed + 1, prompt_template=cfg.prompt_template)
+    greedy, sampled = _suite_configs(cfg)
     ref = reference[0] if reference is not None else None
     g_base = run_suite(*baseline, items, greedy, source="baseline", progress=progress)
     g_cand = run_suite(*candidate, items, greedy, source="candidate", progress=progress)
@@ -299,3 +306,45 @@ def collect_evidence(candidate, baseline, items, *, reference=None, cfg: Evidenc
                           ("samples_baseline", s_base), ("samples_candidate", s_cand)):
             run.save(out / f"{name}.json")
     return ev
+
+
+def checkpoint_hook(tokenizer, items, *, baseline, reference=None, cfg: EvidenceConfig | None = None,
+                    gates: GatesConfig | None = None, detector_cfg=None):  # noqa: ANN201
+    """An ``eval_hook(step, policy) -> dict`` for the PPO/DPO trainers.
+
+    The baseline ``(model, tokenizer)`` is run once, here; each call runs the suite on the
+    policy (sharing ``tokenizer``), computes the factual comparison and the detectors and
+    evaluates every configured gate except ``win_rate`` (a checkpoint has no human A/B yet).
+    Returns flat, namespaced numbers (``eval/factual_accuracy``, ``eval/formality``,
+    ``eval/formality_shift``, ``gates/passed`` ...) plus ``gates/failed`` (names).
+    """
+    from preflab.evaluate.detectors import DetectorConfig, run_detectors
+    from preflab.evaluate.factual import compare_runs, run_suite
+
+    cfg = cfg or EvidenceConfig()
+    gates = gates or GatesConfig()
+    hook_gates = GatesConfig(**{**asdict(gates), "gates": [g for g in gates.gates if g != "win_rate"]})
+    greedy, sampled = _suite_configs(cfg)
+    ref = reference[0] if reference is not None else None
+    g_base = run_suite(*baseline, items, greedy, source="baseline")
+    s_base = run_suite(*baseline, items, sampled, ref_model=ref, source="baseline").responses()
+    det_cfg = detector_cfg or DetectorConfig(seed=cfg.seed)
+
+    def hook(step: int, policy) -> dict[str, Any]:
+        g_cand = run_suite(policy, tokenizer, items, greedy, source=f"step {step}")
+        s_cand = run_suite(policy, tokenizer, items, sampled, ref_model=ref, source=f"step {step}")
+        ev = Evidence(factual=compare_runs(g_base, g_cand, alpha=gates.factual_alpha),
+                      detectors=run_detectors(s_cand.responses(), s_base, cfg=det_cfg))
+        report = evaluate_gates(hook_gates, ev, subject=f"step {step}")
+        out: dict[str, Any] = {"eval/factual_accuracy": ev.factual.accuracy_candidate,
+                               "eval/factual_accuracy_baseline": ev.factual.accuracy_baseline,
+                               "eval/factual_p": ev.factual.p_value}
+        for name, r in ev.detectors.items():
+            out[f"eval/{name}"] = r.value
+            if r.shift is not None:
+                out[f"eval/{name}_shift"] = r.shift
+        out["gates/passed"] = report.passed
+        out["gates/failed"] = report.failed
+        return out
+
+    return hook

@@ -169,3 +169,22 @@ def test_cli_factual_run_compare_and_gates_collect(tmp_path):
     assert (cand / "eval" / "detectors.json").exists() and (cand / "eval" / "samples_candidate.json").exists()
     res = runner.invoke(app, ["gates", str(cand), "--baseline", str(sft)])
     assert res.exit_code == 2 and "together" in res.output
+
+
+def test_checkpoint_hook_for_the_trainers(tmp_path):
+    import torch
+
+    from preflab.evaluate.gates import EvidenceConfig, checkpoint_hook
+    from preflab.models.tiny import tiny_gpt2, tiny_gpt2_config, train_tokenizer
+
+    torch.set_num_threads(1)
+    tok = train_tokenizer(domain.sandbox_texts(n=100), 300)
+    cfg = tiny_gpt2_config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32, n_positions=128,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    sft = tiny_gpt2(cfg, seed=0)
+    hook = checkpoint_hook(tok, ITEMS[:6], baseline=(sft, tok), reference=(sft, tok),
+                           cfg=EvidenceConfig(max_new_tokens=5))
+    out = hook(500, sft)  # the baseline judged against itself: no shift, nothing fails but nothing regresses
+    assert out["eval/factual_accuracy"] == out["eval/factual_accuracy_baseline"]
+    assert abs(out["eval/kl"]) < 1e-4 and out["eval/formality_shift"] == 0
+    assert "win_rate" not in out["gates/failed"] and out["gates/passed"] is True
