@@ -1,0 +1,627 @@
+"""``preflab demo``: the whole story on the embedded sandbox, resumable stage by stage.
+
+The pipeline's stages with the sandbox's simulated raters and production in place of people:
+
+    base model -> calibration workshop (two rounds) -> collection over simulated weeks
+    (planted duplicates, domain routing, one drifting rater) -> rater quality -> reward model v1
+    -> PPO pass 1 -> gates (the pricing failure) -> rubric v2, re-rate pricing pairs
+    -> reward model v2 -> PPO pass 2 -> blind A/B -> promotion -> production weeks -> report
+
+Everything lands in one run directory (``runs/demo`` by default). Raters act through the
+same store operations as the web app; the only things simulated are the humans and the
+production traffic, and the report says so. The hidden gold is read only through
+``preflab.sandbox`` (raters, production, ground truth).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from preflab.config import check, field_doc, to_dict, write_config
+from preflab.pipeline import StageRunner, format_prompt, write_json
+
+PROJECT = "support-bot"
+SIMULATED = [
+    "the support domain (knowledge base, customer queries)",
+    "the five raters: their labels, strengths, rationales and time on task (simulated senior support agents)",
+    "rater drift (one rater's taste shifts mid-collection, injected on purpose)",
+    "production traffic and its outcomes (escalations, CSAT, handle time)",
+]
+
+
+@dataclass
+class DemoConfig:
+    """The sandbox story; defaults are the full demo, ``quick()`` the toy scale for CI."""
+
+    out: str = field_doc("runs/demo", "Run directory.")
+    seed: int = field_doc(0, "Seed of everything (model, raters, sampling, production).")
+    base_steps: int = field_doc(300, "SFT steps of the sandbox base model.")
+    base_corpus: int = field_doc(4000, "SFT dialogues of the sandbox base model.")
+    workshop_pairs: int = field_doc(50, "Pairs per calibration-workshop round.")
+    collection_pairs: int = field_doc(6000, "Comparison pairs collected over the simulated weeks.")
+    collection_weeks: int = field_doc(6, "Simulated weeks of collection.")
+    audit_rate: float = field_doc(0.05, "Share of each week's pairs also judged by 3 raters (agreement over time).")
+    duplicate_rate: float = field_doc(0.10, "Planted duplicates (same rater, sides swapped, later).")
+    collection_lapse: float = field_doc(0.12, "Lapse rate of raters at collection volume (workshop: careful).")
+    drift_week: int = field_doc(3, "Week from which the injected rater's taste drifts (0: none).")
+    rerate_limit: int = field_doc(800, "Pricing pairs re-rated under rubric v2.")
+    ppo_steps: int = field_doc(60, "PPO iterations per pass.")
+    ppo_prompts_per_step: int = field_doc(32, "Prompts per PPO rollout batch.")
+    ppo_checkpoint_every: int = field_doc(20, "PPO checkpoint (and evaluation) interval.")
+    ppo_lr: float = field_doc(3e-5, "PPO policy learning rate.")
+    kl_beta: float = field_doc(0.02, "Initial KL penalty (the story's 0.02).")
+    kl_target: float = field_doc(4.0, "Adaptive controller's KL target (nats per response).")
+    rm_epochs: int = field_doc(1, "Reward-model epochs.")
+    ab_conversations: int = field_doc(200, "Blind A/B conversations for the final candidate.")
+    ab_first_pass: int = field_doc(100, "Blind A/B conversations for the first-pass candidate.")
+    factual_items: int = field_doc(150, "Factual regression suite size.")
+    production_weeks: int = field_doc(3, "Simulated production weeks per model version.")
+    conversations_per_week: int = field_doc(4000, "Production conversations per week.")
+    max_new_tokens: int = field_doc(72, "Longest sampled response.")
+
+    def validate(self) -> None:
+        for name in ("base_steps", "base_corpus", "workshop_pairs", "collection_pairs", "collection_weeks",
+                     "rerate_limit", "ppo_steps", "ppo_prompts_per_step", "ppo_checkpoint_every", "rm_epochs",
+                     "ab_conversations", "ab_first_pass", "factual_items", "production_weeks",
+                     "conversations_per_week", "max_new_tokens"):
+            check(getattr(self, name) >= 1, f"demo.{name}", "must be >= 1")
+        check(0 <= self.audit_rate <= 1, "demo.audit_rate", "must be in [0, 1]")
+        check(0 <= self.duplicate_rate <= 1, "demo.duplicate_rate", "must be in [0, 1]")
+        check(0 <= self.collection_lapse < 0.5, "demo.collection_lapse", "must be in [0, 0.5)")
+        check(0 <= self.drift_week <= self.collection_weeks, "demo.drift_week", "must be in [0, collection_weeks]")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def quick(self) -> DemoConfig:
+        """The same path at toy scale (CI)."""
+        return replace(self, base_steps=120, base_corpus=1500, workshop_pairs=20, collection_pairs=400,
+                       collection_weeks=2, drift_week=0, rerate_limit=60, ppo_steps=6, ppo_prompts_per_step=16,
+                       ppo_checkpoint_every=3, ab_conversations=40, ab_first_pass=30, factual_items=40,
+                       production_weeks=1, conversations_per_week=400, audit_rate=0.1)
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+
+
+def _engine(run: Path):
+    from preflab.store import db
+
+    url = f"sqlite:///{run / 'store.db'}"
+    db.upgrade(url)
+    return db.make_engine(url)
+
+
+def _project_id(s) -> int:
+    from preflab.store import ops
+
+    return ops.ensure_project(s, name=PROJECT)
+
+
+def _pool(cfg: DemoConfig, *, calibrated: bool):
+    """The five simulated senior agents (the workshop's calibration applied when ``calibrated``)."""
+    from preflab.collect.workshop import WorkshopConfig
+    from preflab.sandbox.raters import default_pool
+
+    pool = default_pool(cfg.seed)
+    if calibrated:
+        pull = WorkshopConfig(seed=cfg.seed).calibration_pull
+        for r in pool:
+            r.calibrate(pull)
+    return pool
+
+
+def _rater_ids(engine, pool) -> dict[int, Any]:
+    from preflab.store import db, ops
+
+    with db.session_scope(engine) as s:
+        pid = _project_id(s)
+        by_name = {r.name: r.id for r in ops.list_raters(s, project_id=pid)}
+        for r in pool:
+            if r.name not in by_name:
+                by_name[r.name] = ops.create_rater(s, project_id=pid, name=r.name, specialties=(r.specialty,))
+    return {by_name[r.name]: r for r in pool}
+
+
+def _sample_texts(model, tok, prompts: list[str], *, seed: int, max_new_tokens: int, temperature: float = 1.0,
+                  batch: int = 64) -> list[str]:
+    import torch
+
+    from preflab.models.sampling import sample
+
+    gen = torch.Generator().manual_seed(seed)
+    out: list[str] = []
+    for i in range(0, len(prompts), batch):
+        out += [t.strip() for t in sample(model, tok, prompts[i:i + batch], max_new_tokens=max_new_tokens,
+                                           temperature=temperature, generator=gen).texts]
+    return out
+
+
+def _policy_texts(policy_dir: Path, queries, *, seed: int, max_new_tokens: int) -> list[str]:
+    from preflab.models.hf import load_policy
+
+    model, tok = load_policy(policy_dir)
+    return _sample_texts(model, tok, [format_prompt(q.text) for q in queries], seed=seed,
+                         max_new_tokens=max_new_tokens)
+
+
+# ---- stages ---------------------------------------------------------------------------------------
+
+
+def stage_base(cfg: DemoConfig, run: Path) -> dict:
+    from preflab.sandbox.build import BuildConfig, build_sandbox_model
+    from preflab.train.sft import train_sft
+
+    bc = BuildConfig(seed=cfg.seed, steps=cfg.base_steps, corpus_size=cfg.base_corpus)
+    build_sandbox_model(bc, run / "base", train_sft=train_sft)
+    return json.loads((run / "base" / "build.json").read_text())
+
+
+def stage_workshop(cfg: DemoConfig, run: Path, engine) -> dict:
+    from preflab.collect.workshop import WorkshopConfig, sandbox_workshop
+
+    rep = sandbox_workshop(engine, project=PROJECT, out_dir=run / "workshop",
+                           cfg=WorkshopConfig(n_pairs=cfg.workshop_pairs, seed=cfg.seed))
+    b, a = rep["before"]["mean_kappa"], rep["after"]["mean_kappa"]
+    return {"kappa_before": b["value"] if isinstance(b, dict) else b,
+            "kappa_after": a["value"] if isinstance(a, dict) else a}
+
+
+def _add_pairs(engine, queries, texts_a, texts_b, *, tag: str) -> list[str]:
+    """Store prompts, both responses and a pair per query (identical responses skipped)."""
+    from preflab.store import db, ops
+
+    prompts, responses, pairs = {}, [], []
+    for i, (q, a, b) in enumerate(zip(queries, texts_a, texts_b, strict=True)):
+        if a == b:
+            continue
+        pid = f"{tag}-{i:05d}"
+        prompts[q.id] = ops.PromptIn(q.id, q.text, q.topic, {"fact_id": q.fact_id})
+        responses += [ops.ResponseIn(f"{pid}:a", q.id, a, "sft"), ops.ResponseIn(f"{pid}:b", q.id, b, "sft")]
+        pairs.append(ops.PairIn(pid, q.id, f"{pid}:a", f"{pid}:b"))
+    with db.session_scope(engine) as s:
+        pid_ = _project_id(s)
+        ops.add_prompts(s, project_id=pid_, prompts=list(prompts.values()))
+        ops.add_responses(s, project_id=pid_, responses=responses)
+        ops.add_pairs(s, project_id=pid_, pairs=pairs)
+    return [p.id for p in pairs]
+
+
+def stage_collection(cfg: DemoConfig, run: Path, engine, console: Console) -> dict:
+    """Weekly collection rounds from the base policy's own samples, judged by the calibrated pool."""
+    from preflab.collect.workshop import monitor_drift
+    from preflab.models.hf import load_policy
+    from preflab.sandbox.domain import generate_queries
+    from preflab.sandbox.raters import DriftSchedule, work_round
+    from preflab.store import db, ops
+
+    pool = _pool(cfg, calibrated=True)
+    drifter = pool[-1] if cfg.drift_week else None
+    for r in pool:  # at volume raters are faster and lapse more often than in the careful workshop
+        r.flip_rate = min(0.45, r.flip_rate + cfg.collection_lapse)
+    sims = _rater_ids(engine, pool)
+    model, tok = load_policy(run / "base")
+    per_week = cfg.collection_pairs // cfg.collection_weeks
+    queries = generate_queries(cfg.collection_pairs, seed=cfg.seed + 17, split="train")
+    weekly, alerts = [], []
+    for week in range(1, cfg.collection_weeks + 1):
+        qs = queries[(week - 1) * per_week: week * per_week]
+        prompts = [format_prompt(q.text) for q in qs]
+        ta = _sample_texts(model, tok, prompts, seed=cfg.seed * 1000 + 2 * week, max_new_tokens=cfg.max_new_tokens)
+        tb = _sample_texts(model, tok, prompts, seed=cfg.seed * 1000 + 2 * week + 1,
+                           max_new_tokens=cfg.max_new_tokens)
+        pair_ids = _add_pairs(engine, qs, ta, tb, tag=f"w{week}")
+        n_audit = round(len(pair_ids) * cfg.audit_rate)
+        rng = random.Random(f"audit:{cfg.seed}:{week}")
+        audit = set(rng.sample(pair_ids, n_audit)) if n_audit else set()
+        if drifter is not None and week == cfg.drift_week:
+            drifter.drift = DriftSchedule(after=drifter.n_judged,
+                                          shift={"formality": {"stilted": 1.5}, "confidence": {"confident": 1.0}})
+        with db.session_scope(engine) as s:
+            pid = _project_id(s)
+            main = ops.create_round(s, project_id=pid, name=f"collection week {week}", kind="collection",
+                                    pair_ids=[p for p in pair_ids if p not in audit], overlap=1,
+                                    duplicate_rate=cfg.duplicate_rate, seed=cfg.seed + week,
+                                    meta={"week": week})
+            rounds = [main]
+            if audit:
+                rounds.append(ops.create_round(s, project_id=pid, name=f"audit week {week}", kind="collection",
+                                               pair_ids=sorted(audit), overlap=3, duplicate_rate=0.0,
+                                               seed=cfg.seed + week, meta={"week": week, "audit": True}))
+        made = sum(work_round(engine, round_id=r, raters=sims, rubric="v1", seed=cfg.seed + 31 * week + r)
+                   for r in rounds)
+        with db.session_scope(engine) as s:
+            checks = monitor_drift(s, project_id=_project_id(s), baseline_n=min(150, per_week // 5))
+        new = [c for c in checks if c.flagged and c.rater not in {a["rater"] for a in alerts}]
+        for c in new:
+            alerts.append({"rater": c.rater, "x": week, "at": f"week {week}", "signal": c.reason,
+                           "examples": list(c.examples)[:3]})
+        weekly.append({"week": week, "pairs": len(pair_ids), "judgements": made})
+        console.print(f"  week {week}: {len(pair_ids)} pairs, {made} judgements"
+                      + (f", [yellow]drift alert: {', '.join(c.rater for c in new)}[/yellow]" if new else ""))
+    write_json(run / "collection" / "weekly.json", {"weeks": weekly, "alerts": alerts,
+                                                    "drifting_rater": drifter.name if drifter else None,
+                                                    "drift_week": cfg.drift_week})
+    return {"pairs": sum(w["pairs"] for w in weekly), "judgements": sum(w["judgements"] for w in weekly),
+            "drift_alerts": len(alerts)}
+
+
+def stage_quality(cfg: DemoConfig, run: Path, engine) -> dict:
+    """Per-rater self-consistency on duplicates, the ceiling, drift alerts, agreement over time."""
+    from preflab.quality.consistency import consistency_by_rater, self_consistency
+    from preflab.quality.drift import hits_vs_others
+    from preflab.store import db, ops
+
+    weekly = json.loads((run / "collection" / "weekly.json").read_text())
+    with db.session_scope(engine, readonly=True) as s:
+        pid = _project_id(s)
+        dups = ops.duplicate_pairs(s, project_id=pid)
+        rows = [j for j in ops.project_judgements(s, project_id=pid, round_kinds=["collection"])
+                if not j.is_duplicate]
+        rounds = {r.id: r for r in ops.list_rounds(s, project_id=pid, kind="collection")}
+    by_rater: dict[str, list] = {}
+    for d in dups:
+        by_rater.setdefault(d.rater_name, []).append((d.first, d.second))
+    cons = consistency_by_rater(by_rater)
+    pooled = self_consistency([p for v in by_rater.values() for p in v]) if dups else None
+    # agreement over time: on audit items, each judgement vs the other two raters' majority
+    audit_rows = [j for j in rows if rounds[j.round_id].meta.get("audit")]
+    hits = hits_vs_others([((j.round_id, j.pair_id), j.rater_name, j.choice) for j in audit_rows])
+    series: dict[str, dict[str, list]] = {}
+    idx: dict[str, int] = {}
+    per: dict[tuple[str, int], list[bool]] = {}
+    for j in audit_rows:
+        k = idx.get(j.rater_name, 0)
+        idx[j.rater_name] = k + 1
+        h = hits[j.rater_name][k]
+        if h is not None:
+            per.setdefault((j.rater_name, rounds[j.round_id].meta["week"]), []).append(h)
+    for (rater, week), hs in sorted(per.items()):
+        s_ = series.setdefault(rater, {"x": [], "y": []})
+        s_["x"].append(week)
+        s_["y"].append(sum(hs) / len(hs))
+    quality = {
+        "n_pairs": sum(w["pairs"] for w in weekly["weeks"]), "n_judgements": len(rows) + len(dups),
+        "n_duplicates": len(dups), "ceiling": pooled.ceiling if pooled else None,
+        "consistency": pooled.consistency if pooled else None,
+        "raters": [{"rater": r, "n_duplicates": c.n, "consistency": c.consistency, "ci": [c.low, c.high],
+                    "flip_rate": c.flip_rate, "ceiling": c.ceiling} for r, c in sorted(cons.items())],
+        "drift_alerts": weekly["alerts"],
+        "agreement_over_time": {"x_label": "week", "series": series},
+    }
+    write_json(run / "collection" / "quality.json", quality)
+    return {"ceiling": quality["ceiling"], "duplicates": len(dups)}
+
+
+def stage_reward_model(cfg: DemoConfig, run: Path, engine, name: str) -> dict:
+    """Reward model on the newest guideline's judgements, from the base policy's weights."""
+    from preflab.pipeline import train_reward_stage
+    from preflab.store import db, ops
+    from preflab.train.reward import RewardConfig
+
+    with db.session_scope(engine, readonly=True) as s:
+        examples = ops.preference_examples(s, project_id=_project_id(s), round_kinds=("collection", "rerate"))
+    quality = json.loads((run / "collection" / "quality.json").read_text())
+    rc = RewardConfig(epochs=cfg.rm_epochs, seed=cfg.seed, eval_every=0, checkpoint_every=100, max_length=160)
+    return train_reward_stage(examples=examples, policy_dir=run / "base", run_dir=run / name, cfg=rc,
+                              ceiling=quality.get("ceiling"))
+
+
+def _heldout(cfg: DemoConfig, n: int, salt: int):
+    from preflab.sandbox.domain import generate_queries
+
+    return generate_queries(n, seed=cfg.seed * 7919 + salt, split="heldout")
+
+
+def stage_ppo(cfg: DemoConfig, run: Path, name: str, rm_name: str) -> dict:
+    """A PPO pass from the base policy against reward model ``rm_name``; gold tracked per checkpoint."""
+    from preflab.evaluate.detectors import text_rates
+    from preflab.models.hf import load_policy
+    from preflab.pipeline import reward_fn_from
+    from preflab.sandbox.truth import policy_truth
+    from preflab.train.ppo import PPOConfig, train_ppo
+
+    policy, tok = load_policy(run / "base")
+    ref, _ = load_policy(run / "base")
+    queries = _heldout(cfg, 64, 11)
+    probe_prompts = [format_prompt(q.text) for q in queries]
+
+    def eval_hook(step: int, model) -> dict:
+        texts = _sample_texts(model, tok, probe_prompts, seed=cfg.seed + step, max_new_tokens=cfg.max_new_tokens)
+        t = policy_truth(name, queries, texts)  # sandbox only: gold is read inside preflab.sandbox
+        return {"gold/utility": t["gold_utility"], "gold/correct_rate": t["correct_rate"],
+                "gold/confident_wrong_rate": t["confident_wrong_rate"], **{f"detect/{k}": v for k, v in
+                                                                           text_rates(texts).items()}}
+
+    from preflab.sandbox.domain import generate_queries
+
+    train_q = generate_queries(cfg.ppo_steps * cfg.ppo_prompts_per_step, seed=cfg.seed + 101, split="train")
+    pc = PPOConfig(seed=cfg.seed, steps=cfg.ppo_steps, prompts_per_step=cfg.ppo_prompts_per_step,
+                   max_new_tokens=cfg.max_new_tokens, lr=cfg.ppo_lr, kl_beta=cfg.kl_beta, kl_controller="adaptive",
+                   kl_target=cfg.kl_target, checkpoint_every=cfg.ppo_checkpoint_every, minibatch_size=16,
+                   ppo_epochs=2, cpu=True)
+    res = train_ppo(pc, policy=policy, ref=ref, tokenizer=tok, reward_fn=reward_fn_from(run / rm_name / "model"),
+                    prompts=[format_prompt(q.text) for q in train_q], run_dir=run / name,
+                    eval_hook=eval_hook, resume=True)
+    # the SFT point (step 0) and each checkpoint's gold, beside the trainer's own metrics
+    base0 = eval_hook(0, ref)
+    evals = [{"step": 0, "objective/kl": 0.0, **base0}]
+    kl_at = {m["step"]: m.get("objective/kl") for m in res.metrics if "step" in m}
+    for f in sorted((run / name / "eval").glob("step_*.json")):
+        d = json.loads(f.read_text())
+        step = int(f.stem.split("_")[1])
+        evals.append({"step": step, "objective/kl": kl_at.get(step), **{k: v for k, v in d.items() if
+                                                                        k.startswith(("gold/", "detect/"))}})
+    with (run / name / "metrics.jsonl").open("a") as fh:
+        for e in evals:
+            fh.write(json.dumps(e) + "\n")
+    write_json(run / name / "gold_by_checkpoint.json", evals)
+    last = res.metrics[-1] if res.metrics else {}
+    return {"policy_dir": str(res.policy_dir), "steps": res.steps, "final_kl": last.get("objective/kl"),
+            "final_reward": last.get("objective/rlhf_reward"), "final_beta": last.get("objective/beta"),
+            "gold_sft": base0["gold/utility"], "gold_final": evals[-1].get("gold/utility"),
+            "beta_events": len(res.events)}
+
+
+def _ab_round(cfg: DemoConfig, run: Path, engine, *, name: str, candidate: Path, n: int, rubric: str,
+              salt: int) -> dict:
+    """A blind A/B round (candidate vs base) judged by the calibrated pool; returns ABResult dict."""
+    from preflab.evaluate.ab import ABQuery, ab_result_from_round, store_ab_round
+    from preflab.sandbox.raters import work_round
+    from preflab.sandbox.truth import win_rate_truth
+    from preflab.store import db
+
+    queries = list({q.id: q for q in _heldout(cfg, n, salt)}.values())
+    ct = _policy_texts(candidate, queries, seed=cfg.seed + salt, max_new_tokens=cfg.max_new_tokens)
+    bt = _policy_texts(run / "base", queries, seed=cfg.seed + salt, max_new_tokens=cfg.max_new_tokens)
+    with db.session_scope(engine) as s:
+        rid = store_ab_round(s, project_id=_project_id(s), name=name, queries=[ABQuery(q.id, q.text, q.topic)
+                                                                                for q in queries],
+                             candidate_source=str(candidate), baseline_source=str(run / "base"),
+                             candidate_texts=ct, baseline_texts=bt, seed=cfg.seed + salt)
+    pool = _pool(cfg, calibrated=True)
+    work_round(engine, round_id=rid, raters=_rater_ids(engine, pool), rubric=rubric, seed=cfg.seed + salt)
+    with db.session_scope(engine, readonly=True) as s:
+        res = ab_result_from_round(s, rid, str(candidate))
+    d = res.to_dict()
+    d["truth"] = win_rate_truth(name, "sft", queries, ct, bt, measured=res.overall.rate)
+    return d
+
+
+def stage_gates(cfg: DemoConfig, run: Path, engine, ppo_name: str, *, rubric: str, n_ab: int, salt: int) -> dict:
+    """Evidence (factual suite, detectors, blind A/B) for the pass's final policy, the gates, the decision."""
+    from preflab.evaluate.ab import ABResult
+    from preflab.evaluate.factual import item_from_dict
+    from preflab.evaluate.gates import EvidenceConfig, GateReport, GatesConfig
+    from preflab.evaluate.promote import record_decision
+    from preflab.pipeline import gate_checkpoint
+    from preflab.sandbox.factual_suite import build_suite
+    from preflab.store import db
+
+    cand = run / ppo_name / "policy"
+    ab = _ab_round(cfg, run, engine, name=f"blind eval {ppo_name}", candidate=cand, n=n_ab, rubric=rubric, salt=salt)
+    truth = ab.pop("truth")
+    out = run / ppo_name / "gates"
+    write_json(out / "ab.json", ab)
+    items = [item_from_dict(d, f"suite[{i}]") for i, d in enumerate(build_suite(cfg.factual_items, seed=cfg.seed))]
+    g = gate_checkpoint(candidate_dir=cand, baseline_dir=run / "base", items=items, gates_cfg=GatesConfig(),
+                        ab=ABResult.from_dict(ab), out_dir=out, subject=f"{ppo_name}@{cfg.ppo_steps}",
+                        evidence_cfg=EvidenceConfig(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
+    with db.session_scope(engine) as s:
+        dec = record_decision(s, project_id=_project_id(s), checkpoint=cand, stage="staging",
+                              report=GateReport.from_dict(g.report))
+    write_json(out / "truth_win_rate.json", truth)
+    return {"passed": g.passed, "failed": g.failed, "promoted": dec.promoted, "win_rate": ab["overall"]["rate"],
+            "win_rate_ci": [ab["overall"]["ci_low"], ab["overall"]["ci_high"]]}
+
+
+def stage_fix(cfg: DemoConfig, run: Path, engine) -> dict:
+    """The fix: a factual-accuracy rubric item (v2), re-rate the pricing pairs under it."""
+    from preflab.collect.rerate import add_rubric, create_rerate_round
+    from preflab.sandbox.raters import work_round
+    from preflab.store import db, ops
+
+    with db.session_scope(engine) as s:
+        pid = _project_id(s)
+        if not any(g.label == "v2" for g in ops.list_guidelines(s, project_id=pid)):
+            add_rubric(s, project_id=pid, label="v2", items=[
+                "Factual accuracy first: check every price and policy figure against the current price list; "
+                "a confident answer with a wrong figure is the worst answer."])
+        existing = [r for r in ops.list_rounds(s, project_id=pid, kind="rerate") if r.name == "rerate pricing v2"]
+        rr_id = existing[0].id if existing else create_rerate_round(
+            s, project_id=pid, name="rerate pricing v2", where={"topic": "pricing"}, limit=cfg.rerate_limit,
+            guideline="v2", seed=cfg.seed).round_id
+    pool = _pool(cfg, calibrated=True)
+    made = work_round(engine, round_id=rr_id, raters=_rater_ids(engine, pool), rubric="v2", seed=cfg.seed + 77)
+    with db.session_scope(engine, readonly=True) as s:
+        n = ops.get_round(s, round_id=rr_id).n_items
+    return {"rerated_pairs": n, "judgements": made}
+
+
+def _pricing_row(label: str, run_json: Path, note: str = "") -> dict:
+    """Greedy factual accuracy and confident-wrong rate on the pricing items of a suite run."""
+    from preflab.evaluate.ab import wilson_interval
+    from preflab.evaluate.detectors import DetectorConfig, has_phrase
+    from preflab.evaluate.factual import SuiteRun
+
+    r = SuiteRun.load(run_json)
+    ix = [i for i, it in enumerate(r.items) if it.topic == "pricing"]
+    texts = [r.texts[i][0] for i in ix]
+    correct = r.first_correct[ix]
+    conf = has_phrase(texts, DetectorConfig().confidence)
+    cw = conf & ~correct
+    n = len(ix)
+    return {"label": label, "n": n, "accuracy": float(correct.mean()),
+            "accuracy_ci": list(wilson_interval(float(correct.sum()), n)),
+            "confident_wrong_rate": float(cw.mean()), "confident_wrong_rate_ci": list(wilson_interval(float(cw.sum()), n)),
+            "note": note}
+
+
+def stage_production(cfg: DemoConfig, run: Path, final: str) -> dict:
+    """Simulated production weeks answered by the SFT policy, then by the promoted one."""
+    from preflab.report.outcomes import compare_versions, import_outcomes, write_comparison
+    from preflab.sandbox.outcomes import ProductionConfig, simulate_production, write_production_log
+
+    pc = ProductionConfig(conversations_per_week=cfg.conversations_per_week, weeks=cfg.production_weeks,
+                          seed=cfg.seed)
+    logs = run / "outcomes"
+    rows = []
+    for k, (version, path) in enumerate((("sft", run / "base"), (final, run / final / "policy"))):
+        def respond(queries, path=path, k=k):
+            return _policy_texts(path, queries, seed=cfg.seed + 500 + k, max_new_tokens=cfg.max_new_tokens)
+
+        rows = simulate_production(respond, model_version=version, cfg=pc, first_week=k * cfg.production_weeks)
+        f = write_production_log(rows, logs / f"production_{version}.jsonl")
+        if not any(r.model_version == version for r in _run_outcomes(run)):
+            import_outcomes(f, run)
+    comp = compare_versions(_run_outcomes(run), "sft", final)
+    write_comparison(run, comp, simulated=True)
+    return {"escalation_sft": comp["escalation"]["baseline"], "escalation_new": comp["escalation"]["candidate"],
+            "csat_sft": comp["csat"]["baseline"], "csat_new": comp["csat"]["candidate"]}
+
+
+def _run_outcomes(run: Path):
+    from preflab.report.outcomes import load_run_outcomes
+
+    return load_run_outcomes(run)
+
+
+def stage_summaries(cfg: DemoConfig, run: Path, engine, runner: StageRunner) -> dict:
+    """checkpoints.json, pricing.json, ab/result.json, factual/result.json, truth.json, cost.json."""
+    from preflab.models.hf import load_reward_model
+    from preflab.report.cost import CostConfig, build_ledger, judgement_times, write_ledger
+    from preflab.sandbox.raters import query_for_prompt
+    from preflab.sandbox.truth import policy_truth, reward_model_truth, write_truth
+    from preflab.store import db, ops
+    from preflab.train.data import load_jsonl
+    from preflab.train.reward import score_pairs
+
+    rows = []
+    for name in ("ppo_v1", "ppo_v2"):
+        g = json.loads((run / name / "gates" / "gate.json").read_text())
+        det = json.loads((run / name / "gates" / "detectors.json").read_text()) if (
+            run / name / "gates" / "detectors.json").is_file() else {}
+        ab = json.loads((run / name / "gates" / "ab.json").read_text())
+        rows.append({"run": name, "step": cfg.ppo_steps, "win_rate": ab["overall"]["rate"],
+                     "win_rate_ci": [ab["overall"]["ci_low"], ab["overall"]["ci_high"]],
+                     "detectors": {k: v.get("value") for k, v in det.items() if isinstance(v, dict)},
+                     "gates": [{"name": x["name"], "value": x["value"], "threshold": x["threshold"],
+                                "pass": x["passed"]} for x in g["gates"]],
+                     "promoted": g["passed"]})
+    write_json(run / "checkpoints.json", {"rows": rows})
+    v1, v2 = rows
+    fix = runner.done.get("fix", {}).get("out", {})
+    pricing = {"topic": "pricing", "rerated_pairs": fix.get("rerated_pairs"), "rubric_before": "v1",
+               "rubric_after": "v2",
+               "gate_before": f"ppo_v1 {'passed' if v1['promoted'] else 'blocked'}: failed "
+                              f"{', '.join(x['name'] for x in v1['gates'] if not x['pass']) or 'nothing'}",
+               "gate_after": f"ppo_v2 {'passed every gate' if v2['promoted'] else 'blocked: ' + ', '.join(x['name'] for x in v2['gates'] if not x['pass'])}",
+               "rows": [_pricing_row("SFT", run / "ppo_v1" / "gates" / "factual_baseline.json"),
+                        _pricing_row("PPO pass 1 (rubric v1)", run / "ppo_v1" / "gates" / "factual_candidate.json"),
+                        _pricing_row("PPO pass 2 (rubric v2)", run / "ppo_v2" / "gates" / "factual_candidate.json")]}
+    write_json(run / "pricing.json", pricing)
+    ab2 = json.loads((run / "ppo_v2" / "gates" / "ab.json").read_text())
+    write_json(run / "ab" / "result.json", {**ab2, "candidate": "ppo_v2", "baseline": "sft"})
+    fc = json.loads((run / "ppo_v2" / "gates" / "factual_compare.json").read_text())
+    write_json(run / "factual" / "result.json", {**fc, "candidate": "ppo_v2", "baseline": "sft"})
+
+    # ---- ground truth (sandbox only): gold numbers of the policies, reward models, win rates
+    queries = list({q.id: q for q in _heldout(cfg, 200, 99)}.values())
+    policies = [policy_truth(label, queries, _policy_texts(path, queries, seed=cfg.seed + 9,
+                                                           max_new_tokens=cfg.max_new_tokens))
+                for label, path in (("sft", run / "base"), ("ppo_v1", run / "ppo_v1" / "policy"),
+                                    ("ppo_v2", run / "ppo_v2" / "policy"))]
+    rms = []
+    for name in ("rm_v1", "rm_v2"):
+        val = load_jsonl(run / name / "data" / "val.jsonl")
+        model, tok = load_reward_model(run / name / "model")
+        rc, rr = score_pairs(model, tok, val, max_length=160)
+        ev = json.loads((run / name / "eval.json").read_text())
+        rms.append(reward_model_truth(name, [(query_for_prompt(e.prompt), e.chosen, e.rejected, float(a - b))
+                                             for e, a, b in zip(val, rc, rr, strict=True) if not e.is_tie],
+                                      measured_accuracy=ev["accuracy"]))
+    win_rates = [json.loads((run / n / "gates" / "truth_win_rate.json").read_text()) for n in ("ppo_v1", "ppo_v2")]
+    pool = _pool(cfg, calibrated=True)
+    raters = [{"id": r.name, "specialty": r.specialty, "flip_rate_workshop": r.flip_rate,
+               "flip_rate_collection": min(0.45, r.flip_rate + cfg.collection_lapse),
+               "temperature": round(r.temperature, 3), "bias_norm_after_calibration": round(r.bias_norm(), 3)}
+              for r in pool]
+    comp = json.loads((run / "outcomes" / "comparison.json").read_text())
+    write_truth(run, policies=policies, reward_models=rms, win_rates=win_rates, raters=raters,
+                outcomes={"escalation": comp["escalation"], "csat": comp["csat"]})
+
+    # ---- cost ledger: measured time on task x rate, measured stage wall time x device price
+    with db.session_scope(engine, readonly=True) as s:
+        jrows = ops.project_judgements(s, project_id=_project_id(s))
+    times = judgement_times(jrows)
+    ledger = build_ledger(CostConfig(default_hourly_rate=55.0, device_hour_price=2.5,
+                                     weekly_conversations=cfg.conversations_per_week),
+                          judgement_times=times, stage_seconds=runner.seconds(),
+                          escalation_before=comp["escalation"]["baseline"],
+                          escalation_after=comp["escalation"]["candidate"],
+                          escalation_diff_ci=tuple(comp["escalation"]["ci"]), simulated_raters=True)
+    write_ledger(run, ledger)
+    return {"annotation_cost": round(ledger["totals"]["annotation"], 2), "judgements": len(times)}
+
+
+def demo_config_json(cfg: DemoConfig, quick: bool) -> dict:
+    pool = _pool(cfg, calibrated=False)
+    return {"demo": to_dict(cfg), "quick": quick, "seed": cfg.seed, "simulated": SIMULATED,
+            "rater_pool": [{"id": r.name, "specialty": r.specialty, "temperature": round(r.temperature, 3),
+                            "flip_rate_workshop": r.flip_rate,
+                            "flip_rate_collection": min(0.45, r.flip_rate + cfg.collection_lapse),
+                            "bias_norm_before_calibration": round(r.bias_norm(), 3),
+                            "median_seconds": round(r.median_seconds, 1),
+                            "drift_from_week": cfg.drift_week if (cfg.drift_week and r is pool[-1]) else None}
+                           for r in pool]}
+
+
+def run_demo(cfg: DemoConfig, *, quick: bool = False, console: Console | None = None) -> Path:
+    """Run (or resume) the whole sandbox story into ``cfg.out``; returns the report path."""
+    import torch
+
+    from preflab.report.html import render_report
+
+    console = console or Console()
+    if quick:
+        cfg = cfg.quick()
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    cfg_file = run / "demo_config.json"
+    if cfg_file.is_file() and json.loads(cfg_file.read_text()) != to_dict(cfg):
+        from preflab.config import ConfigError
+
+        raise ConfigError(f"{run}: holds a demo run with other settings ({cfg_file}); use another --out")
+    write_config(cfg, run, "demo_config.json")
+    write_json(run / "config.json", demo_config_json(cfg, quick))
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    t0 = time.perf_counter()
+    st = StageRunner(run, console)
+    st.run("base", lambda: stage_base(cfg, run))
+    engine = _engine(run)
+    st.run("workshop", lambda: stage_workshop(cfg, run, engine))
+    st.run("collection", lambda: stage_collection(cfg, run, engine, console))
+    st.run("quality", lambda: stage_quality(cfg, run, engine))
+    st.run("rm_v1", lambda: stage_reward_model(cfg, run, engine, "rm_v1"))
+    st.run("ppo_v1", lambda: stage_ppo(cfg, run, "ppo_v1", "rm_v1"))
+    st.run("gates_v1", lambda: stage_gates(cfg, run, engine, "ppo_v1", rubric="v1", n_ab=cfg.ab_first_pass, salt=21))
+    st.run("fix", lambda: stage_fix(cfg, run, engine))
+    st.run("rm_v2", lambda: stage_reward_model(cfg, run, engine, "rm_v2"))
+    st.run("ppo_v2", lambda: stage_ppo(cfg, run, "ppo_v2", "rm_v2"))
+    st.run("gates_v2", lambda: stage_gates(cfg, run, engine, "ppo_v2", rubric="v2", n_ab=cfg.ab_conversations,
+                                           salt=42))
+    st.run("production", lambda: stage_production(cfg, run, "ppo_v2"))
+    st.run("summaries", lambda: stage_summaries(cfg, run, engine, st))
+    rep = render_report(run, title="preflab demo: the support-bot story (sandbox)")
+    engine.dispose()
+    console.print(f"\n[bold]done[/bold] in {time.perf_counter() - t0:.0f} s; report: {rep.html_path}")
+    for p in rep.problems:
+        console.print(f"[yellow]report warning:[/yellow] {p}")
+    return Path(rep.html_path)

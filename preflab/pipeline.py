@@ -1,0 +1,170 @@
+"""The stages of a project, in order, resumable stage by stage.
+
+A stage is a function that reads the store and earlier stages' directories and writes its
+own directory under the run dir. ``StageRunner`` records each finished stage (with its
+wall time and a small JSON summary) in ``RUN/stages.json``; running again skips what is done,
+so an interrupted run continues where it stopped. The sandbox demo (``demo.py``) is this
+pipeline with simulated raters and production in place of people.
+
+Stages here are the ones that do not depend on who the raters are: reward model training and
+evaluation, PPO, the evidence + gates of a checkpoint, promotion, the cost ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+PROMPT_TEMPLATE = "User: {query}\nAssistant:"
+
+
+def format_prompt(query: str) -> str:
+    return PROMPT_TEMPLATE.format(query=query)
+
+
+def query_of(prompt: str) -> str:
+    """The raw query inside a ``PROMPT_TEMPLATE`` prompt (the reward model formats it itself)."""
+    head, tail = PROMPT_TEMPLATE.split("{query}")
+    if prompt.startswith(head) and prompt.endswith(tail):
+        return prompt[len(head): len(prompt) - len(tail)]
+    return prompt
+
+
+# ---- resumable stages -------------------------------------------------------------------------
+
+
+class StageRunner:
+    """Runs named stages once each; ``RUN/stages.json`` remembers the finished ones."""
+
+    def __init__(self, run_dir: str | Path, console: Console | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / "stages.json"
+        self.console = console or Console()
+        self.done: dict[str, dict[str, Any]] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def run(self, name: str, fn: Callable[[], dict[str, Any] | None]) -> dict[str, Any]:
+        if name in self.done:
+            self.console.print(f"[dim]= {name}: done earlier ({self.done[name]['seconds']:.0f} s), skipped[/dim]")
+            return self.done[name].get("out", {})
+        self.console.rule(f"[bold]{name}")
+        t0 = time.perf_counter()
+        out = fn() or {}
+        secs = time.perf_counter() - t0
+        self.done[name] = {"seconds": round(secs, 2), "out": out}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.done, indent=2, default=str) + "\n")
+        tmp.replace(self.path)
+        summary = ", ".join(f"{k}={_short(v)}" for k, v in out.items() if not isinstance(v, (dict, list)))
+        self.console.print(f"[green]✓ {name}[/green] in {secs:.0f} s" + (f": {summary}" if summary else ""))
+        return out
+
+    def seconds(self) -> dict[str, float]:
+        return {k: v["seconds"] for k, v in self.done.items()}
+
+
+def _short(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    return path
+
+
+# ---- reward model -----------------------------------------------------------------------------
+
+
+def rm_eval_json(report, ceiling: float | None) -> dict[str, Any]:
+    """A ``PreferenceReport`` in the report's ``rm*/eval.json`` shape."""
+    a = report.accuracy
+    return {
+        "n": report.n_pairs, "accuracy": a.value, "ci": [a.low, a.high], "ceiling": ceiling, "ece": report.ece,
+        "by_strength": [{"strength": int(k), "accuracy": v.value, "ci": [v.low, v.high], "n": v.n}
+                        for k, v in sorted(report.per_strength.items(), key=lambda kv: int(kv[0]))],
+        "by_topic": [{"topic": k, "accuracy": v.value, "ci": [v.low, v.high], "n": v.n}
+                     for k, v in report.per_topic.items()],
+        "by_rater": [{"rater": k, "accuracy": v.value, "ci": [v.low, v.high], "n": v.n}
+                     for k, v in report.per_rater.items()],
+        "strength_monotonic": report.strength_monotonic, "length_corr": report.length_corr,
+        "warnings": list(report.warnings),
+    }
+
+
+def train_reward_stage(*, examples: Sequence, policy_dir: str | Path, run_dir: str | Path, cfg,
+                       ceiling: float | None, reference: Callable[[Any], bool | None] | None = None,
+                       resume: bool = True) -> dict[str, Any]:
+    """Split by prompt, train the reward model from the policy's weights, evaluate held out.
+
+    Writes ``run_dir/model`` (HF dir), ``run_dir/eval.json`` (report shape) and the full
+    ``run_dir/eval/preference.json``. ``reference(example)`` (optional, e.g. the sandbox
+    gold) adds an outside-judge accuracy to the full report only.
+    """
+    from preflab.evaluate.preference import preference_report
+    from preflab.train.data import examples_from_rows, split_by_prompt
+    from preflab.train.reward import initial_reward_model, score_pairs, train_reward
+
+    run_dir = Path(run_dir)
+    ex = examples_from_rows(examples)
+    train, val = split_by_prompt(ex, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    model, tok = initial_reward_model(policy_dir, seed=cfg.seed)
+    result = train_reward(cfg, model=model, tokenizer=tok, train=train, val=val, run_dir=run_dir, resume=resume)
+    rc, rr = score_pairs(model, tok, val, max_length=cfg.max_length, prompt_format=cfg.prompt_format)
+    ref = [reference(e) for e in val] if reference is not None else None
+    report = preference_report(val, rc, rr, ceiling=ceiling, reference=ref, seed=cfg.seed)
+    write_json(run_dir / "eval" / "preference.json", report.to_dict())
+    ev = rm_eval_json(report, ceiling)
+    write_json(run_dir / "eval.json", ev)
+    return {"model_dir": str(result.model_dir), "n_train": len(train), "n_val": len(val),
+            "accuracy": ev["accuracy"], "ci": ev["ci"], "ceiling": ceiling, "warnings": ev["warnings"]}
+
+
+def reward_fn_from(rm_dir: str | Path, *, batch_size: int = 64, max_length: int = 256):
+    """``(prompts, texts) -> (B,) tensor`` scoring with a trained reward model (for PPO)."""
+    import torch
+
+    from preflab.models.hf import load_reward_model
+    from preflab.train.reward import score_responses
+
+    model, tok = load_reward_model(rm_dir)
+    model.eval()
+
+    def reward_fn(prompts: list[str], texts: list[str]) -> torch.Tensor:
+        scores = score_responses(model, tok, [query_of(p) for p in prompts], texts, batch_size=batch_size,
+                                 max_length=max_length)
+        return torch.tensor(scores, dtype=torch.float32)
+
+    return reward_fn
+
+
+# ---- gates --------------------------------------------------------------------------------------
+
+
+@dataclass
+class GateOutcome:
+    passed: bool
+    failed: list[str]
+    report: dict[str, Any]
+
+
+def gate_checkpoint(*, candidate_dir: str | Path, baseline_dir: str | Path, items, gates_cfg, ab=None,
+                    out_dir: str | Path, evidence_cfg=None, subject: str = "") -> GateOutcome:
+    """Collect the factual + detector evidence of a candidate against the baseline, add the A/B
+    result if there is one, and evaluate the gates. Writes ``out_dir/gate.json``."""
+    from preflab.evaluate.gates import collect_evidence, evaluate_gates
+    from preflab.models.hf import load_policy
+
+    cand, base = load_policy(candidate_dir), load_policy(baseline_dir)
+    ev = collect_evidence(cand, base, items, reference=base, cfg=evidence_cfg, out_dir=out_dir)
+    ev.ab = ab
+    rep = evaluate_gates(gates_cfg, ev, subject=subject)
+    rep.save(Path(out_dir) / "gate.json")
+    return GateOutcome(rep.passed, rep.failed, rep.to_dict())
