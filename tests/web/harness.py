@@ -130,3 +130,27 @@ def pairs_jsonl(n: int, *, domains: tuple[str, ...] = ("pricing", "billing"), pr
             "b": {"response_id": f"{prefix}{i}b", "text": f"Answer B{i}: I think it is maybe ${12 + i}.", "source": "ppo-step500"},
         }))
     return "\n".join(lines) + "\n"
+
+
+def sandbox_pairs_jsonl(n: int, *, seed: int = 0, prefix: str = "s") -> tuple[str, dict[str, dict[str, str]]]:
+    """``n`` realistic pairs from the sandbox support domain; also returns {pair_id: {response_id: text}}."""
+    import json
+    import random
+
+    from preflab.sandbox import domain
+
+    rng = random.Random(seed)
+    queries = domain.all_queries()
+    rng.shuffle(queries)
+    lines, texts = [], {}
+    for i, q in enumerate(queries[:n]):
+        a = domain.compose(q, domain.sample_style(rng))
+        b = a
+        while b == a:
+            b = domain.compose(q, domain.sample_style(rng))
+        pid = f"{prefix}{i}"
+        texts[pid] = {f"{pid}a": a, f"{pid}b": b}
+        lines.append(json.dumps({"pair_id": pid, "prompt": {"prompt_id": f"{pid}q", "text": q.text, "topic": q.topic},
+                                 "a": {"response_id": f"{pid}a", "text": a, "source": "sft-v1"},
+                                 "b": {"response_id": f"{pid}b", "text": b, "source": "ppo-step500"}}))
+    return "\n".join(lines) + "\n", texts
