@@ -44,6 +44,7 @@ from preflab.sandbox.domain import (
     Style,
     all_styles,
     compose,
+    format_prompt,
     generate_queries,
     make_query,
     parse,
@@ -270,6 +271,31 @@ def style_policy(mix: dict[str, dict[str, float]], *, seed: int = 0) -> Respond:
 
     def respond(queries: list[Query]) -> list[str]:
         return [compose(q, sample_style(rng, mix)) for q in queries]
+
+    return respond
+
+
+def sampling_policy(model, tokenizer, *, max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
+                    batch_size: int = 128, seed: int = 0) -> Respond:
+    """A policy that samples one response per query from a causal LM (a checkpoint in production).
+
+    Prompts use ``domain.format_prompt``; batches of ``batch_size``; seeded torch generator.
+    """
+    import torch
+
+    from preflab.models.sampling import sample
+
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+
+    def respond(queries: list[Query]) -> list[str]:
+        out: list[str] = []
+        with torch.no_grad():
+            for i in range(0, len(queries), batch_size):
+                prompts = [format_prompt(q.text) for q in queries[i:i + batch_size]]
+                s = sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_p=top_p, generator=gen)
+                out += [t.strip() for t in s.texts]
+        return out
 
     return respond
 

@@ -104,6 +104,28 @@ def reward_model_truth(name: str, pairs: Iterable[tuple[Query, str, str, float]]
             "measured_accuracy": measured_accuracy}
 
 
+def rater_pool_truth(pool: Iterable) -> list[dict]:
+    """The true parameters of simulated raters (``sandbox.raters.SimRater``), JSON-able.
+
+    Every numeric/str attribute is kept; bias tables keep only non-zero weights; a drift
+    schedule is kept as a dict.
+    """
+    import dataclasses
+
+    out = []
+    for r in pool:
+        fields = dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(vars(r))
+        row: dict = {}
+        for k, v in fields.items():
+            if k == "bias" and isinstance(v, dict):
+                row[k] = {f"{axis}.{val}": w for axis, vals in v.items() for val, w in
+                          (vals.items() if isinstance(vals, dict) else [("", vals)]) if w}
+            elif isinstance(v, (int, float, str, bool, dict)) or v is None:
+                row[k] = v
+        out.append(row)
+    return out
+
+
 def write_truth(run_dir: str | Path, *, policies: Sequence[dict] = (), reward_models: Sequence[dict] = (),
                 win_rates: Sequence[dict] = (), raters: Sequence[dict] = (), outcomes: dict | None = None,
                 statement: str = STATEMENT) -> Path:

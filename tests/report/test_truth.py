@@ -46,3 +46,17 @@ def test_win_rate_and_reward_model_truth():
 def test_write_truth(tmp_path):
     out = json.loads(write_truth(tmp_path, policies=[policy_truth("p", [Q], [compose(Q, GOOD)])]).read_text())
     assert out["simulated"] is True and "simulated" in out["statement"] and out["policies"][0]["gold_utility"] == pytest.approx(3.8)
+
+
+def test_rater_pool_truth_keeps_every_parameter():
+    from preflab.sandbox.raters import default_pool
+    from preflab.sandbox.truth import rater_pool_truth
+
+    pool = default_pool(0)
+    rows = rater_pool_truth(pool)
+    assert [r["name"] for r in rows] == [r.name for r in pool]
+    for r, row in zip(pool, rows, strict=True):
+        assert row["flip_rate"] == r.flip_rate and row["temperature"] == r.temperature
+        assert row["specialty"] == r.specialty and row["median_seconds"] == r.median_seconds
+        assert all(w != 0 for w in row["bias"].values())
+    json.dumps(rows)  # JSON-able
