@@ -677,6 +677,161 @@ def lineage_cmd(
     console.print(t)
 
 
+# ---- quality: agreement report, rater status, calibration workshop (quality/, collect/workshop.py) ----
+
+quality_app = typer.Typer(help="Rater quality: calibration workshop report, rater status, drift alerts.",
+                          no_args_is_help=True)
+app.add_typer(quality_app, name="quality")
+
+
+def _quality_embedder(embed: str):
+    from preflab.quality import drift
+
+    if embed == "tfidf":
+        return drift.tfidf_embed
+    if embed == "minilm":
+        return drift.minilm_embed
+    if embed == "auto":
+        return drift.default_embedder()
+    raise typer.BadParameter(f"--embed: must be auto, minilm or tfidf, got {embed!r}")
+
+
+@quality_app.command("report")
+def quality_report(
+    out: str = typer.Option(..., "--out", help="Directory for workshop_report.{json,md} and style_guide.md."),
+    db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
+    project: str = typer.Option("default", help="Project."),
+    before: int = typer.Option(None, help="Round id before the workshop (default: first calibration round)."),
+    after: int = typer.Option(None, help="Round id after (default: last calibration round)."),
+    n_boot: int = typer.Option(1000, min=1, help="Bootstrap replicates for the CIs."),
+    seed: int = typer.Option(0, min=0, help="Bootstrap seed."),
+    embed: str = typer.Option("tfidf", help="Rationale embedding for the style guide: auto, minilm or tfidf."),
+) -> None:
+    """Write the calibration workshop's before/after report and the style guide."""
+    from preflab.collect.workshop import WorkshopConfig, write_workshop_report
+    from preflab.store import db as store_db
+    from preflab.store import ops
+
+    embedder = _quality_embedder(embed)
+    try:
+        engine = store_db.make_engine(db)
+        with store_db.session_scope(engine) as s:
+            pid = ops.project_id(s, name=project)
+            if pid is None:
+                raise ops.StoreError(f"--project: no project named {project!r}", code="not_found")
+            rep, paths = write_workshop_report(s, project_id=pid, out_dir=out, before_round_id=before,
+                                               after_round_id=after, cfg=WorkshopConfig(n_boot=n_boot, seed=seed),
+                                               embed=embedder)
+        engine.dispose()
+    except (ValueError, OSError) as e:
+        _fail(e)
+    _print_workshop(rep)
+    for p in paths.values():
+        console.print(f"wrote {p}")
+
+
+def _print_workshop(rep: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"{rep['rounds']['before']['name']} -> {rep['rounds']['after']['name']}")
+    for col in ("statistic", "before [95% CI]", "after [95% CI]", "change [95% CI]"):
+        t.add_column(col)
+    for name, c in rep["change"].items():
+        b, a = rep["before"]["statistics"][name], rep["after"]["statistics"][name]
+        t.add_row(name, f"{b['value']:.2f} [{b['low']:.2f}, {b['high']:.2f}]",
+                  f"{a['value']:.2f} [{a['low']:.2f}, {a['high']:.2f}]",
+                  f"{c['value']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]")
+    console.print(t)
+
+
+@quality_app.command("status")
+def quality_status(
+    db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
+    project: str = typer.Option("default", help="Project."),
+    check_drift: bool = typer.Option(False, "--check-drift", help="Run the drift check now and store alerts."),
+    baseline: int = typer.Option(200, min=10, help="Judgements after calibration that form each rater's baseline."),
+    embed: str = typer.Option("tfidf", help="Rationale embedding for the drift check: auto, minilm or tfidf."),
+) -> None:
+    """Per-rater self-consistency (duplicates), agreement with the others, and open alerts."""
+    from rich.table import Table
+
+    from preflab.collect.workshop import monitor_drift, rater_status
+    from preflab.store import db as store_db
+    from preflab.store import ops
+
+    embedder = _quality_embedder(embed)
+    try:
+        engine = store_db.make_engine(db)
+        with store_db.session_scope(engine) as s:
+            pid = ops.project_id(s, name=project)
+            if pid is None:
+                raise ops.StoreError(f"--project: no project named {project!r}", code="not_found")
+            if check_drift:
+                monitor_drift(s, project_id=pid, baseline_n=baseline, embed=embedder)
+            status = rater_status(s, project_id=pid)
+            alerts = ops.list_alerts(s, project_id=pid, resolved=False)
+        engine.dispose()
+    except (ValueError, OSError) as e:
+        _fail(e)
+    t = Table(title=f"raters of {project}")
+    for col in ("rater", "judgements", "self-consistency [95% CI]", "flip rate", "accuracy ceiling",
+                "agreement with majority", "open alerts"):
+        t.add_column(col)
+    for r in status:
+        c = r["consistency"]
+        t.add_row(r["rater"], str(r["judgements"]),
+                  f"{c['consistency']:.2f} [{c['low']:.2f}, {c['high']:.2f}] (n={c['n']})" if c else "no duplicates",
+                  f"{c['flip_rate']:.3f}" if c else "-", f"{c['ceiling']:.2f}" if c else "-",
+                  f"{r['agreement_with_majority']:.2f} (n={r['agreement_n']})"
+                  if r["agreement_with_majority"] is not None else "-", str(r["open_alerts"]))
+    console.print(t)
+    for a in alerts:
+        console.print(f"[yellow]alert {a.id} ({a.kind}):[/yellow] {a.message}")
+        for ex in (a.payload or {}).get("examples", []):
+            console.print(f"    e.g. \"{ex}\"")
+
+
+@quality_app.command("workshop")
+def quality_workshop(
+    out: str = typer.Option(..., "--out", help="Directory for the review, report and style guide."),
+    db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
+    project: str = typer.Option("sandbox", help="Project (created if missing)."),
+    n_pairs: int = typer.Option(50, min=2, help="Pairs per calibration round."),
+    seed: int = typer.Option(0, min=0, help="Seed of the simulated raters, pairs and bootstrap."),
+    n_boot: int = typer.Option(1000, min=1, help="Bootstrap replicates for the CIs."),
+    rubric: str = typer.Option("v1", help="Rubric the simulated raters judge by: v1 or v2."),
+) -> None:
+    """Sandbox: run the calibration workshop with the five simulated senior agents through the store."""
+    from preflab.collect.workshop import WorkshopConfig, sandbox_workshop
+    from preflab.store import db as store_db
+
+    if rubric not in ("v1", "v2"):
+        _fail(ValueError(f"--rubric: must be v1 or v2, got {rubric!r}"))
+    try:
+        engine = store_db.make_engine(db)
+        store_db.upgrade(engine)
+        rep = sandbox_workshop(engine, project=project, out_dir=out, rubric=rubric,
+                               cfg=WorkshopConfig(n_pairs=n_pairs, seed=seed, n_boot=n_boot))
+        engine.dispose()
+    except (ValueError, OSError) as e:
+        _fail(e)
+    _print_workshop(rep)
+    for p in rep["paths"].values():
+        console.print(f"wrote {p}")
+
+
+@app.command()
+def demo(
+    out: str = typer.Option("runs/demo", help="Run directory (resumes what is already done there)."),
+    seed: int = typer.Option(0, help="Seed of everything."),
+    quick: bool = typer.Option(False, "--quick", help="The same path at toy scale (about 3 minutes)."),
+) -> None:
+    """The whole story on the embedded sandbox: raters, reward model, PPO, gates, fix, A/B, outcomes, report."""
+    from preflab.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=out, seed=seed), quick=quick, console=console)
+
+
 # ---- end of commands -------------------------------------------------------------------
 
 

@@ -31,6 +31,28 @@ class Estimate:
                 "n_boot": self.n_boot, "n_failed": self.n_failed}
 
 
+def bootstrap_replicates(
+    labels: LabelTable | LabelMatrix,
+    statistic: Callable[[LabelMatrix], float],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> tuple[np.ndarray, int]:
+    """(replicates, n_failed): ``statistic`` on ``n_boot`` item resamples; failures skipped."""
+    if n_boot < 1:
+        raise ValueError(f"bootstrap: n_boot must be >= 1, got {n_boot}")
+    m = encode(labels)
+    n = m.codes.shape[0]
+    rng = np.random.default_rng(seed)
+    reps, failed = [], 0
+    for _ in range(n_boot):
+        try:
+            reps.append(float(statistic(m.take(rng.integers(0, n, size=n)))))
+        except ValueError:
+            failed += 1
+    return np.asarray(reps), failed
+
+
 def bootstrap_ci(
     labels: LabelTable | LabelMatrix,
     statistic: Callable[[LabelMatrix], float],
@@ -44,21 +66,12 @@ def bootstrap_ci(
     Replicates where ``statistic`` raises ``ValueError`` (undefined on that resample) are
     skipped and counted in ``n_failed``; if every replicate fails the interval is the point.
     """
-    if n_boot < 1:
-        raise ValueError(f"bootstrap_ci: n_boot must be >= 1, got {n_boot}")
     if not 0.0 < level < 1.0:
         raise ValueError(f"bootstrap_ci: level must be in (0, 1), got {level}")
     m = encode(labels)
     value = float(statistic(m))
-    n = m.codes.shape[0]
-    rng = np.random.default_rng(seed)
-    reps, failed = [], 0
-    for _ in range(n_boot):
-        try:
-            reps.append(float(statistic(m.take(rng.integers(0, n, size=n)))))
-        except ValueError:
-            failed += 1
-    if not reps:
+    reps, failed = bootstrap_replicates(m, statistic, n_boot=n_boot, seed=seed)
+    if reps.size == 0:
         return Estimate(value, value, value, level, 0, failed)
-    lo, hi = np.quantile(np.asarray(reps), [(1 - level) / 2, (1 + level) / 2])
+    lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
     return Estimate(value, float(lo), float(hi), level, len(reps), failed)

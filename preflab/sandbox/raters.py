@@ -15,8 +15,9 @@ A rater judging "A vs B" for a query:
 3. answers "tie" when the noisy difference is within ``tie_band``, else the better side;
 4. lapses: with probability ``flip_rate`` the answer is flipped (a tie becomes a random side).
    Duplicates differ only through lapses, so consistency is c = (1-e)^2 + e^2 up to ties;
-5. writes a rationale naming the style parts that drove the choice ("B gives the current figure
-   ($30 per user per month) and is warmer") and takes a lognormal number of seconds.
+5. writes a rationale naming the style parts that drove the choice ("Gives the current figure
+   ($30 per user per month) and is warmer": about the chosen answer, without a screen-side
+   letter, since sides differ per rater) and takes a lognormal number of seconds.
 
 The noise is drawn over the texts in a fixed (sorted) order, so which screen side a text is
 on never changes the judgement. ``calibrate`` pulls bias weights toward the shared standard
@@ -25,6 +26,7 @@ on never changes the judgement. ``calibrate`` pulls bias weights toward the shar
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import random
@@ -175,11 +177,10 @@ class SimRater:
         win, lose = (text_a, text_b) if choice == "a" else (text_b, text_a)
         cw = self.contributions(query, win, rubric=rubric)
         cl = self.contributions(query, lose, rubric=rubric)
-        side = choice.upper()
         if cw is None:
-            return f"{side} seemed slightly better overall, though both miss the question."
+            return "Seemed slightly better overall, though both miss the question."
         if cl is None:
-            return f"{side} actually answers the question that was asked."
+            return "Actually answers the question that was asked."
         pw, pl = parse(win).style, parse(lose).style
         gains = sorted(((cw[a] - cl[a], a) for a in STYLE_AXES if getattr(pw, a) != getattr(pl, a)), reverse=True)
         fact = FACTS[query.fact_id]
@@ -193,8 +194,9 @@ class SimRater:
             else:
                 parts.append(_PHRASES[axis][value].format(current=fact.current, stale=fact.stale))
         if not parts:
-            return f"{side} seemed slightly better overall."
-        return f"{side} " + " and ".join(parts) + "."
+            return "Seemed slightly better overall."
+        text = " and ".join(parts)
+        return text[0].upper() + text[1:] + "."
 
     # ---- calibration ---------------------------------------------------------------------------
 
@@ -298,3 +300,49 @@ def simulate_stream(pool: list[SimRater], n_items: int, *, rubric: str, seed: in
             out.append({"item": i, "rater": r.name, "label": label, "rationale": j.rationale,
                         "seconds": j.seconds})
     return out
+
+
+# ---- acting through the store, like a person in the browser ----------------------------------
+
+
+@functools.cache
+def _queries_by_text() -> dict[str, Query]:
+    from preflab.sandbox.domain import all_queries
+
+    return {q.text: q for q in all_queries(include_gaps=True)}
+
+
+def query_for_prompt(text: str) -> Query:
+    """The sandbox query behind a stored prompt text (raw query or ``format_prompt`` form)."""
+    raw = text
+    if raw.startswith("User: ") and raw.endswith("\nAssistant:"):
+        raw = raw[len("User: "): -len("\nAssistant:")]
+    q = _queries_by_text().get(raw)
+    if q is None:
+        raise ValueError(f"prompt {text[:60]!r}: not a sandbox query")
+    return q
+
+
+def work_round(engine, *, round_id: int, raters: dict[int, SimRater], rubric: str, seed: int,  # noqa: ANN001
+               max_tasks: int | None = None) -> int:
+    """Simulated raters take turns through the store ops (next task -> judge -> submit), one
+    transaction per step like the web app, until none gets a task. Returns judgements made."""
+    from preflab.store import db, ops
+
+    rng = random.Random(f"work:{seed}:{round_id}")
+    made, active = 0, dict(raters)
+    while active and (max_tasks is None or made < max_tasks):
+        for rater_id, rater in list(active.items()):
+            with db.session_scope(engine) as s:
+                task = ops.next_task(s, round_id=round_id, rater_id=rater_id)
+                if task is None:
+                    del active[rater_id]
+                    continue
+                j = rater.judge(query_for_prompt(task.prompt_text), task.left_text, task.right_text,
+                                rubric=rubric, rng=rng)
+                ops.submit_judgement(s, assignment_id=task.assignment_id, rater_id=rater_id,
+                                     choice={"a": "left", "b": "right", "tie": "tie"}[j.choice],
+                                     strength=j.strength, rationale=j.rationale, time_on_task_s=j.seconds,
+                                     idempotency_key=f"sim:{round_id}:{task.assignment_id}")
+            made += 1
+    return made

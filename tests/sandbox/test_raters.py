@@ -58,7 +58,7 @@ def test_judgement_fields_and_rationale_names_the_driver():
     bad = compose(q, Style(tone="dismissive", factuality="stale"))
     j = rater.judge(q, bad, good, rubric="v2", rng=random.Random(0))
     assert j.choice == "b" and 1 <= j.strength <= 3 and j.seconds > 0
-    assert j.rationale.startswith("B ") and "current figure" in j.rationale
+    assert j.rationale.startswith("Gives the current figure") and "warmer" in j.rationale
     same = rater.judge(q, good, good, rubric="v2", rng=random.Random(0))
     assert same.choice == "tie" and same.strength == 0
 
