@@ -965,7 +965,11 @@ def next_task(session: Session, *, round_id: int, rater_id: int, now: dt.datetim
     """
     now = _now(now)
     rnd = _round(session, round_id)
-    rater = _rater(session, rater_id)
+    # lock the rater row: one rater's concurrent requests queue here instead of racing
+    # (no-op on SQLite, whose BEGIN IMMEDIATE already serialises writers)
+    rater = session.scalar(select(Rater).where(Rater.id == rater_id).with_for_update())
+    if rater is None:
+        raise StoreError(f"rater {rater_id} not found", code="not_found")
     if rater.project_id != rnd.project_id:
         raise StoreError(f"rater {rater_id} is not in the project of round {round_id}", code="forbidden")
     if not rater.active:
@@ -1110,6 +1114,9 @@ def submit_judgement(
                          code="not_found")
     rnd = _round(session, a.round_id)
     if a.state == "done":
+        prior = _by_key(session, rater_id, key)  # a same-key request may have committed meanwhile
+        if prior is not None:
+            return _replay(session, prior, assignment_id)
         raise StoreError(f"assignment {assignment_id} is already judged", code="conflict")
     if rnd.status != "open":
         raise StoreError(f"round {rnd.name!r} is closed", code="conflict")

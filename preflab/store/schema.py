@@ -13,6 +13,7 @@ processes on SQLite and PostgreSQL alike (ops.py retries on a clash):
 - ``uq_assignment_rater_item``: a rater holds an item at most once as a fresh task and
   at most once as a planted duplicate;
 - ``uq_assignment_seq``: a rater's task order within a round is a sequence;
+- ``uq_assignment_one_lease``: a rater holds at most one leased task per round;
 - ``uq_judgement_idem``: a client idempotency key names one judgement per rater;
 - ``uq_judgement_assignment``: an assignment is judged once.
 
@@ -37,6 +38,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -191,6 +193,9 @@ class Assignment(Base):
         UniqueConstraint("round_id", "rater_id", "seq", name="uq_assignment_seq"),
         CheckConstraint("state in ('scheduled', 'leased', 'done')", name="state"),
         Index("ix_assignment_round_rater_state", "round_id", "rater_id", "state"),
+        # a rater holds at most one leased task per round (two requests at once get the same one)
+        Index("uq_assignment_one_lease", "round_id", "rater_id", unique=True,
+              sqlite_where=text("state = 'leased'"), postgresql_where=text("state = 'leased'")),
         Index("ix_assignment_round_state_lease", "round_id", "state", "lease_expires_at"),
     )
     id: Mapped[int] = mapped_column(primary_key=True)
