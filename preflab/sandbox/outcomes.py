@@ -300,6 +300,33 @@ def sampling_policy(model, tokenizer, *, max_new_tokens: int = 64, temperature: 
     return respond
 
 
+def cached_policy(respond: Respond, *, samples_per_query: int = 8, seed: int = 0) -> Respond:
+    """Answer from a pool of ``samples_per_query`` responses per distinct query text.
+
+    Production repeats query texts (the held-out pool has a few hundred), so sampling a
+    checkpoint once per conversation (4,000 a week) wastes compute: this draws each answer
+    uniformly from k samples of the policy for that text, sampled once on first sight.
+    The outcome noise stays independent per conversation; only the response distribution
+    is approximated by k draws.
+    """
+    if samples_per_query < 1:
+        raise ValueError(f"samples_per_query: must be >= 1, got {samples_per_query}")
+    pool: dict[str, list[str]] = {}
+    rng = random.Random(f"cached_policy:{seed}")
+
+    def answer(queries: list[Query]) -> list[str]:
+        new = list({q.text: q for q in queries if q.text not in pool}.values())
+        if new:
+            texts = respond([q for q in new for _ in range(samples_per_query)])
+            if len(texts) != len(new) * samples_per_query:
+                raise ValueError(f"respond: returned {len(texts)} texts for {len(new) * samples_per_query} queries")
+            for i, q in enumerate(new):
+                pool[q.text] = texts[i * samples_per_query:(i + 1) * samples_per_query]
+        return [rng.choice(pool[q.text]) for q in queries]
+
+    return answer
+
+
 def fixed_style_policy(style: Style) -> Respond:
     """A policy that always answers in one style (e.g. the gold-best style, for bounds)."""
     return lambda queries: [compose(q, style) for q in queries]

@@ -117,3 +117,24 @@ def test_sampling_policy_drives_the_simulator_with_a_model():
     again = simulate_production(sampling_policy(model, tok, max_new_tokens=8, batch_size=5, seed=1),
                                 model_version="random", cfg=cfg)
     assert len(rows) == 12 and rows == again  # seeded sampling -> identical logs
+
+
+def test_cached_policy_samples_each_distinct_query_k_times():
+    from preflab.sandbox.outcomes import cached_policy
+
+    calls = []
+
+    def respond(qs):
+        calls.append(len(qs))
+        return [f"{q.text}#{i}" for i, q in enumerate(qs)]
+
+    cfg = ProductionConfig(conversations_per_week=1500, weeks=2)
+    pol = cached_policy(respond, samples_per_query=3, seed=0)
+    rows = simulate_production(pol, model_version="v", cfg=cfg)
+    assert len(rows) == 3000
+    from preflab.sandbox.domain import generate_queries
+
+    distinct = {q.text for w in range(2) for q in generate_queries(1500, seed=w, split="heldout", false_premise_rate=0.1)}
+    assert sum(calls) == 3 * len(distinct) < 1500  # sampled once per distinct text, not per conversation
+    with pytest.raises(ValueError, match="samples_per_query"):
+        cached_policy(respond, samples_per_query=0)
