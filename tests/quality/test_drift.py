@@ -127,3 +127,12 @@ def test_drift_detection_power_reduced_trials():
                 false_alarms += res["alarm_at"] is not None
     assert detected == 4
     assert false_alarms <= 1
+
+
+def test_default_embedder_prefers_offline_minilm_when_importable(monkeypatch):
+    from preflab.quality import drift
+
+    monkeypatch.setattr(drift, "minilm_available", lambda: True)
+    assert drift.default_embedder() is drift.minilm_embed
+    monkeypatch.setattr(drift, "minilm_available", lambda: False)
+    assert drift.default_embedder() is drift.tfidf_embed
