@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 
-from preflab.config import check, field_doc, seed_everything, write_config
+from preflab.config import check, field_doc, from_dict, seed_everything, write_config
 
 
 @dataclass
@@ -146,7 +146,7 @@ def _truncate_jsonl(path: Path, last_step: int) -> list[dict]:
 
 
 def train_sft(
-    cfg: SFTConfig,
+    cfg: SFTConfig | dict,
     *,
     model: torch.nn.Module,
     tokenizer,
@@ -157,13 +157,15 @@ def train_sft(
     """Fine-tune ``model`` in place on ``dialogues`` ((prompt, response) pairs); see the module doc.
 
     ``resume``: continue from the newest checkpoint in ``run_dir`` (same batches, same RNG,
-    so the result equals an uninterrupted run).
+    so the result equals an uninterrupted run). ``cfg`` may be a dict of SFTConfig fields.
     """
     from accelerate import Accelerator
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from preflab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
+    if isinstance(cfg, dict):
+        cfg = from_dict(SFTConfig, cfg)
     if not dialogues:
         raise ValueError("train_sft: dialogues is empty")
     if tokenizer.pad_token_id is None:
