@@ -611,35 +611,53 @@ def _as(cls: type, item: Any, where: str) -> Any:
         raise StoreError(f"{where}: missing field {missing[0] if missing else '?'!r}") from None
 
 
+def _locs(where: str | Sequence[str], n: int) -> list[str]:
+    """Per-item error locations: ``where[i]``, or the caller's own (``pairs.jsonl:812``)."""
+    if isinstance(where, str):
+        return [f"{where}[{i}]" for i in range(n)]
+    locs = list(where)
+    if len(locs) != n:
+        raise StoreError(f"internal: {len(locs)} locations for {n} items")
+    return locs
+
+
+def _unique_by_id(items: list, locs: list[str], kind: str) -> dict[str, tuple[Any, str]]:
+    seen: dict[str, tuple[Any, str]] = {}
+    for it, w in zip(items, locs, strict=True):
+        if it.id in seen and seen[it.id][0] != it:
+            raise StoreError(f"{w}: {kind} id {it.id!r} given twice with different content "
+                             f"(first at {seen[it.id][1]})")
+        seen.setdefault(it.id, (it, w))
+    return seen
+
+
 def add_prompts(
     session: Session, *, project_id: int, prompts: Iterable[PromptIn | Mapping[str, Any]],
-    where: str = "prompts",
+    where: str | Sequence[str] = "prompts",
 ) -> int:
     """Insert prompts; returns how many were new. A prompt already stored with the same
     text and topic is skipped (re-import is harmless); a different one is a conflict.
-    ``where`` prefixes error messages (io.py passes ``file:line``)."""
+    ``where`` names items in errors: a prefix (``prompts[3]``) or one location per item
+    (io.py passes ``file:line``)."""
     _project(session, project_id)
-    items = [_as(PromptIn, p, f"{where}[{i}]") for i, p in enumerate(prompts)]
-    seen: dict[str, PromptIn] = {}
-    for i, p in enumerate(items):
-        w = f"{where}[{i}]"
+    raw = list(prompts)
+    locs = _locs(where, len(raw))
+    items = [_as(PromptIn, p, w) for p, w in zip(raw, locs, strict=True)]
+    for p, w in zip(items, locs, strict=True):
         _ident(p.id, f"{w}.id")
         _text(p.text, f"{w}.text")
         _text(p.topic, f"{w}.topic", max_len=64, allow_empty=True)
         _meta(p.meta, f"{w}.meta")
-        if p.id in seen and seen[p.id] != p:
-            raise StoreError(f"{w}: prompt id {p.id!r} given twice with different content")
-        seen[p.id] = p
+    seen = _unique_by_id(items, locs, "prompt")
     existing = _existing(session, Prompt, list(seen))
     added = 0
-    for pid, p in seen.items():
+    for pid, (p, w) in seen.items():
         old = existing.get(pid)
         if old is not None:
             if (old.project_id, old.text, old.topic) != (project_id, p.text, p.topic):
-                raise StoreError(f"{where}: prompt id {pid!r} already exists with different content",
-                                 code="conflict")
+                raise StoreError(f"{w}: prompt id {pid!r} already exists with different content", code="conflict")
             continue
-        session.add(Prompt(id=pid, project_id=project_id, text=p.text, topic=p.topic, meta=_meta(p.meta, where)))
+        session.add(Prompt(id=pid, project_id=project_id, text=p.text, topic=p.topic, meta=_meta(p.meta, w)))
         added += 1
     session.flush()
     return added
@@ -655,65 +673,61 @@ def _existing(session: Session, model: type, ids: list[str]) -> dict[str, Any]:
 
 def add_responses(
     session: Session, *, project_id: int, responses: Iterable[ResponseIn | Mapping[str, Any]],
-    where: str = "responses",
+    where: str | Sequence[str] = "responses",
 ) -> int:
     """Insert responses to stored prompts of the project; identical re-inserts are skipped."""
     _project(session, project_id)
-    items = [_as(ResponseIn, r, f"{where}[{i}]") for i, r in enumerate(responses)]
-    seen: dict[str, ResponseIn] = {}
-    for i, r in enumerate(items):
-        w = f"{where}[{i}]"
+    raw = list(responses)
+    locs = _locs(where, len(raw))
+    items = [_as(ResponseIn, r, w) for r, w in zip(raw, locs, strict=True)]
+    for r, w in zip(items, locs, strict=True):
         _ident(r.id, f"{w}.id")
         _ident(r.prompt_id, f"{w}.prompt_id")
         _text(r.text, f"{w}.text")
         _text(r.source, f"{w}.source", max_len=200, allow_empty=True)
         _meta(r.meta, f"{w}.meta")
-        if r.id in seen and seen[r.id] != r:
-            raise StoreError(f"{w}: response id {r.id!r} given twice with different content")
-        seen[r.id] = r
-    prompts = _existing(session, Prompt, sorted({r.prompt_id for r in seen.values()}))
+    seen = _unique_by_id(items, locs, "response")
+    prompts = _existing(session, Prompt, sorted({r.prompt_id for r, _ in seen.values()}))
     existing = _existing(session, Response, list(seen))
     added = 0
-    for i, (rid, r) in enumerate(seen.items()):
+    for rid, (r, w) in seen.items():
         p = prompts.get(r.prompt_id)
         if p is None or p.project_id != project_id:
-            raise StoreError(f"{where}[{i}]: unknown prompt id {r.prompt_id!r}", code="not_found")
+            raise StoreError(f"{w}: unknown prompt id {r.prompt_id!r}", code="not_found")
         old = existing.get(rid)
         if old is not None:
             if (old.prompt_id, old.text, old.source) != (r.prompt_id, r.text, r.source):
-                raise StoreError(f"{where}[{i}]: response id {rid!r} already exists with different content",
+                raise StoreError(f"{w}: response id {rid!r} already exists with different content",
                                  code="conflict")
             continue
-        session.add(Response(id=rid, prompt_id=r.prompt_id, text=r.text, source=r.source, meta=_meta(r.meta, where)))
+        session.add(Response(id=rid, prompt_id=r.prompt_id, text=r.text, source=r.source, meta=_meta(r.meta, w)))
         added += 1
     session.flush()
     return added
 
 
 def add_pairs(
-    session: Session, *, project_id: int, pairs: Iterable[PairIn | Mapping[str, Any]], where: str = "pairs",
+    session: Session, *, project_id: int, pairs: Iterable[PairIn | Mapping[str, Any]],
+    where: str | Sequence[str] = "pairs",
 ) -> int:
     """Insert comparison pairs of two distinct stored responses to the same prompt."""
     _project(session, project_id)
-    items = [_as(PairIn, p, f"{where}[{i}]") for i, p in enumerate(pairs)]
-    seen: dict[str, PairIn] = {}
-    for i, p in enumerate(items):
-        w = f"{where}[{i}]"
+    raw = list(pairs)
+    locs = _locs(where, len(raw))
+    items = [_as(PairIn, p, w) for p, w in zip(raw, locs, strict=True)]
+    for p, w in zip(items, locs, strict=True):
         for f in ("id", "prompt_id", "response_a_id", "response_b_id"):
             _ident(getattr(p, f), f"{w}.{f}")
         _meta(p.meta, f"{w}.meta")
         if p.response_a_id == p.response_b_id:
             raise StoreError(f"{w}: response_a_id and response_b_id are both {p.response_a_id!r}")
-        if p.id in seen and seen[p.id] != p:
-            raise StoreError(f"{w}: pair id {p.id!r} given twice with different content")
-        seen[p.id] = p
+    seen = _unique_by_id(items, locs, "pair")
     responses = _existing(session, Response, sorted(
-        {p.response_a_id for p in seen.values()} | {p.response_b_id for p in seen.values()}))
-    prompts = _existing(session, Prompt, sorted({p.prompt_id for p in seen.values()}))
+        {p.response_a_id for p, _ in seen.values()} | {p.response_b_id for p, _ in seen.values()}))
+    prompts = _existing(session, Prompt, sorted({p.prompt_id for p, _ in seen.values()}))
     existing = _existing(session, Pair, list(seen))
     added = 0
-    for i, (pid, p) in enumerate(seen.items()):
-        w = f"{where}[{i}]"
+    for pid, (p, w) in seen.items():
         pr = prompts.get(p.prompt_id)
         if pr is None or pr.project_id != project_id:
             raise StoreError(f"{w}: unknown prompt id {p.prompt_id!r}", code="not_found")
