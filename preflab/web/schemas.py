@@ -101,7 +101,6 @@ class JudgementOut(BaseModel):
     judgement_id: int
     assignment_id: int
     replayed: bool = Field(description="True when this key had been stored before (nothing new written).")
-    progress: Progress
 
 
 class ImportOut(BaseModel):

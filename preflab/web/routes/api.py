@@ -98,14 +98,14 @@ def submit(request: Request, round_id: RoundId, body: w.JudgementIn, user: Curre
         rec = ops.submit_judgement(s, assignment_id=body.assignment_id, rater_id=user.id, choice=body.choice,
                                    strength=body.strength, rationale=body.rationale, time_on_task_s=seconds,
                                    idempotency_key=body.idempotency_key)
-        if rec.round_id != round_id:
+        if rec.round_id != round_id:  # raised inside the transaction: rolls the judgement back
             raise WebError(404, "not_found", f"assignment {body.assignment_id} is not in round {round_id}")
-        return rec, ops.progress(s, round_id=round_id, rater_id=user.id)
+        return rec
 
-    rec, prog = run_store(request, store)
+    # the write transaction holds SQLite's lock: keep it to the one op (progress comes with the next task)
+    rec = run_store(request, store)
     response.status_code = 200 if rec.replayed else 201
-    return w.JudgementOut(judgement_id=rec.id, assignment_id=rec.assignment_id, replayed=rec.replayed,
-                          progress=w.Progress(done=prog.done, total=prog.total))
+    return w.JudgementOut(judgement_id=rec.id, assignment_id=rec.assignment_id, replayed=rec.replayed)
 
 
 @router.get("/me/judgements/{idempotency_key}", response_model=w.JudgementOut)
@@ -115,10 +115,7 @@ def my_judgement(request: Request, idempotency_key: Annotated[str, Path(pattern=
     recs = run_store(request, lambda s: ops.rater_judgements(s, rater_id=user.id), readonly=True)
     for rec in recs:
         if rec.idempotency_key == idempotency_key:
-            rid = rec.round_id
-            prog = run_store(request, lambda s, rid=rid: ops.progress(s, round_id=rid, rater_id=user.id), readonly=True)
-            return w.JudgementOut(judgement_id=rec.id, assignment_id=rec.assignment_id, replayed=True,
-                                  progress=w.Progress(done=prog.done, total=prog.total))
+            return w.JudgementOut(judgement_id=rec.id, assignment_id=rec.assignment_id, replayed=True)
     raise WebError(404, "not_found", f"no judgement of yours with idempotency key {idempotency_key!r}")
 
 
