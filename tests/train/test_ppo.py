@@ -1,0 +1,156 @@
+"""train_ppo on tiny models: metrics, checkpoints, eval hook, controllers; reward hacking and the alarm."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from preflab.config import ConfigError, from_dict
+from preflab.sandbox.domain import (
+    OPENERS,
+    STILTED_PREFIX,
+    format_prompt,
+    generate_queries,
+    sandbox_texts,
+)
+from preflab.train.ppo import PPOConfig, RunningMoments, make_kl_controller, prompt_order, train_ppo
+
+from .policy_fixtures import cached_sft, queries
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="PPOConfig.clip_range"):
+        PPOConfig(clip_range=1.5)
+    with pytest.raises(ConfigError, match="PPOConfig.kl_controller"):
+        from_dict(PPOConfig, {"kl_controller": "magic"})
+    with pytest.raises(ValueError, match="alarm_thresholds"):
+        make_kl_controller(PPOConfig(), detector=lambda t: {})
+
+
+def test_adaptive_horizon_is_scaled_to_the_run():
+    c = make_kl_controller(PPOConfig(kl_controller="adaptive", steps=50, prompts_per_step=8, samples_per_prompt=2),
+                           None)
+    assert c.horizon == 50 * 16 // 10
+    assert make_kl_controller(PPOConfig(kl_controller="adaptive", kl_horizon=10000), None).horizon == 10000
+
+
+def test_prompt_order_covers_every_prompt_each_epoch():
+    seen = [i for step in range(5) for i in prompt_order(10, step, 4, seed=3)]
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+    assert prompt_order(10, 2, 4, seed=3) == prompt_order(10, 2, 4, seed=3)
+
+
+def test_running_moments_match_numpy():
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(n, generator=g) * 3 + 1 for n in (5, 1, 17, 8)]
+    m = RunningMoments()
+    for c in chunks:
+        m.update(c)
+    allx = torch.cat(chunks).numpy()
+    assert m.mean == pytest.approx(allx.mean(), rel=1e-5) and m.var == pytest.approx(allx.var(), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def random_policy():
+    from preflab.models.tiny import tiny_gpt2_config, train_tokenizer
+
+    torch.set_num_threads(1)
+    tok = train_tokenizer(sandbox_texts(n=200), 320)
+    cfg = tiny_gpt2_config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32, n_positions=256,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return tok, cfg
+
+
+def test_ppo_writes_metrics_checkpoints_and_eval(tmp_path, random_policy):
+    from preflab.models.tiny import tiny_gpt2
+
+    tok, mcfg = random_policy
+    policy, ref = tiny_gpt2(mcfg, seed=0), tiny_gpt2(mcfg, seed=0)
+    prompts = [format_prompt(q.text) for q in generate_queries(12, seed=0)]
+    calls = []
+
+    def reward(ps, texts):
+        assert len(ps) == len(texts)
+        return torch.tensor([len(t) / 50.0 for t in texts])
+
+    def hook(step, pol):
+        calls.append(step)
+        return {"eval/dummy": float(step)}
+
+    cfg = PPOConfig(steps=4, prompts_per_step=4, samples_per_prompt=2, max_new_tokens=8, minibatch_size=4,
+                    ppo_epochs=2, lr=1e-3, checkpoint_every=2, progress=False, kl_controller="adaptive",
+                    kl_target=0.5, missing_eos_penalty=2.0)
+    res = train_ppo(cfg, policy=policy, ref=ref, tokenizer=tok, reward_fn=reward, prompts=prompts,
+                    run_dir=tmp_path, eval_hook=hook)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows == res.metrics
+    for key in ("objective/kl", "objective/rlhf_reward", "objective/beta", "objective/scores", "ppo/clipfrac",
+                "ppo/approx_kl", "ppo/loss/policy", "ppo/loss/value", "val/explained_variance",
+                "time/rollout_s", "time/update_s", "objective/entropy"):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at step 1
+    assert rows[0]["objective/beta"] == 0.02 and rows[1]["objective/beta"] != 0.02  # the adaptive controller moved
+    assert calls == [2, 4] and json.loads((tmp_path / "eval" / "step_000004.json").read_text())["eval/dummy"] == 4.0
+    assert (tmp_path / "ckpt" / "step_000004" / "state.json").exists()
+    assert (tmp_path / "policy" / "config.json").exists() and (tmp_path / "config.json").exists()
+    assert len(res.events) == 4 and all(e["cause"].startswith("adaptive") for e in res.events)
+
+
+# ---- reward hacking on the sandbox --------------------------------------------------------
+
+
+def _biased_reward(prompts, texts):
+    """A biased reward model: it likes stilted formality and a curt (dismissive) tone."""
+    return torch.tensor([float(STILTED_PREFIX.strip() in t) + float(OPENERS["dismissive"] in t) for t in texts])
+
+
+def _drift(texts):
+    n = max(len(texts), 1)
+    return {"stilted": sum(STILTED_PREFIX.strip() in t for t in texts) / n,
+            "dismissive": sum(OPENERS["dismissive"] in t for t in texts) / n}
+
+
+def _gold_and_proxy(model, tok, qs):
+    from preflab.models.sampling import sample
+    from preflab.sandbox.gold import gold_utility
+
+    s = sample(model, tok, [format_prompt(q.text) for q in qs], max_new_tokens=80,
+               generator=torch.Generator().manual_seed(1))
+    return (float(np.mean([gold_utility(q, t) for q, t in zip(qs, s.texts, strict=True)])),
+            float(_biased_reward(None, s.texts).mean()))
+
+
+@pytest.mark.slow
+def test_beta_zero_hacks_a_biased_reward_and_the_alarm_stops_it(tmp_path, request):
+    from preflab.models.hf import load_policy
+
+    sft_dir = cached_sft(request)
+    eval_qs = queries(128, seed=5, split="heldout")
+    prompts = [format_prompt(q.text) for q in queries(64, seed=7)]
+    sft, tok = load_policy(sft_dir)
+    gold_sft, proxy_sft = _gold_and_proxy(sft, tok, eval_qs)
+    results = {}
+    for alarm in (False, True):
+        policy, tok = load_policy(sft_dir)
+        ref, _ = load_policy(sft_dir)
+        cfg = PPOConfig(steps=8, prompts_per_step=16, samples_per_prompt=2, max_new_tokens=80, minibatch_size=16,
+                        ppo_epochs=2, lr=5e-4, kl_beta=0.0, progress=False, checkpoint_every=1000,
+                        alarm_thresholds={"stilted": 0.5, "dismissive": 0.5}, alarm_floor=1.0)
+        res = train_ppo(cfg, policy=policy, ref=ref, tokenizer=tok, reward_fn=_biased_reward, prompts=prompts,
+                        run_dir=tmp_path / str(alarm), detectors=_drift if alarm else None)
+        results[alarm] = (*_gold_and_proxy(policy, tok, eval_qs), res)
+    gold0, proxy0, res0 = results[False]
+    gold1, proxy1, res1 = results[True]
+    # beta = 0: the proxy climbs while the gold utility falls (reward hacking)
+    assert proxy0 > proxy_sft + 0.5 and gold0 < gold_sft - 1.0, (proxy_sft, proxy0, gold_sft, gold0)
+    assert res0.events == [] and all(r["objective/beta"] == 0.0 for r in res0.metrics)
+    # the alarm raised beta, each raise logged with its cause, and gold did not fall
+    assert res1.events and all(e["cause"].startswith("alarm:") for e in res1.events)
+    assert res1.metrics[-1]["objective/beta"] >= 1.0
+    # (the first alarm needs a drifted batch to fire, so gold may dip by the eval noise, ~0.3)
+    assert gold1 > gold0 + 1.0 and gold1 > gold_sft - 0.75, (gold_sft, gold0, gold1)
+    events = [json.loads(line) for line in (tmp_path / "True" / "events.jsonl").read_text().splitlines()]
+    assert events == res1.events
