@@ -832,6 +832,157 @@ def demo(
     run_demo(DemoConfig(out=out, seed=seed), quick=quick, console=console)
 
 
+# ---- store (import / export / rounds) ----------------------------------------------------
+
+store_app = typer.Typer(help="The preference store: migrate, import prompts/pairs, open rounds, export.",
+                        no_args_is_help=True)
+app.add_typer(store_app, name="store")
+_DB_OPT = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store.")
+_PROJECT_OPT = typer.Option("default", help="Project (created if missing on import).")
+
+
+@store_app.command("migrate")
+def store_migrate(db: str = _DB_OPT) -> None:
+    """Create or upgrade the store's tables (Alembic head)."""
+    from preflab.store import db as store_db
+
+    store_db.upgrade(db)
+    engine = store_db.make_engine(db)
+    console.print(f"store at revision {store_db.current_revision(engine)}")
+
+
+@store_app.command("import")
+def store_import(
+    path: str = typer.Argument(..., help="JSONL file (formats: docs/store.md)."),
+    kind: str = typer.Option("pairs", help="'pairs' (prompt and responses inline or by id) or 'prompts'."),
+    db: str = _DB_OPT,
+    project: str = _PROJECT_OPT,
+) -> None:
+    """Import prompts or pairs from JSONL in one transaction (a bad line imports nothing)."""
+    from preflab.store import db as store_db
+    from preflab.store import io, ops
+
+    if kind not in ("pairs", "prompts"):
+        _fail(ValueError(f"--kind: must be 'pairs' or 'prompts', got {kind!r}"))
+    store_db.upgrade(db)
+    engine = store_db.make_engine(db)
+    try:
+        with store_db.session_scope(engine) as s:
+            pid = ops.ensure_project(s, name=project)
+            fn = io.import_pairs if kind == "pairs" else io.import_prompts
+            res = fn(s, project_id=pid, path=path)
+    except ops.StoreError as e:
+        _fail(e)
+    console.print(f"imported {res.prompts} prompts, {res.responses} responses, {res.pairs} pairs into {project!r}")
+
+
+@store_app.command("round")
+def store_round(
+    name: str = typer.Argument(..., help="Round name (unique in the project)."),
+    kind: str = typer.Option("collection", help="calibration | collection | rerate | eval."),
+    topic: str = typer.Option(None, help="Only pairs whose prompt has this topic (default: all pairs)."),
+    overlap: int = typer.Option(1, min=1, help="Distinct raters per item."),
+    duplicate_rate: float = typer.Option(0.1, help="Share of judged items planted again, sides swapped."),
+    duplicate_gap: int = typer.Option(5, help="At least this many other tasks between an item and its duplicate."),
+    fallback: str = typer.Option("always", help="Specialists may take other domains: always | after | never."),
+    seed: int = typer.Option(0, help="Seed of order, sides and duplicates."),
+    db: str = _DB_OPT,
+    project: str = _PROJECT_OPT,
+) -> None:
+    """Open a round over the project's pairs under the newest guideline version."""
+    from preflab.collect.assign import AssignConfig, open_round, round_routing_gaps
+    from preflab.config import from_dict
+    from preflab.store import db as store_db
+    from preflab.store import ops
+
+    cfg = from_dict(AssignConfig, {"overlap": overlap, "duplicate_rate": duplicate_rate,
+                                   "duplicate_gap": duplicate_gap, "fallback": fallback, "seed": seed})
+    engine = store_db.make_engine(db)
+    try:
+        with store_db.session_scope(engine) as s:
+            pid = ops.project_id(s, name=project)
+            if pid is None:
+                raise ops.StoreError(f"--project: no project {project!r} in {db}")
+            pairs = [p.id for p in ops.list_pairs(s, project_id=pid, topic=topic)]
+            rid = open_round(s, cfg, project_id=pid, name=name, kind=kind, pair_ids=pairs)
+            gaps = round_routing_gaps(s, round_id=rid)
+    except ops.StoreError as e:
+        _fail(e)
+    console.print(f"round {name!r} (id {rid}): {len(pairs)} pairs, overlap {overlap}")
+    for g in gaps:
+        console.print(f"[yellow]warning:[/yellow] {g}")
+
+
+@store_app.command("export")
+def store_export(
+    what: str = typer.Argument(..., help="judgements | trl | hf | pairs."),
+    out: str = typer.Argument(..., help="Output file (JSONL) or directory (hf: Dataset.save_to_disk)."),
+    round_name: str = typer.Option(None, "--round", help="Only this round (judgements)."),
+    margin: str = typer.Option(None, help="Strength->margin map for trl/hf, e.g. '0,0.5,1,2' (strengths 0..3)."),
+    db: str = _DB_OPT,
+    project: str = _PROJECT_OPT,
+) -> None:
+    """Export judgements, TRL prompt/chosen/rejected(/margin) records, a HF dataset or the pairs."""
+    from preflab.store import db as store_db
+    from preflab.store import io, ops
+
+    engine = store_db.make_engine(db)
+    try:
+        margins = None
+        if margin is not None:
+            vals = [float(x) for x in margin.split(",")]
+            if len(vals) != 4:
+                raise ops.StoreError(f"--margin: need 4 values (strengths 0..3), got {len(vals)}")
+            margins = dict(enumerate(vals))
+        with store_db.session_scope(engine, readonly=True) as s:
+            pid = ops.project_id(s, name=project)
+            if pid is None:
+                raise ops.StoreError(f"--project: no project {project!r} in {db}")
+            if what == "judgements":
+                rid = None
+                if round_name is not None:
+                    rid = next((r.id for r in ops.list_rounds(s, project_id=pid) if r.name == round_name), None)
+                    if rid is None:
+                        raise ops.StoreError(f"--round: no round {round_name!r} in project {project!r}")
+                n = io.export_judgements_jsonl(s, project_id=pid, path=out, round_id=rid)
+            elif what == "trl":
+                n = io.export_trl_jsonl(s, project_id=pid, path=out, margin=margins)
+            elif what == "hf":
+                ds = io.to_hf_dataset(s, project_id=pid, margin=margins)
+                ds.save_to_disk(out)
+                n = len(ds)
+            elif what == "pairs":
+                n = io.export_pairs_jsonl(s, project_id=pid, path=out)
+            else:
+                raise ops.StoreError(f"what: must be judgements, trl, hf or pairs, got {what!r}")
+    except (ops.StoreError, ValueError) as e:
+        _fail(e)
+    console.print(f"wrote {n} {what} records to {out}")
+
+
+@store_app.command("progress")
+def store_progress(
+    round_name: str = typer.Argument(..., help="Round name."),
+    db: str = _DB_OPT,
+    project: str = _PROJECT_OPT,
+) -> None:
+    """Items completed and judgements per rater in a round."""
+    from preflab.store import db as store_db
+    from preflab.store import ops
+
+    engine = store_db.make_engine(db)
+    with store_db.session_scope(engine, readonly=True) as s:
+        pid = ops.project_id(s, name=project)
+        rnd = next((r for r in ops.list_rounds(s, project_id=pid) if r.name == round_name), None) if pid else None
+        if rnd is None:
+            _fail(ValueError(f"no round {round_name!r} in project {project!r}"))
+        p = ops.round_progress(s, round_id=rnd.id)
+    console.print(f"{rnd.name}: {p.items_complete}/{p.n_items} items complete, {p.n_judgements} judgements")
+    for r in p.raters:
+        console.print(f"  {r.rater_name}: {r.done} done ({r.duplicates_done} duplicates), {r.leased} leased, "
+                      f"{r.time_on_task_s / 60:.1f} min")
+
+
 # ---- end of commands -------------------------------------------------------------------
 
 

@@ -1,0 +1,40 @@
+"""The ``preflab store`` commands through Typer: migrate, import, round, export, progress."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from preflab.cli import app
+
+
+def test_store_commands_end_to_end(tmp_path):
+    db = f"sqlite:///{tmp_path / 'cli.db'}"
+    rows = [{"id": f"p{i}", "prompt": {"id": f"q{i}", "text": f"question {i}", "topic": "pricing"},
+             "response_a": {"id": f"r{i}a", "text": f"A{i}"}, "response_b": {"id": f"r{i}b", "text": f"B{i}"}}
+            for i in range(3)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    def run(*args):
+        res = CliRunner().invoke(*args)
+        res.text = " ".join(res.output.split())  # rich wraps long lines
+        return res
+
+    r = run(app, ["store", "migrate", "--db", db])
+    assert r.exit_code == 0 and "revision" in r.text
+    r = run(app, ["store", "import", str(tmp_path / "pairs.jsonl"), "--db", db, "--project", "cli"])
+    assert r.exit_code == 0, r.output
+    assert "imported 3 prompts, 6 responses, 3 pairs" in r.text
+    (tmp_path / "bad.jsonl").write_text('{"id": "p9", "prompt_id": "q0", "response_a_id": "r0a", "response_b_id": "zz"}\n')
+    r = run(app, ["store", "import", str(tmp_path / "bad.jsonl"), "--db", db, "--project", "cli"])
+    assert r.exit_code == 2 and "bad.jsonl:1: unknown response id 'zz'" in r.text
+    r = run(app, ["store", "round", "first", "--overlap", "2", "--db", db, "--project", "cli"])
+    assert r.exit_code == 0 and "3 pairs, overlap 2" in r.text
+    assert "no item can be completed" in r.text  # the project has no raters yet: warned
+    r = run(app, ["store", "progress", "first", "--db", db, "--project", "cli"])
+    assert r.exit_code == 0 and "0/3 items complete" in r.text
+    r = run(app, ["store", "export", "pairs", str(tmp_path / "out.jsonl"), "--db", db, "--project", "cli"])
+    assert r.exit_code == 0 and len((tmp_path / "out.jsonl").read_text().splitlines()) == 3
+    r = run(app, ["store", "export", "trl", str(tmp_path / "trl.jsonl"), "--margin", "0,1", "--db", db,
+                  "--project", "cli"])
+    assert r.exit_code == 2 and "--margin: need 4 values" in r.text
