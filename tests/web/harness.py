@@ -124,10 +124,11 @@ def pairs_jsonl(n: int, *, domains: tuple[str, ...] = ("pricing", "billing"), pr
     for i in range(n):
         d = domains[i % len(domains)]
         lines.append(json.dumps({
-            "pair_id": f"{prefix}{i}",
-            "prompt": {"prompt_id": f"{prefix}q{i}", "text": f"Query {i}: how much does the {d} plan cost?", "topic": d},
-            "a": {"response_id": f"{prefix}{i}a", "text": f"Answer A{i}: it costs ${10 + i} per month.", "source": "sft"},
-            "b": {"response_id": f"{prefix}{i}b", "text": f"Answer B{i}: I think it is maybe ${12 + i}.", "source": "ppo-step500"},
+            "id": f"{prefix}{i}",
+            "prompt": {"id": f"{prefix}q{i}", "text": f"Query {i}: how much does the {d} plan cost?", "topic": d},
+            "response_a": {"id": f"{prefix}{i}a", "text": f"Answer A{i}: it costs ${10 + i} per month.", "source": "sft"},
+            "response_b": {"id": f"{prefix}{i}b", "text": f"Answer B{i}: I think it is maybe ${12 + i}.",
+                           "source": "ppo-step500"},
         }))
     return "\n".join(lines) + "\n"
 
@@ -150,7 +151,7 @@ def sandbox_pairs_jsonl(n: int, *, seed: int = 0, prefix: str = "s") -> tuple[st
             b = domain.compose(q, domain.sample_style(rng))
         pid = f"{prefix}{i}"
         texts[pid] = {f"{pid}a": a, f"{pid}b": b}
-        lines.append(json.dumps({"pair_id": pid, "prompt": {"prompt_id": f"{pid}q", "text": q.text, "topic": q.topic},
-                                 "a": {"response_id": f"{pid}a", "text": a, "source": "sft-v1"},
-                                 "b": {"response_id": f"{pid}b", "text": b, "source": "ppo-step500"}}))
+        lines.append(json.dumps({"id": pid, "prompt": {"id": f"{pid}q", "text": q.text, "topic": q.topic},
+                                 "response_a": {"id": f"{pid}a", "text": a, "source": "sft-v1"},
+                                 "response_b": {"id": f"{pid}b", "text": b, "source": "ppo-step500"}}))
     return "\n".join(lines) + "\n", texts

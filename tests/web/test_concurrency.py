@@ -8,6 +8,7 @@ the same idempotency key does not duplicate. SQLite with one worker; PostgreSQL 
 from __future__ import annotations
 
 import collections
+import json
 import threading
 import uuid
 
@@ -90,6 +91,16 @@ def run_crowd(db_url: str, server) -> None:
         expect = {"left": a.left_response_id, "right": right, "tie": None}[acked[a.id]]
         assert j.winner_id == expect
     assert any(a.is_duplicate for _, a in rows)  # planted duplicates were served too
+
+    # the admin downloads: every judgement with canonical ids, and TRL training lines
+    lines = [json.loads(x) for x in admin.get(f"/api/v1/rounds/{round_id}/export").text.splitlines()]
+    assert sorted((x["judgement_id"], x["winner_id"]) for x in lines) == sorted((j.id, j.winner_id) for j, _ in rows)
+    trl = [json.loads(x) for x in admin.get("/api/v1/export/trl").text.splitlines()]
+    assert trl and all(set(x) == {"prompt", "chosen", "rejected", "margin"} for x in trl)
+    latest = {}
+    for j, _ in sorted(rows, key=lambda r: r[0].id):  # latest answer per (rater, pair), duplicates included
+        latest[(j.rater_id, j.pair_id)] = j
+    assert len(trl) == sum(1 for j in latest.values() if j.winner_id is not None)  # ties left out
 
 
 @pytest.mark.slow

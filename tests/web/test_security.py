@@ -63,7 +63,7 @@ def test_rater_gets_403_on_admin_routes(world):
     for method, path, kw in [
         ("GET", "/api/v1/admin/rounds", {}), ("POST", "/api/v1/rounds", {"json": {"name": "x"}}),
         ("GET", f"/api/v1/rounds/{rid}/progress", {}), ("GET", f"/api/v1/rounds/{rid}/export", {}),
-        ("GET", f"/api/v1/rounds/{rid}/export?format=trl", {}), ("GET", "/api/v1/alerts", {}),
+        ("GET", "/api/v1/export/trl", {}), ("GET", "/api/v1/alerts", {}),
         ("POST", "/api/v1/raters", {"json": {"name": "mallory"}}),
         ("POST", "/api/v1/import/pairs", {"content": b"{}"}),
     ]:
@@ -183,12 +183,14 @@ def test_bad_input_gets_clear_4xx(world):
     big = b"x" * (8 * 1024 * 1024 + 10)
     r = admin.post("/api/v1/import/pairs", content=big)
     assert r.status_code == 413 and "larger than the limit" in r.json()["error"]["message"]
-    bad = b'{"pair_id": "z1", "prompt": {"prompt_id": "zq", "text": "q"}, "a": {"response_id": "za", "text": "a"}, "b": {"response_id": "zb", "text": "b"}}\n{oops\n'
+    bad = (b'{"id": "z1", "prompt": {"id": "zq", "text": "q"}, "response_a": {"id": "za", "text": "a"}, '
+           b'"response_b": {"id": "zb", "text": "b"}}\n{oops\n')
     r = admin.post("/api/v1/import/pairs", content=bad)
     assert r.status_code == 400 and "pairs.jsonl:2" in r.json()["error"]["message"]
     assert admin.post("/api/v1/rounds", json={"name": "z", "pair_ids": ["z1"]}).status_code == 404  # nothing imported
-    r = admin.get(f"/api/v1/rounds/{rid}/export?format=csv")
-    assert r.status_code == 422 and "format" in r.json()["error"]["message"]
+    r = admin.post("/api/v1/import/prompts", content=b'{"id": "zz", "txt": "typo"}\n')
+    assert r.status_code == 400 and "prompts.jsonl:1" in r.json()["error"]["message"]
+    assert admin.post("/api/v1/import/csv", content=b"a,b").status_code == 422
     r = httpx.get(world["server"].url + "/api/v1/me")
     assert r.status_code == 401 and r.json()["error"]["code"] == "unauthenticated"
     r = httpx.get(world["server"].url + "/api/v1/me", headers={"Authorization": "Basic abc"})

@@ -21,7 +21,7 @@ from preflab.web.routes.api import (
     round_progress,
 )
 from preflab.web.routes.pages import render
-from preflab.web.transfer import _records
+from preflab.web.transfer import pair_ids_of
 
 router = APIRouter(prefix="/admin", include_in_schema=False, dependencies=[Depends(csrf_guard)])
 
@@ -68,7 +68,8 @@ async def admin_import(request: Request, user: AdminUser, kind: Annotated[str, F
         raise WebError(422, "invalid_input", "kind: must be 'prompts' or 'pairs'")
     text = await _upload_text(file, request.app.state.settings.max_body_bytes, file.filename or f"{kind}.jsonl")
     counts = await run_in_threadpool(
-        lambda: run_store(request, lambda s: import_jsonl(s, project_id=user.project_id, kind=kind, text=text)))
+        lambda: run_store(request, lambda s: import_jsonl(s, project_id=user.project_id, kind=kind, text=text,
+                                                        filename=file.filename)))
     msg = "Imported " + ", ".join(f"{v} new {k}" for k, v in counts.items()) + "."
     return await run_in_threadpool(lambda: _dashboard(request, user, flash=msg))
 
@@ -89,9 +90,11 @@ async def admin_create_round(
         if pairs_file is None or not pairs_file.filename:
             raise WebError(422, "invalid_input", "pairs_file: choose a JSONL file with a pair_id per line")
         text = await _upload_text(pairs_file, request.app.state.settings.max_body_bytes, pairs_file.filename)
+        from preflab.store.ops import StoreError
+
         try:
-            pair_ids = [str(r.get("pair_id") or r.get("id")) for _, r in _records(text, pairs_file.filename)]
-        except Exception as e:
+            pair_ids = pair_ids_of(text, pairs_file.filename)
+        except StoreError as e:
             raise WebError(400, "invalid_input", str(e)) from None
     try:
         body = w.RoundCreate(name=name, kind=kind, guideline_version=guideline_version or None, pair_ids=pair_ids,

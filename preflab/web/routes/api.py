@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import Response
 
 from preflab.web import schemas as w
@@ -208,21 +208,31 @@ def alerts(request: Request, user: AdminUser, resolved: bool = False) -> list[w.
                        created_at=a.created_at) for a in rows]
 
 
-ExportFormat = Literal["jsonl", "trl"]
+def ndjson(text: str, filename: str) -> Response:
+    return Response(text, media_type="application/x-ndjson",
+                    headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
 
 @router.get("/rounds/{round_id}/export", response_class=Response,
             responses={200: {"content": {"application/x-ndjson": {}}}})
-def export(request: Request, round_id: RoundId, user: AdminUser,
-           format: ExportFormat = Query("jsonl", description="jsonl: every judgement; trl: prompt/chosen/rejected/margin")) -> Response:
-    """Download a round's judgements (admin)."""
-    from preflab.web.transfer import export_round
+def export_round(request: Request, round_id: RoundId, user: AdminUser) -> Response:
+    """Download every judgement of a round as JSONL (canonical ids, rater, duplicate flag; admin)."""
+    from preflab.web.transfer import export_round_jsonl
 
-    info = own_round(request, user, round_id)
-    text = run_store(request, lambda s: export_round(s, round_id=round_id, fmt=format), readonly=True)
-    name = f"{info.name}-{format}.jsonl".replace("/", "_").replace('"', "")
-    return Response(text, media_type="application/x-ndjson",
-                    headers={"Content-Disposition": f'attachment; filename="{name}"'})
+    own_round(request, user, round_id)
+    text = run_store(request, lambda s: export_round_jsonl(s, project_id=user.project_id, round_id=round_id),
+                     readonly=True)
+    return ndjson(text, f"round-{round_id}-judgements.jsonl")
+
+
+@router.get("/export/trl", response_class=Response, responses={200: {"content": {"application/x-ndjson": {}}}})
+def export_trl(request: Request, user: AdminUser) -> Response:
+    """Download training data in TRL's prompt/chosen/rejected/margin format (admin): the latest
+    judgement per (pair, rater) under the newest guideline, ties left out."""
+    from preflab.web.transfer import export_trl_jsonl
+
+    text = run_store(request, lambda s: export_trl_jsonl(s, project_id=user.project_id), readonly=True)
+    return ndjson(text, "preferences-trl.jsonl")
 
 
 @router.post("/import/{kind}", response_model=w.ImportOut, openapi_extra=JSONL_BODY)
