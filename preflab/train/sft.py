@@ -38,6 +38,8 @@ class SFTConfig:
     weight_decay: float = field_doc(0.01, "AdamW weight decay")
     max_grad_norm: float = field_doc(1.0, "gradient clipping by global norm (0: off)")
     max_length: int = field_doc(256, "max tokens of prompt + response (longer responses are cut)")
+    length_grouping: int = field_doc(8, "draw this many batches at once and batch them by length, which "
+                                        "cuts padding (1: off)")
     checkpoint_every: int = field_doc(100, "save a resumable checkpoint every N steps (and at the end)")
     keep_last: int = field_doc(2, "checkpoints kept on disk")
     log_every: int = field_doc(1, "write a metrics line every N steps")
@@ -48,7 +50,7 @@ class SFTConfig:
 
     def validate(self) -> None:
         w = "SFTConfig"
-        for name in ("steps", "batch_size", "checkpoint_every", "keep_last", "log_every"):
+        for name in ("steps", "batch_size", "checkpoint_every", "keep_last", "log_every", "length_grouping"):
             check(getattr(self, name) >= 1, f"{w}.{name}", "must be >= 1")
         check(self.lr > 0, f"{w}.lr", "must be > 0")
         check(self.warmup_steps >= 0, f"{w}.warmup_steps", "must be >= 0")
@@ -123,6 +125,21 @@ def batch_indices(n: int, step: int, batch_size: int, seed: int) -> list[int]:
     return out
 
 
+def grouped_batch_indices(lengths: Sequence[int], step: int, batch_size: int, seed: int, group: int) -> list[int]:
+    """Batch ``step`` when ``group`` consecutive batches are drawn together and re-split by length.
+
+    The ``group * batch_size`` examples of ``batch_indices(n, step // group, ...)`` are sorted
+    by length, cut into ``group`` batches, and those are taken in a seeded random order
+    (like HF's group_by_length). Every example is still seen once per epoch.
+    """
+    mega, k = divmod(step, group)
+    pool = batch_indices(len(lengths), mega, batch_size * group, seed)
+    pool.sort(key=lambda i: (lengths[i], i))
+    chunks = [pool[j * batch_size : (j + 1) * batch_size] for j in range(group)]
+    random.Random(f"sft-group:{seed}:{mega}").shuffle(chunks)
+    return chunks[k]
+
+
 def response_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of -log p over labelled next tokens, number of them); logits (B, T, V), labels (B, T)."""
     targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
@@ -180,6 +197,7 @@ def train_sft(
     seed_everything(cfg.seed)
     write_config(cfg, run_dir)
     data = encode_dialogues(tokenizer, dialogues, cfg.max_length)
+    lengths = [len(ids) for ids, _ in data]
 
     model.train()
     decay, no_decay = [], []
@@ -215,8 +233,8 @@ def train_sft(
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             # ---- batch + loss (token mean over the batch's response tokens) -------------------
-            batch = collate([data[i] for i in batch_indices(len(data), step, cfg.batch_size, cfg.seed)],
-                            tokenizer.pad_token_id)
+            idx = grouped_batch_indices(lengths, step, cfg.batch_size, cfg.seed, cfg.length_grouping)
+            batch = collate([data[i] for i in idx], tokenizer.pad_token_id)
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             with acc.autocast():
                 logits = prepared(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

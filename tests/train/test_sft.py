@@ -15,6 +15,7 @@ from preflab.train.sft import (
     batch_indices,
     collate,
     encode_dialogues,
+    grouped_batch_indices,
     response_nll,
     train_sft,
 )
@@ -59,6 +60,17 @@ def test_batch_indices_cover_each_epoch_once():
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
     assert seen[:10] != seen[10:]
     assert batch_indices(10, 2, 4, seed=3) == seen[8:12]
+
+
+def test_grouped_batches_cover_the_epoch_and_cut_padding():
+    lengths = [(i * 37) % 50 + 1 for i in range(64)]
+    batches = [grouped_batch_indices(lengths, s, 8, seed=1, group=4) for s in range(8)]  # one epoch
+    assert sorted(i for b in batches for i in b) == list(range(64))
+    spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches]
+    plain = [batch_indices(64, s, 8, seed=1) for s in range(8)]
+    plain_spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in plain]
+    assert sum(spread) < 0.5 * sum(plain_spread)
+    assert sorted(grouped_batch_indices(lengths, 5, 8, seed=1, group=1)) == sorted(batch_indices(64, 5, 8, seed=1))
 
 
 def test_config_errors_name_the_field():
