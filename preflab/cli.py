@@ -53,7 +53,8 @@ def serve(
     from preflab.web.server import serve as run_serve
 
     run_serve(db_url=db, host=host, port=port, workers=workers, project=project, secret_key=secret_key,
-              cookie_secure=cookie_secure, echo=console.print)
+              cookie_secure=cookie_secure,
+              echo=lambda m: console.print(m, soft_wrap=True, markup=False, highlight=False))
 
 
 # ---- report, outcomes (report/) ---------------------------------------------------------
