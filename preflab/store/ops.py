@@ -34,6 +34,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import secrets
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -917,32 +918,57 @@ def round_pair_ids(session: Session, *, round_id: int) -> list[str]:
 # ---- assignment -------------------------------------------------------------------------
 
 
-def _routable(rnd: Round, rater: Rater, now: dt.datetime):  # noqa: ANN202 - SQL expressions
-    """(filter or None, match-expression) for items this rater may take."""
+def _routing(rnd: Round, rater: Rater, now: dt.datetime) -> tuple[list[str], bool]:
+    """(the rater's specialties to try first, whether other domains are allowed)."""
     specs = [s for s in (rater.specialties or []) if s]
     if rnd.routing == "any" or not specs:
-        return None, None
-    match = RoundItem.domain.in_(specs)
+        return [], True
     if rnd.fallback == "always":
-        return None, match
+        return specs, True
     if rnd.fallback == "after" and (now - rnd.created_at).total_seconds() >= rnd.fallback_after_s:
-        return None, match
-    return match, match
+        return specs, True
+    return specs, False
 
 
-def _fresh_query(rnd: Round, rater: Rater, now: dt.datetime):  # noqa: ANN202
-    filled = (select(func.count()).select_from(Assignment)
-              .where(Assignment.item_id == RoundItem.id, Assignment.slot.is_not(None))
-              .correlate(RoundItem).scalar_subquery())
+def _fresh(rnd: Round, rater: Rater):  # noqa: ANN202 - a Select
+    """Items with a free slot that this rater never had as a fresh task.
+
+    ``RoundItem.filled`` counts slotted assignments (kept in step with them by next_task
+    and the lease reclaim), so this is an index scan, not a count per item.
+    """
     mine = exists().where(Assignment.item_id == RoundItem.id, Assignment.rater_id == rater.id,
                           Assignment.is_duplicate.is_(False))
-    q = select(RoundItem.id, filled.label("filled")).where(
-        RoundItem.round_id == rnd.id, ~mine, filled < rnd.overlap)
-    where, match = _routable(rnd, rater, now)
-    if where is not None:
-        q = q.where(where)
-    order = [] if match is None else [case((match, 0), else_=1)]
-    return q.order_by(*order, filled.desc(), RoundItem.position)
+    return select(RoundItem.id).where(RoundItem.round_id == rnd.id, RoundItem.filled < rnd.overlap, ~mine)
+
+
+def _pick_fresh(session: Session, rnd: Round, rater: Rater, now: dt.datetime, tried: set[int]) -> int | None:
+    """The next fresh item: specialty first, then fullest, then the round's seeded order."""
+    q = _fresh(rnd, rater)
+    if tried:
+        q = q.where(RoundItem.id.not_in(tried))
+    # (filled desc, position desc) is a backward scan of ix_round_item_pick*; positions are a shuffle
+    q = q.order_by(RoundItem.filled.desc(), RoundItem.position.desc()).limit(1)
+    specs, others = _routing(rnd, rater, now)
+    if specs:
+        found = session.scalar(q.where(RoundItem.domain.in_(specs)))
+        if found is not None or not others:
+            return found
+    return session.scalar(q)
+
+
+def _n_fresh(session: Session, rnd: Round, rater: Rater, now: dt.datetime) -> int:
+    """How many items ``_pick_fresh`` could still offer: open items minus the rater's own
+    (two index counts instead of a correlated scan of the whole round)."""
+    specs, others = _routing(rnd, rater, now)
+    open_items = select(func.count()).select_from(RoundItem).where(
+        RoundItem.round_id == rnd.id, RoundItem.filled < rnd.overlap)
+    own = (select(func.count()).select_from(Assignment).join(RoundItem, RoundItem.id == Assignment.item_id)
+           .where(Assignment.round_id == rnd.id, Assignment.rater_id == rater.id,
+                  Assignment.is_duplicate.is_(False), RoundItem.filled < rnd.overlap))
+    if specs and not others:
+        open_items = open_items.where(RoundItem.domain.in_(specs))
+        own = own.where(RoundItem.domain.in_(specs))
+    return (session.scalar(open_items) or 0) - (session.scalar(own) or 0)
 
 
 def _next_seq(session: Session, round_id: int, rater_id: int) -> int:
@@ -954,8 +980,13 @@ def _next_seq(session: Session, round_id: int, rater_id: int) -> int:
 def _reclaim_expired(session: Session, round_id: int, now: dt.datetime) -> None:
     expired = and_(Assignment.round_id == round_id, Assignment.state == "leased",
                    Assignment.lease_expires_at < now)
-    session.execute(delete(Assignment).where(expired, Assignment.is_duplicate.is_(False))
-                    .execution_options(synchronize_session=False))
+    # RETURNING: only rows this transaction really deleted free a slot (a concurrent
+    # reclaimer that lost the race deletes nothing and decrements nothing)
+    freed = session.execute(delete(Assignment).where(expired, Assignment.is_duplicate.is_(False))
+                            .returning(Assignment.item_id).execution_options(synchronize_session=False)).scalars().all()
+    for item_id, n in Counter(freed).items():
+        session.execute(update(RoundItem).where(RoundItem.id == item_id).values(filled=RoundItem.filled - n)
+                        .execution_options(synchronize_session=False))
     session.execute(update(Assignment).where(expired, Assignment.is_duplicate.is_(True))
                     .values(state="scheduled", seq=None, lease_expires_at=None, leased_at=None)
                     .execution_options(synchronize_session=False))
@@ -1019,11 +1050,10 @@ def next_task(session: Session, *, round_id: int, rater_id: int, now: dt.datetim
                     return _task(session, rnd, dup, now)
             continue
         # 4. a fresh item with a free slot
-        cand = session.execute(_fresh_query(rnd, rater, now).where(RoundItem.id.not_in(tried) if tried else True)
-                               .limit(1)).first()
-        if cand is None:
+        item_id = _pick_fresh(session, rnd, rater, now, tried)
+        if item_id is None:
             return None
-        item = session.get(RoundItem, cand[0])
+        item = session.get(RoundItem, item_id)
         pair = session.get(Pair, item.pair_id)
         used = set(session.scalars(select(Assignment.slot).where(
             Assignment.item_id == item.id, Assignment.slot.is_not(None))))
@@ -1036,23 +1066,31 @@ def next_task(session: Session, *, round_id: int, rater_id: int, now: dt.datetim
                        left_response_id=left, is_duplicate=False, slot=free[0], seq=seq, state="leased",
                        leased_at=now, lease_expires_at=lease_until, created_at=now)
 
-        def add(a: Assignment = a) -> None:
+        def take(a: Assignment = a, item_id: int = item.id) -> None:
+            n = session.execute(update(RoundItem).where(RoundItem.id == item_id, RoundItem.filled < rnd.overlap)
+                                .values(filled=RoundItem.filled + 1)
+                                .execution_options(synchronize_session=False)).rowcount
+            if n != 1:  # filled up meanwhile
+                raise IntegrityError("item full", None, Exception("full"))
             session.add(a)
 
-        if _try(session, add):
+        if _try(session, take):
             return _task(session, rnd, a, now)
-        session.expunge(a) if a in session else None
+        if a in session:
+            session.expunge(a)
         # a clash: another rater took the slot, or this rater got a task concurrently (step 1 finds it)
     raise StoreError(f"round {round_id}: could not lease a task after {_RETRIES} attempts (heavy contention)",
                      code="conflict")
 
 
 def _task(session: Session, rnd: Round, a: Assignment, now: dt.datetime) -> Task:
-    pair = session.get(Pair, a.pair_id)
-    prompt = session.get(Prompt, pair.prompt_id)
-    right_id = pair.response_b_id if a.left_response_id == pair.response_a_id else pair.response_a_id
-    left, right = session.get(Response, a.left_response_id), session.get(Response, right_id)
-    p = progress(session, round_id=rnd.id, rater_id=a.rater_id, now=now)
+    lr, rr = aliased(Response), aliased(Response)
+    right_col = case((Pair.response_a_id == a.left_response_id, Pair.response_b_id), else_=Pair.response_a_id)
+    prompt, left, right = session.execute(
+        select(Prompt, lr, rr).select_from(Pair).join(Prompt, Prompt.id == Pair.prompt_id)
+        .join(lr, lr.id == a.left_response_id).join(rr, rr.id == right_col).where(Pair.id == a.pair_id)).one()
+    rater = session.get(Rater, a.rater_id)
+    p = _progress(session, rnd, rater, now)
     return Task(a.id, rnd.id, prompt.text, prompt.topic, left.id, left.text, right.id, right.text,
                 rnd.allow_ties, rnd.min_rationale_chars, a.lease_expires_at, p.done, p.total)
 
@@ -1068,19 +1106,22 @@ def get_task(session: Session, *, assignment_id: int, rater_id: int, now: dt.dat
 def progress(session: Session, *, round_id: int, rater_id: int, now: dt.datetime | None = None) -> Progress:
     """Done and total for a rater: total = done + held + fresh items they could still get
     + scheduled duplicates that can come due (an estimate while others are rating)."""
-    now = _now(now)
-    rnd = _round(session, round_id)
-    rater = _rater(session, rater_id)
-    counts = dict(session.execute(select(Assignment.state, func.count()).where(
-        Assignment.round_id == round_id, Assignment.rater_id == rater_id).group_by(Assignment.state)).all())
+    return _progress(session, _round(session, round_id), _rater(session, rater_id), _now(now))
+
+
+def _progress(session: Session, rnd: Round, rater: Rater, now: dt.datetime) -> Progress:
+    rows = session.execute(select(Assignment.state, func.count(), func.max(Assignment.seq)).where(
+        Assignment.round_id == rnd.id, Assignment.rater_id == rater.id).group_by(Assignment.state)).all()
+    counts = {state: n for state, n, _ in rows}
+    max_seq = max((m for _, _, m in rows if m is not None), default=-1)
     done, held = counts.get("done", 0), counts.get("leased", 0)
-    fresh = session.scalar(select(func.count()).select_from(_fresh_query(rnd, rater, now).order_by(None).subquery())) or 0
-    if rnd.status != "open":
-        fresh = 0
-    reach = _next_seq(session, round_id, rater_id) + held + fresh
-    dups = session.scalar(select(func.count()).select_from(Assignment).where(
-        Assignment.round_id == round_id, Assignment.rater_id == rater_id, Assignment.state == "scheduled",
-        Assignment.due_seq <= reach)) or 0
+    fresh = _n_fresh(session, rnd, rater, now) if rnd.status == "open" else 0
+    dups = 0
+    if counts.get("scheduled"):
+        reach = max_seq + 1 + held + fresh
+        dups = session.scalar(select(func.count()).select_from(Assignment).where(
+            Assignment.round_id == rnd.id, Assignment.rater_id == rater.id, Assignment.state == "scheduled",
+            Assignment.due_seq <= reach)) or 0
     return Progress(done=done, total=done + held + fresh + dups)
 
 

@@ -177,12 +177,19 @@ class Round(Base):
 
 class RoundItem(Base):
     __tablename__ = "round_items"
-    __table_args__ = (UniqueConstraint("round_id", "pair_id", name="uq_round_item_pair"),)
+    __table_args__ = (
+        UniqueConstraint("round_id", "pair_id", name="uq_round_item_pair"),
+        # next_task picks (round, [domain,] filled desc, position desc) by a backward index scan
+        Index("ix_round_item_pick", "round_id", "filled", "position"),
+        Index("ix_round_item_pick_domain", "round_id", "domain", "filled", "position"),
+    )
     id: Mapped[int] = mapped_column(primary_key=True)
     round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
     pair_id: Mapped[str] = mapped_column(ForeignKey("pairs.id", ondelete="CASCADE"), index=True)
     domain: Mapped[str] = mapped_column(String(64), default="")
     position: Mapped[int] = mapped_column(Integer, default=0)
+    # slotted (fresh) assignments of this item; the unique slots are the invariant, this the fast path
+    filled: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Assignment(Base):
