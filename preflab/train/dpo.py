@@ -46,6 +46,7 @@ class DPOConfig:
     loss: Literal["sigmoid", "ipo"] = field_doc("sigmoid", "DPO sigmoid loss (Rafailov et al. 2023) or IPO (Azar et al. 2023).")
     beta: float = field_doc(0.1, "beta of DPO (tau of IPO): strength of the leash to the reference.")
     label_smoothing: float = field_doc(0.0, "cDPO label smoothing (share of labels assumed flipped).")
+    rpo_alpha: float = field_doc(0.0, "Weight of the chosen responses' per-token NLL added to the loss (RPO, Pang et al. 2024); keeps DPO from pushing mass off well-formed text.")
     max_length: int = field_doc(256, "Prompt + response tokens kept per pair.")
     prompt_format: Literal["dialogue", "raw"] = field_doc("dialogue", "Wrap prompts in the sandbox dialogue format or use them raw.")
     checkpoint_every: int = field_doc(500, "Save a checkpoint every N optimiser steps.")
@@ -65,6 +66,7 @@ class DPOConfig:
         check(self.loss == "sigmoid" or self.label_smoothing == 0, f"{w}.label_smoothing",
               "only applies to the sigmoid loss")
         check(self.max_grad_norm >= 0, f"{w}.max_grad_norm", "must be >= 0")
+        check(self.rpo_alpha >= 0, f"{w}.rpo_alpha", "must be >= 0")
         check(self.keep_last >= 0, f"{w}.keep_last", "must be >= 0")
 
     def __post_init__(self) -> None:
@@ -232,6 +234,9 @@ def train_dpo(
             rc, rr = ref_c[mine].to(acc.device), ref_r[mine].to(acc.device)
             out = preference_loss(cfg, pc, pr, rc, rr)
             loss = out.losses.mean()
+            if cfg.rpo_alpha > 0:  # RPO: + alpha * NLL of the chosen response per token (Pang et al. 2024)
+                n_chosen = batch.response_mask[0::2].sum(-1).clamp_min(1)  # (B,)
+                loss = loss + cfg.rpo_alpha * (-(pc / n_chosen)).mean()
             optimizer.zero_grad(set_to_none=True)
             acc.backward(loss)
             if cfg.max_grad_norm > 0:
@@ -243,7 +248,7 @@ def train_dpo(
                 return float(acc.reduce(x.detach().float().mean().to(acc.device), "mean"))
 
             margin = out.chosen_rewards - out.rejected_rewards
-            row = {"step": step + 1, "epoch": epoch, "dpo/loss": mean_all(loss),
+            row = {"step": step + 1, "epoch": epoch, "dpo/loss": mean_all(out.losses), "train/loss": mean_all(loss),
                    "dpo/reward_margin": mean_all(margin), "dpo/accuracy": mean_all((margin > 0).float()),
                    "dpo/chosen_reward": mean_all(out.chosen_rewards),
                    "dpo/rejected_reward": mean_all(out.rejected_rewards),
