@@ -50,7 +50,12 @@
 
   async function loadNext() {
     $("loading").hidden = false;
-    const r = await api("GET", `/api/v1/rounds/${roundId}/next`);
+    let r = null;
+    for (let attempt = 0; attempt < 4; attempt++) {  // busy server or lost connection: try again shortly
+      try { r = await api("GET", `/api/v1/rounds/${roundId}/next`); } catch (e) { r = { status: 0, data: null }; }
+      if (r.status !== 0 && r.status !== 409 && r.status < 500) break;
+      await new Promise((ok) => setTimeout(ok, 250 * 2 ** attempt));
+    }
     $("loading").hidden = true;
     if (r.status === 401) { location.href = "/login?next=" + encodeURIComponent(location.pathname); return; }
     if (r.status !== 200) { say((r.data && r.data.error && r.data.error.message) || `error ${r.status}`); return; }
@@ -94,6 +99,10 @@
     }
     busy = false; $("submit").disabled = false;
     if (r && (r.status === 200 || r.status === 201)) { say(""); await loadNext(); return; }
+    if (r && (r.status === 404 || r.status === 409)) {
+      // already judged (e.g. sent from another tab) or the lease lapsed: nothing to save here, move on
+      await loadNext(); say(r.data && r.data.error ? r.data.error.message : ""); return;
+    }
     say(r && r.data && r.data.error ? r.data.error.message : "Could not save; check the connection and press Enter again.");
   }
 
