@@ -11,7 +11,7 @@ behind writers costs little. A session opened with ``session_scope(engine,
 readonly=True)`` uses a plain deferred ``BEGIN`` instead.
 
 PostgreSQL needs nothing special: the invariants are unique constraints (schema.py),
-and ops.py retries a clash inside a savepoint. ``transact`` retries a whole transaction
+and store.ops retries a clash inside a savepoint. ``transact`` retries a whole transaction
 on a deadlock, a serialization failure or a lock timeout.
 """
 

@@ -6,7 +6,7 @@ pair shown to one rater (sides randomised); a judgement is that rater's answer, 
 against the *canonical* response ids, never the screen side.
 
 Concurrency invariants live in unique constraints so they hold across threads and
-processes on SQLite and PostgreSQL alike (ops.py retries on a clash):
+processes on SQLite and PostgreSQL alike (store.ops retries on a clash):
 
 - ``uq_assignment_slot``: an item has at most ``overlap`` non-duplicate assignments
   (slots ``0..overlap-1``; planted duplicates carry no slot);
