@@ -179,6 +179,8 @@ def test_idempotent_submission(store):
         judge(store.engine, t2, ann, key="same")
     with db.session_scope(store.engine) as s:
         assert s.scalar(select(func.count()).select_from(Judgement)) == 1
+        assert ops.judgement_by_key(s, rater_id=ann, idempotency_key="same").id == j1.id
+        assert ops.judgement_by_key(s, rater_id=store.raters["bob"], idempotency_key="same") is None
 
 
 def test_held_task_is_handed_back(store):

@@ -81,6 +81,7 @@ from preflab.store.ops.people import (
 )
 from preflab.store.ops.queries import (
     duplicate_pairs,
+    judgement_by_key,
     preference_examples,
     project_judgements,
     rater_judgements,
@@ -153,6 +154,7 @@ __all__ = [
     "get_task",
     "hash_token",
     "issue_api_token",
+    "judgement_by_key",
     "latest_guideline",
     "list_alerts",
     "list_events",

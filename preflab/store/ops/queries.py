@@ -90,6 +90,13 @@ def rater_judgements(session: Session, *, rater_id: int, round_id: int | None = 
     return [_record(j, a, replayed=False) for j, a in session.execute(q)]
 
 
+def judgement_by_key(session: Session, *, rater_id: int, idempotency_key: str) -> JudgementRecord | None:
+    """The rater's judgement stored under ``idempotency_key`` (a client checking a lost answer), or None."""
+    row = session.execute(select(Judgement, Assignment).join(Assignment, Assignment.id == Judgement.assignment_id)
+                          .where(Judgement.rater_id == rater_id, Judgement.idempotency_key == idempotency_key)).first()
+    return None if row is None else _record(row[0], row[1], replayed=True)
+
+
 def duplicate_pairs(
     session: Session, *, project_id: int, round_id: int | None = None,
 ) -> list[DuplicatePair]:
