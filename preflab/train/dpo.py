@@ -253,7 +253,7 @@ def train_dpo(
                    "dpo/chosen_reward": mean_all(out.chosen_rewards),
                    "dpo/rejected_reward": mean_all(out.rejected_rewards),
                    "train/lr": scheduler.get_last_lr()[0], "time/step_s": time.perf_counter() - t0}
-            if step == start:
+            if step == 0:
                 row["data/ties_skipped"] = ties
             save_now = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total
             if save_now:
