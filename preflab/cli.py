@@ -36,6 +36,82 @@ def version() -> None:
 
 # ---- sandbox --------------------------------------------------------------------------
 
+
+@sandbox_app.command("build")
+def sandbox_build(
+    out: str = typer.Option(..., "--out", help="Directory of the base model (a Hugging Face model dir); "
+                                               "re-running continues an interrupted build."),
+    config: str = typer.Option(None, "--config", help="TOML file with a [build] table of BuildConfig fields."),
+    seed: int = typer.Option(None, help="Seed of the corpus, tokenizer text, init and data order."),
+    steps: int = typer.Option(None, help="SFT optimizer steps."),
+    corpus_size: int = typer.Option(None, help="SFT dialogues."),
+    n_layer: int = typer.Option(None, help="Transformer blocks."),
+    n_embd: int = typer.Option(None, help="Model width."),
+    threads: int = typer.Option(None, help="torch CPU threads (0: torch's default)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Build the sandbox base model: seeded corpus, byte-level BPE tokenizer, tiny GPT-2, SFT."""
+    import json
+    import time
+
+    from preflab.config import from_dict, load_toml, to_dict
+    from preflab.sandbox.build import BuildConfig, build_sandbox_model
+    from preflab.train.sft import train_sft
+
+    base = to_dict(load_toml(BuildConfig, config, "build")) if config else {}
+    flags = {"seed": seed, "steps": steps, "corpus_size": corpus_size, "n_layer": n_layer, "n_embd": n_embd,
+             "num_threads": threads}
+    cfg = from_dict(BuildConfig, {**base, **{k: v for k, v in flags.items() if v is not None}, "progress": progress})
+    t0 = time.perf_counter()
+    path = build_sandbox_model(cfg, out, train_sft=train_sft)
+    m = json.loads((path / "build.json").read_text())
+    console.print(f"base model in {path}: {m['parameters']:,} parameters, vocab {m['vocab_size']}, "
+                  f"{m['sft_steps']} SFT steps, final loss {m['final_loss']:.3f}, "
+                  f"{time.perf_counter() - t0:.0f} s this run")
+
+
+@sandbox_app.command("sample")
+def sandbox_sample(
+    model: str = typer.Option(..., "--model", help="Model directory (e.g. from `preflab sandbox build`)."),
+    n: int = typer.Option(8, min=1, help="Queries to answer."),
+    split: str = typer.Option("heldout", help="Query split: heldout or train."),
+    temperature: float = typer.Option(1.0, min=0.0, help="Sampling temperature (0 = greedy)."),
+    max_new_tokens: int = typer.Option(0, min=0, help="Longest response (0: from the build, else 96)."),
+    seed: int = typer.Option(0, help="Seed of the queries and the sampler."),
+    show: int = typer.Option(8, min=0, help="How many samples to print."),
+) -> None:
+    """Sample the model on sandbox queries; print responses with their parsed styles and the style census."""
+    import json
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from preflab.models.hf import load_policy
+    from preflab.sandbox.build import style_census
+    from preflab.sandbox.domain import generate_queries, parse
+
+    try:
+        queries = generate_queries(n, seed=seed, split=split)
+        policy, tok = load_policy(model)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    if not max_new_tokens:
+        manifest = Path(model) / "build.json"
+        max_new_tokens = json.loads(manifest.read_text())["max_response_tokens"] + 8 if manifest.exists() else 96
+    c = style_census(policy, tok, queries, seed=seed, temperature=temperature, max_new_tokens=max_new_tokens)
+    t = Table("query", "response", "parsed style", show_lines=True)
+    for q, text in list(zip(queries, c["texts"], strict=True))[:show]:
+        p = parse(text)
+        style = ("[red]unparsed[/red]" if p is None else
+                 ", ".join(f"{v}" for v in p.style.to_dict().values())
+                 + ("" if p.fact_id == q.fact_id else f" [yellow](states {p.fact_id})[/yellow]"))
+        t.add_row(q.text, text, style)
+    console.print(t)
+    console.print(f"parsed {c['parse_rate']:.1%}, right fact {c['fact_match_rate']:.1%} of {c['n']} "
+                  f"(temperature {temperature})")
+    for axis, shares in c["style_share"].items():
+        console.print(f"  {axis:11s} " + "  ".join(f"{v} {s:.1%}" for v, s in shares.items()))
+
 # ---- serve (rater web app) --------------------------------------------------------------
 
 @app.command()
@@ -982,6 +1058,227 @@ def store_progress(
     for r in p.raters:
         console.print(f"  {r.rater_name}: {r.done} done ({r.duplicates_done} duplicates), {r.leased} leased, "
                       f"{r.time_on_task_s / 60:.1f} min")
+
+
+# ---- ppo / dpo: policy optimisation (train/ppo.py, train/dpo.py) ------------------------
+
+
+def _load_prompts(path: str | None, n: int, seed: int) -> list[str]:
+    """Query texts from a file (JSONL with "prompt", or one per line), else sandbox train queries."""
+    import json as _json
+
+    if path is None:
+        from preflab.sandbox.domain import generate_queries
+
+        return [q.text for q in generate_queries(n, seed=seed)]
+    out = []
+    for i, line in enumerate(open(path), 1):
+        if not line.strip():
+            continue
+        if path.endswith(".jsonl"):
+            try:
+                row = _json.loads(line)
+            except _json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise ValueError(f"{path}:{i}: expected an object with a string 'prompt'")
+            out.append(row["prompt"])
+        else:
+            out.append(line.rstrip("\n"))
+    if not out:
+        raise ValueError(f"{path}: no prompts")
+    return out
+
+
+def _parse_alarm(spec: str | None) -> dict[str, float]:
+    """``"formality=0.4,length=60"`` -> {"formality": 0.4, "length": 60.0}."""
+    out: dict[str, float] = {}
+    for part in (spec or "").split(","):
+        if not part.strip():
+            continue
+        name, sep, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--alarm: {part!r} is not name=number") from None
+        if not sep:
+            raise ValueError(f"--alarm: {part!r} is not name=number")
+    return out
+
+
+@app.command("ppo")
+def ppo_cmd(
+    policy: str = typer.Option(..., "--policy", help="HF dir of the SFT policy (also the frozen reference)."),
+    reward: str = typer.Option(..., "--reward", help="HF dir of the reward model (e.g. an `rm train` run's model/)."),
+    out: str = typer.Option(..., "--out", help="Run directory (config.json, metrics.jsonl, events.jsonl, ckpt/, eval/, policy/)."),
+    prompts: str = typer.Option(None, "--prompts", help="Query texts: JSONL with 'prompt' or one per line (default: sandbox train queries)."),
+    n_prompts: int = typer.Option(512, help="Sandbox queries to use when --prompts is not given."),
+    config: str = typer.Option(None, "--config", help="TOML file; its ppo table sets PPOConfig fields."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's last checkpoint."),
+    steps: int = typer.Option(None, help="PPOConfig.steps"),
+    lr: float = typer.Option(None, help="PPOConfig.lr"),
+    kl_beta: float = typer.Option(None, help="PPOConfig.kl_beta (initial beta)"),
+    kl_controller: str = typer.Option(None, help="PPOConfig.kl_controller: fixed | adaptive"),
+    kl_target: float = typer.Option(None, help="PPOConfig.kl_target (nats per response)"),
+    alarm: str = typer.Option(None, help="Alarm thresholds on the text detectors, e.g. 'formality=0.4,hedging=0.5'."),
+    checkpoint_every: int = typer.Option(None, help="PPOConfig.checkpoint_every"),
+    seed: int = typer.Option(None, help="PPOConfig.seed"),
+) -> None:
+    """Optimise a policy against a reward model with PPO and a KL leash (fixed, adaptive, alarm-driven)."""
+    import tomllib
+
+    import torch
+
+    from preflab.config import from_dict
+    from preflab.evaluate.detectors import text_rates
+    from preflab.models.hf import load_policy, load_reward_model
+    from preflab.models.sampling import sample
+    from preflab.sandbox.domain import format_prompt
+    from preflab.train.ppo import PPOConfig, train_ppo
+    from preflab.train.reward import score_responses
+
+    try:
+        table = tomllib.loads(open(config).read()).get("ppo", {}) if config else {}
+        flags = dict(steps=steps, lr=lr, kl_beta=kl_beta, kl_controller=kl_controller, kl_target=kl_target,
+                     checkpoint_every=checkpoint_every, seed=seed)
+        table.update({k: v for k, v in flags.items() if v is not None})
+        thresholds = _parse_alarm(alarm)
+        if thresholds:
+            table["alarm_thresholds"] = thresholds
+        cfg = from_dict(PPOConfig, table, where=f"{config}:ppo" if config else "ppo")
+        queries = _load_prompts(prompts, n_prompts, cfg.seed)
+        pol, tok = load_policy(policy)
+        ref, _ = load_policy(policy)
+        rm, rm_tok = load_reward_model(reward)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    query_of = {format_prompt(q): q for q in queries}
+
+    def reward_fn(full_prompts, texts):
+        return torch.tensor(score_responses(rm, rm_tok, [query_of[p] for p in full_prompts], texts))
+
+    heldout = [format_prompt(q) for q in queries[:64]]
+
+    def eval_hook(step, model):
+        s = sample(model, tok, heldout, max_new_tokens=cfg.max_new_tokens, generator=torch.Generator().manual_seed(0))
+        scores = reward_fn(heldout, s.texts)
+        return {"eval/reward": float(scores.mean()), **{f"eval/{k}": v for k, v in text_rates(s.texts).items()}}
+
+    res = train_ppo(cfg, policy=pol, ref=ref, tokenizer=tok, reward_fn=reward_fn, prompts=list(query_of),
+                    run_dir=out, eval_hook=eval_hook, detectors=text_rates if thresholds else None, resume=resume)
+    last = res.metrics[-1] if res.metrics else {}
+    console.print(f"ppo: {res.steps} steps; score {last.get('objective/scores', float('nan')):.3f}, "
+                  f"kl {last.get('objective/kl', float('nan')):.3f}, beta {last.get('objective/beta', float('nan')):.4g}; "
+                  f"{len(res.events)} beta changes (events.jsonl); policy in {res.policy_dir}")
+
+
+@app.command("dpo")
+def dpo_cmd(
+    policy: str = typer.Option(..., "--policy", help="HF dir of the SFT policy (also the frozen reference)."),
+    out: str = typer.Option(..., "--out", help="Run directory (config.json, metrics.jsonl, ckpt/, policy/)."),
+    db: str = typer.Option(None, "--db", help="Store URL; with --project, train on its latest judgements."),
+    project: str = typer.Option(None, "--project", help="Project name in the store."),
+    data: str = typer.Option(None, "--data", help="Instead of the store: JSONL with prompt/chosen/rejected."),
+    val_fraction: float = typer.Option(0.1, help="Share of prompts held out for val/accuracy."),
+    config: str = typer.Option(None, "--config", help="TOML file; its dpo table sets DPOConfig fields."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's last checkpoint."),
+    loss: str = typer.Option(None, help="DPOConfig.loss: sigmoid | ipo"),
+    beta: float = typer.Option(None, help="DPOConfig.beta"),
+    lr: float = typer.Option(None, help="DPOConfig.lr"),
+    epochs: int = typer.Option(None, help="DPOConfig.epochs"),
+    batch_size: int = typer.Option(None, help="DPOConfig.batch_size"),
+    rpo_alpha: float = typer.Option(None, help="DPOConfig.rpo_alpha"),
+    seed: int = typer.Option(None, help="DPOConfig.seed"),
+) -> None:
+    """Fit a policy directly to judged pairs with DPO (or IPO) against the frozen SFT policy."""
+    import tomllib
+
+    from preflab.config import from_dict
+    from preflab.models.hf import load_policy
+    from preflab.train.data import load_jsonl, load_store_examples, split_by_prompt
+    from preflab.train.dpo import DPOConfig, train_dpo
+
+    try:
+        if (data is None) == (db is None):
+            raise ValueError("give either --db URL --project NAME or --data file.jsonl")
+        table = tomllib.loads(open(config).read()).get("dpo", {}) if config else {}
+        flags = dict(loss=loss, beta=beta, lr=lr, epochs=epochs, batch_size=batch_size, rpo_alpha=rpo_alpha, seed=seed)
+        table.update({k: v for k, v in flags.items() if v is not None})
+        cfg = from_dict(DPOConfig, table, where=f"{config}:dpo" if config else "dpo")
+        if data is not None:
+            examples = load_jsonl(data)
+        else:
+            if not project:
+                raise ValueError("--project: required with --db")
+            examples = load_store_examples(db, project=project)
+        train, val = split_by_prompt(examples, val_fraction=val_fraction, seed=cfg.seed)
+        pol, tok = load_policy(policy)
+        ref, _ = load_policy(policy)
+        res = train_dpo(cfg, policy=pol, ref=ref, tokenizer=tok, train=train, val=val, run_dir=out, resume=resume)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    last = res.metrics[-1] if res.metrics else {}
+    console.print(f"dpo: {res.steps} steps on {len(train)} pairs ({len(val)} held out); "
+                  f"loss {last.get('dpo/loss', float('nan')):.3f}, val accuracy {last.get('val/accuracy', float('nan')):.3f}; "
+                  f"policy in {res.policy_dir}")
+
+
+# ---- sandbox what-if experiments (experiments.py) -----------------------------------------
+
+
+@sandbox_app.command("experiment")
+def sandbox_experiment(
+    name: str = typer.Argument(..., help="consistency-vs-volume, kl-sweep or margin."),
+    run: str = typer.Option("runs/experiments", "--run", help="Run directory (e.g. a demo's); the plot goes to "
+                                                              "RUN/experiments/NAME.json, work is cached and resumes."),
+    base: str = typer.Option("", "--base", help="A built sandbox model dir (default: RUN/base, built if missing)."),
+    seed: int = typer.Option(0, help="Seed of raters, pairs, training and sampling."),
+    full: bool = typer.Option(False, "--full", help="The story's scale: 6,000 calibrated vs 60,000 crowd pairs "
+                                                    "(hours on a CPU)."),
+    pairs: int = typer.Option(None, help="N: pairs labelled by the 5 calibrated raters (default 200)."),
+    volume_ratio: int = typer.Option(None, help="The crowd labels this many times N pairs (default 10)."),
+    crowd_raters: int = typer.Option(None, help="Uncalibrated raters in the crowd (default 50)."),
+    rubric: str = typer.Option(None, help="Rubric the raters judge under: v1 or v2 (default v2)."),
+    eval_pairs: int = typer.Option(None, help="Held-out pairs for reward-model accuracy (default 400)."),
+    ppo_steps: int = typer.Option(None, help="PPO iterations per run (default 12)."),
+    ppo_prompts: int = typer.Option(None, help="Prompts per PPO rollout batch (default 16)."),
+    ppo_eval_every: int = typer.Option(None, help="Measure gold + KL every N PPO steps (default 4)."),
+    eval_queries: int = typer.Option(None, help="Held-out queries for gold utility and KL (default 64)."),
+    oracle_queries: int = typer.Option(None, help="Held-out queries of the oracle frontier (default 32)."),
+    max_new_tokens: int = typer.Option(None, help="Longest sampled response (default 72)."),
+    betas: str = typer.Option(None, help="kl-sweep: fixed betas, comma-separated (default 0.005,0.02,0.1,0.5)."),
+    margins: str = typer.Option(None, help="margin: presets compared, comma-separated (default none,llama2_small)."),
+    ppo: bool = typer.Option(True, help="consistency-vs-volume: also a short PPO pass on each reward model."),
+    progress: bool = typer.Option(True, help="Show the trainers' progress bars."),
+) -> None:
+    """A what-if experiment in the sandbox, written as a plot the report shows (see docs/experiments.md)."""
+    import json
+
+    from preflab.config import from_dict, to_dict
+    from preflab.experiments import EXPERIMENTS, ExperimentConfig, run_experiment
+
+    if name not in EXPERIMENTS:
+        _fail(ValueError(f"experiment: unknown name {name!r} (known: {', '.join(EXPERIMENTS)})"))
+    flags = {"pairs": pairs, "volume_ratio": volume_ratio, "crowd_raters": crowd_raters, "rubric": rubric,
+             "eval_pairs": eval_pairs, "ppo_steps": ppo_steps, "ppo_prompts": ppo_prompts,
+             "ppo_eval_every": ppo_eval_every, "eval_queries": eval_queries, "oracle_queries": oracle_queries,
+             "max_new_tokens": max_new_tokens}
+    try:
+        if betas is not None:
+            flags["betas"] = [float(b) for b in betas.split(",") if b.strip()]
+        if margins is not None:
+            flags["margins"] = [m.strip() for m in margins.split(",") if m.strip()]
+        cfg = ExperimentConfig(run=run, base=base, seed=seed, cv_ppo=ppo, progress=progress)
+        if full:
+            cfg = cfg.full()
+        cfg = from_dict(ExperimentConfig, {**to_dict(cfg), **{k: v for k, v in flags.items() if v is not None}})
+        paths = run_experiment(name, cfg, console=console)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    for p in paths:
+        d = json.loads(p.read_text())
+        console.print(f"[bold]{d['title']}[/bold]\n{d['notes']}\nwrote {p}", markup=False, highlight=False)
+    console.print(f"render with: preflab report {run}", markup=False)
 
 
 # ---- end of commands -------------------------------------------------------------------

@@ -32,6 +32,12 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def max_positions(model) -> int | None:
+    """The model's context length (``n_positions`` / ``max_position_embeddings``), if it has one."""
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+
+
 def _cache_kw(model: torch.nn.Module) -> str:
     """The forward's KV-cache argument: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
     return "cache" if _accepts(model, "cache") else "past_key_values"
@@ -129,6 +135,11 @@ def sample(
     try:
         prompt_ids, prompt_mask = _encode_prompts(tokenizer, prompts, pad_id, device)
         B, P = prompt_ids.shape
+        limit = max_positions(model)
+        longest = int(prompt_mask.sum(-1).max())
+        if limit is not None and longest + max_new_tokens > limit:
+            raise ValueError(f"max_new_tokens: a prompt of {longest} tokens + {max_new_tokens} new tokens "
+                             f"exceeds the model's {limit} positions")
         cache_kw = _cache_kw(model)
         pos = position_ids_from_mask(prompt_mask)  # (B, P)
         out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos,

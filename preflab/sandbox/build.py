@@ -204,14 +204,18 @@ def style_census(
     """
     import torch
 
-    from preflab.models.sampling import sample
+    from preflab.models.sampling import max_positions, sample
 
     gen = torch.Generator().manual_seed(seed)
     texts: list[str] = []
+    limit = max_positions(model)
     for i in range(0, len(queries), batch_size):
-        chunk = queries[i : i + batch_size]
-        s = sample(model, tokenizer, [format_prompt(q.text) for q in chunk], max_new_tokens=max_new_tokens,
-                   temperature=temperature, generator=gen)
+        prompts = [format_prompt(q.text) for q in queries[i : i + batch_size]]
+        room = max_new_tokens
+        if limit is not None:  # a long prompt leaves fewer positions for the response
+            longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+            room = max(1, min(max_new_tokens, limit - longest))
+        s = sample(model, tokenizer, prompts, max_new_tokens=room, temperature=temperature, generator=gen)
         texts.extend(s.texts)
     parsed = [parse(t) for t in texts]
     ok = [(q, p) for q, p in zip(queries, parsed, strict=True) if p is not None]

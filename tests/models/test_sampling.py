@@ -138,5 +138,7 @@ def test_bad_arguments(tok, tiny_model):
         sample(tiny_model, tok, PROMPTS, max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         sample(tiny_model, tok, PROMPTS, max_new_tokens=2, top_p=0)
+    with pytest.raises(ValueError, match="exceeds the model's 128 positions"):
+        sample(tiny_model, tok, PROMPTS, max_new_tokens=120)
     with pytest.raises(ValueError, match=r"prompts\[1\]"):
         sample(tiny_model, tok, ["hi", ""], max_new_tokens=2)
