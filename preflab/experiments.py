@@ -1,0 +1,512 @@
+"""What-if experiments in the sandbox: ``preflab sandbox experiment NAME``.
+
+Each experiment trains real reward models / PPO policies from the sandbox base model on labels
+from simulated raters (in memory, no store), measures them against the hidden gold (through
+``preflab.sandbox.truth`` / ``oracle``, the only readers of gold) and writes one plot file
+``RUN/experiments/<name>.json`` in the report's shape (docs/report.md, "experiments/*.json"):
+
+- ``consistency-vs-volume``: a reward model from the 5 calibrated senior raters x N pairs
+  against one from ``crowd_raters`` uncalibrated raters x ``volume_ratio`` * N pairs (the story:
+  6,000 vs 60,000; scaled down by default, ratio kept), on gold accuracy over held-out pairs;
+  optionally a short PPO pass on each (``...-ppo.json``: gold utility of its samples).
+- ``kl-sweep``: short PPO runs with fixed betas and the adaptive controller; each run's
+  trajectory of (sqrt(KL to the base on held-out queries), gold utility) against the oracle
+  frontier (gold-tilted base model, ``sandbox.oracle``).
+- ``margin``: the same labels, reward models with margin presets on and off; gold accuracy and
+  held-out accuracy (on the raters' own labels) with Wilson 95% intervals.
+
+Work (reward models, PPO runs, the oracle) is cached under ``RUN/experiments/work/`` by a hash
+of everything that determines it, so a re-run resumes and two experiments share a reward model
+trained on the same labels. See docs/experiments.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from preflab.config import check, field_doc, to_dict
+from preflab.pipeline import format_prompt, write_json
+
+EXPERIMENTS = ("consistency-vs-volume", "kl-sweep", "margin")
+
+
+@dataclass
+class ExperimentConfig:
+    """Sandbox what-if experiments; defaults run each in minutes on 2 CPU cores."""
+
+    run: str = field_doc("runs/experiments", "Run directory; plots go to RUN/experiments/<name>.json.")
+    base: str = field_doc("", "Base model dir (a built sandbox model); empty: RUN/base, built there if missing.")
+    seed: int = field_doc(0, "Seed of raters, pairs, training and sampling.")
+    rubric: str = field_doc("v2", "Rubric the simulated raters judge under (v1: cannot verify prices).")
+    pairs: int = field_doc(200, "N: pairs labelled by the 5 calibrated raters (the story: 6,000; --full).")
+    volume_ratio: int = field_doc(10, "The crowd labels volume_ratio x N pairs (the story: 10).")
+    crowd_raters: int = field_doc(50, "Uncalibrated raters in the crowd (the story: 50).")
+    lapse: float = field_doc(0.12, "Added to every rater's lapse rate at collection volume (as in the demo).")
+    eval_pairs: int = field_doc(400, "Held-out pairs (held-out queries) for gold / held-out RM accuracy.")
+    rm_epochs: int = field_doc(1, "Reward-model epochs.")
+    rm_lr: float = field_doc(1e-4, "Reward-model learning rate.")
+    rm_batch: int = field_doc(16, "Reward-model pairs per step.")
+    margin: str = field_doc("llama2_small", "Margin preset of the reward models in consistency-vs-volume and kl-sweep.")
+    margins: list[str] = field_doc(["none", "llama2_small"], "margin experiment: presets compared.")
+    ppo_steps: int = field_doc(12, "PPO iterations per run.")
+    ppo_prompts: int = field_doc(16, "Prompts per PPO rollout batch.")
+    ppo_lr: float = field_doc(3e-5, "PPO policy learning rate (the demo's).")
+    ppo_eval_every: int = field_doc(4, "Gold + KL measured on held-out queries every N PPO steps.")
+    cv_ppo: bool = field_doc(True, "consistency-vs-volume: also run a short PPO pass on each reward model.")
+    cv_beta: float = field_doc(0.02, "consistency-vs-volume PPO: initial beta (adaptive controller, as the demo).")
+    betas: list[float] = field_doc([0.005, 0.02, 0.1, 0.5], "kl-sweep: fixed KL penalties.")
+    adaptive_beta: float = field_doc(0.02, "kl-sweep: initial beta of the adaptive run.")
+    kl_target: float = field_doc(4.0, "Adaptive controller's KL target (nats per response).")
+    eval_queries: int = field_doc(64, "Held-out queries sampled to measure gold utility and KL.")
+    oracle_queries: int = field_doc(32, "Held-out queries the oracle frontier enumerates (144 answers each).")
+    max_new_tokens: int = field_doc(72, "Longest sampled response.")
+    progress: bool = field_doc(True, "Show the trainers' progress bars.")
+
+    def validate(self) -> None:
+        w = "ExperimentConfig"
+        for name in ("pairs", "volume_ratio", "crowd_raters", "eval_pairs", "rm_epochs", "rm_batch", "ppo_steps",
+                     "ppo_prompts", "ppo_eval_every", "eval_queries", "oracle_queries", "max_new_tokens"):
+            check(getattr(self, name) >= 1, f"{w}.{name}", "must be >= 1")
+        check(self.rubric in ("v1", "v2"), f"{w}.rubric", f"must be v1 or v2, got {self.rubric!r}")
+        check(0 <= self.lapse < 0.45, f"{w}.lapse", "must be in [0, 0.45)")
+        check(self.rm_lr > 0 and self.ppo_lr > 0, f"{w}.rm_lr/ppo_lr", "must be > 0")
+        check(self.cv_beta >= 0 and self.adaptive_beta >= 0, f"{w}.cv_beta/adaptive_beta", "must be >= 0")
+        check(self.kl_target > 0, f"{w}.kl_target", "must be > 0")
+        check(all(b >= 0 for b in self.betas), f"{w}.betas", f"must all be >= 0, got {self.betas}")
+        from preflab.losses.bradley_terry import MARGIN_PRESETS
+
+        for m in (self.margin, *self.margins):
+            check(m in MARGIN_PRESETS, f"{w}.margin(s)", f"unknown preset {m!r} (known: {', '.join(MARGIN_PRESETS)})")
+        check(len(self.margins) >= 1, f"{w}.margins", "must name at least one preset")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def full(self) -> ExperimentConfig:
+        """The story's scale: 6,000 calibrated pairs against 60,000 crowd pairs (hours on a CPU)."""
+        return replace(self, pairs=6000, volume_ratio=10, crowd_raters=50, eval_pairs=1000, ppo_steps=60,
+                       ppo_prompts=32, ppo_eval_every=20, eval_queries=200)
+
+
+# ---- small pure helpers -----------------------------------------------------------------------
+
+
+def wilson(successes: int, n: int) -> list[float]:
+    """Wilson 95% interval of a share (evaluate.ab.wilson_interval)."""
+    from preflab.evaluate.ab import wilson_interval
+
+    return list(wilson_interval(float(successes), n)) if n else [math.nan, math.nan]
+
+
+def mean_ci(xs: Sequence[float]) -> tuple[float, list[float]]:
+    """Mean with a normal-approximation 95% interval, mean +- 1.96 s / sqrt(n)."""
+    n = len(xs)
+    m = math.fsum(xs) / n
+    if n < 2:
+        return m, [m, m]
+    s = math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (n - 1))
+    return m, [m - 1.96 * s / math.sqrt(n), m + 1.96 * s / math.sqrt(n)]
+
+
+def _key(label: str, params: dict) -> str:
+    h = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{label}-{h}"
+
+
+def label_pairs(pool, pairs, *, rubric: str, seed: int, tag: str):
+    """Each pair judged once by a random rater of ``pool`` on random screen sides.
+
+    Returns ``PreferenceExample`` rows (prompt = the raw query; ties kept with ``is_tie``) in
+    the order of ``pairs``; the chosen side of a tie is the pair's first text.
+    """
+    from preflab.train.data import PreferenceExample
+
+    rng = random.Random(f"experiment-labels:{tag}:{seed}")
+    out = []
+    for i, (q, first, second) in enumerate(pairs):
+        rater = pool[rng.randrange(len(pool))]
+        swap = rng.random() < 0.5
+        a, b = (second, first) if swap else (first, second)
+        j = rater.judge(q, a, b, rubric=rubric, rng=rng)
+        tie = j.choice == "tie"
+        chosen = first if tie else (a if j.choice == "a" else b)
+        rejected = second if chosen == first else first
+        out.append(PreferenceExample(pair_id=f"{tag}-{i:06d}", prompt=q.text, chosen=chosen, rejected=rejected,
+                                     strength=j.strength, rater=rater.name, topic=q.topic, is_tie=tie))
+    return out
+
+
+# ---- the shared context: base model, pools, held-out material ---------------------------------
+
+
+class Lab:
+    """One experiment run: where things go, the base model, cached reward models and PPO runs."""
+
+    def __init__(self, cfg: ExperimentConfig, console: Console) -> None:
+        self.cfg, self.console = cfg, console
+        self.run = Path(cfg.run)
+        self.work = self.run / "experiments" / "work"
+        self.base = Path(cfg.base) if cfg.base else self.run / "base"
+        if cfg.base and not (self.base / "config.json").is_file():
+            from preflab.config import ConfigError
+
+            raise ConfigError(f"--base {cfg.base}: not a model directory (no config.json)")
+        if not cfg.base:
+            from preflab.sandbox.build import BuildConfig, build_sandbox_model
+            from preflab.train.sft import train_sft
+
+            build_sandbox_model(BuildConfig(seed=cfg.seed, progress=cfg.progress), self.base, train_sft=train_sft)
+        # reward models read prompt + response up to the demo's 160 tokens, within the model's positions
+        n_pos = json.loads((self.base / "config.json").read_text()).get("n_positions", 160)
+        self.max_length = min(160, int(n_pos))
+
+    # ---- raters and pairs
+    def pool(self, kind: str):
+        """'calibrated': the demo's five senior agents after the workshop; 'crowd': uncalibrated."""
+        from preflab.demo import DemoConfig, _pool
+        from preflab.sandbox.raters import uncalibrated_pool
+
+        pool = (_pool(DemoConfig(seed=self.cfg.seed), calibrated=True) if kind == "calibrated"
+                else uncalibrated_pool(self.cfg.crowd_raters, self.cfg.seed + 1))
+        for r in pool:  # at volume raters lapse more often than in the careful workshop (demo.stage_collection)
+            r.flip_rate = min(0.45, r.flip_rate + self.cfg.lapse)
+        return pool
+
+    def labels(self, kind: str, n: int):
+        from preflab.sandbox.raters import sft_style_pairs
+
+        salt = 0 if kind == "calibrated" else 1
+        pairs = sft_style_pairs(n, seed=self.cfg.seed * 1000 + salt, split="train")
+        return pairs, label_pairs(self.pool(kind), pairs, rubric=self.cfg.rubric, seed=self.cfg.seed, tag=kind)
+
+    def heldout(self, kind: str):
+        """Held-out pairs (held-out queries) and the ``kind`` pool's labels on them."""
+        from preflab.sandbox.raters import sft_style_pairs
+
+        pairs = sft_style_pairs(self.cfg.eval_pairs, seed=self.cfg.seed * 1000 + 7, split="heldout")
+        return pairs, label_pairs(self.pool(kind), pairs, rubric=self.cfg.rubric, seed=self.cfg.seed + 99,
+                                  tag=f"heldout-{kind}")
+
+    def eval_queries(self):
+        from preflab.sandbox.domain import generate_queries
+
+        qs = generate_queries(self.cfg.eval_queries * 2, seed=self.cfg.seed * 7919 + 23, split="heldout")
+        return list({q.id: q for q in qs}.values())[: self.cfg.eval_queries]
+
+    # ---- reward models
+    def reward_model(self, label: str, examples, *, margin: str) -> Path:
+        """Train (or reuse) a reward model from the base model's weights; returns its HF dir."""
+        from preflab.train.reward import RewardConfig, initial_reward_model, train_reward
+
+        c = self.cfg
+        params = {"base": str(self.base.resolve()), "margin": margin, "epochs": c.rm_epochs, "lr": c.rm_lr,
+                  "batch": c.rm_batch, "seed": c.seed,
+                  "data": hashlib.sha256("\n".join(f"{e.prompt}|{e.chosen}|{e.rejected}|{e.strength}|{e.is_tie}"
+                                                   for e in examples).encode()).hexdigest()}
+        d = self.work / "rm" / _key(label, params)
+        if (d / "done.json").is_file():
+            self.console.print(f"  [dim]reward model {label}: cached ({d})[/dim]")
+            return d / "model"
+        self.console.print(f"  reward model {label}: {len(examples):,} pairs, margin {margin}")
+        rc = RewardConfig(lr=c.rm_lr, batch_size=c.rm_batch, epochs=c.rm_epochs, margin=margin, seed=c.seed,
+                          eval_every=0, checkpoint_every=100, max_length=self.max_length)
+        model, tok = initial_reward_model(self.base, seed=c.seed)
+        t0 = time.perf_counter()
+        train_reward(rc, model=model, tokenizer=tok, train=examples, val=[], run_dir=d, resume=True,
+                     show_progress=c.progress)
+        write_json(d / "done.json", {**params, "pairs": len(examples), "seconds": time.perf_counter() - t0})
+        return d / "model"
+
+    def rm_accuracy(self, model_dir: Path, pairs, labels) -> dict[str, Any]:
+        """Gold accuracy (truth.reward_model_truth) and accuracy on the raters' held-out labels."""
+        from preflab.models.hf import load_reward_model
+        from preflab.sandbox.truth import reward_model_truth
+        from preflab.train.data import PreferenceExample
+        from preflab.train.reward import score_pairs
+
+        model, tok = load_reward_model(model_dir)
+        ex = [PreferenceExample(pair_id=str(i), prompt=q.text, chosen=a, rejected=b) for i, (q, a, b) in enumerate(pairs)]
+        rc, rr = score_pairs(model, tok, ex, max_length=self.max_length)
+        score = {(q.id, a): s for (q, a, _), s in zip(pairs, rc, strict=True)}
+        score.update({(q.id, b): s for (q, _, b), s in zip(pairs, rr, strict=True)})
+        t = reward_model_truth("rm", [(q, a, b, x - y) for (q, a, b), x, y in zip(pairs, rc, rr, strict=True)])
+        strict = [e for e in labels if not e.is_tie]
+        hits = sum(score[(q.id, e.chosen)] > score[(q.id, e.rejected)]
+                   for (q, _, _), e in zip(pairs, labels, strict=True) if not e.is_tie)
+        g = round(t["gold_accuracy"] * t["n"])
+        return {"gold_accuracy": t["gold_accuracy"], "gold_ci": wilson(g, t["n"]), "n_gold": t["n"],
+                "heldout_accuracy": hits / len(strict) if strict else math.nan,
+                "heldout_ci": wilson(hits, len(strict)), "n_heldout": len(strict)}
+
+    # ---- policies
+    def measure_policy(self, model, ref, tok, queries, *, name: str) -> dict[str, Any]:
+        """Gold utility of samples on held-out queries and KL(policy || base) per response, with 95% CIs.
+
+        KL is estimated from the samples themselves: mean over responses of
+        sum_t [log pi(y_t | .) - log pi_ref(y_t | .)] (an unbiased estimate of KL(pi || pi_ref))."""
+        import torch
+
+        from preflab.models.sampling import sample, sequence_logprobs
+        from preflab.sandbox.truth import policy_truth
+
+        gen = torch.Generator().manual_seed(self.cfg.seed + 4242)
+        texts, kls = [], []
+        prompts = [format_prompt(q.text) for q in queries]
+        with torch.no_grad():
+            for i in range(0, len(prompts), 32):
+                s = sample(model, tok, prompts[i: i + 32], max_new_tokens=self.cfg.max_new_tokens, generator=gen)
+                ref_lp = sequence_logprobs(ref, s.input_ids, s.attention_mask, s.prompt_len)  # (B, R)
+                m = s.response_mask.float()
+                kls += ((s.logprobs - ref_lp) * m).sum(-1).tolist()
+                texts += [t.strip() for t in s.texts]
+        t = policy_truth(name, queries, texts)
+        kl, kl_ci = mean_ci(kls)
+        return {"gold": t["gold_utility"], "gold_ci": t["gold_utility_ci"], "kl": kl, "kl_ci": kl_ci,
+                "sqrt_kl": math.sqrt(max(kl, 0.0)), "correct_rate": t["correct_rate"],
+                "confident_wrong_rate": t["confident_wrong_rate"], "unparseable_rate": t["unparseable_rate"],
+                "n": len(texts)}
+
+    def base_point(self) -> dict[str, Any]:
+        p = self.work / "base_point.json"
+        key = {"base": str(self.base.resolve()), "seed": self.cfg.seed, "n": self.cfg.eval_queries,
+               "max_new_tokens": self.cfg.max_new_tokens}
+        if p.is_file() and json.loads(p.read_text()).get("key") == key:
+            return json.loads(p.read_text())["point"]
+        from preflab.models.hf import load_policy
+
+        model, tok = load_policy(self.base)
+        pt = {"step": 0, **self.measure_policy(model, model, tok, self.eval_queries(), name="base")}
+        write_json(p, {"key": key, "point": pt})
+        return pt
+
+    def ppo(self, label: str, rm_dir: Path, *, controller: str, beta: float) -> dict[str, Any]:
+        """A short PPO run from the base model against ``rm_dir``; gold + KL at every eval step."""
+        from preflab.models.hf import load_policy
+        from preflab.sandbox.domain import generate_queries
+        from preflab.train.ppo import PPOConfig, train_ppo
+
+        c = self.cfg
+        pc = PPOConfig(seed=c.seed, steps=c.ppo_steps, prompts_per_step=c.ppo_prompts, max_new_tokens=c.max_new_tokens,
+                       lr=c.ppo_lr, kl_beta=beta, kl_controller=controller, kl_target=c.kl_target,
+                       checkpoint_every=c.ppo_eval_every, minibatch_size=16, ppo_epochs=2, cpu=True,
+                       progress=c.progress, keep_last=1)
+        params = {"rm": str(Path(rm_dir).resolve()), "ppo": to_dict(pc), "base": str(self.base.resolve()),
+                  "eval_queries": c.eval_queries}
+        d = self.work / "ppo" / _key(label, params)
+        if (d / "result.json").is_file():
+            self.console.print(f"  [dim]PPO {label}: cached ({d})[/dim]")
+            return json.loads((d / "result.json").read_text())
+        self.console.print(f"  PPO {label}: {c.ppo_steps} steps x {c.ppo_prompts} prompts, {controller} beta {beta:g}")
+        from preflab.pipeline import reward_fn_from
+
+        policy, tok = load_policy(self.base)
+        ref, _ = load_policy(self.base)
+        queries = self.eval_queries()
+
+        def eval_hook(step: int, model) -> dict:
+            return self.measure_policy(model, ref, tok, queries, name=label)
+
+        train_q = generate_queries(c.ppo_steps * c.ppo_prompts, seed=c.seed + 101, split="train")
+        t0 = time.perf_counter()
+        res = train_ppo(pc, policy=policy, ref=ref, tokenizer=tok, reward_fn=reward_fn_from(rm_dir, max_length=self.max_length),
+                        prompts=[format_prompt(q.text) for q in train_q], run_dir=d, eval_hook=eval_hook, resume=True)
+        points = [json.loads(f.read_text()) for f in sorted((d / "eval").glob("step_*.json"))]
+        last = res.metrics[-1] if res.metrics else {}
+        out = {"label": label, "controller": controller, "beta_start": beta, "beta_final": last.get("objective/beta"),
+               "train_kl_final": last.get("objective/kl"), "rm_score_final": last.get("objective/scores"),
+               "points": [self.base_point(), *points], "seconds": time.perf_counter() - t0}
+        write_json(d / "result.json", out)
+        return out
+
+
+# ---- the experiments --------------------------------------------------------------------------
+
+
+def _bar(label: str, value: float, ci: Sequence[float], n: int) -> dict:
+    return {"label": label, "value": value, "ci": list(ci), "n": n}
+
+
+def _scale(cfg: ExperimentConfig, lab: Lab) -> dict:
+    build = lab.base / "build.json"
+    return {"pairs": cfg.pairs, "volume_ratio": cfg.volume_ratio, "eval_pairs": cfg.eval_pairs,
+            "ppo_steps": cfg.ppo_steps, "ppo_prompts": cfg.ppo_prompts, "eval_queries": cfg.eval_queries,
+            "rm_epochs": cfg.rm_epochs, "rubric": cfg.rubric, "seed": cfg.seed, "base": str(lab.base),
+            "base_parameters": json.loads(build.read_text()).get("parameters") if build.is_file() else None}
+
+
+def consistency_vs_volume(lab: Lab) -> list[Path]:
+    from preflab.sandbox.truth import reward_model_truth
+
+    c = lab.cfg
+    n_crowd = c.pairs * c.volume_ratio
+    arms = [("calibrated", f"5 calibrated x {c.pairs:,}", c.pairs),
+            ("crowd", f"{c.crowd_raters} uncalibrated x {n_crowd:,}", n_crowd)]
+    rows = []
+    for kind, label, n in arms:
+        pairs, ex = lab.labels(kind, n)
+        # how good the labels were: share of strict labels that agree with gold (margin +1 = "chosen wins")
+        lt = reward_model_truth(kind, [(q, e.chosen, e.rejected, 1.0) for (q, _, _), e in zip(pairs, ex, strict=True)
+                                       if not e.is_tie])
+        rm = lab.reward_model(f"cv-{kind}-{n}", ex, margin=c.margin)
+        hp, hl = lab.heldout(kind)
+        acc = lab.rm_accuracy(rm, hp, hl)
+        row = {"arm": kind, "label": label, "pairs": n, "ties": sum(e.is_tie for e in ex),
+               "label_gold_agreement": lt["gold_accuracy"], "label_gold_ci": wilson(round(lt["gold_accuracy"] * lt["n"]), lt["n"]),
+               **acc, "rm_dir": str(rm)}
+        if c.cv_ppo:
+            r = lab.ppo(f"cv-{kind}", rm, controller="adaptive", beta=c.cv_beta)
+            row["ppo"] = {k: r["points"][-1][k] for k in ("gold", "gold_ci", "kl", "sqrt_kl", "correct_rate")}
+            row["ppo_base"] = {k: r["points"][0][k] for k in ("gold", "gold_ci")}
+        rows.append(row)
+        lab.console.print(f"  {label}: labels agree with gold {row['label_gold_agreement']:.3f}, RM gold accuracy "
+                          f"{row['gold_accuracy']:.3f} [{row['gold_ci'][0]:.3f}, {row['gold_ci'][1]:.3f}]")
+    cal, crowd = rows
+    d = crowd["gold_accuracy"] - cal["gold_accuracy"]
+    overlap = not (crowd["gold_ci"][0] > cal["gold_ci"][1] or cal["gold_ci"][0] > crowd["gold_ci"][1])
+    notes = (f"Scale: {c.pairs:,} calibrated pairs vs {n_crowd:,} crowd pairs (the story: 6,000 vs 60,000; "
+             f"ratio kept), one label per pair, rubric {c.rubric}, reward models {c.rm_epochs} epoch(s) from the "
+             f"base model. Gold accuracy on {cal['n_gold']} held-out pairs: calibrated {cal['gold_accuracy']:.1%}, "
+             f"crowd {crowd['gold_accuracy']:.1%} (difference {d:+.1%}; the 95% intervals "
+             f"{'overlap, so this scale cannot tell them apart' if overlap else 'do not overlap'}). Labels agreeing "
+             f"with gold: calibrated {cal['label_gold_agreement']:.1%}, crowd {crowd['label_gold_agreement']:.1%}.")
+    bars = [_bar(f"RM gold acc\n{r['label']}", r["gold_accuracy"], r["gold_ci"], r["n_gold"]) for r in rows]
+    bars += [_bar(f"labels = gold\n{r['label']}", r["label_gold_agreement"], r["label_gold_ci"], r["pairs"])
+             for r in rows]
+    out_dir = lab.run / "experiments"
+    paths = [write_json(out_dir / "consistency-vs-volume.json", {
+        "title": "Rater consistency vs volume: reward-model gold accuracy", "kind": "bars", "y_label": "share",
+        "notes": notes, "bars": bars, "rows": rows, "scale": _scale(c, lab), "simulated": True})]
+    if c.cv_ppo:
+        base = cal["ppo_base"]
+        pb = [_bar("SFT (base)", base["gold"], base["gold_ci"], c.eval_queries)]
+        pb += [_bar(f"PPO on RM of\n{r['label']}", r["ppo"]["gold"], r["ppo"]["gold_ci"], c.eval_queries) for r in rows]
+        pnotes = (f"Gold utility of samples on {c.eval_queries} held-out queries after {c.ppo_steps} PPO steps x "
+                  f"{c.ppo_prompts} prompts (adaptive KL, beta from {c.cv_beta:g}) on each reward model: base "
+                  f"{base['gold']:.3f}, calibrated {cal['ppo']['gold']:.3f} (KL {cal['ppo']['kl']:.2f}), crowd "
+                  f"{crowd['ppo']['gold']:.3f} (KL {crowd['ppo']['kl']:.2f} nats per response).")
+        if max(cal["ppo"]["kl"], crowd["ppo"]["kl"]) < 0.5:
+            pnotes += " Both policies stayed within 0.5 nats of the base: too short a pass to separate the reward models."
+        paths.append(write_json(out_dir / "consistency-vs-volume-ppo.json", {
+            "title": "Rater consistency vs volume: gold utility after a short PPO pass", "kind": "bars",
+            "y_label": "gold utility", "notes": pnotes, "bars": pb, "simulated": True}))
+    return paths
+
+
+def _fraction(fr, kl: float, gold: float) -> float | None:
+    """Share of the oracle's gold gain at this KL that a run achieved; None where the oracle gains < 0.01."""
+    base = float(fr.gold[int(fr.kl.argmin())])
+    gain = fr.gold_at_kl(max(kl, 0.0)) - base
+    return None if gain < 0.01 else (gold - base) / gain
+
+
+def kl_sweep(lab: Lab) -> list[Path]:
+    import numpy as np
+
+    from preflab.models.hf import load_policy
+    from preflab.sandbox.oracle import Frontier, oracle_frontiers
+
+    c = lab.cfg
+    pairs, ex = lab.labels("calibrated", c.pairs)
+    rm = lab.reward_model(f"cv-calibrated-{c.pairs}", ex, margin=c.margin)
+    runs = [lab.ppo(f"beta-{b:g}", rm, controller="fixed", beta=b) for b in c.betas]
+    runs.append(lab.ppo("adaptive", rm, controller="adaptive", beta=c.adaptive_beta))
+
+    # ---- the oracle: the base model tilted by gold, over every composed answer to held-out queries
+    okey = {"base": str(lab.base.resolve()), "n": c.oracle_queries, "seed": c.seed}
+    op = lab.work / "oracle.json"
+    if op.is_file() and json.loads(op.read_text())["key"] == okey:
+        fd = json.loads(op.read_text())["gold"]
+    else:
+        lab.console.print(f"  oracle frontier over {c.oracle_queries} held-out queries")
+        model, tok = load_policy(lab.base)
+        fd = oracle_frontiers(model, tok, lab.eval_queries()[: c.oracle_queries])["gold"].to_dict()
+        write_json(op, {"key": okey, "gold": fd})
+    fr = Frontier("gold", np.array(fd["betas"]), np.array(fd["kl"]), np.array(fd["gold"]), np.array(fd["reward_value"]))
+
+    series, rows = [], []
+    for r in runs:
+        pts = r["points"]
+        name = f"beta={r['beta_start']:g}" if r["controller"] == "fixed" else (
+            f"adaptive (target {c.kl_target:g}, beta {r['beta_start']:g}->{r['beta_final']:.3g})")
+        series.append({"label": name, "x": [p["sqrt_kl"] for p in pts], "y": [p["gold"] for p in pts],
+                       "ci_low": [p["gold_ci"][0] for p in pts], "ci_high": [p["gold_ci"][1] for p in pts]})
+        last = pts[-1]
+        rows.append({"run": name, "controller": r["controller"], "beta_start": r["beta_start"],
+                     "beta_final": r["beta_final"], "kl": last["kl"], "kl_ci": last["kl_ci"], "sqrt_kl": last["sqrt_kl"],
+                     "gold": last["gold"], "gold_ci": last["gold_ci"], "oracle_gold_at_kl": fr.gold_at_kl(max(last["kl"], 0)),
+                     "fraction_of_oracle_gain": _fraction(fr, last["kl"], last["gold"]),
+                     "rm_score_final": r["rm_score_final"]})
+    xmax = max([*(max(s["x"]) for s in series), 0.1]) * 1.25
+    keep = [i for i in np.argsort(fr.sqrt_kl) if fr.sqrt_kl[i] <= xmax]
+    series.append({"label": "oracle frontier (gold-tilted base)", "reference": True,
+                   "x": [float(fr.sqrt_kl[i]) for i in keep], "y": [float(fr.gold[i]) for i in keep]})
+    best = max(rows, key=lambda r: r["gold"])
+    base = runs[0]["points"][0]
+    notes = (f"Scale: {c.ppo_steps} PPO steps x {c.ppo_prompts} prompts per run, reward model from {c.pairs:,} "
+             f"calibrated pairs; gold utility and KL(policy || base) measured on {c.eval_queries} held-out queries "
+             f"(bands: 95% CI of gold). Base: gold {base['gold']:.3f}. Best run: {best['run']} at sqrt(KL) "
+             f"{best['sqrt_kl']:.2f}, gold {best['gold']:.3f} [{best['gold_ci'][0]:.3f}, {best['gold_ci'][1]:.3f}], "
+             + (f"{best['fraction_of_oracle_gain']:.0%} of the oracle's gain at that KL. "
+                if best["fraction_of_oracle_gain"] is not None else "(the oracle gains nothing at that KL). ")
+             + "; ".join(f"{r['run']}: sqrt(KL) {r['sqrt_kl']:.2f}, gold {r['gold']:.3f}" for r in rows) + ".")
+    return [write_json(lab.run / "experiments" / "kl-sweep.json", {
+        "title": "KL penalty sweep: gold utility vs sqrt(KL) against the oracle frontier", "kind": "lines",
+        "x_label": "sqrt(KL to the base model), nats^0.5 per response", "y_label": "gold utility (held-out)",
+        "notes": notes, "series": series, "rows": rows, "scale": _scale(c, lab), "simulated": True})]
+
+
+def margin(lab: Lab) -> list[Path]:
+    c = lab.cfg
+    pairs, ex = lab.labels("calibrated", c.pairs)
+    hp, hl = lab.heldout("calibrated")
+    rows = []
+    for m in c.margins:
+        name = f"cv-calibrated-{c.pairs}" if m == c.margin else f"margin-{m}-{c.pairs}"
+        rm = lab.reward_model(name, ex, margin=m)
+        rows.append({"margin": m, **lab.rm_accuracy(rm, hp, hl), "rm_dir": str(rm)})
+        lab.console.print(f"  margin {m}: gold accuracy {rows[-1]['gold_accuracy']:.3f}, held-out accuracy "
+                          f"{rows[-1]['heldout_accuracy']:.3f}")
+    bars = [_bar(f"gold acc\nmargin {r['margin']}", r["gold_accuracy"], r["gold_ci"], r["n_gold"]) for r in rows]
+    bars += [_bar(f"held-out acc\nmargin {r['margin']}", r["heldout_accuracy"], r["heldout_ci"], r["n_heldout"])
+             for r in rows]
+    notes = (f"Scale: the same {c.pairs:,} pairs labelled by the 5 calibrated raters (with their stated strength), "
+             f"one reward model per margin preset, {c.rm_epochs} epoch(s). Gold accuracy on {rows[0]['n_gold']} "
+             f"held-out pairs; held-out accuracy on the raters' own labels of the same pairs "
+             f"({rows[0]['n_heldout']} non-tie). "
+             + "; ".join(f"margin {r['margin']}: gold {r['gold_accuracy']:.1%} [{r['gold_ci'][0]:.1%}, "
+                         f"{r['gold_ci'][1]:.1%}], held-out {r['heldout_accuracy']:.1%}" for r in rows)
+             + ". Both arms score the same pairs, so their intervals overlap by construction unless the effect is large.")
+    return [write_json(lab.run / "experiments" / "margin.json", {
+        "title": "Margin on/off: reward-model accuracy", "kind": "bars", "y_label": "accuracy",
+        "notes": notes, "bars": bars, "rows": rows, "scale": _scale(c, lab), "simulated": True})]
+
+
+RUNNERS = {"consistency-vs-volume": consistency_vs_volume, "kl-sweep": kl_sweep, "margin": margin}
+
+
+def run_experiment(name: str, cfg: ExperimentConfig, *, console: Console | None = None) -> list[Path]:
+    """Run (or resume) one what-if experiment; returns the plot files it wrote."""
+    import torch
+
+    from preflab.config import ConfigError
+
+    if name not in RUNNERS:
+        raise ConfigError(f"experiment: unknown name {name!r} (known: {', '.join(EXPERIMENTS)})")
+    console = console or Console()
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    t0 = time.perf_counter()
+    lab = Lab(cfg, console)
+    console.rule(f"[bold]experiment {name}")
+    paths = RUNNERS[name](lab)
+    write_json(lab.work / f"{name}.config.json", {**to_dict(cfg), "seconds": round(time.perf_counter() - t0, 1)})
+    return paths
