@@ -233,3 +233,36 @@ def test_cli_rm_train_eval_score(tok, tmp_path):
     r = runner.invoke(app, ["rm", "train", "--data", str(data), "--policy", str(policy), "--out", str(run),
                             "--ties", "drop"])
     assert r.exit_code == 2 and "ties" in r.output
+
+
+def test_examples_and_ceiling_from_the_store(sqlite_url):
+    from preflab.evaluate.preference import store_ceiling
+    from preflab.store import db, ops
+    from preflab.train.data import load_store_examples
+    from tests.conftest import seed_store
+
+    engine = db.make_engine(sqlite_url)
+    st = seed_store(engine, n_pairs=6)
+    with db.session_scope(engine) as s:
+        rid = ops.create_round(s, project_id=st.project_id, name="r1", kind="collection", pair_ids=st.pair_ids,
+                               guideline_version_id=st.guideline_id, overlap=1, duplicate_rate=0.0)
+    n = 0
+    for rater in st.raters.values():
+        while True:
+            with db.session_scope(engine) as s:
+                task = ops.next_task(s, round_id=rid, rater_id=rater)
+                if task is None:
+                    break
+                winner = task.left_id if n % 3 else "tie"
+                ops.submit_judgement(s, assignment_id=task.assignment_id, rater_id=rater, choice=winner,
+                                     strength=0 if winner == "tie" else 2, rationale="clearer answer",
+                                     time_on_task_s=5.0, idempotency_key=f"k{n}")
+                n += 1
+    ex = load_store_examples(sqlite_url, project="proj")
+    assert len(ex) == 6 and {e.pair_id for e in ex} == set(st.pair_ids)
+    assert sum(e.is_tie for e in ex) == 2 and all(e.chosen.startswith("Answer") for e in ex)
+    assert all(e.rater in st.raters and e.strength in (0, 2) for e in ex)
+    assert store_ceiling(sqlite_url, project="proj") is None  # no planted duplicates in this round
+    with pytest.raises(ValueError, match="no project named 'nope'"):
+        load_store_examples(sqlite_url, project="nope")
+    engine.dispose()
