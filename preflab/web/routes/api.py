@@ -112,10 +112,10 @@ def submit(request: Request, round_id: RoundId, body: w.JudgementIn, user: Curre
 def my_judgement(request: Request, idempotency_key: Annotated[str, Path(pattern=w.IDEM_PATTERN)], user: CurrentUser) -> w.JudgementOut:
     """Was the caller's submission with this key stored? (For a client that lost the answer.)"""
     ops = _ops()
-    recs = run_store(request, lambda s: ops.rater_judgements(s, rater_id=user.id), readonly=True)
-    for rec in recs:
-        if rec.idempotency_key == idempotency_key:
-            return w.JudgementOut(judgement_id=rec.id, assignment_id=rec.assignment_id, replayed=True)
+    rec = run_store(request, lambda s: ops.judgement_by_key(s, rater_id=user.id, idempotency_key=idempotency_key),
+                    readonly=True)
+    if rec is not None:
+        return w.JudgementOut(judgement_id=rec.id, assignment_id=rec.assignment_id, replayed=True)
     raise WebError(404, "not_found", f"no judgement of yours with idempotency key {idempotency_key!r}")
 
 
