@@ -75,6 +75,14 @@ def model_dir(tmp_path_factory):
     return out
 
 
+def _launch(model_dir, algo, run_dir, nproc):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "--main_process_port", "0",
+           str(model_dir / "run.py"), algo, str(model_dir), str(run_dir), "fresh"]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
 def _run(model_dir, algo, run_dir, mode, kill_at=-1):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(model_dir / "run.py"), algo, str(model_dir), str(run_dir), mode,
@@ -107,3 +115,20 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, model_d
     assert _metrics(cut) == _metrics(full)
     wf, wc = _weights(full), _weights(cut)
     assert wf.keys() == wc.keys() and all(torch.equal(wf[k], wc[k]) for k in wf)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path, model_dir):
+    # DPO: the data order and the global batch are deterministic, so the curves must agree
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1 = _launch(model_dir, "dpo", one, 1)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = _launch(model_dir, "dpo", two, 2)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    m1, m2 = _metrics(one), _metrics(two)
+    assert [r["step"] for r in m1] == [r["step"] for r in m2] == list(range(1, 7))
+    for a, b in zip(m1, m2, strict=True):
+        for key in ("dpo/loss", "train/loss", "dpo/reward_margin", "dpo/accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
+    w1, w2 = _weights(one), _weights(two)
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4
