@@ -69,14 +69,22 @@ def _pick_fresh(session: Session, rnd: Round, rater: Rater, now: dt.datetime, tr
     q = _fresh(rnd, rater)
     if tried:
         q = q.where(RoundItem.id.not_in(tried))
-    # (filled desc, position desc) is a backward scan of ix_round_item_pick*; positions are a shuffle
+    # (filled desc, position desc) is a backward scan of ix_round_item_pick*; positions are a shuffle.
+    # PostgreSQL: lock the picked item and skip items other raters are taking right now, so
+    # concurrent raters spread over items instead of queueing on one (SQLite ignores this:
+    # its writers are serialised anyway).
     q = q.order_by(RoundItem.filled.desc(), RoundItem.position.desc()).limit(1)
     specs, others = _routing(rnd, rater, now)
-    if specs:
-        found = session.scalar(q.where(RoundItem.domain.in_(specs)))
-        if found is not None or not others:
+    queries = [q.where(RoundItem.domain.in_(specs))] if specs else []
+    if others:
+        queries.append(q)
+    for query in queries:
+        found = session.scalar(query.with_for_update(skip_locked=True, of=RoundItem))
+        if found is None:  # everything left may be locked by raters taking it now: wait for them
+            found = session.scalar(query.with_for_update(of=RoundItem))
+        if found is not None:
             return found
-    return session.scalar(q)
+    return None
 
 
 def _n_fresh(session: Session, rnd: Round, rater: Rater, now: dt.datetime) -> int:
@@ -101,15 +109,25 @@ def _next_seq(session: Session, round_id: int, rater_id: int) -> int:
 
 
 def _reclaim_expired(session: Session, round_id: int, now: dt.datetime) -> None:
+    """Expired leases of the round go back to the pool.
+
+    Only items whose row this transaction can lock without waiting are reclaimed (the
+    rest on a later call): a reclaimer never waits on a rater taking that item, so the
+    two cannot deadlock. RETURNING makes only rows really deleted free a slot.
+    """
     expired = and_(Assignment.round_id == round_id, Assignment.state == "leased",
                    Assignment.lease_expires_at < now)
-    # RETURNING: only rows this transaction really deleted free a slot (a concurrent
-    # reclaimer that lost the race deletes nothing and decrements nothing)
-    freed = session.execute(delete(Assignment).where(expired, Assignment.is_duplicate.is_(False))
-                            .returning(Assignment.item_id).execution_options(synchronize_session=False)).scalars().all()
-    for item_id, n in Counter(freed).items():
-        session.execute(update(RoundItem).where(RoundItem.id == item_id).values(filled=RoundItem.filled - n)
-                        .execution_options(synchronize_session=False))
+    item_ids = sorted(set(session.scalars(select(Assignment.item_id).where(expired, Assignment.is_duplicate.is_(False)))))
+    if item_ids:
+        locked = list(session.scalars(select(RoundItem.id).where(RoundItem.id.in_(item_ids)).order_by(RoundItem.id)
+                                      .with_for_update(skip_locked=True)))
+        if locked:
+            freed = session.execute(
+                delete(Assignment).where(expired, Assignment.is_duplicate.is_(False), Assignment.item_id.in_(locked))
+                .returning(Assignment.item_id).execution_options(synchronize_session=False)).scalars().all()
+            for item_id, n in Counter(freed).items():
+                session.execute(update(RoundItem).where(RoundItem.id == item_id).values(filled=RoundItem.filled - n)
+                                .execution_options(synchronize_session=False))
     session.execute(update(Assignment).where(expired, Assignment.is_duplicate.is_(True))
                     .values(state="scheduled", seq=None, lease_expires_at=None, leased_at=None)
                     .execution_options(synchronize_session=False))
