@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -43,6 +44,22 @@ def summary(xs: list[float]) -> dict:
         return {"n": 0}
     return {"n": len(xs), "p50_ms": pct(xs, 0.50), "p90_ms": pct(xs, 0.90), "p99_ms": pct(xs, 0.99),
             "max_ms": round(1000 * max(xs), 2), "mean_ms": round(1000 * statistics.fmean(xs), 2)}
+
+
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by every process in the server's process group."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # field 5 of stat: process group
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
 
 
 def crowd(server: Server, tokens: list[str], rid: int, *, seconds: float, think_s: float, seed: int) -> dict:
@@ -85,12 +102,16 @@ def crowd(server: Server, tokens: list[str], rid: int, *, seconds: float, think_
     for t in threads:
         t.start()
     deadline[0] = time.perf_counter() + seconds
+    cpu0 = group_cpu_s(server.proc.pid)
     t0 = time.perf_counter()
     start.wait()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    cpu = group_cpu_s(server.proc.pid) - cpu0
     return {"think_s": think_s, "wall_s": round(wall, 2), "judgements": len(lat_submit),
+            # load-independent cost: app CPU (all workers; PostgreSQL's own backends not included)
+            "server_cpu_ms_per_judgement": round(1000 * cpu / max(1, len(lat_submit)), 1),
             "judgements_per_s": round(len(lat_submit) / wall, 1),
             "requests_per_s": round((len(lat_submit) + len(lat_next)) / wall, 1),
             "next_task": summary(lat_next), "submit": summary(lat_submit), "n_errors": len(errors),
@@ -136,7 +157,7 @@ def main() -> None:
     tmp = Path(f"/tmp/preflab-bench-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     results = {"bench": "web_latency", "target_p99_ms": 50, "host": platform.node(), "python": platform.python_version(),
-               "cpus": __import__("os").cpu_count(), "runs": {}}
+               "cpus": os.cpu_count(), "loadavg_before": os.getloadavg(), "runs": {}}
     kw = {"raters": a.raters, "pairs": a.pairs, "overlap": a.overlap, "seconds": a.seconds, "think_s": a.think_s}
     if a.db in ("sqlite", "both"):
         results["runs"]["sqlite"] = run_one(f"sqlite:///{tmp / 'store.db'}", workers=1, log=tmp / "sqlite.log", **kw)
@@ -146,6 +167,7 @@ def main() -> None:
                 results["runs"]["postgres"] = run_one(url, workers=a.pg_workers, log=tmp / "pg.log", **kw)
         else:
             results["runs"]["postgres"] = {"skipped": "PostgreSQL not reachable on 127.0.0.1:5432"}
+    results["loadavg_after"] = os.getloadavg()
     text = json.dumps(results, indent=2)
     print(text)
     if a.out:
