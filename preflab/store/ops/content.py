@@ -207,8 +207,10 @@ def list_pairs(
     if topic is not None:
         q = q.where(Prompt.topic == topic)
     if pair_ids is not None:
-        wanted = set(pair_ids)
-        return [_pair_info(*row) for row in session.execute(q) if row[0].id in wanted]
+        ids = sorted(set(pair_ids))
+        out = [_pair_info(*row) for k in range(0, len(ids), 500)
+               for row in session.execute(q.where(Pair.id.in_(ids[k:k + 500])))]
+        return sorted(out, key=lambda p: p.id)
     return [_pair_info(*row) for row in session.execute(q)]
 
 
