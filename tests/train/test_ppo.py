@@ -154,3 +154,31 @@ def test_beta_zero_hacks_a_biased_reward_and_the_alarm_stops_it(tmp_path, reques
     assert gold1 > gold0 + 1.0 and gold1 > gold_sft - 0.75, (gold_sft, gold0, gold1)
     events = [json.loads(line) for line in (tmp_path / "True" / "events.jsonl").read_text().splitlines()]
     assert events == res1.events
+
+
+def test_ppo_with_a_separate_value_model(tmp_path, random_policy):
+    from preflab.models.heads import ValueHead
+    from preflab.models.tiny import tiny_gpt2
+
+    tok, mcfg = random_policy
+
+    class Critic(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = tiny_gpt2(mcfg, seed=5).transformer
+            self.head = ValueHead(mcfg.n_embd)
+
+        def forward(self, input_ids, attention_mask, position_ids):
+            h = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+            return self.head(h)
+
+    critic = Critic()
+    before = {k: v.clone() for k, v in critic.state_dict().items()}
+    policy = tiny_gpt2(mcfg, seed=0)
+    cfg = PPOConfig(steps=2, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=6, minibatch_size=4,
+                    ppo_epochs=1, value_lr=1e-2, progress=False, checkpoint_every=2)
+    res = train_ppo(cfg, policy=policy, ref=tiny_gpt2(mcfg, seed=0), tokenizer=tok,
+                    reward_fn=lambda p, t: torch.tensor([len(x) / 10.0 for x in t]), prompts=["User: hi\nAssistant:"] * 3,
+                    run_dir=tmp_path, value_model=critic)
+    assert len(res.metrics) == 2 and np.isfinite(res.metrics[-1]["ppo/loss/value"])
+    assert any(not torch.equal(before[k], v) for k, v in critic.state_dict().items())  # the critic was trained
