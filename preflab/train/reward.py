@@ -259,6 +259,23 @@ def _evaluate(scorer, encoded, cfg: RewardConfig, pad_id: int, device) -> dict[s
     return {"eval/loss": losses / n, "eval/accuracy": correct / n, "eval/reward_gap": gaps / n}
 
 
+# fields a resumed run may change (they do not alter the trained weights)
+_RESUMABLE_CHANGES = {"eval_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints"}
+
+
+def _check_same_config(cfg: RewardConfig, run_dir: Path) -> None:
+    from preflab.config import ConfigError, to_dict
+
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return
+    old, new = json.loads(path.read_text()), to_dict(cfg)
+    for k in sorted(new):
+        if k not in _RESUMABLE_CHANGES and old.get(k) != new[k]:
+            raise ConfigError(f"RewardConfig.{k}: {new[k]!r} differs from {old.get(k)!r} in {path}; "
+                              "resume with the run's own config or start a new run dir")
+
+
 def train_reward(
     cfg: RewardConfig,
     *,
@@ -319,6 +336,7 @@ def train_reward(
     metrics_path = run_dir / "metrics.jsonl"
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
+        _check_same_config(cfg, run_dir)
         state = load_checkpoint(ckpt, modules={"model": model}, optimizers={"optimizer": optimizer},
                                 schedulers={"scheduler": scheduler})
         start = int(state["step"])

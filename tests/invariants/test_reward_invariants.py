@@ -10,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
+from preflab.config import ConfigError
 from preflab.train.reward import RewardConfig, train_reward
 from tests.train.rm_fixtures import sandbox_pairs, tiny_reward_model, tiny_tokenizer
 
@@ -104,3 +106,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # the row of step 3 logged before the kill is not duplicated
     assert res.metrics["eval/accuracy"] == ref.metrics["eval/accuracy"]
+    # resuming with a config that would change the result is refused, naming the field
+    with pytest.raises(ConfigError, match="RewardConfig.lr"):
+        train_reward(RewardConfig(**{**cfg, "lr": 1e-3}), model=model, tokenizer=tok, train=pairs, val=[],
+                     run_dir=run_dir, resume=True, show_progress=False)
