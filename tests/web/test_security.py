@@ -131,6 +131,8 @@ def test_session_cookie_flags_and_tampering(world):
     token = csrf_of(r.text)
     r = c.post("/login", data={"name": "alice", "password": "alice-password-1", "csrf_token": token})
     cookie = r.headers["set-cookie"].lower()
+    page = c.get("/rate")
+    assert page.headers["x-frame-options"] == "DENY" and "frame-ancestors 'none'" in page.headers["content-security-policy"]
     assert "httponly" in cookie and "samesite=lax" in cookie and "path=/" in cookie
     assert c.get("/api/v1/me").json()["name"] == "alice"
     forged = c.cookies.get("preflab_session")[:-2] + "AA"
