@@ -24,17 +24,19 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
         "--disable-sync"]
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
+sync_api = pytest.importorskip("playwright.sync_api")
+expect, sync_playwright = sync_api.expect, sync_api.sync_playwright
 
 
 @pytest.fixture
 def browser():
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
+    with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
         yield b
         b.close()
+
 
 
 def keep(path: Path) -> None:
@@ -100,7 +102,8 @@ def test_admin_creates_round_and_rater_rates_three_items_by_keyboard(browser, tm
                 keep(tmp_path / "rater.png")
             chosen.append(({"1": left, "2": right, "t": None}[key], key))
             page.keyboard.press("Enter")
-            page.wait_for_function(f"document.getElementById('progress-text').textContent === '{i + 1} of 8 done'")
+            # (the page's CSP forbids eval, so wait with a locator assertion, not wait_for_function)
+            expect(page.locator("#progress-text")).to_have_text(f"{i + 1} of 8 done")
         assert page.locator(".response.selected").count() == 0  # the next item starts clean
     finally:
         server.kill()
