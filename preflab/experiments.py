@@ -70,6 +70,7 @@ class ExperimentConfig:
     eval_queries: int = field_doc(64, "Held-out queries sampled to measure gold utility and KL.")
     oracle_queries: int = field_doc(32, "Held-out queries the oracle frontier enumerates (144 answers each).")
     max_new_tokens: int = field_doc(72, "Longest sampled response.")
+    threads: int = field_doc(1, "torch CPU threads (1 wastes least on a busy machine; 0: torch's default).")
     progress: bool = field_doc(True, "Show the trainers' progress bars.")
 
     def validate(self) -> None:
@@ -82,6 +83,7 @@ class ExperimentConfig:
         check(self.rm_lr > 0 and self.ppo_lr > 0, f"{w}.rm_lr/ppo_lr", "must be > 0")
         check(self.cv_beta >= 0 and self.adaptive_beta >= 0, f"{w}.cv_beta/adaptive_beta", "must be >= 0")
         check(self.kl_target > 0, f"{w}.kl_target", "must be > 0")
+        check(self.threads >= 0, f"{w}.threads", "must be >= 0")
         check(all(b >= 0 for b in self.betas), f"{w}.betas", f"must all be >= 0, got {self.betas}")
         from preflab.losses.bradley_terry import MARGIN_PRESETS
 
@@ -116,6 +118,23 @@ def mean_ci(xs: Sequence[float]) -> tuple[float, list[float]]:
         return m, [m, m]
     s = math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (n - 1))
     return m, [m - 1.96 * s / math.sqrt(n), m + 1.96 * s / math.sqrt(n)]
+
+
+def paired_diff(a: Sequence[float | None], b: Sequence[float | None]) -> dict[str, Any]:
+    """Difference of two accuracies measured on the same items: mean of d_i = a_i - b_i over items
+    both scored, with the normal 95% interval mean +- 1.96 s_d / sqrt(n) (the Wald interval for
+    paired proportions, Agresti 2013 sec. 11.1). Pairing removes the between-item variance that
+    makes two separate Wilson intervals overlap."""
+    d = [x - y for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+    if not d:
+        return {"diff": math.nan, "ci": [math.nan, math.nan], "n": 0}
+    m, ci = mean_ci(d)
+    return {"diff": m, "ci": ci, "n": len(d)}
+
+
+def _verdict(p: dict) -> str:
+    lo, hi = p["ci"]
+    return "this scale cannot tell them apart" if lo <= 0 <= hi else "the difference is clear at this scale"
 
 
 def _key(label: str, params: dict) -> str:
@@ -228,7 +247,10 @@ class Lab:
         return d / "model"
 
     def rm_accuracy(self, model_dir: Path, pairs, labels) -> dict[str, Any]:
-        """Gold accuracy (truth.reward_model_truth) and accuracy on the raters' held-out labels."""
+        """Gold accuracy (truth.reward_model_truth) and accuracy on the raters' held-out labels.
+
+        ``gold_hits`` / ``heldout_hits``: per pair 1/0 (None: no gold difference / a tie label),
+        for paired comparisons of two reward models on the same pairs (``paired_diff``)."""
         from preflab.models.hf import load_reward_model
         from preflab.sandbox.truth import reward_model_truth
         from preflab.train.data import PreferenceExample
@@ -237,16 +259,22 @@ class Lab:
         model, tok = load_reward_model(model_dir)
         ex = [PreferenceExample(pair_id=str(i), prompt=q.text, chosen=a, rejected=b) for i, (q, a, b) in enumerate(pairs)]
         rc, rr = score_pairs(model, tok, ex, max_length=self.max_length)
-        score = {(q.id, a): s for (q, a, _), s in zip(pairs, rc, strict=True)}
-        score.update({(q.id, b): s for (q, _, b), s in zip(pairs, rr, strict=True)})
-        t = reward_model_truth("rm", [(q, a, b, x - y) for (q, a, b), x, y in zip(pairs, rc, rr, strict=True)])
-        strict = [e for e in labels if not e.is_tie]
-        hits = sum(score[(q.id, e.chosen)] > score[(q.id, e.rejected)]
-                   for (q, _, _), e in zip(pairs, labels, strict=True) if not e.is_tie)
-        g = round(t["gold_accuracy"] * t["n"])
-        return {"gold_accuracy": t["gold_accuracy"], "gold_ci": wilson(g, t["n"]), "n_gold": t["n"],
-                "heldout_accuracy": hits / len(strict) if strict else math.nan,
-                "heldout_ci": wilson(hits, len(strict)), "n_heldout": len(strict)}
+        gold_hits: list[float | None] = []
+        for (q, a, b), x, y in zip(pairs, rc, rr, strict=True):
+            try:
+                gold_hits.append(reward_model_truth("rm", [(q, a, b, x - y)])["gold_accuracy"])
+            except ValueError:  # no gold difference between the two texts
+                gold_hits.append(None)
+        score = {(q.id, a): x for (q, a, _), x in zip(pairs, rc, strict=True)}
+        score.update({(q.id, b): y for (q, _, b), y in zip(pairs, rr, strict=True)})
+        heldout_hits = [None if e.is_tie else float(score[(q.id, e.chosen)] > score[(q.id, e.rejected)])
+                        for (q, _, _), e in zip(pairs, labels, strict=True)]
+        g = [h for h in gold_hits if h is not None]
+        m = [h for h in heldout_hits if h is not None]
+        return {"gold_accuracy": sum(g) / len(g) if g else math.nan, "gold_ci": wilson(int(sum(g)), len(g)),
+                "n_gold": len(g), "heldout_accuracy": sum(m) / len(m) if m else math.nan,
+                "heldout_ci": wilson(int(sum(m)), len(m)), "n_heldout": len(m),
+                "gold_hits": gold_hits, "heldout_hits": heldout_hits}
 
     # ---- policies
     def measure_policy(self, model, ref, tok, queries, *, name: str) -> dict[str, Any]:
@@ -361,7 +389,7 @@ def consistency_vs_volume(lab: Lab) -> list[Path]:
         hp, hl = lab.heldout(kind)
         acc = lab.rm_accuracy(rm, hp, hl)
         row = {"arm": kind, "label": label, "pairs": n, "ties": sum(e.is_tie for e in ex),
-               "label_gold_agreement": lt["gold_accuracy"], "label_gold_ci": wilson(round(lt["gold_accuracy"] * lt["n"]), lt["n"]),
+               "label_gold_agreement": lt["gold_accuracy"], "label_gold_ci": wilson(round(lt["gold_accuracy"] * lt["n"]), lt["n"]), "n_label": lt["n"],
                **acc, "rm_dir": str(rm)}
         if c.cv_ppo:
             r = lab.ppo(f"cv-{kind}", rm, controller="adaptive", beta=c.cv_beta)
@@ -371,21 +399,23 @@ def consistency_vs_volume(lab: Lab) -> list[Path]:
         lab.console.print(f"  {label}: labels agree with gold {row['label_gold_agreement']:.3f}, RM gold accuracy "
                           f"{row['gold_accuracy']:.3f} [{row['gold_ci'][0]:.3f}, {row['gold_ci'][1]:.3f}]")
     cal, crowd = rows
-    d = crowd["gold_accuracy"] - cal["gold_accuracy"]
-    overlap = not (crowd["gold_ci"][0] > cal["gold_ci"][1] or cal["gold_ci"][0] > crowd["gold_ci"][1])
+    pd = paired_diff(crowd.pop("gold_hits"), cal.pop("gold_hits"))
+    for r in rows:
+        r.pop("heldout_hits")
     notes = (f"Scale: {c.pairs:,} calibrated pairs vs {n_crowd:,} crowd pairs (the story: 6,000 vs 60,000; "
              f"ratio kept), one label per pair, rubric {c.rubric}, reward models {c.rm_epochs} epoch(s) from the "
              f"base model. Gold accuracy on {cal['n_gold']} held-out pairs: calibrated {cal['gold_accuracy']:.1%}, "
-             f"crowd {crowd['gold_accuracy']:.1%} (difference {d:+.1%}; the 95% intervals "
-             f"{'overlap, so this scale cannot tell them apart' if overlap else 'do not overlap'}). Labels agreeing "
+             f"crowd {crowd['gold_accuracy']:.1%}; paired difference crowd - calibrated {pd['diff']:+.1%} "
+             f"[{pd['ci'][0]:+.1%}, {pd['ci'][1]:+.1%}]: {_verdict(pd)}. Labels agreeing "
              f"with gold: calibrated {cal['label_gold_agreement']:.1%}, crowd {crowd['label_gold_agreement']:.1%}.")
     bars = [_bar(f"RM gold acc\n{r['label']}", r["gold_accuracy"], r["gold_ci"], r["n_gold"]) for r in rows]
-    bars += [_bar(f"labels = gold\n{r['label']}", r["label_gold_agreement"], r["label_gold_ci"], r["pairs"])
+    bars += [_bar(f"labels = gold\n{r['label']}", r["label_gold_agreement"], r["label_gold_ci"], r["n_label"])
              for r in rows]
     out_dir = lab.run / "experiments"
     paths = [write_json(out_dir / "consistency-vs-volume.json", {
         "title": "Rater consistency vs volume: reward-model gold accuracy", "kind": "bars", "y_label": "share",
-        "notes": notes, "bars": bars, "rows": rows, "scale": _scale(c, lab), "simulated": True})]
+        "notes": notes, "bars": bars, "rows": rows, "gold_accuracy_diff": pd, "scale": _scale(c, lab),
+        "simulated": True})]
     if c.cv_ppo:
         base = cal["ppo_base"]
         pb = [_bar("SFT (base)", base["gold"], base["gold_ci"], c.eval_queries)]
@@ -476,16 +506,27 @@ def margin(lab: Lab) -> list[Path]:
         rows.append({"margin": m, **lab.rm_accuracy(rm, hp, hl), "rm_dir": str(rm)})
         lab.console.print(f"  margin {m}: gold accuracy {rows[-1]['gold_accuracy']:.3f}, held-out accuracy "
                           f"{rows[-1]['heldout_accuracy']:.3f}")
+    first = rows[0]
+    paired = []
+    for r in rows[1:]:  # each preset against the first, on the same pairs
+        r["paired_vs"] = first["margin"]
+        r["gold_diff"] = g = paired_diff(r["gold_hits"], first["gold_hits"])
+        r["heldout_diff"] = h = paired_diff(r["heldout_hits"], first["heldout_hits"])
+        paired.append(f"Paired, margin {r['margin']} - {first['margin']}: gold {g['diff']:+.1%} [{g['ci'][0]:+.1%}, "
+                      f"{g['ci'][1]:+.1%}] ({_verdict(g)}), held-out {h['diff']:+.1%} [{h['ci'][0]:+.1%}, "
+                      f"{h['ci'][1]:+.1%}].")
+    for r in rows:
+        r.pop("gold_hits"), r.pop("heldout_hits")
     bars = [_bar(f"gold acc\nmargin {r['margin']}", r["gold_accuracy"], r["gold_ci"], r["n_gold"]) for r in rows]
     bars += [_bar(f"held-out acc\nmargin {r['margin']}", r["heldout_accuracy"], r["heldout_ci"], r["n_heldout"])
              for r in rows]
     notes = (f"Scale: the same {c.pairs:,} pairs labelled by the 5 calibrated raters (with their stated strength), "
-             f"one reward model per margin preset, {c.rm_epochs} epoch(s). Gold accuracy on {rows[0]['n_gold']} "
+             f"one reward model per margin preset, {c.rm_epochs} epoch(s). Gold accuracy on {first['n_gold']} "
              f"held-out pairs; held-out accuracy on the raters' own labels of the same pairs "
-             f"({rows[0]['n_heldout']} non-tie). "
+             f"({first['n_heldout']} non-tie). "
              + "; ".join(f"margin {r['margin']}: gold {r['gold_accuracy']:.1%} [{r['gold_ci'][0]:.1%}, "
                          f"{r['gold_ci'][1]:.1%}], held-out {r['heldout_accuracy']:.1%}" for r in rows)
-             + ". Both arms score the same pairs, so their intervals overlap by construction unless the effect is large.")
+             + ". " + " ".join(paired))
     return [write_json(lab.run / "experiments" / "margin.json", {
         "title": "Margin on/off: reward-model accuracy", "kind": "bars", "y_label": "accuracy",
         "notes": notes, "bars": bars, "rows": rows, "scale": _scale(c, lab), "simulated": True})]
@@ -503,7 +544,8 @@ def run_experiment(name: str, cfg: ExperimentConfig, *, console: Console | None 
     if name not in RUNNERS:
         raise ConfigError(f"experiment: unknown name {name!r} (known: {', '.join(EXPERIMENTS)})")
     console = console or Console()
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     lab = Lab(cfg, console)
     console.rule(f"[bold]experiment {name}")

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from preflab.config import ConfigError
-from preflab.experiments import ExperimentConfig, label_pairs, mean_ci, wilson
+from preflab.experiments import ExperimentConfig, label_pairs, mean_ci, paired_diff, wilson
 from preflab.sandbox.raters import SimRater, sft_style_pairs
 from preflab.sandbox.truth import reward_model_truth
 
@@ -33,6 +33,15 @@ def test_mean_ci_and_wilson_hand_values():
     assert mean_ci([3.0]) == (3.0, [3.0, 3.0])
     assert wilson(8, 10) == pytest.approx([0.4902, 0.9433], abs=1e-3)  # textbook Wilson 95% for 8/10
     assert all(math.isnan(x) for x in wilson(0, 0))
+
+
+def test_paired_diff_hand_values():
+    # items 3 and 4 are unscored on one side; d = [1, 0, 0]: mean 1/3, s = sqrt(1/3), half-width 1.96 s / sqrt(3)
+    p = paired_diff([1, 1, 0, None, 1], [0, 1, 0, 1, None])
+    assert p["n"] == 3 and p["diff"] == pytest.approx(1 / 3)
+    assert p["ci"] == pytest.approx([1 / 3 - 0.65333, 1 / 3 + 0.65333], abs=1e-4)
+    assert paired_diff([1, 0], [1, 0])["ci"] == [0.0, 0.0]
+    assert paired_diff([None], [1])["n"] == 0
 
 
 def test_label_pairs_canonical_and_faithful():
@@ -103,11 +112,15 @@ def test_experiments_write_report_plots(lab):
     for b in m["bars"]:
         assert 0.0 <= b["value"] <= 1.0 and _ci_ok(b["ci"]) and b["ci"][0] <= b["value"] <= b["ci"][1]
     assert {row["margin"] for row in m["rows"]} == {"none", "llama2_small"}
+    diff = m["rows"][1]["gold_diff"]  # paired on the same held-out pairs: equals the difference of accuracies
+    assert diff["n"] == m["rows"][0]["n_gold"] and _ci_ok(diff["ci"])
+    assert diff["diff"] == pytest.approx(m["rows"][1]["gold_accuracy"] - m["rows"][0]["gold_accuracy"])
 
     r = _run(lab, "consistency-vs-volume")
     assert r.exit_code == 0, r.output
     cv = json.loads((out / "consistency-vs-volume.json").read_text())
     assert [row["pairs"] for row in cv["rows"]] == [24, 48]  # the ratio is kept
+    assert cv["gold_accuracy_diff"]["diff"] == pytest.approx(cv["rows"][1]["gold_accuracy"] - cv["rows"][0]["gold_accuracy"])
     assert "cached" in r.output  # the calibrated reward model is the margin experiment's llama2_small one
     ppo = json.loads((out / "consistency-vs-volume-ppo.json").read_text())
     assert ppo["kind"] == "bars" and len(ppo["bars"]) == 3 and all(_ci_ok(b["ci"]) for b in ppo["bars"])
