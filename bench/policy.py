@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from rm import _vm, make_workload  # noqa: E402  (the shared pair workload of the RM benchmark)
 
 THREADS = 2
