@@ -1245,7 +1245,7 @@ def sandbox_experiment(
     ppo_eval_every: int = typer.Option(None, help="Measure gold + KL every N PPO steps (default 4)."),
     eval_queries: int = typer.Option(None, help="Held-out queries for gold utility and KL (default 64)."),
     oracle_queries: int = typer.Option(None, help="Held-out queries of the oracle frontier (default 32)."),
-    max_new_tokens: int = typer.Option(None, help="Longest sampled response (default 72)."),
+    max_new_tokens: int = typer.Option(None, help="Longest sampled response (default: the base build's longest response + 8)."),
     betas: str = typer.Option(None, help="kl-sweep: fixed betas, comma-separated (default 0.005,0.02,0.1,0.5)."),
     margins: str = typer.Option(None, help="margin: presets compared, comma-separated (default none,llama2_small)."),
     ppo: bool = typer.Option(True, help="consistency-vs-volume: also a short PPO pass on each reward model."),

@@ -60,7 +60,7 @@ class ExperimentConfig:
     margins: list[str] = field_doc(["none", "llama2_small"], "margin experiment: presets compared.")
     ppo_steps: int = field_doc(12, "PPO iterations per run.")
     ppo_prompts: int = field_doc(16, "Prompts per PPO rollout batch.")
-    ppo_lr: float = field_doc(3e-5, "PPO policy learning rate (the demo's).")
+    ppo_lr: float = field_doc(1e-4, "PPO policy learning rate (above the demo's 3e-5: the runs are short).")
     ppo_eval_every: int = field_doc(4, "Gold + KL measured on held-out queries every N PPO steps.")
     cv_ppo: bool = field_doc(True, "consistency-vs-volume: also run a short PPO pass on each reward model.")
     cv_beta: float = field_doc(0.02, "consistency-vs-volume PPO: initial beta (adaptive controller, as the demo).")
@@ -69,21 +69,21 @@ class ExperimentConfig:
     kl_target: float = field_doc(4.0, "Adaptive controller's KL target (nats per response).")
     eval_queries: int = field_doc(64, "Held-out queries sampled to measure gold utility and KL.")
     oracle_queries: int = field_doc(32, "Held-out queries the oracle frontier enumerates (144 answers each).")
-    max_new_tokens: int = field_doc(72, "Longest sampled response.")
+    max_new_tokens: int = field_doc(0, "Longest sampled response (0: the base build's longest response + 8, else 96).")
     threads: int = field_doc(1, "torch CPU threads (1 wastes least on a busy machine; 0: torch's default).")
     progress: bool = field_doc(True, "Show the trainers' progress bars.")
 
     def validate(self) -> None:
         w = "ExperimentConfig"
         for name in ("pairs", "volume_ratio", "crowd_raters", "eval_pairs", "rm_epochs", "rm_batch", "ppo_steps",
-                     "ppo_prompts", "ppo_eval_every", "eval_queries", "oracle_queries", "max_new_tokens"):
+                     "ppo_prompts", "ppo_eval_every", "eval_queries", "oracle_queries"):
             check(getattr(self, name) >= 1, f"{w}.{name}", "must be >= 1")
         check(self.rubric in ("v1", "v2"), f"{w}.rubric", f"must be v1 or v2, got {self.rubric!r}")
         check(0 <= self.lapse < 0.45, f"{w}.lapse", "must be in [0, 0.45)")
         check(self.rm_lr > 0 and self.ppo_lr > 0, f"{w}.rm_lr/ppo_lr", "must be > 0")
         check(self.cv_beta >= 0 and self.adaptive_beta >= 0, f"{w}.cv_beta/adaptive_beta", "must be >= 0")
         check(self.kl_target > 0, f"{w}.kl_target", "must be > 0")
-        check(self.threads >= 0, f"{w}.threads", "must be >= 0")
+        check(self.threads >= 0 and self.max_new_tokens >= 0, f"{w}.threads/max_new_tokens", "must be >= 0")
         check(all(b >= 0 for b in self.betas), f"{w}.betas", f"must all be >= 0, got {self.betas}")
         from preflab.losses.bradley_terry import MARGIN_PRESETS
 
@@ -188,6 +188,10 @@ class Lab:
         # reward models read prompt + response up to the demo's 160 tokens, within the model's positions
         n_pos = json.loads((self.base / "config.json").read_text()).get("n_positions", 160)
         self.max_length = min(160, int(n_pos))
+        if not cfg.max_new_tokens:
+            build = self.base / "build.json"
+            longest = json.loads(build.read_text()).get("max_response_tokens") if build.is_file() else None
+            self.cfg = cfg = replace(cfg, max_new_tokens=longest + 8 if longest else 96)
 
     # ---- raters and pairs
     def pool(self, kind: str):
@@ -550,5 +554,5 @@ def run_experiment(name: str, cfg: ExperimentConfig, *, console: Console | None 
     lab = Lab(cfg, console)
     console.rule(f"[bold]experiment {name}")
     paths = RUNNERS[name](lab)
-    write_json(lab.work / f"{name}.config.json", {**to_dict(cfg), "seconds": round(time.perf_counter() - t0, 1)})
+    write_json(lab.work / f"{name}.config.json", {**to_dict(lab.cfg), "seconds": round(time.perf_counter() - t0, 1)})
     return paths
