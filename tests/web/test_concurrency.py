@@ -68,6 +68,7 @@ def run_crowd(db_url: str, server) -> None:
             rows = s.execute(select(schema.Judgement, schema.Assignment).join(
                 schema.Assignment, schema.Judgement.assignment_id == schema.Assignment.id
             ).where(schema.Judgement.round_id == round_id)).all()
+            pairs = {p.id: (p.response_a_id, p.response_b_id) for p in s.scalars(select(schema.Pair))}
     finally:
         engine.dispose()
     fresh = [(j, a) for j, a in rows if not a.is_duplicate]
@@ -80,10 +81,6 @@ def run_crowd(db_url: str, server) -> None:
     for token, body, jid in acks:
         assert stored[(by_token[token], body["idempotency_key"])] == jid
     # the stored winner is the canonical response the rater saw on the chosen side
-    pairs = {}
-    with db.session_scope(db.make_engine(db_url), readonly=True) as s:
-        for p in s.scalars(select(schema.Pair)):
-            pairs[p.id] = (p.response_a_id, p.response_b_id)
     acked = {b["assignment_id"]: b["choice"] for _, b, _ in acks}
     for j, a in rows:
         a_id, b_id = pairs[j.pair_id]
