@@ -534,7 +534,7 @@ def rm_train(
     policy: str = typer.Option(None, "--policy", help="HF dir the reward model starts from (a policy or a reward model)."),
     db: str = typer.Option(None, "--db", help="Store URL; with --project, train on its latest judgements."),
     project: str = typer.Option(None, "--project", help="Project name in the store."),
-    data: str = typer.Option(None, "--data", help="Instead of the store: JSONL with prompt/chosen/rejected[/margin]."),
+    data: str = typer.Option(None, "--data", help="Instead of the store: JSONL with prompt, chosen, rejected and optional margin."),
     config: str = typer.Option(None, "--config", help="TOML file; its [rm] table sets RewardConfig fields."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's last checkpoint."),
     lr: float = typer.Option(None, help="RewardConfig.lr"),

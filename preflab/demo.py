@@ -169,9 +169,12 @@ def stage_workshop(cfg: DemoConfig, run: Path, engine) -> dict:
 
     rep = sandbox_workshop(engine, project=PROJECT, out_dir=run / "workshop",
                            cfg=WorkshopConfig(n_pairs=cfg.workshop_pairs, seed=cfg.seed))
-    b, a = rep["before"]["mean_kappa"], rep["after"]["mean_kappa"]
-    return {"kappa_before": b["value"] if isinstance(b, dict) else b,
-            "kappa_after": a["value"] if isinstance(a, dict) else a}
+    rep.pop("paths", None)
+    write_json(run / "workshop" / "report.json", rep)  # the report's section reads this file
+    b = rep["before"]["statistics"]["mean_pairwise_kappa"]
+    a = rep["after"]["statistics"]["mean_pairwise_kappa"]
+    return {"kappa_before": b["value"], "kappa_after": a["value"], "kappa_before_ci": [b["low"], b["high"]],
+            "kappa_after_ci": [a["low"], a["high"]]}
 
 
 def _add_pairs(engine, queries, texts_a, texts_b, *, tag: str) -> list[str]:
@@ -180,7 +183,7 @@ def _add_pairs(engine, queries, texts_a, texts_b, *, tag: str) -> list[str]:
 
     prompts, responses, pairs = {}, [], []
     for i, (q, a, b) in enumerate(zip(queries, texts_a, texts_b, strict=True)):
-        if a == b:
+        if a == b or not a or not b:  # nothing to compare (an empty sample is dropped, not stored)
             continue
         pid = f"{tag}-{i:05d}"
         prompts[q.id] = ops.PromptIn(q.id, q.text, q.topic, {"fact_id": q.fact_id})
@@ -226,15 +229,20 @@ def stage_collection(cfg: DemoConfig, run: Path, engine, console: Console) -> di
                                           shift={"formality": {"stilted": 1.5}, "confidence": {"confident": 1.0}})
         with db.session_scope(engine) as s:
             pid = _project_id(s)
-            main = ops.create_round(s, project_id=pid, name=f"collection week {week}", kind="collection",
-                                    pair_ids=[p for p in pair_ids if p not in audit], overlap=1,
-                                    duplicate_rate=cfg.duplicate_rate, seed=cfg.seed + week,
-                                    meta={"week": week})
-            rounds = [main]
-            if audit:
-                rounds.append(ops.create_round(s, project_id=pid, name=f"audit week {week}", kind="collection",
-                                               pair_ids=sorted(audit), overlap=3, duplicate_rate=0.0,
-                                               seed=cfg.seed + week, meta={"week": week, "audit": True}))
+            have = {r.name: r.id for r in ops.list_rounds(s, project_id=pid, kind="collection")}
+        if f"collection week {week}" in have:  # an interrupted run: finish that week's rounds
+            rounds = [have[n] for n in (f"collection week {week}", f"audit week {week}") if n in have]
+        else:
+            with db.session_scope(engine) as s:
+                rounds = [ops.create_round(s, project_id=pid, name=f"collection week {week}", kind="collection",
+                                           pair_ids=[p for p in pair_ids if p not in audit], overlap=1,
+                                           duplicate_rate=cfg.duplicate_rate, seed=cfg.seed + week,
+                                           meta={"week": week})]
+                if audit:
+                    rounds.append(ops.create_round(s, project_id=pid, name=f"audit week {week}",
+                                                   kind="collection", pair_ids=sorted(audit), overlap=3,
+                                                   duplicate_rate=0.0, seed=cfg.seed + week,
+                                                   meta={"week": week, "audit": True}))
         made = sum(work_round(engine, round_id=r, raters=sims, rubric="v1", seed=cfg.seed + 31 * week + r)
                    for r in rounds)
         with db.session_scope(engine) as s:
@@ -586,9 +594,11 @@ def demo_config_json(cfg: DemoConfig, quick: bool) -> dict:
 def run_demo(cfg: DemoConfig, *, quick: bool = False, console: Console | None = None) -> Path:
     """Run (or resume) the whole sandbox story into ``cfg.out``; returns the report path."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     from preflab.report.html import render_report
 
+    hf_logging.disable_progress_bar()  # one bar per stage is ours; not one per weight load
     console = console or Console()
     if quick:
         cfg = cfg.quick()
