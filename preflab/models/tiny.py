@@ -7,9 +7,10 @@ causal LM with ``models.hf.load_policy`` instead.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Literal
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 EOS_TOKEN = "<|endoftext|>"
@@ -50,16 +51,36 @@ def tiny_gpt2(config: GPT2Config, *, seed: int = 0) -> GPT2LMHeadModel:
     return model.eval()
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+# A new piece starts after sentence or clause punctuation followed by a space, and at a newline.
+PHRASE_SPLIT = r"(?<=[.!?,:]) |\n"
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, *, granularity: Literal["words", "phrases"] = "words"
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on ``texts`` (eos ``<|endoftext|>``, pad ``<|pad|>``).
 
-    Byte-level means every string round-trips exactly; ids 0 and 1 are eos and pad.
-    The vocabulary may come out smaller than ``vocab_size`` on a small corpus.
+    Byte-level means every string round-trips exactly; ids 0 and 1 are eos and pad. The
+    vocabulary may come out smaller than ``vocab_size`` on a small corpus.
+
+    ``granularity`` is what BPE may merge: ``"words"`` (GPT-2's pre-tokenizer: merges never
+    cross a space) or ``"phrases"`` (merges never cross ``PHRASE_SPLIT``: a clause such as
+    " I might be wrong about this," can become one token). Phrases suit a templated domain
+    like the sandbox: a response is a handful of tokens, so a tiny model learns it in minutes
+    and RLHF acts on whole style choices.
     """
     if vocab_size < 258:
         raise ValueError(f"vocab_size: must be >= 258 (256 bytes + eos + pad), got {vocab_size}")
+    if granularity not in ("words", "phrases"):
+        raise ValueError(f"granularity: must be 'words' or 'phrases', got {granularity!r}")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if granularity == "words":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(PHRASE_SPLIT), behavior="merged_with_next"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -41,7 +41,9 @@ class BuildConfig:
     seed: int = field_doc(0, "seed of the corpus, tokenizer text, weight init and data order")
     corpus_size: int = field_doc(4000, "SFT dialogues (train-split queries in the SFT style mix)")
     tokenizer_texts: int = field_doc(4000, "sampled responses added to the tokenizer's training text")
-    vocab_size: int = field_doc(4096, "BPE vocabulary cap (the templated domain needs about 1,100)")
+    vocab_size: int = field_doc(4096, "BPE vocabulary cap (phrases: the domain needs about 2,400)")
+    tokenizer_granularity: str = field_doc("phrases", "what BPE may merge: 'phrases' (a clause can be one "
+                                                      "token) or 'words' (GPT-2 style)")
     n_layer: int = field_doc(4, "transformer blocks")
     n_head: int = field_doc(4, "attention heads")
     n_embd: int = field_doc(128, "model width")
@@ -62,6 +64,8 @@ class BuildConfig:
         for name in ("tokenizer_texts", "warmup_steps", "num_threads"):
             check(getattr(self, name) >= 0, f"{w}.{name}", "must be >= 0")
         check(self.vocab_size >= 258, f"{w}.vocab_size", "must be >= 258 (256 bytes + eos + pad)")
+        check(self.tokenizer_granularity in ("phrases", "words"), f"{w}.tokenizer_granularity",
+              f"must be 'phrases' or 'words', got {self.tokenizer_granularity!r}")
         check(self.n_embd % self.n_head == 0, f"{w}.n_embd", f"must be divisible by n_head ({self.n_head})")
         check(self.n_positions >= 32, f"{w}.n_positions", "must be >= 32")
         check(self.lr > 0, f"{w}.lr", "must be > 0")
@@ -106,6 +110,11 @@ def write_corpus(records: Sequence[dict[str, Any]], path: Path) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def tokenizer_texts(seed: int, n: int) -> list[str]:
+    """``domain.sandbox_texts`` with each response preceded by the space it has in a dialogue."""
+    return [t if t.startswith("User: ") else " " + t for t in sandbox_texts(seed=seed, n=n)]
+
+
 # ---- build ----------------------------------------------------------------------------
 
 
@@ -140,7 +149,8 @@ def build_sandbox_model(cfg: BuildConfig, out_dir: str | Path, *, train_sft: Tra
 
             tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         else:
-            tokenizer = train_tokenizer(sandbox_texts(seed=cfg.seed, n=cfg.tokenizer_texts), cfg.vocab_size)
+            tokenizer = train_tokenizer(tokenizer_texts(cfg.seed, cfg.tokenizer_texts), cfg.vocab_size,
+                                        granularity=cfg.tokenizer_granularity)
             tokenizer.save_pretrained(tok_dir)
         t_data = time.perf_counter() - t0
         # ---- model + SFT (resumes from out/sft/ckpt)

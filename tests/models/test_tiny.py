@@ -66,3 +66,19 @@ def test_value_head_shapes(tiny_model):
     assert torch.all(ValueHead(8)(torch.randn(1, 3, 8)) == 0)  # default: zero-initialised critic
     v.sum().backward()
     assert head.summary.weight.grad is not None
+
+
+def test_phrase_tokenizer_round_trip_and_save_load(tmp_path):
+    from transformers import AutoTokenizer
+
+    texts = sandbox_texts(seed=0, n=300)
+    tok = train_tokenizer(texts, 4096, granularity="phrases")
+    clause = " I might be wrong about this,"
+    assert len(tok(clause, add_special_tokens=False)["input_ids"]) == 1  # a whole clause is one token
+    for text in ("Unseen wörds 🙂, tabs\tand  spaces\nnew line. Next!", texts[-1], ""):
+        assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded(texts[-1])["input_ids"] == tok(texts[-1])["input_ids"]
+    with pytest.raises(ValueError, match="granularity"):
+        train_tokenizer(texts, 400, granularity="chars")
