@@ -1277,7 +1277,8 @@ def sandbox_experiment(
         _fail(e)
     for p in paths:
         d = json.loads(p.read_text())
-        console.print(f"[bold]{d['title']}[/bold]\n{d['notes']}\nwrote {p}", markup=False, highlight=False)
+        console.print(f"[bold]{d['title']}[/bold]")
+        console.print(f"{d['notes']}\nwrote {p}", markup=False, highlight=False)
     console.print(f"render with: preflab report {run}", markup=False)
 
 

@@ -436,11 +436,11 @@ def consistency_vs_volume(lab: Lab) -> list[Path]:
     return paths
 
 
-def _fraction(fr, kl: float, gold: float) -> float | None:
-    """Share of the oracle's gold gain at this KL that a run achieved; None where the oracle gains < 0.01."""
-    base = float(fr.gold[int(fr.kl.argmin())])
-    gain = fr.gold_at_kl(max(kl, 0.0)) - base
-    return None if gain < 0.01 else (gold - base) / gain
+def _fraction(fr, kl: float, gold: float, base_gold: float) -> float | None:
+    """(gold - base_gold) / (oracle gold at this KL - oracle gold at KL 0): the run's gain over its own sampled
+    base against the oracle's gain at the same KL; None where the oracle gains < 0.01."""
+    gain = fr.gold_at_kl(max(kl, 0.0)) - float(fr.gold[int(fr.kl.argmin())])
+    return None if gain < 0.01 else (gold - base_gold) / gain
 
 
 def kl_sweep(lab: Lab) -> list[Path]:
@@ -478,7 +478,7 @@ def kl_sweep(lab: Lab) -> list[Path]:
         rows.append({"run": name, "controller": r["controller"], "beta_start": r["beta_start"],
                      "beta_final": r["beta_final"], "kl": last["kl"], "kl_ci": last["kl_ci"], "sqrt_kl": last["sqrt_kl"],
                      "gold": last["gold"], "gold_ci": last["gold_ci"], "oracle_gold_at_kl": fr.gold_at_kl(max(last["kl"], 0)),
-                     "fraction_of_oracle_gain": _fraction(fr, last["kl"], last["gold"]),
+                     "fraction_of_oracle_gain": _fraction(fr, last["kl"], last["gold"], pts[0]["gold"]),
                      "rm_score_final": r["rm_score_final"]})
     xmax = max([*(max(s["x"]) for s in series), 0.1]) * 1.25
     keep = [i for i in np.argsort(fr.sqrt_kl) if fr.sqrt_kl[i] <= xmax]
