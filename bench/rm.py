@@ -120,7 +120,7 @@ def workload_stats(d: Path) -> dict:
 # ---- workers (one fresh process per run) ------------------------------------------------
 
 
-def run_ours(d: Path, out_dir: Path) -> dict:
+def run_ours(d: Path, out_dir: Path, steps: int = 0) -> dict:
     from preflab.models.hf import load_reward_model
     from preflab.train.data import load_jsonl
     from preflab.train.reward import RewardConfig, train_reward
@@ -129,7 +129,7 @@ def run_ours(d: Path, out_dir: Path) -> dict:
     train = load_jsonl(d / "train.jsonl")
     cfg = RewardConfig(lr=1e-4, batch_size=16, grad_accum=1, epochs=1, warmup_steps=0, weight_decay=0.0,
                        max_grad_norm=1.0, margin="none", max_length=256, share_prompt=True, eval_every=0,
-                       checkpoint_every=0, mixed_precision="no", seed=0)
+                       checkpoint_every=0, mixed_precision="no", seed=0, max_steps=steps)
     rss0 = _vm("VmRSS")
     t0, c0 = time.perf_counter(), time.process_time()
     res = train_reward(cfg, model=model, tokenizer=tok, train=train, val=[], run_dir=out_dir, show_progress=False)
@@ -139,7 +139,7 @@ def run_ours(d: Path, out_dir: Path) -> dict:
             "rss_before_mb": rss0, "model": model, "tok": tok}
 
 
-def run_trl(d: Path, out_dir: Path) -> dict:
+def run_trl(d: Path, out_dir: Path, steps: int = 0) -> dict:
     from datasets import Dataset
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
@@ -158,7 +158,7 @@ def run_trl(d: Path, out_dir: Path) -> dict:
         optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, gradient_checkpointing=False,
         bf16=False, fp16=False, disable_dropout=True, max_length=256, center_rewards_coefficient=None,
         logging_steps=10, save_strategy="no", eval_strategy="no", report_to=[], seed=0, data_seed=0,
-        dataloader_num_workers=0, use_cpu=True, torch_compile=False, disable_tqdm=True,
+        dataloader_num_workers=0, use_cpu=True, torch_compile=False, disable_tqdm=True, max_steps=steps or -1,
     )
     trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     rss0 = _vm("VmRSS")
@@ -171,20 +171,21 @@ def run_trl(d: Path, out_dir: Path) -> dict:
                 "gradient_checkpointing", "bf16", "fp16", "disable_dropout", "max_length", "torch_compile")}}
 
 
-def worker(kind: str, d: Path, result: Path) -> None:
+def worker(kind: str, d: Path, result: Path, threads: int = 2, steps: int = 0) -> None:
     import torch
 
-    torch.set_num_threads(SETTINGS["threads"])
+    torch.set_num_threads(threads)
     from preflab.train.data import load_jsonl
     from preflab.train.reward import score_pairs
 
     with tempfile.TemporaryDirectory() as tmp:
-        r = (run_ours if kind == "ours" else run_trl)(d, Path(tmp))
+        r = (run_ours if kind == "ours" else run_trl)(d, Path(tmp), steps)
     hwm = _vm("VmHWM")
     model, tok = r.pop("model"), r.pop("tok")
     held = load_jsonl(d / "heldout.jsonl")
     rc, rr = score_pairs(model, tok, held, batch_size=64, max_length=256)
-    r.update(kind=kind, pairs_per_s=SETTINGS["pairs"] / r["wall_s"], pairs_per_cpu_s=SETTINGS["pairs"] / r["cpu_s"],
+    pairs = SETTINGS["batch_pairs"] * r["steps"]
+    r.update(kind=kind, threads=threads, pairs_per_s=pairs / r["wall_s"], pairs_per_cpu_s=pairs / r["cpu_s"],
              load_avg=os.getloadavg()[0], peak_rss_mb=hwm,
              train_rss_delta_mb=hwm - r["rss_before_mb"],
              heldout_accuracy=sum(c > x for c, x in zip(rc, rr, strict=True)) / len(held))
@@ -197,13 +198,15 @@ def worker(kind: str, d: Path, result: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per run (DESIGN.md: 2)")
+    ap.add_argument("--steps", type=int, default=0, help="optimizer steps per run (0: the full epoch, 32)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "rm.json"))
     ap.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        worker(a.worker, Path(a.workdir), Path(a.result))
+        worker(a.worker, Path(a.workdir), Path(a.result), a.threads, a.steps)
         return
     import torch
     import transformers
@@ -216,12 +219,13 @@ def main() -> None:
         stats = workload_stats(d / "w")
         print("workload:", json.dumps(stats))
         runs: list[dict] = []
-        env = {**os.environ, "OMP_NUM_THREADS": str(SETTINGS["threads"]), "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "TOKENIZERS_PARALLELISM": "false"}
         for i in range(a.repeats):
             for kind in ("trl", "ours"):  # peer first, then ours, interleaved
                 res = d / f"{kind}{i}.json"
                 subprocess.run([sys.executable, __file__, "--worker", kind, "--workdir", str(d / "w"),
-                                "--result", str(res)], check=True, cwd=ROOT, env=env)
+                                "--result", str(res), "--threads", str(a.threads), "--steps", str(a.steps)],
+                               check=True, cwd=ROOT, env=env)
                 r = json.loads(res.read_text())
                 r["repeat"] = i
                 runs.append(r)
@@ -234,7 +238,8 @@ def main() -> None:
                          "wall_s", "cpu_s")}
            for k in ("trl", "ours")}
     out = {
-        "benchmark": "reward model (Bradley-Terry), DESIGN.md workload", "settings": SETTINGS, "workload": stats,
+        "benchmark": "reward model (Bradley-Terry), DESIGN.md workload", "workload": stats,
+        "settings": {**SETTINGS, "threads": a.threads, "steps": a.steps or SETTINGS["steps"]},
         "memory_metric": "VmHWM of the run's own process (peak RSS, incl. imports); delta = VmHWM - VmRSS before train",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
                      "python": platform.python_version()},
