@@ -297,9 +297,11 @@ class Lab:
         with torch.no_grad():
             for i in range(0, len(prompts), 32):
                 s = sample(model, tok, prompts[i: i + 32], max_new_tokens=self.cfg.max_new_tokens, generator=gen)
-                ref_lp = sequence_logprobs(ref, s.input_ids, s.attention_mask, s.prompt_len)  # (B, R)
-                m = s.response_mask.float()
-                kls += ((s.logprobs - ref_lp) * m).sum(-1).tolist()
+                if model is ref:  # exactly 0 (cached vs full forward differ by float noise only)
+                    kls += [0.0] * len(s.texts)
+                else:
+                    ref_lp = sequence_logprobs(ref, s.input_ids, s.attention_mask, s.prompt_len)  # (B, R)
+                    kls += ((s.logprobs - ref_lp) * s.response_mask.float()).sum(-1).tolist()
                 texts += [t.strip() for t in s.texts]
         t = policy_truth(name, queries, texts)
         kl, kl_ci = mean_ci(kls)
@@ -488,7 +490,9 @@ def kl_sweep(lab: Lab) -> list[Path]:
     base = runs[0]["points"][0]
     notes = (f"Scale: {c.ppo_steps} PPO steps x {c.ppo_prompts} prompts per run, reward model from {c.pairs:,} "
              f"calibrated pairs; gold utility and KL(policy || base) measured on {c.eval_queries} held-out queries "
-             f"(bands: 95% CI of gold). Base: gold {base['gold']:.3f}. Best run: {best['run']} at sqrt(KL) "
+             f"(bands: 95% CI of gold). Base: gold {base['gold']:.3f} ({base['unparseable_rate']:.0%} of its samples "
+             f"unparseable); the oracle starts at {float(fr.gold[int(fr.kl.argmin())]):.3f} because it only "
+             f"weighs well-formed answers. Best run: {best['run']} at sqrt(KL) "
              f"{best['sqrt_kl']:.2f}, gold {best['gold']:.3f} [{best['gold_ci'][0]:.3f}, {best['gold_ci'][1]:.3f}], "
              + (f"{best['fraction_of_oracle_gain']:.0%} of the oracle's gain at that KL. "
                 if best["fraction_of_oracle_gain"] is not None else "(the oracle gains nothing at that KL). ")
