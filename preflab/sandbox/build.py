@@ -48,13 +48,15 @@ class BuildConfig:
     n_head: int = field_doc(4, "attention heads")
     n_embd: int = field_doc(128, "model width")
     n_positions: int = field_doc(128, "context length in tokens")
-    steps: int = field_doc(300, "SFT optimizer steps")
+    steps: int = field_doc(1500, "SFT optimizer steps")
     batch_size: int = field_doc(32, "SFT dialogues per step")
-    lr: float = field_doc(2e-3, "SFT peak learning rate (AdamW, warmup then linear decay)")
+    lr: float = field_doc(3e-3, "SFT peak learning rate (AdamW, warmup then linear decay)")
     warmup_steps: int = field_doc(20, "SFT warmup steps")
     weight_decay: float = field_doc(0.01, "SFT AdamW weight decay")
-    checkpoint_every: int = field_doc(50, "SFT checkpoint interval (resume granularity)")
-    num_threads: int = field_doc(2, "torch CPU threads during the build (0: leave torch's default)")
+    checkpoint_every: int = field_doc(250, "SFT checkpoint interval (resume granularity)")
+    num_threads: int = field_doc(1, "torch CPU threads during the build (0: leave torch's default); a second "
+                                    "thread does not pay off on a model this small, and on a loaded machine "
+                                    "it made SFT steps 40x slower (docs/models.md)")
     progress: bool = field_doc(True, "show a rich progress bar")
 
     def validate(self) -> None:
