@@ -432,7 +432,7 @@ def consistency_vs_volume(lab: Lab) -> list[Path]:
                   f"{crowd['ppo']['gold']:.3f} (KL {crowd['ppo']['kl']:.2f} nats per response).")
         if max(cal["ppo"]["kl"], crowd["ppo"]["kl"]) < 0.5:
             pnotes += " Both policies stayed within 0.5 nats of the base: too short a pass to separate the reward models."
-        paths.append(write_json(out_dir / "consistency-vs-volume-ppo.json", {
+        paths.append(write_json(out_dir / "consistency-vs-volume_ppo.json", {
             "title": "Rater consistency vs volume: gold utility after a short PPO pass", "kind": "bars",
             "y_label": "gold utility", "notes": pnotes, "bars": pb, "simulated": True}))
     return paths
@@ -470,8 +470,9 @@ def kl_sweep(lab: Lab) -> list[Path]:
     fr = Frontier("gold", np.array(fd["betas"]), np.array(fd["kl"]), np.array(fd["gold"]), np.array(fd["reward_value"]))
 
     series, rows = [], []
+    base_pt = lab.base_point()
     for r in runs:
-        pts = r["points"]
+        pts = [base_pt, *r["points"][1:]]  # the base point as measured now (shared by every run)
         name = f"beta={r['beta_start']:g}" if r["controller"] == "fixed" else (
             f"adaptive (target {c.kl_target:g}, beta {r['beta_start']:g}->{r['beta_final']:.3g})")
         series.append({"label": name, "x": [p["sqrt_kl"] for p in pts], "y": [p["gold"] for p in pts],
@@ -487,7 +488,7 @@ def kl_sweep(lab: Lab) -> list[Path]:
     series.append({"label": "oracle frontier (gold-tilted base)", "reference": True,
                    "x": [float(fr.sqrt_kl[i]) for i in keep], "y": [float(fr.gold[i]) for i in keep]})
     best = max(rows, key=lambda r: r["gold"])
-    base = runs[0]["points"][0]
+    base = base_pt
     notes = (f"Scale: {c.ppo_steps} PPO steps x {c.ppo_prompts} prompts per run, reward model from {c.pairs:,} "
              f"calibrated pairs; gold utility and KL(policy || base) measured on {c.eval_queries} held-out queries "
              f"(bands: 95% CI of gold). Base: gold {base['gold']:.3f} ({base['unparseable_rate']:.0%} of its samples "
@@ -496,7 +497,9 @@ def kl_sweep(lab: Lab) -> list[Path]:
              f"{best['sqrt_kl']:.2f}, gold {best['gold']:.3f} [{best['gold_ci'][0]:.3f}, {best['gold_ci'][1]:.3f}], "
              + (f"{best['fraction_of_oracle_gain']:.0%} of the oracle's gain at that KL. "
                 if best["fraction_of_oracle_gain"] is not None else "(the oracle gains nothing at that KL). ")
-             + "; ".join(f"{r['run']}: sqrt(KL) {r['sqrt_kl']:.2f}, gold {r['gold']:.3f}" for r in rows) + ".")
+             + "; ".join(f"{r['run']}: sqrt(KL) {r['sqrt_kl']:.2f}, gold {r['gold']:.3f}, last RM score "
+                         f"{r['rm_score_final']:.2f}" for r in rows)
+             + ". RM score up while gold falls below the base is reward hacking: the proxy, not the policy, improved.")
     return [write_json(lab.run / "experiments" / "kl-sweep.json", {
         "title": "KL penalty sweep: gold utility vs sqrt(KL) against the oracle frontier", "kind": "lines",
         "x_label": "sqrt(KL to the base model), nats^0.5 per response", "y_label": "gold utility (held-out)",

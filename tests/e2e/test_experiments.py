@@ -122,7 +122,7 @@ def test_experiments_write_report_plots(lab):
     assert [row["pairs"] for row in cv["rows"]] == [24, 48]  # the ratio is kept
     assert cv["gold_accuracy_diff"]["diff"] == pytest.approx(cv["rows"][1]["gold_accuracy"] - cv["rows"][0]["gold_accuracy"])
     assert "cached" in r.output  # the calibrated reward model is the margin experiment's llama2_small one
-    ppo = json.loads((out / "consistency-vs-volume-ppo.json").read_text())
+    ppo = json.loads((out / "consistency-vs-volume_ppo.json").read_text())
     assert ppo["kind"] == "bars" and len(ppo["bars"]) == 3 and all(_ci_ok(b["ci"]) for b in ppo["bars"])
 
     r = _run(lab, "kl-sweep")
