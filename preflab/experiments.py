@@ -410,7 +410,7 @@ def consistency_vs_volume(lab: Lab) -> list[Path]:
         r.pop("heldout_hits")
     notes = (f"Scale: {c.pairs:,} calibrated pairs vs {n_crowd:,} crowd pairs (the story: 6,000 vs 60,000; "
              f"ratio kept), one label per pair, rubric {c.rubric}, reward models {c.rm_epochs} epoch(s) from the "
-             f"base model. Gold accuracy on {cal['n_gold']} held-out pairs: calibrated {cal['gold_accuracy']:.1%}, "
+             f"base model (so the crowd's RM also takes {c.volume_ratio}x the optimiser steps). Gold accuracy on {cal['n_gold']} held-out pairs: calibrated {cal['gold_accuracy']:.1%}, "
              f"crowd {crowd['gold_accuracy']:.1%}; paired difference crowd - calibrated {pd['diff']:+.1%} "
              f"[{pd['ci'][0]:+.1%}, {pd['ci'][1]:+.1%}]: {_verdict(pd)}. Labels agreeing "
              f"with gold: calibrated {cal['label_gold_agreement']:.1%}, crowd {crowd['label_gold_agreement']:.1%}.")
