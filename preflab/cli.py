@@ -902,11 +902,15 @@ def demo(
     out: str = typer.Option("runs/demo", help="Run directory (resumes what is already done there)."),
     seed: int = typer.Option(0, help="Seed of everything."),
     quick: bool = typer.Option(False, "--quick", help="The same path at toy scale (about 3 minutes)."),
+    base: str = typer.Option("", help="Use this built sandbox base model (preflab sandbox build) instead of building."),
 ) -> None:
     """The whole story on the embedded sandbox: raters, reward model, PPO, gates, fix, A/B, outcomes, report."""
     from preflab.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out=out, seed=seed), quick=quick, console=console)
+    try:
+        run_demo(DemoConfig(out=out, seed=seed, base_from=base), quick=quick, console=console)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(e)
 
 
 # ---- store (import / export / rounds) ----------------------------------------------------

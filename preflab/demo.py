@@ -42,7 +42,8 @@ class DemoConfig:
 
     out: str = field_doc("runs/demo", "Run directory.")
     seed: int = field_doc(0, "Seed of everything (model, raters, sampling, production).")
-    base_steps: int = field_doc(300, "SFT steps of the sandbox base model.")
+    base_from: str = field_doc("", "Copy this already built sandbox base model instead of building one.")
+    base_steps: int = field_doc(1500, "SFT steps of the sandbox base model.")
     base_corpus: int = field_doc(4000, "SFT dialogues of the sandbox base model.")
     workshop_pairs: int = field_doc(50, "Pairs per calibration-workshop round.")
     collection_pairs: int = field_doc(6000, "Comparison pairs collected over the simulated weeks.")
@@ -58,13 +59,14 @@ class DemoConfig:
     ppo_lr: float = field_doc(3e-5, "PPO policy learning rate.")
     kl_beta: float = field_doc(0.02, "Initial KL penalty (the story's 0.02).")
     kl_target: float = field_doc(4.0, "Adaptive controller's KL target (nats per response).")
+    formality_alarm: float = field_doc(0.45, "Share of stilted responses in a rollout that raises beta.")
     rm_epochs: int = field_doc(1, "Reward-model epochs.")
     ab_conversations: int = field_doc(200, "Blind A/B conversations for the final candidate.")
     ab_first_pass: int = field_doc(100, "Blind A/B conversations for the first-pass candidate.")
     factual_items: int = field_doc(150, "Factual regression suite size.")
     production_weeks: int = field_doc(3, "Simulated production weeks per model version.")
     conversations_per_week: int = field_doc(4000, "Production conversations per week.")
-    max_new_tokens: int = field_doc(72, "Longest sampled response.")
+    max_new_tokens: int = field_doc(24, "Longest sampled response in tokens (sandbox answers are about 6-11 phrase tokens).")
 
     def validate(self) -> None:
         for name in ("base_steps", "base_corpus", "workshop_pairs", "collection_pairs", "collection_weeks",
@@ -82,7 +84,7 @@ class DemoConfig:
 
     def quick(self) -> DemoConfig:
         """The same path at toy scale (CI)."""
-        return replace(self, base_steps=120, base_corpus=1500, workshop_pairs=20, collection_pairs=400,
+        return replace(self, base_steps=700, workshop_pairs=20, collection_pairs=400,
                        collection_weeks=2, drift_week=0, rerate_limit=60, ppo_steps=6, ppo_prompts_per_step=16,
                        ppo_checkpoint_every=3, ab_conversations=40, ab_first_pass=30, factual_items=40,
                        production_weeks=1, conversations_per_week=400, audit_rate=0.1)
@@ -159,8 +161,16 @@ def stage_base(cfg: DemoConfig, run: Path) -> dict:
     from preflab.sandbox.build import BuildConfig, build_sandbox_model
     from preflab.train.sft import train_sft
 
-    bc = BuildConfig(seed=cfg.seed, steps=cfg.base_steps, corpus_size=cfg.base_corpus)
-    build_sandbox_model(bc, run / "base", train_sft=train_sft)
+    if cfg.base_from:
+        import shutil
+
+        src = Path(cfg.base_from)
+        if not (src / "build.json").is_file():
+            raise FileNotFoundError(f"--base {src}: not a built sandbox model (no build.json)")
+        shutil.copytree(src, run / "base", dirs_exist_ok=True, ignore=shutil.ignore_patterns("ckpt"))
+    else:
+        bc = BuildConfig(seed=cfg.seed, steps=cfg.base_steps, corpus_size=cfg.base_corpus)
+        build_sandbox_model(bc, run / "base", train_sft=train_sft)
     return json.loads((run / "base" / "build.json").read_text())
 
 
@@ -354,10 +364,10 @@ def stage_ppo(cfg: DemoConfig, run: Path, name: str, rm_name: str) -> dict:
     pc = PPOConfig(seed=cfg.seed, steps=cfg.ppo_steps, prompts_per_step=cfg.ppo_prompts_per_step,
                    max_new_tokens=cfg.max_new_tokens, lr=cfg.ppo_lr, kl_beta=cfg.kl_beta, kl_controller="adaptive",
                    kl_target=cfg.kl_target, checkpoint_every=cfg.ppo_checkpoint_every, minibatch_size=16,
-                   ppo_epochs=2, cpu=True)
+                   ppo_epochs=2, cpu=True, alarm_thresholds={"formality": cfg.formality_alarm})
     res = train_ppo(pc, policy=policy, ref=ref, tokenizer=tok, reward_fn=reward_fn_from(run / rm_name / "model"),
                     prompts=[format_prompt(q.text) for q in train_q], run_dir=run / name,
-                    eval_hook=eval_hook, resume=True)
+                    eval_hook=eval_hook, detectors=text_rates, resume=True)
     # the SFT point (step 0) and each checkpoint's gold, beside the trainer's own metrics
     base0 = eval_hook(0, ref)
     evals = [{"step": 0, "objective/kl": 0.0, **base0}]
@@ -463,7 +473,7 @@ def _pricing_row(label: str, run_json: Path, note: str = "") -> dict:
     ix = [i for i, it in enumerate(r.items) if it.topic == "pricing"]
     texts = [r.texts[i][0] for i in ix]
     correct = r.first_correct[ix]
-    conf = has_phrase(texts, DetectorConfig().confidence)
+    conf = has_phrase(texts, DetectorConfig().confidence) > 0
     cw = conf & ~correct
     n = len(ix)
     return {"label": label, "n": n, "accuracy": float(correct.mean()),
@@ -474,21 +484,28 @@ def _pricing_row(label: str, run_json: Path, note: str = "") -> dict:
 
 def stage_production(cfg: DemoConfig, run: Path, final: str) -> dict:
     """Simulated production weeks answered by the SFT policy, then by the promoted one."""
+    from preflab.models.hf import load_policy
     from preflab.report.outcomes import compare_versions, import_outcomes, write_comparison
-    from preflab.sandbox.outcomes import ProductionConfig, simulate_production, write_production_log
+    from preflab.sandbox.outcomes import (
+        ProductionConfig,
+        cached_policy,
+        sampling_policy,
+        simulate_production,
+        write_production_log,
+    )
 
     pc = ProductionConfig(conversations_per_week=cfg.conversations_per_week, weeks=cfg.production_weeks,
                           seed=cfg.seed)
     logs = run / "outcomes"
-    rows = []
     for k, (version, path) in enumerate((("sft", run / "base"), (final, run / final / "policy"))):
-        def respond(queries, path=path, k=k):
-            return _policy_texts(path, queries, seed=cfg.seed + 500 + k, max_new_tokens=cfg.max_new_tokens)
-
+        if any(r.model_version == version for r in _run_outcomes(run)):
+            continue
+        model, tok = load_policy(path)
+        # production repeats query texts: k samples per distinct text, drawn per conversation
+        respond = cached_policy(sampling_policy(model, tok, max_new_tokens=cfg.max_new_tokens, batch_size=256,
+                                                seed=cfg.seed + 500 + k), samples_per_query=8, seed=cfg.seed + k)
         rows = simulate_production(respond, model_version=version, cfg=pc, first_week=k * cfg.production_weeks)
-        f = write_production_log(rows, logs / f"production_{version}.jsonl")
-        if not any(r.model_version == version for r in _run_outcomes(run)):
-            import_outcomes(f, run)
+        import_outcomes(write_production_log(rows, logs / f"production_{version}.jsonl"), run)
     comp = compare_versions(_run_outcomes(run), "sft", final)
     write_comparison(run, comp, simulated=True)
     return {"escalation_sft": comp["escalation"]["baseline"], "escalation_new": comp["escalation"]["candidate"],
@@ -546,15 +563,18 @@ def stage_summaries(cfg: DemoConfig, run: Path, engine, runner: StageRunner) -> 
                                                            max_new_tokens=cfg.max_new_tokens))
                 for label, path in (("sft", run / "base"), ("ppo_v1", run / "ppo_v1" / "policy"),
                                     ("ppo_v2", run / "ppo_v2" / "policy"))]
-    rms = []
+    rms, console_note = [], []
     for name in ("rm_v1", "rm_v2"):
         val = load_jsonl(run / name / "data" / "val.jsonl")
         model, tok = load_reward_model(run / name / "model")
         rc, rr = score_pairs(model, tok, val, max_length=160)
         ev = json.loads((run / name / "eval.json").read_text())
-        rms.append(reward_model_truth(name, [(query_for_prompt(e.prompt), e.chosen, e.rejected, float(a - b))
-                                             for e, a, b in zip(val, rc, rr, strict=True) if not e.is_tie],
-                                      measured_accuracy=ev["accuracy"]))
+        try:
+            rms.append(reward_model_truth(name, [(query_for_prompt(e.prompt), e.chosen, e.rejected, float(a - b))
+                                                 for e, a, b in zip(val, rc, rr, strict=True) if not e.is_tie],
+                                          measured_accuracy=ev["accuracy"]))
+        except ValueError as e:  # e.g. a toy run whose held-out pairs all tie on gold
+            console_note.append(f"{name}: no gold accuracy ({e})")
     win_rates = [json.loads((run / n / "gates" / "truth_win_rate.json").read_text()) for n in ("ppo_v1", "ppo_v2")]
     pool = _pool(cfg, calibrated=True)
     raters = [{"id": r.name, "specialty": r.specialty, "flip_rate_workshop": r.flip_rate,
@@ -576,7 +596,8 @@ def stage_summaries(cfg: DemoConfig, run: Path, engine, runner: StageRunner) -> 
                           escalation_after=comp["escalation"]["candidate"],
                           escalation_diff_ci=tuple(comp["escalation"]["ci"]), simulated_raters=True)
     write_ledger(run, ledger)
-    return {"annotation_cost": round(ledger["totals"]["annotation"], 2), "judgements": len(times)}
+    return {"annotation_cost": round(ledger["totals"]["annotation"], 2), "judgements": len(times),
+            "notes": console_note}
 
 
 def demo_config_json(cfg: DemoConfig, quick: bool) -> dict:
