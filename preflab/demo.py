@@ -56,11 +56,12 @@ class DemoConfig:
     ppo_steps: int = field_doc(60, "PPO iterations per pass.")
     ppo_prompts_per_step: int = field_doc(32, "Prompts per PPO rollout batch.")
     ppo_checkpoint_every: int = field_doc(20, "PPO checkpoint (and evaluation) interval.")
-    ppo_lr: float = field_doc(3e-5, "PPO policy learning rate.")
+    ppo_lr: float = field_doc(3e-4, "PPO policy learning rate (the sandbox model is tiny: 1.1M parameters).")
     kl_beta: float = field_doc(0.02, "Initial KL penalty (the story's 0.02).")
     kl_target: float = field_doc(4.0, "Adaptive controller's KL target (nats per response).")
     formality_alarm: float = field_doc(0.45, "Share of stilted responses in a rollout that raises beta.")
-    rm_epochs: int = field_doc(1, "Reward-model epochs.")
+    rm_epochs: int = field_doc(3, "Reward-model epochs.")
+    rm_lr: float = field_doc(1e-3, "Reward-model learning rate (the sandbox model is tiny).")
     ab_conversations: int = field_doc(200, "Blind A/B conversations for the final candidate.")
     ab_first_pass: int = field_doc(100, "Blind A/B conversations for the first-pass candidate.")
     factual_items: int = field_doc(150, "Factual regression suite size.")
@@ -327,7 +328,7 @@ def stage_reward_model(cfg: DemoConfig, run: Path, engine, name: str) -> dict:
     with db.session_scope(engine, readonly=True) as s:
         examples = ops.preference_examples(s, project_id=_project_id(s), round_kinds=("collection", "rerate"))
     quality = json.loads((run / "collection" / "quality.json").read_text())
-    rc = RewardConfig(epochs=cfg.rm_epochs, seed=cfg.seed, eval_every=0, checkpoint_every=100, max_length=160)
+    rc = RewardConfig(lr=cfg.rm_lr, epochs=cfg.rm_epochs, seed=cfg.seed, eval_every=0, checkpoint_every=100, max_length=160)
     return train_reward_stage(examples=examples, policy_dir=run / "base", run_dir=run / name, cfg=rc,
                               ceiling=quality.get("ceiling"))
 
