@@ -10,6 +10,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from preflab.config import ConfigError
 
@@ -18,7 +19,7 @@ app = typer.Typer(help="preflab: an RLHF workbench, from calibrated raters to a 
 sandbox_app = typer.Typer(help="The simulated support domain and its base model.", no_args_is_help=True)
 app.add_typer(sandbox_app, name="sandbox")
 
-console = Console()
+console = Console(soft_wrap=True)  # errors name long paths: never break them
 
 
 @app.callback()
@@ -150,7 +151,7 @@ def report_cmd(
     try:
         rep = render_report(run_dir, title=title)
     except ReportError as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
     console.print(f"sections: {', '.join(rep.sections)}")
     for p in rep.problems:
@@ -169,7 +170,7 @@ def outcomes_import(
     try:
         res = import_outcomes(file, run)
     except OutcomeImportError as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
     console.print(f"imported {res['imported']} conversations ({res['by_version']}); {res['total']} in {res['path']}")
 
@@ -201,7 +202,7 @@ def outcomes_compare(
         records = read_outcomes(file) if file else load_run_outcomes(run)
         comp = compare_versions(records, baseline, candidate, method=method)
     except (OutcomeImportError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
     t = Table(title=f"{candidate} vs {baseline}")
     for c in ("metric", baseline, candidate, "difference", "95% CI", "p"):
@@ -226,7 +227,7 @@ app.add_typer(ab_app, name="ab")
 
 
 def _fail(e: Exception) -> None:
-    console.print(f"[red]error:[/red] {e}")
+    console.print(f"[red]error:[/red] {escape(str(e))}")
     raise typer.Exit(2) from None
 
 
@@ -1293,7 +1294,7 @@ def main() -> None:
     try:
         app()
     except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}")
         sys.exit(2)
 
 
