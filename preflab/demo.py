@@ -56,7 +56,7 @@ class DemoConfig:
     ppo_steps: int = field_doc(60, "PPO iterations per pass.")
     ppo_prompts_per_step: int = field_doc(32, "Prompts per PPO rollout batch.")
     ppo_checkpoint_every: int = field_doc(20, "PPO checkpoint (and evaluation) interval.")
-    ppo_lr: float = field_doc(3e-4, "PPO policy learning rate (the sandbox model is tiny: 1.1M parameters).")
+    ppo_lr: float = field_doc(1e-4, "PPO policy learning rate (the sandbox model is tiny: 1.1M parameters).")
     kl_beta: float = field_doc(0.02, "Initial KL penalty (the story's 0.02).")
     kl_target: float = field_doc(4.0, "Adaptive controller's KL target (nats per response).")
     formality_alarm: float = field_doc(0.45, "Share of stilted responses in a rollout that raises beta.")
@@ -67,6 +67,7 @@ class DemoConfig:
     factual_items: int = field_doc(150, "Factual regression suite size.")
     production_weeks: int = field_doc(3, "Simulated production weeks per model version.")
     conversations_per_week: int = field_doc(4000, "Production conversations per week.")
+    oracle_queries: int = field_doc(40, "Held-out queries the oracle frontier enumerates every answer of.")
     max_new_tokens: int = field_doc(24, "Longest sampled response in tokens (sandbox answers are about 6-11 phrase tokens).")
 
     def validate(self) -> None:
@@ -88,7 +89,7 @@ class DemoConfig:
         return replace(self, base_steps=700, workshop_pairs=20, collection_pairs=400,
                        collection_weeks=2, drift_week=0, rerate_limit=60, ppo_steps=6, ppo_prompts_per_step=16,
                        ppo_checkpoint_every=3, ab_conversations=40, ab_first_pass=30, factual_items=40,
-                       production_weeks=1, conversations_per_week=400, audit_rate=0.1)
+                       production_weeks=1, conversations_per_week=400, audit_rate=0.1, oracle_queries=8)
 
 
 # ---- helpers --------------------------------------------------------------------------------------
@@ -339,6 +340,31 @@ def _heldout(cfg: DemoConfig, n: int, salt: int):
     return generate_queries(n, seed=cfg.seed * 7919 + salt, split="heldout")
 
 
+def _merge_metrics(path: Path, extra: list[dict]) -> None:
+    """Merge per-checkpoint rows into the trainer's metrics.jsonl by step (sorted, one row a step)."""
+    rows: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            rows.setdefault(int(r.get("step", 0)), {}).update(r)
+    for r in extra:
+        rows.setdefault(int(r["step"]), {}).update({k: v for k, v in r.items() if v is not None})
+    path.write_text("".join(json.dumps(rows[k]) + "\n" for k in sorted(rows)))
+
+
+def stage_oracle(cfg: DemoConfig, run: Path) -> dict:
+    """The oracle frontier (sandbox only): the best policy for gold / the proxy RM at each KL."""
+    from preflab.models.hf import load_policy
+    from preflab.pipeline import reward_fn_from
+    from preflab.sandbox.oracle import oracle_frontiers
+
+    model, tok = load_policy(run / "base")
+    queries = list({q.id: q for q in _heldout(cfg, cfg.oracle_queries, 5)}.values())
+    fr = oracle_frontiers(model, tok, queries, proxy_fn=reward_fn_from(run / "rm_v1" / "model"))
+    write_json(run / "oracle.json", {k: v.to_dict() for k, v in fr.items()})
+    return {"queries": len(queries), "gold_at_kl4": fr["gold"].gold_at_kl(4.0)}
+
+
 def stage_ppo(cfg: DemoConfig, run: Path, name: str, rm_name: str) -> dict:
     """A PPO pass from the base policy against reward model ``rm_name``; gold tracked per checkpoint."""
     from preflab.evaluate.detectors import text_rates
@@ -378,9 +404,7 @@ def stage_ppo(cfg: DemoConfig, run: Path, name: str, rm_name: str) -> dict:
         step = int(f.stem.split("_")[1])
         evals.append({"step": step, "objective/kl": kl_at.get(step), **{k: v for k, v in d.items() if
                                                                         k.startswith(("gold/", "detect/"))}})
-    with (run / name / "metrics.jsonl").open("a") as fh:
-        for e in evals:
-            fh.write(json.dumps(e) + "\n")
+    _merge_metrics(run / name / "metrics.jsonl", evals)
     write_json(run / name / "gold_by_checkpoint.json", evals)
     last = res.metrics[-1] if res.metrics else {}
     return {"policy_dir": str(res.policy_dir), "steps": res.steps, "final_kl": last.get("objective/kl"),
@@ -642,6 +666,7 @@ def run_demo(cfg: DemoConfig, *, quick: bool = False, console: Console | None = 
     st.run("collection", lambda: stage_collection(cfg, run, engine, console))
     st.run("quality", lambda: stage_quality(cfg, run, engine))
     st.run("rm_v1", lambda: stage_reward_model(cfg, run, engine, "rm_v1"))
+    st.run("oracle", lambda: stage_oracle(cfg, run))
     st.run("ppo_v1", lambda: stage_ppo(cfg, run, "ppo_v1", "rm_v1"))
     st.run("gates_v1", lambda: stage_gates(cfg, run, engine, "ppo_v1", rubric="v1", n_ab=cfg.ab_first_pass, salt=21))
     st.run("fix", lambda: stage_fix(cfg, run, engine))

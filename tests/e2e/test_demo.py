@@ -13,7 +13,7 @@ import pytest
 
 CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ["base", "workshop", "collection", "quality", "rm_v1", "ppo_v1", "gates_v1", "fix", "rm_v2", "ppo_v2",
+STAGES = ["base", "workshop", "collection", "quality", "rm_v1", "oracle", "ppo_v1", "gates_v1", "fix", "rm_v2", "ppo_v2",
           "gates_v2", "production", "summaries"]
 
 pytestmark = [pytest.mark.slow]
