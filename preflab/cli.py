@@ -902,7 +902,7 @@ def quality_workshop(
 def demo(
     out: str = typer.Option("runs/demo", help="Run directory (resumes what is already done there)."),
     seed: int = typer.Option(0, help="Seed of everything."),
-    quick: bool = typer.Option(False, "--quick", help="The same path at toy scale (about 3 minutes)."),
+    quick: bool = typer.Option(False, "--quick", help="The same path at toy scale (a few minutes; for CI)."),
     base: str = typer.Option("", help="Use this built sandbox base model (preflab sandbox build) instead of building."),
 ) -> None:
     """The whole story on the embedded sandbox: raters, reward model, PPO, gates, fix, A/B, outcomes, report."""

@@ -532,8 +532,12 @@ def stage_production(cfg: DemoConfig, run: Path, final: str) -> dict:
         rows = simulate_production(respond, model_version=version, cfg=pc, first_week=k * cfg.production_weeks)
         import_outcomes(write_production_log(rows, logs / f"production_{version}.jsonl"), run)
     comp = compare_versions(_run_outcomes(run), "sft", final)
+    gate = json.loads((run / final / "gates" / "gate.json").read_text())
+    if not gate["passed"]:  # say so: these weeks are a shadow run of a candidate the gates refused
+        comp["note"] = (f"{final} was not promoted (failed: {', '.join(g['name'] for g in gate['gates'] if not g['passed'])}); "
+                        "its production weeks are a simulated shadow run, not a deployment")
     write_comparison(run, comp, simulated=True)
-    return {"escalation_sft": comp["escalation"]["baseline"], "escalation_new": comp["escalation"]["candidate"],
+    return {"promoted": gate["passed"], "escalation_sft": comp["escalation"]["baseline"], "escalation_new": comp["escalation"]["candidate"],
             "csat_sft": comp["csat"]["baseline"], "csat_new": comp["csat"]["candidate"]}
 
 
