@@ -197,3 +197,13 @@ def load_checkpoint(
     if restore_rng:
         _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return json.loads((path / "state.json").read_text())
+
+
+def truncate_jsonl(path: Path, last_step: int) -> list[dict]:
+    """Keep the lines of ``path`` with ``step <= last_step`` (a resumed run rewrites what follows)."""
+    if not path.exists():
+        return []
+    kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in kept if r.get("step", 0) <= last_step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept

@@ -29,7 +29,7 @@ import torch
 from preflab.config import check, field_doc, seed_everything, write_config
 from preflab.losses.dpo import PreferenceLoss, dpo_loss, ipo_loss
 from preflab.train.data import PairBatch, PreferenceExample, collate_pairs, encode_example
-from preflab.train.ppo import RunResult, _truncate_jsonl
+from preflab.train.ppo import RunResult
 
 
 @dataclass
@@ -149,7 +149,12 @@ def train_dpo(
     from accelerate import Accelerator
     from rich.progress import Progress
 
-    from preflab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from preflab.train.checkpoint import (
+        latest_checkpoint,
+        load_checkpoint,
+        save_checkpoint,
+        truncate_jsonl,
+    )
 
     run_dir = Path(run_dir)
     acc = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
@@ -202,7 +207,7 @@ def train_dpo(
         state = load_checkpoint(last_ckpt, modules={"policy": acc.unwrap_model(scorer).model},
                                 optimizers={"optimizer": optimizer}, schedulers={"scheduler": scheduler})
         start = state["step"]
-        history = _truncate_jsonl(metrics_path, start) if acc.is_main_process else []
+        history = truncate_jsonl(metrics_path, start) if acc.is_main_process else []
     elif acc.is_main_process:
         metrics_path.unlink(missing_ok=True)
 

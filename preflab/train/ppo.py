@@ -216,16 +216,6 @@ def prompt_order(n_prompts: int, step: int, per_step: int, seed: int) -> list[in
     return out
 
 
-def _truncate_jsonl(path: Path, last_step: int) -> list[dict]:
-    """Keep the lines of ``path`` with ``step <= last_step`` (a resumed run rewrites what follows)."""
-    if not path.exists():
-        return []
-    kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in kept if r.get("step", 0) <= last_step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    return kept
-
-
 def train_ppo(
     cfg: PPOConfig,
     *,
@@ -252,7 +242,12 @@ def train_ppo(
 
     from preflab.models.heads import ValueHead
     from preflab.models.sampling import sample
-    from preflab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from preflab.train.checkpoint import (
+        latest_checkpoint,
+        load_checkpoint,
+        save_checkpoint,
+        truncate_jsonl,
+    )
 
     run_dir = Path(run_dir)
     if not prompts:
@@ -296,8 +291,8 @@ def train_ppo(
         start = state["step"]
         controller.load_state_dict(state["controller"])
         moments.load_state_dict(state["reward_moments"])
-        history = _truncate_jsonl(metrics_path, start) if acc.is_main_process else []
-        events = _truncate_jsonl(events_path, start) if acc.is_main_process else []
+        history = truncate_jsonl(metrics_path, start) if acc.is_main_process else []
+        events = truncate_jsonl(events_path, start) if acc.is_main_process else []
     elif acc.is_main_process:
         for p in (metrics_path, events_path):
             p.unlink(missing_ok=True)

@@ -149,16 +149,6 @@ def response_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return nll, (targets != -100).sum()
 
 
-def _truncate_jsonl(path: Path, last_step: int) -> list[dict]:
-    """Keep the lines of ``path`` with ``step <= last_step`` (a resumed run rewrites what follows)."""
-    if not path.exists():
-        return []
-    kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in kept if r.get("step", 0) <= last_step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    return kept
-
-
 # ---- trainer --------------------------------------------------------------------------
 
 
@@ -179,7 +169,12 @@ def train_sft(
     from accelerate import Accelerator
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from preflab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from preflab.train.checkpoint import (
+        latest_checkpoint,
+        load_checkpoint,
+        save_checkpoint,
+        truncate_jsonl,
+    )
 
     if isinstance(cfg, dict):
         cfg = from_dict(SFTConfig, cfg)
@@ -221,7 +216,7 @@ def train_sft(
         state = load_checkpoint(last_ckpt, modules={"policy": acc.unwrap_model(prepared)},
                                 optimizers={"optimizer": optimizer}, schedulers={"scheduler": scheduler})
         start, tokens_seen = int(state["step"]), int(state.get("tokens", 0))
-        history = _truncate_jsonl(metrics_path, start)
+        history = truncate_jsonl(metrics_path, start)
     else:
         metrics_path.unlink(missing_ok=True)
 
