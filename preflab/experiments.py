@@ -47,7 +47,7 @@ class ExperimentConfig:
     run: str = field_doc("runs/experiments", "Run directory; plots go to RUN/experiments/<name>.json.")
     base: str = field_doc("", "Base model dir (a built sandbox model); empty: RUN/base, built there if missing.")
     seed: int = field_doc(0, "Seed of raters, pairs, training and sampling.")
-    rubric: str = field_doc("v2", "Rubric the simulated raters judge under (v1: cannot verify prices).")
+    rubric: str = field_doc("v2", "Rubric the simulated raters judge under (v1: prices judged from memory of the old list).")
     pairs: int = field_doc(200, "N: pairs labelled by the 5 calibrated raters (the story: 6,000; --full).")
     volume_ratio: int = field_doc(10, "The crowd labels volume_ratio x N pairs (the story: 10).")
     crowd_raters: int = field_doc(50, "Uncalibrated raters in the crowd (the story: 50).")

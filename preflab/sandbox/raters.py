@@ -4,10 +4,10 @@ A rater judging "A vs B" for a query:
 
 1. perceives each text's utility: the gold weights of its style parts as the *rubric* lets
    them be seen, plus the rater's personal bias weights (likes confidence, likes formality...);
-   - rubric ``"v1"`` (the original guidelines): on pricing the rater cannot verify prices, so
-     current and stale values look the same (both score like a current one, and neither the
-     confident-and-stale nor the false-premise penalty is seen); confident tone is rewarded
-     (+``V1_CONFIDENCE_BONUS``) everywhere;
+   - rubric ``"v1"`` (the original guidelines): on pricing nobody checks the price list; prices
+     are judged from memory, which holds the old list (``V1_PRICE_MEMORY``: a stale price looks
+     right, the current one doubtful, and neither the confident-and-stale nor the false-premise
+     penalty is seen); confident tone is rewarded (+``V1_CONFIDENCE_BONUS``) everywhere;
    - rubric ``"v2"`` (the factual-accuracy rubric): facts are checked like the gold;
 2. adds Bradley-Terry noise: a logistic draw times the rater's temperature (lower on their
    specialty topic). The draw is fixed per (rater, query, pair of texts), i.e. the rater's
@@ -37,6 +37,9 @@ from preflab.sandbox.domain import FACTS, STYLE_AXES, TOPICS, Query, parse
 
 RUBRICS = ("v1", "v2")
 V1_CONFIDENCE_BONUS = 0.8  # the v1 guideline praised "confident, direct answers"
+# Under v1 nobody checks prices against the price list; the agents judge them from memory, and
+# their memory is the old list: a stale price looks right, the new one looks doubtful.
+V1_PRICE_MEMORY = {"stale": "current", "current": "vague"}
 FLIP_LOW, FLIP_HIGH = 0.02, 0.06  # lapse rates of the pool (tuned: see docs/calibration.md)
 
 # Plain words for "the chosen text has <value>", per axis, used in rationales.
@@ -116,8 +119,8 @@ class SimRater:
         out = {}
         for axis in STYLE_AXES:
             value = getattr(s, axis)
-            if blind and axis == "factuality" and value == "stale":
-                value = "current"  # cannot tell a stale price from the current one
+            if blind and axis == "factuality" and value in V1_PRICE_MEMORY:
+                value = V1_PRICE_MEMORY[value]  # judged from memory: the old price list
             out[axis] = gold.WEIGHTS[axis][value] + self.bias[axis][getattr(s, axis)]
         if rubric == "v1" and s.confidence == "confident":
             out["confidence"] += V1_CONFIDENCE_BONUS

@@ -38,7 +38,8 @@ def test_v1_cannot_verify_prices_and_rewards_confidence_v2_checks_facts():
     q = _query("pricing")
     current = compose(q, Style(factuality="current"))
     stale = compose(q, Style(factuality="stale"))
-    assert rater.perceived_utility(q, current, rubric="v1") == rater.perceived_utility(q, stale, rubric="v1")
+    # v1: prices judged from memory of the old list, so the stale price looks right
+    assert rater.perceived_utility(q, stale, rubric="v1") > rater.perceived_utility(q, current, rubric="v1")
     assert rater.perceived_utility(q, current, rubric="v2") > rater.perceived_utility(q, stale, rubric="v2") + 3
     conf_stale = compose(q, Style(factuality="stale", confidence="confident"))
     assert rater.perceived_utility(q, conf_stale, rubric="v1") > rater.perceived_utility(q, current, rubric="v1")
