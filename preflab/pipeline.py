@@ -6,8 +6,10 @@ wall time and a small JSON summary) in ``RUN/stages.json``; running again skips 
 so an interrupted run continues where it stopped. The sandbox demo (``demo.py``) is this
 pipeline with simulated raters and production in place of people.
 
-Stages here are the ones that do not depend on who the raters are: reward model training and
-evaluation, PPO, the evidence + gates of a checkpoint, promotion, the cost ledger.
+Here are the pieces that do not depend on who the raters are: the stage runner, reward-model
+training + held-out evaluation in the report's shape, a PPO reward function from a trained
+reward model, and the evidence + gates of a checkpoint. (A real-project ``preflab run``
+over these is not written yet; ``demo.py`` is the one caller today.)
 """
 
 from __future__ import annotations
