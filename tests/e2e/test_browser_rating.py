@@ -82,6 +82,8 @@ def test_admin_creates_round_and_rater_rates_three_items_by_keyboard(browser, tm
         # ---- rater: sign in and rate with the keyboard only
         page = browser.new_context(viewport={"width": 1366, "height": 900}).new_page()
         page.goto(server.url + f"/login?next=/rate/{round_id}")
+        # the name field is autofocused; a keystroke typed before focus lands is lost
+        expect(page.locator("input[name=name]")).to_be_focused()
         page.keyboard.type("dana")
         page.keyboard.press("Tab")
         page.keyboard.type(password)
