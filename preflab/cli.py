@@ -548,9 +548,7 @@ def rm_train(
     seed: int = typer.Option(None, help="RewardConfig.seed"),
 ) -> None:
     """Train a reward model on judged pairs (split by prompt into train/validation)."""
-    import tomllib
-
-    from preflab.config import from_dict
+    from preflab.config import resolve
     from preflab.train.data import load_jsonl, load_store_examples, split_by_prompt
     from preflab.train.reward import RewardConfig, initial_reward_model, train_reward
 
@@ -559,11 +557,9 @@ def rm_train(
             raise ValueError("give either --db URL --project NAME or --data file.jsonl")
         if policy is None:
             raise ValueError("--policy: the HF directory to start from is required")
-        table = tomllib.loads(open(config).read()).get("rm", {}) if config else {}
-        flags = dict(lr=lr, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, margin=margin, ties=ties,
-                     mixed_precision=mixed_precision, seed=seed)
-        table.update({k: v for k, v in flags.items() if v is not None})
-        cfg = from_dict(RewardConfig, table, where=f"{config}:rm" if config else "rm")
+        cfg = resolve(RewardConfig, config, "rm", dict(lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+                                                       epochs=epochs, margin=margin, ties=ties,
+                                                       mixed_precision=mixed_precision, seed=seed))
         if data is not None:
             examples = load_jsonl(data)
         else:
@@ -1130,37 +1126,28 @@ def ppo_cmd(
     seed: int = typer.Option(None, help="PPOConfig.seed"),
 ) -> None:
     """Optimise a policy against a reward model with PPO and a KL leash (fixed, adaptive, alarm-driven)."""
-    import tomllib
-
     import torch
 
-    from preflab.config import from_dict
+    from preflab.config import resolve
     from preflab.evaluate.detectors import text_rates
-    from preflab.models.hf import load_policy, load_reward_model
+    from preflab.models.hf import load_policy
     from preflab.models.sampling import sample
+    from preflab.pipeline import reward_fn_from
     from preflab.sandbox.domain import format_prompt
     from preflab.train.ppo import PPOConfig, train_ppo
-    from preflab.train.reward import score_responses
 
     try:
-        table = tomllib.loads(open(config).read()).get("ppo", {}) if config else {}
-        flags = dict(steps=steps, lr=lr, kl_beta=kl_beta, kl_controller=kl_controller, kl_target=kl_target,
-                     checkpoint_every=checkpoint_every, seed=seed)
-        table.update({k: v for k, v in flags.items() if v is not None})
         thresholds = _parse_alarm(alarm)
-        if thresholds:
-            table["alarm_thresholds"] = thresholds
-        cfg = from_dict(PPOConfig, table, where=f"{config}:ppo" if config else "ppo")
+        cfg = resolve(PPOConfig, config, "ppo", dict(steps=steps, lr=lr, kl_beta=kl_beta, kl_controller=kl_controller,
+                                                     kl_target=kl_target, checkpoint_every=checkpoint_every, seed=seed,
+                                                     alarm_thresholds=thresholds or None))
         queries = _load_prompts(prompts, n_prompts, cfg.seed)
         pol, tok = load_policy(policy)
         ref, _ = load_policy(policy)
-        rm, rm_tok = load_reward_model(reward)
+        reward_fn = reward_fn_from(reward)
     except (ValueError, OSError) as e:
         _fail(e)
     query_of = {format_prompt(q): q for q in queries}
-
-    def reward_fn(full_prompts, texts):
-        return torch.tensor(score_responses(rm, rm_tok, [query_of[p] for p in full_prompts], texts))
 
     heldout = [format_prompt(q) for q in queries[:64]]
 
@@ -1196,9 +1183,7 @@ def dpo_cmd(
     seed: int = typer.Option(None, help="DPOConfig.seed"),
 ) -> None:
     """Fit a policy directly to judged pairs with DPO (or IPO) against the frozen SFT policy."""
-    import tomllib
-
-    from preflab.config import from_dict
+    from preflab.config import resolve
     from preflab.models.hf import load_policy
     from preflab.train.data import load_jsonl, load_store_examples, split_by_prompt
     from preflab.train.dpo import DPOConfig, train_dpo
@@ -1206,10 +1191,8 @@ def dpo_cmd(
     try:
         if (data is None) == (db is None):
             raise ValueError("give either --db URL --project NAME or --data file.jsonl")
-        table = tomllib.loads(open(config).read()).get("dpo", {}) if config else {}
-        flags = dict(loss=loss, beta=beta, lr=lr, epochs=epochs, batch_size=batch_size, rpo_alpha=rpo_alpha, seed=seed)
-        table.update({k: v for k, v in flags.items() if v is not None})
-        cfg = from_dict(DPOConfig, table, where=f"{config}:dpo" if config else "dpo")
+        cfg = resolve(DPOConfig, config, "dpo", dict(loss=loss, beta=beta, lr=lr, epochs=epochs, batch_size=batch_size,
+                                                     rpo_alpha=rpo_alpha, seed=seed))
         if data is not None:
             examples = load_jsonl(data)
         else:

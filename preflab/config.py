@@ -138,6 +138,18 @@ def load_toml(cls: type[T], path: str | Path, section: str | None = None) -> T:
     return from_dict(cls, data, where=f"{path}:{section or cls.__name__}")
 
 
+def resolve(cls: type[T], path: str | Path | None, section: str, overrides: dict[str, Any]) -> T:
+    """``cls`` from ``[section]`` of the TOML file ``path`` (if any), with CLI ``overrides`` (None = unset) on top."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = dict(tomllib.loads(Path(path).read_text()).get(section, {}))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return from_dict(cls, data, where=f"{path}:{section}" if path else section)
+
+
 def write_config(obj: Any, run_dir: str | Path, name: str = "config.json") -> Path:
     """Write the resolved config of a run to ``run_dir/config.json``."""
     run_dir = Path(run_dir)
