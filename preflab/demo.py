@@ -52,7 +52,8 @@ class DemoConfig:
     duplicate_rate: float = field_doc(0.10, "Planted duplicates (same rater, sides swapped, later).")
     collection_lapse: float = field_doc(0.12, "Lapse rate of raters at collection volume (workshop: careful).")
     drift_week: int = field_doc(3, "Week from which the injected rater's taste drifts (0: none).")
-    rerate_limit: int = field_doc(800, "Pricing pairs re-rated under rubric v2.")
+    rerate_limit: int = field_doc(1500, "Most pricing pairs re-rated under rubric v2 (the default covers all of them, about 1,400\n"
+                                   "of 6,000: pairs left with v1 labels keep teaching that a stale price is right).")
     ppo_steps: int = field_doc(60, "PPO iterations per pass.")
     ppo_prompts_per_step: int = field_doc(32, "Prompts per PPO rollout batch.")
     ppo_checkpoint_every: int = field_doc(20, "PPO checkpoint (and evaluation) interval.")
@@ -87,7 +88,7 @@ class DemoConfig:
     def quick(self) -> DemoConfig:
         """The same path at toy scale (CI)."""
         return replace(self, base_steps=700, workshop_pairs=20, collection_pairs=400,
-                       collection_weeks=2, drift_week=0, rerate_limit=60, ppo_steps=6, ppo_prompts_per_step=16,
+                       collection_weeks=2, drift_week=0, rerate_limit=200, ppo_steps=6, ppo_prompts_per_step=16,
                        ppo_checkpoint_every=3, ab_conversations=40, ab_first_pass=30, factual_items=40,
                        production_weeks=1, conversations_per_week=400, audit_rate=0.1, oracle_queries=8)
 
