@@ -52,6 +52,31 @@ def test_every_stage_ran_and_wrote_its_files(demo_run):
         assert r["gates"] and all(g["name"] for g in r["gates"])
 
 
+def _gate(run: Path, name: str) -> dict:
+    return json.loads((run / name / "gates" / "gate.json").read_text())
+
+
+def test_quick_demo_tells_the_pricing_story(demo_run):
+    """Issue 7's acceptance at toy scale: pass 1 (rubric v1) wins the blind A/B but is blocked for
+    confident wrong answers, concentrated on pricing; after rubric v2 and re-rating, pass 2 passes
+    every gate and is promoted."""
+    v1, v2 = _gate(demo_run, "ppo_v1"), _gate(demo_run, "ppo_v2")
+    g1 = {g["name"]: g for g in v1["gates"]}
+    assert not v1["passed"]
+    assert not g1["confident_wrong"]["passed"], g1["confident_wrong"]
+    assert g1["win_rate"]["passed"], g1["win_rate"]  # the win rate looks good: only the gates catch it
+    assert v2["passed"], [g for g in v2["gates"] if not g["passed"]]
+    stages = json.loads((demo_run / "stages.json").read_text())
+    assert stages["gates_v1"]["out"]["promoted"] is False and stages["gates_v2"]["out"]["promoted"] is True
+    sft, pass1, pass2 = json.loads((demo_run / "pricing.json").read_text())["rows"]
+    # pricing: confident-wrong up after pass 1 (CIs apart), back down after the fix
+    assert pass1["confident_wrong_rate_ci"][0] > sft["confident_wrong_rate_ci"][1]
+    assert pass2["confident_wrong_rate_ci"][1] < pass1["confident_wrong_rate_ci"][0]
+    assert pass2["accuracy"] > pass1["accuracy"]
+    fix = stages["fix"]["out"]
+    assert fix["rerated_pairs"] > 0 and fix["judgements"] >= fix["rerated_pairs"]
+
+
 def test_rerun_resumes_without_redoing_stages(demo_run):
     before = json.loads((demo_run / "stages.json").read_text())
     res = _demo(demo_run)
