@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -331,8 +332,24 @@ def stage_reward_model(cfg: DemoConfig, run: Path, engine, name: str) -> dict:
         examples = ops.preference_examples(s, project_id=_project_id(s), round_kinds=("collection", "rerate"))
     quality = json.loads((run / "collection" / "quality.json").read_text())
     rc = RewardConfig(lr=cfg.rm_lr, epochs=cfg.rm_epochs, seed=cfg.seed, eval_every=0, checkpoint_every=100, max_length=160)
-    return train_reward_stage(examples=examples, policy_dir=run / "base", run_dir=run / name, cfg=rc,
-                              ceiling=quality.get("ceiling"))
+    out = train_reward_stage(examples=examples, policy_dir=run / "base", run_dir=run / name, cfg=rc,
+                             ceiling=quality.get("ceiling"))
+    guidelines = Counter(e.guideline_version or "none" for e in examples)
+    _record_lineage(engine, name, judgements=len(examples), pairs=len({e.pair_id for e in examples}),
+                    guidelines=dict(sorted(guidelines.items())), rounds=len({e.round_id for e in examples}),
+                    initialised_from="base", model_dir=str(run / name / "model"))
+    return out
+
+
+def _record_lineage(engine, run_name: str, **payload) -> None:
+    """Store where ``run_name`` came from (once: a resumed stage does not record it twice)."""
+    from preflab.collect.rerate import lineage, record_lineage
+    from preflab.store import db
+
+    with db.session_scope(engine) as s:
+        pid = _project_id(s)
+        if not any(r["run"] == run_name for r in lineage(s, project_id=pid)):
+            record_lineage(s, project_id=pid, run=run_name, **payload)
 
 
 def _heldout(cfg: DemoConfig, n: int, salt: int):
@@ -366,7 +383,7 @@ def stage_oracle(cfg: DemoConfig, run: Path) -> dict:
     return {"queries": len(queries), "gold_at_kl4": fr["gold"].gold_at_kl(4.0)}
 
 
-def stage_ppo(cfg: DemoConfig, run: Path, name: str, rm_name: str) -> dict:
+def stage_ppo(cfg: DemoConfig, run: Path, name: str, rm_name: str, engine=None) -> dict:
     """A PPO pass from the base policy against reward model ``rm_name``; gold tracked per checkpoint."""
     from preflab.evaluate.detectors import text_rates
     from preflab.models.hf import load_policy
@@ -408,6 +425,9 @@ def stage_ppo(cfg: DemoConfig, run: Path, name: str, rm_name: str) -> dict:
     _merge_metrics(run / name / "metrics.jsonl", evals)
     write_json(run / name / "gold_by_checkpoint.json", evals)
     last = res.metrics[-1] if res.metrics else {}
+    if engine is not None:
+        _record_lineage(engine, name, reward_model=rm_name, parent="base", steps=res.steps,
+                        policy_dir=str(res.policy_dir))
     return {"policy_dir": str(res.policy_dir), "steps": res.steps, "final_kl": last.get("objective/kl"),
             "final_reward": last.get("objective/rlhf_reward"), "final_beta": last.get("objective/beta"),
             "gold_sft": base0["gold/utility"], "gold_final": evals[-1].get("gold/utility"),
@@ -581,6 +601,10 @@ def stage_summaries(cfg: DemoConfig, run: Path, engine, runner: StageRunner) -> 
                "rows": [_pricing_row("SFT", run / "ppo_v1" / "gates" / "factual_baseline.json"),
                         _pricing_row("PPO pass 1 (rubric v1)", run / "ppo_v1" / "gates" / "factual_candidate.json"),
                         _pricing_row("PPO pass 2 (rubric v2)", run / "ppo_v2" / "gates" / "factual_candidate.json")]}
+    from preflab.collect.rerate import lineage
+
+    with db.session_scope(engine, readonly=True) as s:
+        pricing["lineage"] = lineage(s, project_id=_project_id(s))
     write_json(run / "pricing.json", pricing)
     ab2 = json.loads((run / "ppo_v2" / "gates" / "ab.json").read_text())
     write_json(run / "ab" / "result.json", {**ab2, "candidate": "ppo_v2", "baseline": "sft"})
@@ -672,11 +696,11 @@ def run_demo(cfg: DemoConfig, *, quick: bool = False, console: Console | None = 
     st.run("quality", lambda: stage_quality(cfg, run, engine))
     st.run("rm_v1", lambda: stage_reward_model(cfg, run, engine, "rm_v1"))
     st.run("oracle", lambda: stage_oracle(cfg, run))
-    st.run("ppo_v1", lambda: stage_ppo(cfg, run, "ppo_v1", "rm_v1"))
+    st.run("ppo_v1", lambda: stage_ppo(cfg, run, "ppo_v1", "rm_v1", engine))
     st.run("gates_v1", lambda: stage_gates(cfg, run, engine, "ppo_v1", rubric="v1", n_ab=cfg.ab_first_pass, salt=21))
     st.run("fix", lambda: stage_fix(cfg, run, engine))
     st.run("rm_v2", lambda: stage_reward_model(cfg, run, engine, "rm_v2"))
-    st.run("ppo_v2", lambda: stage_ppo(cfg, run, "ppo_v2", "rm_v2"))
+    st.run("ppo_v2", lambda: stage_ppo(cfg, run, "ppo_v2", "rm_v2", engine))
     st.run("gates_v2", lambda: stage_gates(cfg, run, engine, "ppo_v2", rubric="v2", n_ab=cfg.ab_conversations,
                                            salt=42))
     st.run("production", lambda: stage_production(cfg, run, "ppo_v2"))

@@ -446,6 +446,12 @@ def section_pricing(run: Path) -> Section | None:
                                   f"After: {pr.get('gate_after', '?')}.")
     s.html = f"<p>{esc(story)}</p>" + th + img(plots.plot_pricing(pr), "pricing accuracy and confident-wrong rate")
     s.md = story + "\n\n" + tm
+    if pr.get("lineage"):  # which judgements, guideline, reward model and policy each run came from
+        lrows = [(r.get("run", "?"), ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("run", "at")))
+                 for r in pr["lineage"]]
+        lh, lm = table(["run", "built from (lineage, from the store)"], lrows)
+        s.html += lh
+        s.md += "\n\nLineage:\n\n" + lm
     s.images = 1
     s.headline.append(story)
     return s
