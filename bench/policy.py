@@ -46,6 +46,7 @@ SETTINGS = {
     "model": "GPT-2, n_layer 4, n_head 4, n_embd 256, n_positions 256, vocab 4096, seeded random init",
     "dtype": "float32", "threads": THREADS, "dropout": 0.0, "optimizer": "AdamW", "schedule": "linear decay",
     "max_grad_norm": 1.0,
+    "final_save": "every timed call ends with one resumable checkpoint (model, optimizer, RNG) and the model dir",
     "dpo": {"pairs": 512, "loss": "sigmoid", "beta": 0.1, "batch": 16, "lr": 1e-5, "epochs": 1},
     "rl": {"prompts": 64, "prompts_per_step": 16, "samples_per_prompt": 2, "new_tokens": 48, "temperature": 1.0,
            "beta": 0.05, "updates_per_rollout": 1, "lr": 1e-5, "steps": 4},
@@ -109,12 +110,15 @@ def dpo_trl(d: Path, out: Path) -> dict:
         learning_rate=1e-5, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         optim="adamw_torch", gradient_checkpointing=False, bf16=False, fp16=False, disable_dropout=True,
         max_length=256, beta=0.1, loss_type=["sigmoid"], precompute_ref_log_probs=False, logging_steps=8,
-        save_strategy="no", eval_strategy="no", report_to=[], seed=0, data_seed=0, dataloader_num_workers=0,
+        # one checkpoint at the last step and the final model dir, as train_dpo writes them when timed
+        save_strategy="steps", save_steps=SETTINGS["dpo"]["pairs"] // SETTINGS["dpo"]["batch"], save_only_model=False,
+        eval_strategy="no", report_to=[], seed=0, data_seed=0, dataloader_num_workers=0,
         use_cpu=True, torch_compile=False, disable_tqdm=True,
     )
     trainer = DPOTrainer(model=pol, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
     rss0, t0 = _vm("VmRSS"), time.perf_counter()
     res = trainer.train()
+    trainer.save_model(str(out / "policy"))
     return {"wall_s": time.perf_counter() - t0, "steps": res.global_step, "rss_before_mb": rss0,
             "final_loss": res.training_loss}
 
@@ -188,13 +192,16 @@ def rl_trl(d: Path, out: Path) -> dict:
         generation_kwargs={"min_new_tokens": rl["new_tokens"]}, temperature=1.0, beta=rl["beta"],
         num_iterations=1, learning_rate=rl["lr"], lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=1.0,
         optim="adamw_torch", gradient_checkpointing=False, bf16=False, fp16=False, disable_dropout=True,
-        logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], seed=0, data_seed=0,
+        logging_steps=1, eval_strategy="no", report_to=[], seed=0, data_seed=0,
+        # one checkpoint at the last step and the final model dir, as train_ppo writes them when timed
+        save_strategy="steps", save_steps=rl["steps"], save_only_model=False,
         dataloader_num_workers=0, use_cpu=True, torch_compile=False, disable_tqdm=True,
     )
     trainer = RLOOTrainer(model=pol, reward_funcs=rm, args=args, train_dataset=ds, processing_class=tok,
                           reward_processing_classes=rm_tok)
     rss0, t0 = _vm("VmRSS"), time.perf_counter()
     res = trainer.train()
+    trainer.save_model(str(out / "policy"))
     lens = [h.get("completions/mean_length") for h in trainer.state.log_history if "completions/mean_length" in h]
     return {"wall_s": time.perf_counter() - t0, "steps": res.global_step, "rss_before_mb": rss0,
             "response_len": lens[-1] if lens else None}

@@ -13,7 +13,8 @@ Each run is a fresh subprocess (peer, ours, peer, ours, ...), so peak memory is 
 ``peak_rss_mb`` is the process's VmHWM (peak resident set, includes imports),
 ``train_rss_delta_mb`` = VmHWM after training - VmRSS just before it. pairs/s = 512 /
 wall time of the training call (also per CPU-second: process CPU time, steadier on a loaded machine) (ours: ``train_reward`` incl. its final checkpoint and model
-save; TRL: ``trainer.train()``; tokenisation excluded for TRL, included for ours).
+save; TRL: ``trainer.train()`` with one checkpoint at the last step, then ``save_model``;
+tokenisation excluded for TRL, included for ours).
 Held-out accuracy: both final models score the same 256 held-out pairs (disjoint prompts)
 with the same scorer. Medians of the repeats are reported.
 """
@@ -41,6 +42,7 @@ SETTINGS = {
     "dropout": 0.0, "gradient_checkpointing": False, "torch_compile": False, "optimizer": "AdamW(0.9, 0.999, 1e-8)",
     "weight_decay": 0.0, "schedule": "linear decay, no warmup", "max_grad_norm": 1.0, "margin": None,
     "center_rewards_coefficient": None, "loss": "-log sigmoid(r_c - r_r)", "seed": 0,
+    "final_save": "both timed calls end with one resumable checkpoint (model, optimizer, RNG) and the model dir",
 }
 
 
@@ -157,13 +159,17 @@ def run_trl(d: Path, out_dir: Path, steps: int = 0) -> dict:
         learning_rate=1e-4, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, gradient_checkpointing=False,
         bf16=False, fp16=False, disable_dropout=True, max_length=256, center_rewards_coefficient=None,
-        logging_steps=10, save_strategy="no", eval_strategy="no", report_to=[], seed=0, data_seed=0,
+        # one checkpoint (model, optimizer, scheduler, RNG) at the last step and the final model dir, as
+        # ``train_reward`` writes them inside its timed call
+        logging_steps=10, save_strategy="steps", save_steps=steps or SETTINGS["steps"], eval_strategy="no",
+        report_to=[], seed=0, data_seed=0, save_only_model=False,
         dataloader_num_workers=0, use_cpu=True, torch_compile=False, disable_tqdm=True, max_steps=steps or -1,
     )
     trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     rss0 = _vm("VmRSS")
     t0, c0 = time.perf_counter(), time.process_time()
     out = trainer.train()
+    trainer.save_model(str(out_dir / "model"))
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"wall_s": wall, "cpu_s": cpu, "steps": out.global_step, "rss_before_mb": rss0, "model": trainer.model, "tok": tok,
             "trl_settings": {k: getattr(args, k) for k in (

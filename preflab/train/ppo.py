@@ -65,6 +65,9 @@ class PPOConfig:
     weight_decay: float = field_doc(0.0, "AdamW weight decay.")
     max_grad_norm: float = field_doc(1.0, "Gradient-norm clip (0: off).")
     ppo_epochs: int = field_doc(4, "Passes over each rollout batch.")
+    fuse_single_update: bool = field_doc(
+        True, "With one epoch and one minibatch (RLOO-like), take the old log-probs and values from the update's "
+              "own forward instead of a separate one (same numbers, one policy forward fewer per step).")
     minibatch_size: int = field_doc(8, "Samples per optimiser step (per process).")
     clip_range: float = field_doc(0.2, "PPO ratio clip epsilon (Schulman et al. 2017).")
     value_clip_range: float = field_doc(0.2, "Value-prediction clip around the rollout values.")
@@ -216,6 +219,26 @@ def prompt_order(n_prompts: int, step: int, per_step: int, seed: int) -> list[in
     return out
 
 
+def rewards_and_advantages(old_logprobs: torch.Tensor, old_values: torch.Tensor, *, ref_logprobs: torch.Tensor,
+                           rmask: torch.Tensor, scores: torch.Tensor, beta: float, kl_fn, gamma: float, lam: float,
+                           whiten: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token rewards (-beta * KL_t everywhere, the score added at the last response token) and GAE.
+
+    Shapes (B, R) except ``scores`` (B,). Returns (kl_seq (B,): summed k1, the reported KL; masked
+    old values; advantages, whitened if ``whiten``; returns).
+    """
+    with torch.no_grad():
+        rewards = -beta * kl_fn(old_logprobs, ref_logprobs) * rmask
+        last = (rmask.sum(-1).long() - 1).clamp_min(0)
+        rewards[torch.arange(len(last)), last] += scores
+        kl_seq = ((old_logprobs - ref_logprobs) * rmask).sum(-1)
+        old_values = old_values * rmask
+        advantages, returns = gae(rewards, old_values, rmask, gamma=gamma, lam=lam)
+        if whiten:
+            advantages = masked_whiten(advantages, rmask)
+    return kl_seq, old_values, advantages, returns
+
+
 def train_ppo(
     cfg: PPOConfig,
     *,
@@ -318,10 +341,14 @@ def train_ppo(
                            min_new_tokens=cfg.min_new_tokens)
                 ids, attn, P = s.input_ids.to(acc.device), s.attention_mask.to(acc.device), s.prompt_len
                 rmask = s.response_mask.to(acc.device).float()  # (B, R)
-                logits, old_values = forward(ac, ids, attn, P)
-                old_logprobs = response_logprobs(logits, ids, P)  # (B, R)
-                entropy = masked_mean(entropy_from_logits(logits[:, P - 1 : -1].float()), rmask)
-                del logits
+                B = ids.shape[0]
+                # one epoch of one minibatch: the update's forward gives the old log-probs and values
+                fused = cfg.fuse_single_update and cfg.ppo_epochs == 1 and cfg.minibatch_size >= B
+                if not fused:
+                    logits, old_values = forward(ac, ids, attn, P)
+                    old_logprobs = response_logprobs(logits, ids, P)  # (B, R)
+                    entropy = masked_mean(entropy_from_logits(logits[:, P - 1 : -1].float()), rmask)
+                    del logits
                 ref_out = ref(input_ids=ids, attention_mask=attn, position_ids=position_ids_of(attn), use_cache=False)
                 ref_logprobs = response_logprobs(ref_out.logits, ids, P)
                 del ref_out
@@ -338,28 +365,26 @@ def train_ppo(
                 else:
                     scores_used = scores_pen
                 beta = controller.beta
-                kl_tok = kl_fn(old_logprobs, ref_logprobs) * rmask  # (B, R)
-                rewards = -beta * kl_tok
-                last = (rmask.sum(-1).long() - 1).clamp_min(0)
-                rewards[torch.arange(len(last)), last] += scores_used
-                kl_seq = ((old_logprobs - ref_logprobs) * rmask).sum(-1)  # k1 summed: the reported KL
 
-                # ---- advantages --------------------------------------------------------------
-                old_values = old_values * rmask
-                advantages, returns = gae(rewards, old_values, rmask, gamma=cfg.gamma, lam=cfg.lam)
-                if cfg.whiten_advantages:
-                    advantages = masked_whiten(advantages, rmask)
-
-            # ---- updates -------------------------------------------------------------------
+            # ---- advantages and updates ----------------------------------------------------
             t1 = time.perf_counter()
             stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clipfrac", "approx_kl", "vf_clipfrac")}
-            B = ids.shape[0]
+            shape = dict(ref_logprobs=ref_logprobs, rmask=rmask, scores=scores_used, beta=beta, kl_fn=kl_fn,
+                         gamma=cfg.gamma, lam=cfg.lam, whiten=cfg.whiten_advantages)
+            if not fused:
+                kl_seq, old_values, advantages, returns = rewards_and_advantages(old_logprobs, old_values, **shape)
             for _ in range(cfg.ppo_epochs):
                 perm = torch.randperm(B, generator=shuffle_gen)
-                for mb in perm.split(cfg.minibatch_size):
+                for mb in [torch.arange(B)] if fused else perm.split(cfg.minibatch_size):
                     mb = mb.to(acc.device)
                     logits, values = forward(ac, ids[mb], attn[mb], P)
                     logprobs = response_logprobs(logits, ids[mb], P)
+                    if fused:  # the only update: its forward is the rollout's (policy unchanged so far)
+                        old_logprobs, old_values = logprobs.detach(), values.detach()
+                        with torch.no_grad():
+                            entropy = masked_mean(entropy_from_logits(logits[:, P - 1 : -1].detach().float()), rmask)
+                        kl_seq, old_values, advantages, returns = rewards_and_advantages(
+                            old_logprobs, old_values, **shape)
                     pg = ppo_policy_loss(logprobs, old_logprobs[mb], advantages[mb], rmask[mb],
                                          clip_range=cfg.clip_range)
                     vf = ppo_value_loss(values, old_values[mb], returns[mb], rmask[mb],

@@ -182,3 +182,30 @@ def test_ppo_with_a_separate_value_model(tmp_path, random_policy):
                     run_dir=tmp_path, value_model=critic)
     assert len(res.metrics) == 2 and np.isfinite(res.metrics[-1]["ppo/loss/value"])
     assert any(not torch.equal(before[k], v) for k, v in critic.state_dict().items())  # the critic was trained
+
+
+def test_fused_single_update_equals_the_separate_rollout_forward(tmp_path, random_policy):
+    """One epoch of one minibatch (the RLOO-like shape): taking the old log-probs and values from the
+    update's own forward gives the same run as the separate rollout forward, one forward fewer."""
+    from preflab.models.tiny import tiny_gpt2
+
+    tok, mcfg = random_policy
+    prompts = [format_prompt(q.text) for q in generate_queries(8, seed=1)]
+
+    def run(fuse: bool):
+        torch.manual_seed(0)
+        policy = tiny_gpt2(mcfg, seed=0)
+        cfg = PPOConfig(steps=3, prompts_per_step=4, samples_per_prompt=2, max_new_tokens=8, minibatch_size=8,
+                        ppo_epochs=1, lr=1e-3, progress=False, checkpoint_every=3, fuse_single_update=fuse)
+        res = train_ppo(cfg, policy=policy, ref=tiny_gpt2(mcfg, seed=0), tokenizer=tok,
+                        reward_fn=lambda p, t: torch.tensor([len(x) / 20.0 for x in t]), prompts=prompts,
+                        run_dir=tmp_path / f"fuse{fuse}")
+        return res.metrics, {k: v.clone() for k, v in policy.state_dict().items()}
+
+    (m_fused, w_fused), (m_sep, w_sep) = run(True), run(False)
+    for a, b in zip(m_fused, m_sep, strict=True):
+        for key in ("objective/kl", "objective/scores", "objective/entropy", "ppo/loss/policy", "ppo/loss/value",
+                    "ppo/approx_kl", "val/explained_variance"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    for k in w_fused:
+        torch.testing.assert_close(w_fused[k], w_sep[k], atol=1e-5, rtol=1e-4)
