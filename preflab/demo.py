@@ -53,8 +53,9 @@ class DemoConfig:
     duplicate_rate: float = field_doc(0.10, "Planted duplicates (same rater, sides swapped, later).")
     collection_lapse: float = field_doc(0.12, "Lapse rate of raters at collection volume (workshop: careful).")
     drift_week: int = field_doc(3, "Week from which the injected rater's taste drifts (0: none).")
-    rerate_limit: int = field_doc(1500, "Most pricing pairs re-rated under rubric v2 (the default covers all of them, about 1,400\n"
-                                   "of 6,000: pairs left with v1 labels keep teaching that a stale price is right).")
+    rerate_limit: int = field_doc(1500, "Most pricing pairs re-rated under rubric v2 (the default covers all of them, "
+                                        "about 1,400 of 6,000: pairs left with v1 labels keep teaching that a stale "
+                                        "price is right).")
     ppo_steps: int = field_doc(60, "PPO iterations per pass.")
     ppo_prompts_per_step: int = field_doc(32, "Prompts per PPO rollout batch.")
     ppo_checkpoint_every: int = field_doc(20, "PPO checkpoint (and evaluation) interval.")
@@ -383,7 +384,7 @@ def stage_oracle(cfg: DemoConfig, run: Path) -> dict:
     return {"queries": len(queries), "gold_at_kl4": fr["gold"].gold_at_kl(4.0)}
 
 
-def stage_ppo(cfg: DemoConfig, run: Path, name: str, rm_name: str, engine=None) -> dict:
+def stage_ppo(cfg: DemoConfig, run: Path, name: str, rm_name: str, engine) -> dict:
     """A PPO pass from the base policy against reward model ``rm_name``; gold tracked per checkpoint."""
     from preflab.evaluate.detectors import text_rates
     from preflab.models.hf import load_policy
@@ -425,9 +426,8 @@ def stage_ppo(cfg: DemoConfig, run: Path, name: str, rm_name: str, engine=None) 
     _merge_metrics(run / name / "metrics.jsonl", evals)
     write_json(run / name / "gold_by_checkpoint.json", evals)
     last = res.metrics[-1] if res.metrics else {}
-    if engine is not None:
-        _record_lineage(engine, name, reward_model=rm_name, parent="base", steps=res.steps,
-                        policy_dir=str(res.policy_dir))
+    _record_lineage(engine, name, reward_model=rm_name, parent="base", steps=res.steps,
+                    policy_dir=str(res.policy_dir))
     return {"policy_dir": str(res.policy_dir), "steps": res.steps, "final_kl": last.get("objective/kl"),
             "final_reward": last.get("objective/rlhf_reward"), "final_beta": last.get("objective/beta"),
             "gold_sft": base0["gold/utility"], "gold_final": evals[-1].get("gold/utility"),
@@ -570,6 +570,7 @@ def _run_outcomes(run: Path):
 
 def stage_summaries(cfg: DemoConfig, run: Path, engine, runner: StageRunner) -> dict:
     """checkpoints.json, pricing.json, ab/result.json, factual/result.json, truth.json, cost.json."""
+    from preflab.collect.rerate import lineage
     from preflab.models.hf import load_reward_model
     from preflab.report.cost import CostConfig, build_ledger, judgement_times, write_ledger
     from preflab.sandbox.raters import query_for_prompt
@@ -601,8 +602,6 @@ def stage_summaries(cfg: DemoConfig, run: Path, engine, runner: StageRunner) -> 
                "rows": [_pricing_row("SFT", run / "ppo_v1" / "gates" / "factual_baseline.json"),
                         _pricing_row("PPO pass 1 (rubric v1)", run / "ppo_v1" / "gates" / "factual_candidate.json"),
                         _pricing_row("PPO pass 2 (rubric v2)", run / "ppo_v2" / "gates" / "factual_candidate.json")]}
-    from preflab.collect.rerate import lineage
-
     with db.session_scope(engine, readonly=True) as s:
         pricing["lineage"] = lineage(s, project_id=_project_id(s))
     write_json(run / "pricing.json", pricing)
