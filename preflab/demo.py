@@ -379,7 +379,8 @@ def stage_oracle(cfg: DemoConfig, run: Path) -> dict:
 
     model, tok = load_policy(run / "base")
     queries = list({q.id: q for q in _heldout(cfg, cfg.oracle_queries, 5)}.values())
-    fr = oracle_frontiers(model, tok, queries, proxy_fn=reward_fn_from(run / "rm_v1" / "model"))
+    fr = oracle_frontiers(model, tok, queries, proxy_fn=reward_fn_from(run / "rm_v1" / "model"), other_samples=16,
+                          max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     write_json(run / "oracle.json", {k: v.to_dict() for k, v in fr.items()})
     return {"queries": len(queries), "gold_at_kl4": fr["gold"].gold_at_kl(4.0)}
 

@@ -36,8 +36,10 @@ def enumerate_responses(query: Query) -> list[str]:
 
 
 @torch.no_grad()
-def reference_logprobs(model, tokenizer, query: Query, responses: Sequence[str]) -> np.ndarray:
-    """log pi_ref(y | x) of each response, renormalised over ``responses`` (sums to 1 in prob).
+def reference_logprobs(model, tokenizer, query: Query, responses: Sequence[str], *,
+                       renormalise: bool = True) -> np.ndarray:
+    """log pi_ref(y | x) of each response, renormalised over ``responses`` (sums to 1 in prob)
+    unless ``renormalise`` is False (then the model's own sequence log-probs).
 
     A response is scored as the sandbox dialogue: ``format_prompt(x)`` + ``" " + y + eos``.
     """
@@ -56,7 +58,7 @@ def reference_logprobs(model, tokenizer, query: Query, responses: Sequence[str])
     device = next(model.parameters()).device
     lp = sequence_logprobs(model, ids.to(device), mask.to(device), P).cpu()  # (N, R)
     seq = (lp * mask[:, P:]).sum(-1).double().numpy()
-    return seq - np.logaddexp.reduce(seq)
+    return seq - np.logaddexp.reduce(seq) if renormalise else seq
 
 
 def tilt(ref_logp: np.ndarray, reward: np.ndarray, beta: float) -> np.ndarray:
@@ -126,21 +128,50 @@ def oracle_frontiers(
     *,
     proxy_fn: Callable[[list[str], list[str]], torch.Tensor] | None = None,
     betas: Sequence[float] = DEFAULT_BETAS,
+    other_samples: int = 0,
+    max_new_tokens: int = 32,
+    seed: int = 0,
 ) -> dict[str, Frontier]:
     """Frontiers tilted by gold and (if ``proxy_fn``: (prompts, texts) -> scores) by the proxy reward.
 
     ``model`` is the SFT/reference policy; its log-probs define pi_ref over the enumerated answers.
+    With ``other_samples`` = n > 0 the model's probability mass outside the enumerated answers
+    (malformed or off-topic text, ``1 - sum pi_ref(Y(x))``) is kept as one more outcome instead of
+    being renormalised away; its gold and proxy reward are the means over those of n samples that
+    fall outside Y(x). pi_ref's gold then matches the sampled SFT policy's, and leaving malformed
+    text costs KL, as it does for a trained policy. (Within the outcome the tilt is uniform.)
     """
+    from preflab.models.sampling import sample
+
     if not queries:
         raise ValueError("oracle_frontiers: queries is empty")
     ref_logps, golds, proxies = [], [], []
+    gen = torch.Generator().manual_seed(seed)
     for q in queries:
         responses = enumerate_responses(q)
-        ref_logps.append(reference_logprobs(model, tokenizer, q, responses))
-        golds.append(np.array([gold_utility(q, r) for r in responses]))
+        lp = reference_logprobs(model, tokenizer, q, responses, renormalise=other_samples == 0)
+        g = np.array([gold_utility(q, r) for r in responses])
+        r = None
         if proxy_fn is not None:
             scores = proxy_fn([format_prompt(q.text)] * len(responses), responses)
-            proxies.append(np.asarray(torch.as_tensor(scores, dtype=torch.float64).cpu()))
+            r = np.asarray(torch.as_tensor(scores, dtype=torch.float64).cpu())
+        if other_samples:
+            known = set(responses)
+            texts = sample(model, tokenizer, [format_prompt(q.text)] * other_samples, max_new_tokens=max_new_tokens,
+                           generator=gen).texts
+            other = [t for t in texts if t.strip() not in known]
+            mass = np.logaddexp.reduce(lp)
+            if other and mass < 0:
+                lp = np.append(lp, np.log1p(-np.exp(mass)))
+                g = np.append(g, np.mean([gold_utility(q, t) for t in other]))
+                if r is not None:
+                    o = proxy_fn([format_prompt(q.text)] * len(other), other)
+                    r = np.append(r, float(torch.as_tensor(o, dtype=torch.float64).mean()))
+            lp = lp - np.logaddexp.reduce(lp)
+        ref_logps.append(lp)
+        golds.append(g)
+        if r is not None:
+            proxies.append(r)
     out = {"gold": frontier_from_tables("gold", ref_logps, golds, golds, betas)}
     if proxy_fn is not None:
         out["proxy"] = frontier_from_tables("proxy", ref_logps, proxies, golds, betas)

@@ -108,3 +108,16 @@ def test_oracle_frontiers_with_a_proxy(tiny):
     assert g.gold[-1] > g.gold[0] and p.reward_value[-1] > p.reward_value[0]
     assert g.gold_at_kl(p.kl[-1]) > p.gold[-1]
     assert set(g.to_dict()) >= {"sqrt_kl", "gold", "kl", "betas"}
+
+
+def test_other_mass_is_kept_as_one_outcome(tiny):
+    """other_samples > 0: pi_ref keeps the mass outside the enumerated answers (malformed text for this
+    tiny model), so the reference's gold drops to the sampled policy's level and the greedy end of the
+    frontier costs more KL (leaving the malformed mass is not free)."""
+    model, tok = tiny
+    qs = generate_queries(2, seed=1)
+    plain = oracle_frontiers(model, tok, qs, betas=[0.001, 1.0])["gold"]
+    fair = oracle_frontiers(model, tok, qs, betas=[0.001, 1.0], other_samples=8, max_new_tokens=8)["gold"]
+    assert fair.gold[0] < plain.gold[0]  # beta = inf: pi_ref itself, malformed mass included
+    assert fair.kl[-1] > plain.kl[-1]
+    assert fair.gold[-1] == pytest.approx(plain.gold[-1], abs=0.5)  # the greedy end still finds good answers
