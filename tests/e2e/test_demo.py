@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ["base", "workshop", "collection", "quality", "rm_v1", "oracle", "ppo_v1", "gates_v1", "fix", "rm_v2", "ppo_v2",
           "gates_v2", "production", "summaries"]
@@ -91,29 +90,19 @@ def test_rerun_resumes_without_redoing_stages(demo_run):
     assert json.loads((demo_run / "stages.json").read_text()) == before
 
 
-def test_report_renders_every_plot_in_chromium(demo_run):
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is absent (apt install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                                          "--disable-background-networking"])
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.goto((demo_run / "report.html").as_uri())
-            page.wait_for_load_state("load")
-            sections = page.eval_on_selector_all("section[id]", "els => els.map(e => e.id)")
-            for sid in ("setup", "workshop", "quality", "reward", "ppo", "checkpoints", "pricing", "ab", "factual",
-                        "outcomes", "cost", "truth"):
-                assert sid in sections, f"section {sid!r} missing (have {sections})"
-            imgs = page.eval_on_selector_all("img.plot", "els => els.map(e => ({alt: e.alt, ok: e.complete && "
-                                                         "e.naturalWidth > 0}))")
-            assert len(imgs) >= 10, imgs
-            assert not [i["alt"] for i in imgs if not i["ok"]]
-            assert "Ground truth (sandbox only)" in page.inner_text("#truth h2")
-        finally:
-            browser.close()
+def test_report_renders_every_plot_in_chromium(demo_run, browser):
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.goto((demo_run / "report.html").as_uri())
+    page.wait_for_load_state("load")
+    sections = page.eval_on_selector_all("section[id]", "els => els.map(e => e.id)")
+    for sid in ("setup", "workshop", "quality", "reward", "ppo", "checkpoints", "pricing", "ab", "factual",
+                "outcomes", "cost", "truth"):
+        assert sid in sections, f"section {sid!r} missing (have {sections})"
+    imgs = page.eval_on_selector_all("img.plot", "els => els.map(e => ({alt: e.alt, ok: e.complete && "
+                                                 "e.naturalWidth > 0}))")
+    assert len(imgs) >= 10, imgs
+    assert not [i["alt"] for i in imgs if not i["ok"]]
+    assert "Ground truth (sandbox only)" in page.inner_text("#truth h2")
 
 
 def test_diagnose_on_the_sandbox_sft_model_separates_gap_from_stale_prices(demo_run):

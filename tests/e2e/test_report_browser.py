@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,6 @@ import pytest
 
 from tests.report.fixture_run import make_run_dir
 
-CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[2]
 EXPECTED = ["setup", "workshop", "quality", "reward", "ppo", "checkpoints", "pricing", "ab", "factual",
             "outcomes", "cost", "experiments", "truth"]
@@ -29,30 +27,21 @@ def rendered(tmp_path_factory):
     return run
 
 
-def test_report_renders_in_chromium(rendered):
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is absent (apt install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.goto((rendered / "report.html").as_uri())
-            page.wait_for_load_state("load")
-            sections = page.eval_on_selector_all("section[id]", "els => els.map(e => e.id)")
-            for sid in EXPECTED:
-                assert sid in sections, f"section {sid!r} missing (have {sections})"
-            imgs = page.eval_on_selector_all(
-                "img.plot", "els => els.map(e => ({alt: e.alt, ok: e.complete && e.naturalWidth > 0, w: e.naturalWidth}))")
-            assert len(imgs) >= 13, imgs
-            bad = [i["alt"] for i in imgs if not i["ok"]]
-            assert not bad, f"plots that did not load: {bad}"
-            assert "Ground truth (sandbox only)" in page.inner_text("#truth h2")
-            # JSON text is escaped, never interpreted: the planted <b> in a rationale stays literal
-            assert page.locator("#quality blockquote b").count() == 0
-            assert "<b>too casual</b>" in page.inner_text("#quality")
-            page.screenshot(path=str(rendered / "report.png"), full_page=True)
-        finally:
-            browser.close()
+def test_report_renders_in_chromium(rendered, browser):
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.goto((rendered / "report.html").as_uri())
+    page.wait_for_load_state("load")
+    sections = page.eval_on_selector_all("section[id]", "els => els.map(e => e.id)")
+    for sid in EXPECTED:
+        assert sid in sections, f"section {sid!r} missing (have {sections})"
+    imgs = page.eval_on_selector_all(
+        "img.plot", "els => els.map(e => ({alt: e.alt, ok: e.complete && e.naturalWidth > 0, w: e.naturalWidth}))")
+    assert len(imgs) >= 13, imgs
+    bad = [i["alt"] for i in imgs if not i["ok"]]
+    assert not bad, f"plots that did not load: {bad}"
+    assert "Ground truth (sandbox only)" in page.inner_text("#truth h2")
+    # JSON text is escaped, never interpreted: the planted <b> in a rationale stays literal
+    assert page.locator("#quality blockquote b").count() == 0
+    assert "<b>too casual</b>" in page.inner_text("#quality")
+    page.screenshot(path=str(rendered / "report.png"), full_page=True)
     assert (rendered / "report.png").stat().st_size > 10_000
