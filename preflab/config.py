@@ -126,13 +126,17 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return {k: conv(v) for k, v in dataclasses.asdict(obj).items()}
 
 
-def load_toml(cls: type[T], path: str | Path, section: str | None = None) -> T:
-    """Load ``cls`` from a TOML file (optionally one ``[section]`` of it)."""
-    path = Path(path)
+def _read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file as a dict; a syntax error is a ConfigError naming the file."""
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(Path(path).read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def load_toml(cls: type[T], path: str | Path, section: str | None = None) -> T:
+    """Load ``cls`` from a TOML file (optionally one ``[section]`` of it)."""
+    data = _read_toml(path)
     if section is not None:
         data = data.get(section, {})
     return from_dict(cls, data, where=f"{path}:{section or cls.__name__}")
@@ -140,12 +144,7 @@ def load_toml(cls: type[T], path: str | Path, section: str | None = None) -> T:
 
 def resolve(cls: type[T], path: str | Path | None, section: str, overrides: dict[str, Any]) -> T:
     """``cls`` from ``[section]`` of the TOML file ``path`` (if any), with CLI ``overrides`` (None = unset) on top."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = dict(tomllib.loads(Path(path).read_text()).get(section, {}))
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: {e}") from None
+    data: dict[str, Any] = dict(_read_toml(path).get(section, {})) if path is not None else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
     return from_dict(cls, data, where=f"{path}:{section}" if path else section)
 

@@ -60,7 +60,7 @@ class ExperimentConfig:
     margins: list[str] = field_doc(["none", "llama2_small"], "margin experiment: presets compared.")
     ppo_steps: int = field_doc(12, "PPO iterations per run.")
     ppo_prompts: int = field_doc(16, "Prompts per PPO rollout batch.")
-    ppo_lr: float = field_doc(1e-4, "PPO policy learning rate (above the demo's 3e-5: the runs are short).")
+    ppo_lr: float = field_doc(1e-4, "PPO policy learning rate (the demo's).")
     ppo_eval_every: int = field_doc(4, "Gold + KL measured on held-out queries every N PPO steps.")
     cv_ppo: bool = field_doc(True, "consistency-vs-volume: also run a short PPO pass on each reward model.")
     cv_beta: float = field_doc(0.02, "consistency-vs-volume PPO: initial beta (adaptive controller, as the demo).")
