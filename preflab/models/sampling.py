@@ -9,6 +9,7 @@ under the model's raw (temperature 1) distribution, which is what PPO's ratio us
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +63,7 @@ def sample_token(
     *,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """One token per row from ``logits`` (B, V) -> (B,).
 
@@ -70,6 +71,8 @@ def sample_token(
     (argmax of p_i / E_i with E_i ~ Exp(1) is distributed as Categorical(p)), which draws a
     fixed number of random numbers per call, so batches stay reproducible for a seed.
     Top-p (Holtzman et al. 2020) keeps the smallest set of tokens whose mass reaches p.
+    ``generator`` may be one per row: then a row's draws depend only on its own generator, not
+    on the batch it shares (a rollout split over processes samples what one process would).
     """
     if temperature == 0:
         return logits.argmax(-1)
@@ -79,8 +82,14 @@ def sample_token(
         drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p  # mass before this token already reaches p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
-    dev = generator.device if generator is not None else probs.device
-    race = torch.empty(probs.shape, device=dev).exponential_(1.0, generator=generator).to(probs.device)
+    if isinstance(generator, Sequence):
+        if len(generator) != len(probs):
+            raise ValueError(f"generator: {len(generator)} per-row generators for {len(probs)} rows")
+        race = torch.stack([torch.empty(probs.shape[1], device=g.device).exponential_(1.0, generator=g)
+                            for g in generator]).to(probs.device)
+    else:
+        dev = generator.device if generator is not None else probs.device
+        race = torch.empty(probs.shape, device=dev).exponential_(1.0, generator=generator).to(probs.device)
     return (probs / race).argmax(-1)
 
 
@@ -107,7 +116,7 @@ def sample(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     min_new_tokens: int = 0,
     stop_at_eos: bool = True,
 ) -> Samples:
@@ -115,8 +124,9 @@ def sample(
 
     A row stops after its first EOS (``stop_at_eos``); later positions hold pad with mask 0.
     With ``stop_at_eos=False`` every row gets exactly ``max_new_tokens`` tokens (benchmarks).
-    ``min_new_tokens`` forbids EOS among the first that many tokens (as in HF). Runs in eval mode and restores
-    the model's previous mode.
+    ``min_new_tokens`` forbids EOS among the first that many tokens (as in HF). ``generator``: one for
+    the batch, or one per prompt (see ``sample_token``). Runs in eval mode and restores the model's
+    previous mode.
     """
     if not prompts:
         raise ValueError("prompts: empty list")

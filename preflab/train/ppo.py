@@ -59,6 +59,9 @@ class PPOConfig:
     min_new_tokens: int = field_doc(0, "Shortest response in tokens (EOS suppressed before).")
     temperature: float = field_doc(1.0, "Sampling temperature of the rollout.")
     top_p: float = field_doc(1.0, "Nucleus sampling threshold of the rollout.")
+    per_sample_seeds: bool = field_doc(
+        False, "Seed each response's sampler from (seed, step, its index in the global batch), so the rollout "
+               "does not depend on how many processes share it (DDP reproduces one process); slightly slower.")
     lr: float = field_doc(1e-5, "AdamW learning rate of the policy.")
     value_lr: float = field_doc(1e-4, "AdamW learning rate of the value head / model.")
     lr_schedule: Literal["constant", "linear"] = field_doc("linear", "Learning-rate schedule (linear decays to 0).")
@@ -207,6 +210,11 @@ def make_kl_controller(cfg: PPOConfig, detector: Detector | None):
                              floor=cfg.alarm_floor, cooldown=cfg.alarm_cooldown)
 
 
+def sample_generators(seed: int, step: int, first: int, n: int, device) -> list[torch.Generator]:
+    """One generator per response ``first .. first + n - 1`` of the global batch of ``step``."""
+    return [torch.Generator(device=device).manual_seed((seed << 40) + (step << 20) + first + i) for i in range(n)]
+
+
 def prompt_order(n_prompts: int, step: int, per_step: int, seed: int) -> list[int]:
     """Indices of the prompts of ``step``: epochs of seeded permutations (stateless, so resume needs no state)."""
     out: list[int] = []
@@ -221,11 +229,12 @@ def prompt_order(n_prompts: int, step: int, per_step: int, seed: int) -> list[in
 
 def rewards_and_advantages(old_logprobs: torch.Tensor, old_values: torch.Tensor, *, ref_logprobs: torch.Tensor,
                            rmask: torch.Tensor, scores: torch.Tensor, beta: float, kl_fn, gamma: float, lam: float,
-                           whiten: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                           whiten: bool, total=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token rewards (-beta * KL_t everywhere, the score added at the last response token) and GAE.
 
     Shapes (B, R) except ``scores`` (B,). Returns (kl_seq (B,): summed k1, the reported KL; masked
-    old values; advantages, whitened if ``whiten``; returns).
+    old values; advantages, whitened if ``whiten`` (over all processes when ``total`` sums over
+    them); returns).
     """
     with torch.no_grad():
         rewards = -beta * kl_fn(old_logprobs, ref_logprobs) * rmask
@@ -235,7 +244,7 @@ def rewards_and_advantages(old_logprobs: torch.Tensor, old_values: torch.Tensor,
         old_values = old_values * rmask
         advantages, returns = gae(rewards, old_values, rmask, gamma=gamma, lam=lam)
         if whiten:
-            advantages = masked_whiten(advantages, rmask)
+            advantages = masked_whiten(advantages, rmask, total=total)
     return kl_seq, old_values, advantages, returns
 
 
@@ -304,6 +313,8 @@ def train_ppo(
     sampler_gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1000 + rank)
     shuffle_gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 1)
     kl_fn = KL_ESTIMATORS[cfg.kl_estimator]
+    # DDP: whiten and average losses over the global batch, so a split batch trains like one process
+    total = (lambda t: acc.reduce(t, "sum")) if world > 1 else None
 
     metrics_path, events_path = run_dir / "metrics.jsonl", run_dir / "events.jsonl"
     start, history, events, last_ckpt = 0, [], [], None
@@ -335,9 +346,11 @@ def train_ppo(
             idx = idx[rank * (len(idx) // world) : (rank + 1) * (len(idx) // world)]
             batch_prompts = [prompts[i] for i in idx for _ in range(cfg.samples_per_prompt)]
             pol = acc.unwrap_model(ac).policy
+            gen = (sample_generators(cfg.seed, step, rank * len(batch_prompts), len(batch_prompts), acc.device)
+                   if cfg.per_sample_seeds else sampler_gen)
             with torch.no_grad():
                 s = sample(pol, tokenizer, batch_prompts, max_new_tokens=cfg.max_new_tokens,
-                           temperature=cfg.temperature, top_p=cfg.top_p, generator=sampler_gen,
+                           temperature=cfg.temperature, top_p=cfg.top_p, generator=gen,
                            min_new_tokens=cfg.min_new_tokens)
                 ids, attn, P = s.input_ids.to(acc.device), s.attention_mask.to(acc.device), s.prompt_len
                 rmask = s.response_mask.to(acc.device).float()  # (B, R)
@@ -347,7 +360,7 @@ def train_ppo(
                 if not fused:
                     logits, old_values = forward(ac, ids, attn, P)
                     old_logprobs = response_logprobs(logits, ids, P)  # (B, R)
-                    entropy = masked_mean(entropy_from_logits(logits[:, P - 1 : -1].float()), rmask)
+                    entropy = masked_mean(entropy_from_logits(logits[:, P - 1 : -1].float()), rmask, total=total)
                     del logits
                 ref_out = ref(input_ids=ids, attention_mask=attn, position_ids=position_ids_of(attn), use_cache=False)
                 ref_logprobs = response_logprobs(ref_out.logits, ids, P)
@@ -370,7 +383,7 @@ def train_ppo(
             t1 = time.perf_counter()
             stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clipfrac", "approx_kl", "vf_clipfrac")}
             shape = dict(ref_logprobs=ref_logprobs, rmask=rmask, scores=scores_used, beta=beta, kl_fn=kl_fn,
-                         gamma=cfg.gamma, lam=cfg.lam, whiten=cfg.whiten_advantages)
+                         gamma=cfg.gamma, lam=cfg.lam, whiten=cfg.whiten_advantages, total=total)
             if not fused:
                 kl_seq, old_values, advantages, returns = rewards_and_advantages(old_logprobs, old_values, **shape)
             for _ in range(cfg.ppo_epochs):
@@ -379,16 +392,18 @@ def train_ppo(
                     mb = mb.to(acc.device)
                     logits, values = forward(ac, ids[mb], attn[mb], P)
                     logprobs = response_logprobs(logits, ids[mb], P)
+                    n_tokens = None if total is None else total(rmask[mb].sum()) / world
                     if fused:  # the only update: its forward is the rollout's (policy unchanged so far)
                         old_logprobs, old_values = logprobs.detach(), values.detach()
                         with torch.no_grad():
-                            entropy = masked_mean(entropy_from_logits(logits[:, P - 1 : -1].detach().float()), rmask)
+                            entropy = masked_mean(entropy_from_logits(logits[:, P - 1 : -1].detach().float()), rmask,
+                                                  total=total)
                         kl_seq, old_values, advantages, returns = rewards_and_advantages(
                             old_logprobs, old_values, **shape)
                     pg = ppo_policy_loss(logprobs, old_logprobs[mb], advantages[mb], rmask[mb],
-                                         clip_range=cfg.clip_range)
+                                         clip_range=cfg.clip_range, n_tokens=n_tokens)
                     vf = ppo_value_loss(values, old_values[mb], returns[mb], rmask[mb],
-                                        clip_range=cfg.value_clip_range)
+                                        clip_range=cfg.value_clip_range, n_tokens=n_tokens)
                     loss = pg.loss + cfg.vf_coef * vf.loss
                     optimizer.zero_grad(set_to_none=True)
                     acc.backward(loss)
@@ -421,7 +436,7 @@ def train_ppo(
                 "ppo/clipfrac": mean_all(sum(stats["clipfrac"]) / len(stats["clipfrac"])),
                 "ppo/approx_kl": mean_all(sum(stats["approx_kl"]) / len(stats["approx_kl"])),
                 "val/clipfrac": mean_all(sum(stats["vf_clipfrac"]) / len(stats["vf_clipfrac"])),
-                "val/explained_variance": mean_all(explained_variance(old_values, returns, rmask)),
+                "val/explained_variance": mean_all(explained_variance(old_values, returns, rmask, total=total)),
                 "time/rollout_s": t_rollout,
                 "time/update_s": t_update,
                 "train/lr": scheduler.get_last_lr()[0],

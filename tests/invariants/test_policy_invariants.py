@@ -32,9 +32,11 @@ SCRIPT = textwrap.dedent('''
             if calls[0] == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
             return torch.tensor([len(t) / 40.0 for t in texts])
-        cfg = PPOConfig(steps=4, prompts_per_step=4, samples_per_prompt=2, max_new_tokens=8, minibatch_size=4,
-                        ppo_epochs=2, lr=1e-3, checkpoint_every=2, progress=False, kl_controller="adaptive",
-                        kl_target=0.5, seed=3, cpu=True)
+        # ddp: one minibatch per epoch and per-sample seeds, so 1 and 2 processes see the same global batch
+        ddp = mode == "ddp"
+        cfg = PPOConfig(steps=4, prompts_per_step=4, samples_per_prompt=2, max_new_tokens=8,
+                        minibatch_size=8 if ddp else 4, per_sample_seeds=ddp, ppo_epochs=2, lr=1e-3,
+                        checkpoint_every=2, progress=False, kl_controller="adaptive", kl_target=0.5, seed=3, cpu=True)
         prompts = [format_prompt(q.text) for q in generate_queries(10, seed=1)]
         train_ppo(cfg, policy=policy, ref=ref, tokenizer=tok, reward_fn=reward, prompts=prompts,
                   run_dir=run_dir, resume=mode == "resume")
@@ -57,6 +59,11 @@ SCRIPT = textwrap.dedent('''
         cfg = DPOConfig(batch_size=4, lr=1e-3, epochs=1, checkpoint_every=2, progress=False, seed=3, cpu=True,
                         max_length=512, rpo_alpha=0.5)
         train_dpo(cfg, policy=policy, ref=ref, tokenizer=tok, train=pairs, run_dir=run_dir, resume=mode == "resume")
+    from accelerate import PartialState
+    state = PartialState()
+    if state.is_main_process:  # the tests check that the launch really ran this many processes
+        backend = state.backend if state.num_processes > 1 else "none"
+        open(os.path.join(run_dir, "world.txt"), "w").write(f"{state.num_processes} {backend}")
 ''')
 
 
@@ -75,12 +82,18 @@ def model_dir(tmp_path_factory):
     return out
 
 
-def _launch(model_dir, algo, run_dir, nproc):
+def _launch(model_dir, algo, run_dir, nproc, mode="fresh"):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # `--multi_gpu` picks accelerate's torchrun launcher; the trainers' cpu=True makes it DDP over gloo
+    # (`--cpu` with several processes expects mpirun and would silently start just one)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc), "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "--main_process_port", "0",
-           str(model_dir / "run.py"), algo, str(model_dir), str(run_dir), "fresh"]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           *(["--multi_gpu"] if nproc > 1 else ["--cpu"]),
+           str(model_dir / "run.py"), algo, str(model_dir), str(run_dir), mode]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode == 0:
+        assert (Path(run_dir) / "world.txt").read_text() == (f"{nproc} gloo" if nproc > 1 else "1 none")
+    return done
 
 
 def _run(model_dir, algo, run_dir, mode, kill_at=-1):
@@ -130,5 +143,25 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     for a, b in zip(m1, m2, strict=True):
         for key in ("dpo/loss", "train/loss", "dpo/reward_margin", "dpo/accuracy"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
+    w1, w2 = _weights(one), _weights(two)
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4
+
+
+@pytest.mark.slow
+def test_two_process_ppo_matches_one_process_with_the_same_global_batch(tmp_path, model_dir):
+    # each rank samples its half of the global batch with per-sample seeds; advantages are
+    # whitened and losses averaged over the global batch, so the two runs must agree
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1 = _launch(model_dir, "ppo", one, 1, "ddp")
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = _launch(model_dir, "ppo", two, 2, "ddp")
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    m1, m2 = _metrics(one), _metrics(two)
+    assert [r["step"] for r in m1] == [r["step"] for r in m2] == list(range(1, 5))
+    for a, b in zip(m1, m2, strict=True):
+        for key in ("objective/scores", "objective/kl", "objective/beta", "objective/response_len",
+                    "ppo/loss/policy", "ppo/loss/value", "val/explained_variance"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key, a[key], b[key])
+    assert m1[-1]["objective/scores"] != m1[0]["objective/scores"]  # it trained
     w1, w2 = _weights(one), _weights(two)
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4

@@ -1,6 +1,7 @@
 """PPO losses against element-wise plain-Python reference computations on random tensors."""
 
 import math
+import threading
 
 import pytest
 import torch
@@ -87,3 +88,60 @@ def test_whiten_and_explained_variance():
 def test_entropy_uniform_and_peaked():
     assert entropy_from_logits(torch.zeros(5)).item() == pytest.approx(math.log(5))
     assert entropy_from_logits(torch.tensor([0.0, -1e4])).item() == pytest.approx(0.0, abs=1e-6)
+
+
+
+class TwoRanks:
+    """Two threads standing in for two DDP processes: ``total`` is an all-reduce sum between them."""
+
+    def __init__(self):
+        self.barrier, self.buf = threading.Barrier(2), {}
+
+    def run(self, fn):
+        out = {}
+        threads = [threading.Thread(target=lambda r=r: out.__setitem__(r, fn(r, self.total_for(r)))) for r in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return out[0], out[1]
+
+    def total_for(self, rank):
+        def total(t):
+            self.buf[rank] = t
+            self.barrier.wait()
+            s = self.buf[0] + self.buf[1]
+            self.barrier.wait()
+            return s
+        return total
+
+
+def test_a_batch_split_over_two_ranks_whitens_and_trains_like_the_whole_batch():
+    # DDP: rank 0 holds fewer tokens than rank 1; with statistics summed over both and the loss
+    # divided by (global tokens / 2), the ranks' averaged gradient is the whole batch's
+    lp, old, adv, mask = _data(seed=3, B=6, R=9)
+    mask[0, 3:] = 0
+    halves = [slice(0, 3), slice(3, 6)]
+    w0, w1 = TwoRanks().run(lambda r, total: masked_whiten(adv[halves[r]], mask[halves[r]], total=total))
+    torch.testing.assert_close(torch.cat([w0, w1]), masked_whiten(adv, mask))
+    assert not torch.allclose(w0, masked_whiten(adv[:3], mask[:3]))  # local statistics would differ
+    ev = TwoRanks().run(lambda r, total: explained_variance(old[halves[r]], adv[halves[r]], mask[halves[r]],
+                                                            total=total))
+    torch.testing.assert_close(ev[0], explained_variance(old, adv, mask))
+
+    grads = []
+    for h in halves:
+        x = lp[h].clone().requires_grad_(True)
+        ppo_policy_loss(x, old[h], adv[h], mask[h], n_tokens=mask.sum() / 2).loss.backward()
+        grads.append(x.grad)
+    x = lp.clone().requires_grad_(True)
+    ppo_policy_loss(x, old, adv, mask).loss.backward()
+    torch.testing.assert_close(torch.cat(grads) / 2, x.grad)
+    v = lp.clone().requires_grad_(True)
+    ppo_value_loss(v, old, adv, mask).loss.backward()
+    vg = []
+    for h in halves:
+        y = lp[h].clone().requires_grad_(True)
+        ppo_value_loss(y, old[h], adv[h], mask[h], n_tokens=mask.sum() / 2).loss.backward()
+        vg.append(y.grad)
+    torch.testing.assert_close(torch.cat(vg) / 2, v.grad)

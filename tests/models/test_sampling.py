@@ -73,6 +73,23 @@ def test_left_padding_does_not_change_a_prompt(tok, tiny_model):
     torch.testing.assert_close(batch.logprobs[1, :n], alone.logprobs[0], atol=1e-5, rtol=0)
 
 
+def test_per_row_generators_make_a_row_independent_of_its_batch(tok, tiny_model):
+    # what DDP rollouts rely on: a prompt sampled with its own generator gives the same response
+    # whether it shares the batch with others (one process) or not (its share on another rank)
+    def gens(*seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    together = sample(tiny_model, tok, PROMPTS, max_new_tokens=10, generator=gens(11, 12, 13))
+    apart = [sample(tiny_model, tok, [p], max_new_tokens=10, generator=gens(s))
+             for p, s in zip(PROMPTS, (11, 12, 13), strict=True)]
+    assert together.texts == [a.texts[0] for a in apart]
+    assert len(set(together.texts)) > 1
+    swapped = sample(tiny_model, tok, PROMPTS, max_new_tokens=10, generator=gens(13, 12, 11))
+    assert swapped.texts != together.texts  # the seed, not the position, decides
+    with pytest.raises(ValueError, match="2 per-row generators for 3 rows"):
+        sample(tiny_model, tok, PROMPTS, max_new_tokens=4, generator=gens(1, 2))
+
+
 def test_sequence_logprobs_match_sampler(tok, tiny_model):
     s = sample(tiny_model, tok, PROMPTS, max_new_tokens=10, generator=torch.Generator().manual_seed(3))
     lp = sequence_logprobs(tiny_model, s.input_ids, s.attention_mask, s.prompt_len)

@@ -1,0 +1,89 @@
+"""`preflab ppo` and `preflab dpo`: config file + flags -> a run directory; bad input exits 2 and writes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from preflab.cli import app
+from tests.train.rm_fixtures import sandbox_pairs, tiny_reward_model, tiny_tokenizer
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = tiny_tokenizer()
+    root = tmp_path_factory.mktemp("policy_cli")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=256, n_layer=1, n_head=2, n_embd=32,
+                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id)).save_pretrained(root / "policy")
+    tok.save_pretrained(root / "policy")
+    tiny_reward_model(tok, n_layer=1, n_embd=32).save_pretrained(root / "rm")
+    tok.save_pretrained(root / "rm")
+    return root
+
+
+def test_ppo_cli_config_flags_resume_and_bad_input(dirs, tmp_path):
+    runner = CliRunner()
+    (tmp_path / "ppo.toml").write_text("[ppo]\nprompts_per_step = 4\nmax_new_tokens = 8\nminibatch_size = 4\n"
+                                       "ppo_epochs = 1\nlr = 1e-3\n")
+    out = tmp_path / "run"
+    args = ["ppo", "--policy", str(dirs / "policy"), "--reward", str(dirs / "rm"), "--out", str(out),
+            "--config", str(tmp_path / "ppo.toml"), "--n-prompts", "16", "--checkpoint-every", "1",
+            "--kl-controller", "adaptive", "--kl-target", "2", "--alarm", "formality=0.9"]
+    r = runner.invoke(app, [*args, "--steps", "2"])
+    assert r.exit_code == 0, r.output
+    assert "ppo: 2 steps" in r.output and "events.jsonl" in r.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["prompts_per_step"], cfg["steps"], cfg["kl_controller"], cfg["alarm_thresholds"]) == (
+        4, 2, "adaptive", {"formality": 0.9})
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2] and "detect/formality" in rows[0]
+    assert json.loads((out / "eval" / "step_000002.json").read_text())["step"] == 2
+    assert (out / "policy" / "model.safetensors").is_file()
+
+    r = runner.invoke(app, [*args, "--steps", "3", "--resume"])  # continues from step 2
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3]
+
+    bad = tmp_path / "bad"
+    for extra, words in ((["--alarm", "formality"], "--alarm: 'formality' is not name=number"),
+                         (["--kl-controller", "sometimes"], "kl_controller"),
+                         (["--steps", "0"], "PPOConfig.steps")):
+        r = runner.invoke(app, ["ppo", "--policy", str(dirs / "policy"), "--reward", str(dirs / "rm"),
+                                "--out", str(bad), *extra])
+        assert r.exit_code == 2 and words in r.output, r.output
+    assert not bad.exists()
+
+
+def test_dpo_cli_from_a_jsonl_file(dirs, tmp_path):
+    runner = CliRunner()
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected}) + "\n"
+                            for e in sandbox_pairs(40, seed=4)))
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["dpo", "--policy", str(dirs / "policy"), "--data", str(data), "--out", str(out),
+                            "--batch-size", "8", "--lr", "1e-3", "--loss", "ipo", "--val-fraction", "0.2"])
+    assert r.exit_code == 0, r.output
+    assert "dpo:" in r.output and "held out" in r.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["loss"], cfg["batch_size"], cfg["lr"]) == ("ipo", 8, 1e-3)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all("dpo/loss" in row for row in rows)
+    assert (out / "policy" / "model.safetensors").is_file()
+
+    data.write_text('{"prompt": "x", "chosen": "y"}\n')
+    r = runner.invoke(app, ["dpo", "--policy", str(dirs / "policy"), "--data", str(data), "--out",
+                            str(tmp_path / "bad")])
+    assert r.exit_code == 2 and "pairs.jsonl:1" in r.output, r.output
+    r = runner.invoke(app, ["dpo", "--policy", str(dirs / "policy"), "--out", str(tmp_path / "bad")])
+    assert r.exit_code == 2 and "either --db" in r.output
+    assert not (tmp_path / "bad").exists()
