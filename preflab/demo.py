@@ -56,12 +56,13 @@ class DemoConfig:
     rerate_limit: int = field_doc(1500, "Most pricing pairs re-rated under rubric v2 (the default covers all of them, "
                                         "about 1,400 of 6,000: pairs left with v1 labels keep teaching that a stale "
                                         "price is right).")
-    ppo_steps: int = field_doc(60, "PPO iterations per pass.")
+    ppo_steps: int = field_doc(180, "PPO iterations per pass (about 45 s each on 2 cores).")
     ppo_prompts_per_step: int = field_doc(32, "Prompts per PPO rollout batch.")
-    ppo_checkpoint_every: int = field_doc(20, "PPO checkpoint (and evaluation) interval.")
+    ppo_checkpoint_every: int = field_doc(30, "PPO checkpoint (and evaluation) interval.")
     ppo_lr: float = field_doc(1e-4, "PPO policy learning rate (the sandbox model is tiny: 1.1M parameters).")
     kl_beta: float = field_doc(0.02, "Initial KL penalty (the story's 0.02).")
-    kl_target: float = field_doc(4.0, "Adaptive controller's KL target (nats per response).")
+    kl_target: float = field_doc(2.0, "Adaptive controller's KL target (nats per response); its horizon is two "
+                                      "rollout batches (beta moves at most 10% a step), never below kl_beta.")
     formality_alarm: float = field_doc(0.45, "Share of stilted responses in a rollout that raises beta.")
     rm_epochs: int = field_doc(3, "Reward-model epochs.")
     rm_lr: float = field_doc(1e-3, "Reward-model learning rate (the sandbox model is tiny).")
@@ -371,18 +372,24 @@ def _merge_metrics(path: Path, extra: list[dict]) -> None:
     path.write_text("".join(json.dumps(rows[k]) + "\n" for k in sorted(rows)))
 
 
-def stage_oracle(cfg: DemoConfig, run: Path) -> dict:
-    """The oracle frontier (sandbox only): the best policy for gold / the proxy RM at each KL."""
+def _oracle_tables(cfg: DemoConfig, run: Path):
+    """The oracle's support (sandbox only): every answer to the held-out oracle queries under the base."""
     from preflab.models.hf import load_policy
-    from preflab.pipeline import reward_fn_from
-    from preflab.sandbox.oracle import oracle_frontiers
+    from preflab.sandbox.oracle import OracleTables
 
     model, tok = load_policy(run / "base")
     queries = list({q.id: q for q in _heldout(cfg, cfg.oracle_queries, 5)}.values())
-    fr = oracle_frontiers(model, tok, queries, proxy_fn=reward_fn_from(run / "rm_v1" / "model"), other_samples=16,
-                          max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    return OracleTables(model, tok, queries, other_samples=16, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+
+
+def stage_oracle(cfg: DemoConfig, run: Path) -> dict:
+    """The oracle frontier (sandbox only): the best policy for gold / the proxy RM at each KL."""
+    from preflab.pipeline import reward_fn_from
+
+    tables = _oracle_tables(cfg, run)
+    fr = {"gold": tables.frontier("gold"), "proxy": tables.frontier("proxy", reward_fn_from(run / "rm_v1" / "model"))}
     write_json(run / "oracle.json", {k: v.to_dict() for k, v in fr.items()})
-    return {"queries": len(queries), "gold_at_kl4": fr["gold"].gold_at_kl(4.0)}
+    return {"queries": len(tables.tables), "gold_at_kl4": fr["gold"].gold_at_kl(4.0)}
 
 
 def stage_ppo(cfg: DemoConfig, run: Path, name: str, rm_name: str, engine) -> dict:
@@ -397,20 +404,25 @@ def stage_ppo(cfg: DemoConfig, run: Path, name: str, rm_name: str, engine) -> di
     ref, _ = load_policy(run / "base")
     queries = _heldout(cfg, 64, 11)
     probe_prompts = [format_prompt(q.text) for q in queries]
+    tables = _oracle_tables(cfg, run)
 
     def eval_hook(step: int, model) -> dict:
         texts = _sample_texts(model, tok, probe_prompts, seed=cfg.seed + step, max_new_tokens=cfg.max_new_tokens)
         t = policy_truth(name, queries, texts)  # sandbox only: gold is read inside preflab.sandbox
+        point = tables.point(model)  # exact, on the oracle frontier's queries and support
         return {"gold/utility": t["gold_utility"], "gold/correct_rate": t["correct_rate"],
-                "gold/confident_wrong_rate": t["confident_wrong_rate"], **{f"detect/{k}": v for k, v in
-                                                                           text_rates(texts).items()}}
+                "gold/confident_wrong_rate": t["confident_wrong_rate"],
+                **{f"oracle/{k}": v for k, v in point.items()},
+                **{f"detect/{k}": v for k, v in text_rates(texts).items()}}
 
     from preflab.sandbox.domain import generate_queries
 
     train_q = generate_queries(cfg.ppo_steps * cfg.ppo_prompts_per_step, seed=cfg.seed + 101, split="train")
     pc = PPOConfig(seed=cfg.seed, steps=cfg.ppo_steps, prompts_per_step=cfg.ppo_prompts_per_step,
                    max_new_tokens=cfg.max_new_tokens, lr=cfg.ppo_lr, kl_beta=cfg.kl_beta, kl_controller="adaptive",
-                   kl_target=cfg.kl_target, checkpoint_every=cfg.ppo_checkpoint_every, minibatch_size=16,
+                   kl_target=cfg.kl_target, kl_beta_min=cfg.kl_beta,
+                   kl_horizon=2 * cfg.ppo_prompts_per_step,  # beta moves by at most 10% a step
+                   checkpoint_every=cfg.ppo_checkpoint_every, minibatch_size=16,
                    ppo_epochs=2, cpu=True, alarm_thresholds={"formality": cfg.formality_alarm})
     res = train_ppo(pc, policy=policy, ref=ref, tokenizer=tok, reward_fn=reward_fn_from(run / rm_name / "model"),
                     prompts=[format_prompt(q.text) for q in train_q], run_dir=run / name,
@@ -423,16 +435,31 @@ def stage_ppo(cfg: DemoConfig, run: Path, name: str, rm_name: str, engine) -> di
         d = json.loads(f.read_text())
         step = int(f.stem.split("_")[1])
         evals.append({"step": step, "objective/kl": kl_at.get(step), **{k: v for k, v in d.items() if
-                                                                        k.startswith(("gold/", "detect/"))}})
+                                                                        k.startswith(("gold/", "detect/", "oracle/"))}})
     _merge_metrics(run / name / "metrics.jsonl", evals)
     write_json(run / name / "gold_by_checkpoint.json", evals)
+    oracle = _oracle_share(tables, evals[-1], reward_fn_from(run / rm_name / "model"))
+    write_json(run / name / "oracle_point.json", oracle)
     last = res.metrics[-1] if res.metrics else {}
     _record_lineage(engine, name, reward_model=rm_name, parent="base", steps=res.steps,
                     policy_dir=str(res.policy_dir))
     return {"policy_dir": str(res.policy_dir), "steps": res.steps, "final_kl": last.get("objective/kl"),
             "final_reward": last.get("objective/rlhf_reward"), "final_beta": last.get("objective/beta"),
             "gold_sft": base0["gold/utility"], "gold_final": evals[-1].get("gold/utility"),
-            "beta_events": len(res.events)}
+            "beta_events": len(res.events), "oracle_share": oracle["share_of_gold_oracle_gain"],
+            "proxy_oracle_share": oracle["share_of_proxy_oracle_gain"]}
+
+
+def _oracle_share(tables, final: dict, reward_fn) -> dict:
+    """The final policy's exact point against the gold-tilted frontier and the frontier tilted by
+    its own reward model (what a perfect optimiser of that RM reaches), at the same KL."""
+    gold_fr, proxy_fr = tables.frontier("gold"), tables.frontier("proxy", reward_fn)
+    kl, gold = final["oracle/kl"], final["oracle/gold"]
+    return {"kl": kl, "gold": gold, "other_mass": final["oracle/other_mass"], "reference_gold": tables.reference_gold,
+            "gold_oracle_at_kl": gold_fr.gold_at_kl(kl), "proxy_oracle_at_kl": proxy_fr.gold_at_kl(kl),
+            "share_of_gold_oracle_gain": gold_fr.fraction_of_gain(kl, gold),
+            "share_of_proxy_oracle_gain": proxy_fr.fraction_of_gain(kl, gold),
+            "proxy_frontier": proxy_fr.to_dict()}
 
 
 def _ab_round(cfg: DemoConfig, run: Path, engine, *, name: str, candidate: Path, n: int, rubric: str,

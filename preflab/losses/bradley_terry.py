@@ -2,6 +2,7 @@
 
     loss_i = -log sigmoid(r_chosen_i - r_rejected_i - m_i)            (strict preference)
     loss_i = -0.5 log sigmoid(d_i) - 0.5 log sigmoid(-d_i)           (tie, ``ties="half"``)
+    loss_i = -log(e + (1 - 2e) sigmoid(d_i - m_i))                    (strict, lapse rate e > 0)
 
 Bradley & Terry (1952); the reward-model form is Ouyang et al. 2022 (InstructGPT, eq. 1),
 the margin term m(r) from the rater's stated preference strength is Touvron et al. 2023
@@ -9,10 +10,18 @@ the margin term m(r) from the rater's stated preference strength is Touvron et a
 A tie is a target probability of 0.5 for "chosen beats rejected": the cross-entropy
 against that target is the ``"half"`` form above (no margin on ties: there is no stated
 direction to push apart). ``"exclude"`` drops ties from the loss and from its mean.
+
+The lapse form is the Bradley-Terry likelihood when a rater answers at random-opposite with
+probability e regardless of the pair (a lapse, the psychometric lapse rate of Wichmann & Hill
+2001): P(label) = e + (1 - 2e) sigmoid(d - m). A lapsed label then costs at most -log e
+instead of growing without bound as the model grows sure of the right answer, so the model is
+not pulled toward fitting the lapses. e is what planted duplicates measure
+(``quality.consistency.flip_rate_from_consistency``); e = 0 is the plain loss.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -67,6 +76,7 @@ def bradley_terry_loss(
     tie_mask: torch.Tensor | None = None,
     ties: str = "exclude",
     reduction: str = "mean",
+    lapse: float = 0.0,
 ) -> torch.Tensor:
     """Bradley-Terry loss per pair (see the module docstring for the formula and sources).
 
@@ -74,10 +84,12 @@ def bradley_terry_loss(
     pairs only. tie_mask: (B,) bool, True where the rater marked a tie. ties: ``"exclude"``
     (ties contribute nothing) or ``"half"`` (trained toward P(chosen > rejected) = 0.5).
     reduction: ``"mean"`` over counted pairs (0 if none), ``"sum"``, or ``"none"`` (per pair,
-    0 for excluded ties).
+    0 for excluded ties). lapse: the rater lapse rate e in [0, 0.5) of the strict-pair likelihood.
     """
     if ties not in ("exclude", "half"):
         raise ValueError(f"ties: must be 'exclude' or 'half', got {ties!r}")
+    if not 0.0 <= lapse < 0.5:
+        raise ValueError(f"lapse: must be in [0, 0.5), got {lapse}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction: must be 'mean', 'sum' or 'none', got {reduction!r}")
     if r_chosen.shape != r_rejected.shape or r_chosen.dim() != 1:
@@ -85,7 +97,11 @@ def bradley_terry_loss(
                          f"{tuple(r_chosen.shape)} and {tuple(r_rejected.shape)}")
     d = r_chosen - r_rejected  # (B,)
     m = torch.zeros_like(d) if margin is None else torch.as_tensor(margin, dtype=d.dtype, device=d.device)
-    strict = -F.logsigmoid(d - m)  # (B,)
+    if lapse == 0.0:
+        strict = -F.logsigmoid(d - m)  # (B,)
+    else:  # -log(e + (1 - 2e) sigmoid(x)), as a log-sum-exp for stability
+        x = F.logsigmoid(d - m) + math.log1p(-2.0 * lapse)
+        strict = -torch.logaddexp(x, torch.full_like(x, math.log(lapse)))
     if tie_mask is None:
         per_pair, counted = strict, torch.ones_like(d)
     else:

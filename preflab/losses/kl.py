@@ -67,25 +67,34 @@ def adaptive_beta(beta: float, kl: float, target: float, n_samples: int, horizon
 
 
 class AdaptiveKLController:
-    """Ziegler et al. 2019 proportional controller; ``horizon`` counts rollout samples."""
+    """Ziegler et al. 2019 proportional controller; ``horizon`` counts rollout samples.
 
-    def __init__(self, beta: float, *, target: float, horizon: float):
+    ``min_beta``: beta never falls below it. While KL is still rising toward the target the
+    plain controller keeps lowering beta (by ~20x over a 180-step sandbox run), and then needs
+    as long again to raise it when KL overshoots (integral wind-up); a floor, e.g. the initial
+    beta, stops the slack from building up.
+    """
+
+    def __init__(self, beta: float, *, target: float, horizon: float, min_beta: float = 0.0):
         if target <= 0 or horizon <= 0:
             raise ValueError("AdaptiveKLController: target and horizon must be > 0")
-        self.beta, self.target, self.horizon = float(beta), float(target), float(horizon)
+        if min_beta < 0:
+            raise ValueError("AdaptiveKLController: min_beta must be >= 0")
+        self.beta, self.target, self.horizon, self.min_beta = float(beta), float(target), float(horizon), float(min_beta)
 
     def update(self, *, step: int, kl: float, n_samples: int, texts: list[str] | None = None) -> list[dict]:
         old = self.beta
-        self.beta = adaptive_beta(old, kl, self.target, n_samples, self.horizon)
+        self.beta = max(adaptive_beta(old, kl, self.target, n_samples, self.horizon), self.min_beta)
         if self.beta == old:
             return []
         return [_event(step, old, self.beta, f"adaptive: kl {kl:.4g} vs target {self.target:.4g}")]
 
     def state_dict(self) -> dict:
-        return {"beta": self.beta, "target": self.target, "horizon": self.horizon}
+        return {"beta": self.beta, "target": self.target, "horizon": self.horizon, "min_beta": self.min_beta}
 
     def load_state_dict(self, state: dict) -> None:
         self.beta, self.target, self.horizon = float(state["beta"]), float(state["target"]), float(state["horizon"])
+        self.min_beta = float(state.get("min_beta", 0.0))
 
 
 Detector = Callable[[list[str]], dict[str, float]]

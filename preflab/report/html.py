@@ -384,10 +384,13 @@ def section_ppo(run: Path) -> Section | None:
     rows = []
     for name, ms in passes.items():
         last = ms[-1] if ms else {}
+        pt = read_json(run / name / "oracle_point.json") if (run / name / "oracle_point.json").exists() else {}
         rows.append((name, num(last.get("step")), num(last.get("objective/rlhf_reward"), 3),
                      num(last.get("objective/kl"), 3), num(last.get("objective/beta"), 4),
-                     num(last.get("gold/utility"), 3)))
-    th, tm = table(["pass", "last step", "RM reward", "KL", "beta", "gold utility (sandbox)"], rows)
+                     num(last.get("gold/utility"), 3), pct(pt.get("share_of_gold_oracle_gain")),
+                     pct(pt.get("share_of_proxy_oracle_gain"))))
+    th, tm = table(["pass", "last step", "RM reward", "KL", "beta", "gold utility (sandbox)",
+                    "share of the gold oracle's gain", "share of its RM's oracle's gain"], rows)
     s.html = th + img(plots.plot_ppo(passes), "reward, KL, beta and gold curves per PPO pass")
     s.md = tm
     s.images = 1

@@ -215,8 +215,11 @@ def plot_frontier(oracle: Sequence[Mapping], passes: Mapping[str, Sequence[Mappi
             a.plot(*zip(*pts, strict=True), color=("black", "grey")[k % 2], ls=("--", ":")[k % 2], marker="x",
                    label=curve.get("label", "oracle frontier"))
     for i, (name, rows) in enumerate(passes.items()):
-        pts = [(math.sqrt(max(r["objective/kl"], 0.0)), r["gold/utility"]) for r in rows
-               if r.get("objective/kl") is not None and r.get("gold/utility") is not None]
+        # exact points on the oracle's own queries when the run has them, else the sampled probe gold
+        kl_key, gold_key = (("oracle/kl", "oracle/gold") if any("oracle/gold" in r for r in rows)
+                            else ("objective/kl", "gold/utility"))
+        pts = [(math.sqrt(max(r[kl_key], 0.0)), r[gold_key]) for r in rows
+               if r.get(kl_key) is not None and r.get(gold_key) is not None]
         if pts:
             a.plot(*zip(*pts, strict=True), marker=".", color=COLORS[i % len(COLORS)], label=name)
     a.set_xlabel("sqrt(KL to SFT)")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from preflab.sandbox.domain import Query, all_styles, compose, format_prompt
-from preflab.sandbox.gold import gold_utility
+from preflab.sandbox.gold import UNPARSEABLE, gold_utility
 
 DEFAULT_BETAS = tuple(float(b) for b in np.geomspace(1e-3, 1e3, 49))
 
@@ -121,6 +121,112 @@ def frontier_from_tables(reward_name: str, ref_logps: Sequence[np.ndarray], rewa
     return Frontier(reward_name, grid, kl / n, gold / n, rv / n)
 
 
+@dataclass
+class _Table:
+    """One query's oracle support under pi_ref: the enumerated answers, then (with ``other_samples``)
+    one "other" outcome holding the rest of pi_ref's mass."""
+
+    query: Query
+    responses: list[str]
+    ref_logp: np.ndarray  # (N,) or (N + 1,): normalised log pi_ref
+    gold: np.ndarray  # same length
+    other: list[str]  # the reference's samples that fell outside the enumerated answers
+
+
+class OracleTables:
+    """The oracle's support for ``queries`` under the reference model, built once.
+
+    ``frontier(name, reward_fn)`` tilts it (``oracle_frontiers`` is this for gold and a proxy);
+    ``point(model)`` places a trained policy on the same support: its exact mean
+    KL(pi || pi_ref) and expected gold, its own mass outside the enumerated answers being the
+    "other" outcome (gold from its own samples that land there). A PPO or DPO run is then
+    compared with the frontier on the same queries and with the same accounting, and without
+    sampling noise on the enumerated answers.
+
+    With ``other_samples`` = n the "other" outcome's gold (and proxy score) is the mean over the
+    reference's n samples per query that fall outside; where none did, the mean over every
+    query's such samples.
+    """
+
+    def __init__(self, ref_model, tokenizer, queries: Sequence[Query], *, other_samples: int = 0,
+                 max_new_tokens: int = 32, seed: int = 0):
+        if not queries:
+            raise ValueError("OracleTables: queries is empty")
+        self.tokenizer, self.other_samples, self.max_new_tokens, self.seed = (
+            tokenizer, other_samples, max_new_tokens, seed)
+        self.tables: list[_Table] = []
+        gen = torch.Generator().manual_seed(seed)
+        for q in queries:
+            responses = enumerate_responses(q)
+            lp = reference_logprobs(ref_model, tokenizer, q, responses, renormalise=not other_samples)
+            g = np.array([gold_utility(q, r) for r in responses])
+            other: list[str] = []
+            if other_samples:
+                other = self._outside(ref_model, q, responses, gen)
+                lp = np.append(lp, self._log_rest(lp))
+                g = np.append(g, np.mean([gold_utility(q, t) for t in other]) if other else np.nan)
+            self.tables.append(_Table(q, responses, lp - np.logaddexp.reduce(lp), g, other))
+        pooled = [gold_utility(t.query, x) for t in self.tables for x in t.other]
+        for t in self.tables:
+            if np.isnan(t.gold[-1]):
+                t.gold[-1] = np.mean(pooled) if pooled else UNPARSEABLE
+
+    @staticmethod
+    def _log_rest(lp: np.ndarray) -> float:
+        """log(1 - sum exp(lp)): the mass outside the enumerated answers (floored at 1e-12)."""
+        return float(np.log(max(1.0 - float(np.exp(np.logaddexp.reduce(lp))), 1e-12)))
+
+    def _outside(self, model, q: Query, responses: list[str], gen: torch.Generator) -> list[str]:
+        from preflab.models.sampling import sample
+
+        texts = sample(model, self.tokenizer, [format_prompt(q.text)] * self.other_samples,
+                       max_new_tokens=self.max_new_tokens, generator=gen).texts
+        known = set(responses)
+        return [t for t in texts if t.strip() not in known]
+
+    @property
+    def reference_gold(self) -> float:
+        return float(np.mean([np.exp(t.ref_logp) @ t.gold for t in self.tables]))
+
+    def frontier(self, name: str, reward_fn: Callable[[list[str], list[str]], torch.Tensor] | None = None,
+                 betas: Sequence[float] = DEFAULT_BETAS) -> Frontier:
+        """Tilted by gold (``reward_fn`` None) or by ``reward_fn(prompts, texts) -> scores``."""
+        if reward_fn is None:
+            rewards = [t.gold for t in self.tables]
+        else:
+            def scores(t: _Table, texts: list[str]) -> np.ndarray:
+                out = reward_fn([format_prompt(t.query.text)] * len(texts), texts)
+                return np.asarray(torch.as_tensor(out, dtype=torch.float64).cpu())
+
+            rewards = [scores(t, t.responses) for t in self.tables]
+            if self.other_samples:
+                own = [scores(t, t.other).mean() if t.other else np.nan for t in self.tables]
+                pooled = [x for t in self.tables if t.other for x in scores(t, t.other)]
+                rewards = [np.append(r, o if not np.isnan(o) else (np.mean(pooled) if pooled else r.min()))
+                           for r, o in zip(rewards, own, strict=True)]
+        return frontier_from_tables(name, [t.ref_logp for t in self.tables], rewards,
+                                    [t.gold for t in self.tables], betas)
+
+    def point(self, model) -> dict[str, float]:
+        """{"kl", "gold", "other_mass"} of ``model`` on this support (means over the queries)."""
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        kl = gold = other_mass = 0.0
+        for t in self.tables:
+            lp = reference_logprobs(model, self.tokenizer, t.query, t.responses, renormalise=not self.other_samples)
+            g = t.gold
+            if self.other_samples:  # the policy's own mass outside the enumerated answers
+                lp = np.append(lp, self._log_rest(lp))
+                own = self._outside(model, t.query, t.responses, gen)
+                g = np.append(t.gold[:-1], np.mean([gold_utility(t.query, x) for x in own]) if own else t.gold[-1])
+                other_mass += float(np.exp(lp[-1]))
+            lp = lp - np.logaddexp.reduce(lp)
+            p = np.exp(lp)
+            kl += float(np.sum(p * (lp - t.ref_logp)))
+            gold += float(p @ g)
+        n = len(self.tables)
+        return {"kl": kl / n, "gold": gold / n, "other_mass": other_mass / n}
+
+
 def oracle_frontiers(
     model,
     tokenizer,
@@ -141,38 +247,11 @@ def oracle_frontiers(
     fall outside Y(x). pi_ref's gold then matches the sampled SFT policy's, and leaving malformed
     text costs KL, as it does for a trained policy. (Within the outcome the tilt is uniform.)
     """
-    from preflab.models.sampling import sample
-
     if not queries:
         raise ValueError("oracle_frontiers: queries is empty")
-    ref_logps, golds, proxies = [], [], []
-    gen = torch.Generator().manual_seed(seed)
-    for q in queries:
-        responses = enumerate_responses(q)
-        lp = reference_logprobs(model, tokenizer, q, responses, renormalise=other_samples == 0)
-        g = np.array([gold_utility(q, r) for r in responses])
-        r = None
-        if proxy_fn is not None:
-            scores = proxy_fn([format_prompt(q.text)] * len(responses), responses)
-            r = np.asarray(torch.as_tensor(scores, dtype=torch.float64).cpu())
-        if other_samples:
-            known = set(responses)
-            texts = sample(model, tokenizer, [format_prompt(q.text)] * other_samples, max_new_tokens=max_new_tokens,
-                           generator=gen).texts
-            other = [t for t in texts if t.strip() not in known]
-            mass = np.logaddexp.reduce(lp)
-            if other and mass < 0:
-                lp = np.append(lp, np.log1p(-np.exp(mass)))
-                g = np.append(g, np.mean([gold_utility(q, t) for t in other]))
-                if r is not None:
-                    o = proxy_fn([format_prompt(q.text)] * len(other), other)
-                    r = np.append(r, float(torch.as_tensor(o, dtype=torch.float64).mean()))
-            lp = lp - np.logaddexp.reduce(lp)
-        ref_logps.append(lp)
-        golds.append(g)
-        if r is not None:
-            proxies.append(r)
-    out = {"gold": frontier_from_tables("gold", ref_logps, golds, golds, betas)}
+    tables = OracleTables(model, tokenizer, queries, other_samples=other_samples, max_new_tokens=max_new_tokens,
+                          seed=seed)
+    out = {"gold": tables.frontier("gold", None, betas)}
     if proxy_fn is not None:
-        out["proxy"] = frontier_from_tables("proxy", ref_logps, proxies, golds, betas)
+        out["proxy"] = tables.frontier("proxy", proxy_fn, betas)
     return out

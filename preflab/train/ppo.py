@@ -85,6 +85,8 @@ class PPOConfig:
     kl_beta: float = field_doc(0.02, "Initial KL penalty coefficient beta.")
     kl_target: float = field_doc(6.0, "Adaptive controller: target KL (nats per response, summed over tokens).")
     kl_horizon: int = field_doc(0, "Adaptive controller: horizon in SAMPLES (0: a tenth of the run's rollout samples).")
+    kl_beta_min: float = field_doc(0.0, "Adaptive controller: beta never falls below this (e.g. kl_beta: no slack "
+                                        "builds up while KL is still rising toward the target).")
     alarm_thresholds: dict[str, float] = field_doc({}, "Alarm controller: detector name -> rate above which beta is raised.")
     alarm_factor: float = field_doc(2.0, "Alarm controller: beta multiplier on an alarm.")
     alarm_floor: float = field_doc(0.05, "Alarm controller: beta after an alarm is at least this (a leash from beta = 0).")
@@ -111,6 +113,7 @@ class PPOConfig:
         check(self.kl_beta >= 0, f"{w}.kl_beta", "must be >= 0")
         check(self.kl_target > 0, f"{w}.kl_target", "must be > 0")
         check(self.kl_horizon >= 0, f"{w}.kl_horizon", "must be >= 0")
+        check(self.kl_beta_min >= 0, f"{w}.kl_beta_min", "must be >= 0")
         check(self.alarm_factor > 1, f"{w}.alarm_factor", "must be > 1")
         check(self.alarm_floor >= 0, f"{w}.alarm_floor", "must be >= 0")
         check(self.keep_last >= 0, f"{w}.keep_last", "must be >= 0")
@@ -199,7 +202,7 @@ def make_kl_controller(cfg: PPOConfig, detector: Detector | None):
     """The controller the config asks for (fixed or adaptive), wrapped by the alarm if detectors are given."""
     if cfg.kl_controller == "adaptive":
         horizon = cfg.kl_horizon or max(1, cfg.steps * cfg.rollout_batch // 10)
-        base = AdaptiveKLController(cfg.kl_beta, target=cfg.kl_target, horizon=horizon)
+        base = AdaptiveKLController(cfg.kl_beta, target=cfg.kl_target, horizon=horizon, min_beta=cfg.kl_beta_min)
     else:
         base = FixedKLController(cfg.kl_beta)
     if detector is None:

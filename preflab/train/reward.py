@@ -54,6 +54,9 @@ class RewardConfig:
                                             "or 'constant' (use margin_constant)")
     margin_constant: float = field_doc(0.0, "the margin for every pair when margin = 'constant'")
     ties: Literal["exclude", "half"] = field_doc("exclude", "ties: 'exclude' or 'half' (trained toward 0.5)")
+    lapse_rate: float = field_doc(0.0, "raters' lapse (flip) rate the loss allows for: P(label) = e + (1 - 2e) "
+                                       "sigmoid(delta r - m); 0 is plain Bradley-Terry. Planted duplicates "
+                                       "measure it (the quality report's flip rate)")
     max_length: int = field_doc(256, "max tokens of prompt + response")
     prompt_format: Literal["dialogue", "raw"] = field_doc(
         "dialogue", "'dialogue': format_prompt(prompt) + ' ' + response; 'raw': prompt + response (TRL)")
@@ -80,6 +83,7 @@ class RewardConfig:
         check(self.margin in MARGIN_PRESETS or self.margin == "constant", f"{w}.margin",
               f"must be one of {[*MARGIN_PRESETS, 'constant']}, got {self.margin!r}")
         check(self.ties in ("exclude", "half"), f"{w}.ties", f"must be 'exclude' or 'half', got {self.ties!r}")
+        check(0.0 <= self.lapse_rate < 0.5, f"{w}.lapse_rate", "must be in [0, 0.5)")
         check(self.max_length >= 8, f"{w}.max_length", "must be >= 8")
         check(self.prompt_format in ("dialogue", "raw"), f"{w}.prompt_format", "must be 'dialogue' or 'raw'")
         check(0.0 <= self.val_fraction < 1.0, f"{w}.val_fraction", "must be in [0, 1)")
@@ -238,7 +242,8 @@ def _step_loss(scorer, mb: PairBatch, cfg: RewardConfig, denom: float) -> tuple[
         explicit = torch.tensor([0.0 if x is None else x for x in mb.margin], device=r_c.device)
         has = torch.tensor([x is not None for x in mb.margin], device=r_c.device)
         m = torch.where(has, explicit, m if m is not None else torch.zeros_like(explicit))
-    loss = bradley_terry_loss(r_c, r_r, m, tie_mask=mb.is_tie, ties=cfg.ties, reduction="sum") / denom
+    loss = bradley_terry_loss(r_c, r_r, m, tie_mask=mb.is_tie, ties=cfg.ties, reduction="sum",
+                              lapse=cfg.lapse_rate) / denom
     return loss, (r_c - r_r).detach()
 
 

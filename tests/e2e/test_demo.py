@@ -49,6 +49,16 @@ def test_every_stage_ran_and_wrote_its_files(demo_run):
     assert [r["run"] for r in gates] == ["ppo_v1", "ppo_v2"]
     for r in gates:  # every decision is backed by numbers
         assert r["gates"] and all(g["name"] for g in r["gates"])
+    # each PPO pass sits on the oracle's own queries: exact points per checkpoint, shares of the frontiers
+    for name in ("ppo_v1", "ppo_v2"):
+        rows = [json.loads(x) for x in (demo_run / name / "metrics.jsonl").read_text().splitlines()]
+        points = [r for r in rows if "oracle/kl" in r]
+        assert points[0]["step"] == 0 and points[0]["oracle/kl"] == pytest.approx(0.0, abs=1e-9)
+        assert len(points) >= 3 and points[-1]["oracle/kl"] > 0
+        share = json.loads((demo_run / name / "oracle_point.json").read_text())
+        assert share["kl"] == points[-1]["oracle/kl"] and share["gold"] == points[-1]["oracle/gold"]
+        assert share["gold"] > share["reference_gold"] and 0 < share["share_of_gold_oracle_gain"] < 1.5
+    assert "share of the gold oracle" in (demo_run / "report.md").read_text()
 
 
 def _gate(run: Path, name: str) -> dict:

@@ -113,7 +113,27 @@ def test_margin_maps():
         margins_from_strength([7], "llama2_small")
 
 
+@pytest.mark.parametrize("lapse", [0.05, 0.15, 0.3])
+def test_lapse_likelihood_matches_reference_and_bounds_a_lapsed_label(lapse):
+    g = torch.Generator().manual_seed(7)
+    rc, rr = torch.randn(32, generator=g, dtype=torch.float64) * 4, torch.randn(32, generator=g, dtype=torch.float64)
+    m = margins_from_strength(torch.randint(0, 4, (32,), generator=g), "llama2_small", dtype=torch.float64)
+    got = bradley_terry_loss(rc, rr, m, lapse=lapse, reduction="none")
+    want = [-math.log(lapse + (1 - 2 * lapse) / (1 + math.exp(-(c - r - mm))))
+            for c, r, mm in zip(rc.tolist(), rr.tolist(), m.tolist(), strict=True)]
+    assert got.tolist() == pytest.approx(want, rel=1e-12)
+    # a label the model is sure is wrong (a lapse) costs at most -log e, and pulls ever less
+    far = torch.tensor([-50.0], dtype=torch.float64, requires_grad=True)
+    loss = bradley_terry_loss(far, torch.zeros(1, dtype=torch.float64), lapse=lapse)
+    loss.backward()
+    assert loss.item() == pytest.approx(-math.log(lapse), rel=1e-9) and abs(far.grad.item()) < 1e-12
+    plain = bradley_terry_loss(rc, rr, m, reduction="none")
+    assert torch.equal(bradley_terry_loss(rc, rr, m, lapse=0.0, reduction="none"), plain)
+
+
 def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="lapse"):
+        bradley_terry_loss(torch.zeros(2), torch.zeros(2), lapse=0.5)
     with pytest.raises(ValueError, match="ties"):
         bradley_terry_loss(torch.zeros(2), torch.zeros(2), ties="drop")
     with pytest.raises(ValueError, match="r_chosen"):

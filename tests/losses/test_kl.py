@@ -49,6 +49,22 @@ def test_adaptive_controller_converges_toward_target_kl():
     assert 0.1 / c.beta == pytest.approx(2.0, rel=0.05)
 
 
+def test_adaptive_floor_stops_beta_winding_down_and_survives_a_resume():
+    plain = AdaptiveKLController(0.02, target=2.0, horizon=100)
+    floored = AdaptiveKLController(0.02, target=2.0, horizon=100, min_beta=0.02)
+    for step in range(1, 31):  # KL still rising toward the target: the plain controller slackens
+        plain.update(step=step, kl=0.5, n_samples=32)
+        floored.update(step=step, kl=0.5, n_samples=32)
+    assert plain.beta < 0.003 and floored.beta == 0.02  # (1 - 0.2 * 0.32)^30 = 0.14
+    floored.update(step=31, kl=4.0, n_samples=32)  # above target: it rises from the floor at once
+    assert floored.beta == pytest.approx(0.02 * (1 + 0.2 * 32 / 100))
+    again = AdaptiveKLController(1.0, target=1.0, horizon=1)
+    again.load_state_dict(floored.state_dict())
+    assert (again.beta, again.min_beta) == (floored.beta, 0.02)
+    with pytest.raises(ValueError, match="min_beta"):
+        AdaptiveKLController(0.02, target=1.0, horizon=10, min_beta=-1)
+
+
 def test_fixed_controller_never_moves_and_roundtrips():
     c = FixedKLController(0.05)
     assert c.update(step=1, kl=100.0, n_samples=10) == [] and c.beta == 0.05

@@ -10,6 +10,7 @@ from preflab.sandbox.domain import all_styles, format_prompt, generate_queries, 
 from preflab.sandbox.gold import gold_utility
 from preflab.sandbox.oracle import (
     Frontier,
+    OracleTables,
     enumerate_responses,
     frontier_from_tables,
     kl_divergence,
@@ -121,3 +122,31 @@ def test_other_mass_is_kept_as_one_outcome(tiny):
     assert fair.gold[0] < plain.gold[0]  # beta = inf: pi_ref itself, malformed mass included
     assert fair.kl[-1] > plain.kl[-1]
     assert fair.gold[-1] == pytest.approx(plain.gold[-1], abs=0.5)  # the greedy end still finds good answers
+
+
+def test_a_policy_is_placed_on_the_frontiers_support(tiny):
+    """OracleTables.point: the reference itself sits at KL 0 with the reference's gold; another
+    model gets the exact KL over the enumerated answers plus the "other" outcome, computed here by
+    hand from the two models' sequence log-probs."""
+    from preflab.models.tiny import tiny_gpt2
+
+    model, tok = tiny
+    qs = generate_queries(2, seed=1)
+    tables = OracleTables(model, tok, qs, other_samples=8, max_new_tokens=8, seed=0)
+    ref_point = tables.point(model)
+    assert ref_point["kl"] == pytest.approx(0.0, abs=1e-9)
+    assert ref_point["other_mass"] > 0.5  # an untrained model writes mostly malformed text
+    assert ref_point["gold"] == pytest.approx(tables.reference_gold, abs=0.5)  # "other" re-sampled
+    other = tiny_gpt2(model.config, seed=1)
+    pt = tables.point(other)
+    kl = 0.0
+    for q in qs:
+        resp = enumerate_responses(q)
+        lp = reference_logprobs(other, tok, q, resp, renormalise=False)
+        lr = reference_logprobs(model, tok, q, resp, renormalise=False)
+        po, ro = 1 - np.exp(lp).sum(), 1 - np.exp(lr).sum()
+        kl += float(np.sum(np.exp(lp) * (lp - lr))) + po * math.log(po / ro)
+    assert pt["kl"] == pytest.approx(kl / len(qs), rel=1e-6) and pt["kl"] > 0
+    # the frontiers built from the same tables are oracle_frontiers' own
+    fr = oracle_frontiers(model, tok, qs, betas=[0.01, 1.0], other_samples=8, max_new_tokens=8)["gold"]
+    assert np.allclose(tables.frontier("gold", betas=[0.01, 1.0]).gold, fr.gold)
