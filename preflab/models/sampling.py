@@ -48,7 +48,7 @@ def _accepts(model: torch.nn.Module, name: str) -> bool:
     return name in inspect.signature(model.forward).parameters
 
 
-def _logits_kw(model: torch.nn.Module, keep: int) -> dict:
+def logits_to_keep_kw(model: torch.nn.Module, keep: int) -> dict:
     """``logits_to_keep=keep`` where the model supports it (skips the LM head on the prompt)."""
     return {"logits_to_keep": keep} if _accepts(model, "logits_to_keep") else {}
 
@@ -153,7 +153,7 @@ def sample(
         cache_kw = _cache_kw(model)
         pos = position_ids_from_mask(prompt_mask)  # (B, P)
         out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos,
-                    use_cache=True, **_logits_kw(model, 1))
+                    use_cache=True, **logits_to_keep_kw(model, 1))
         cache, logits = _cache_of(out), out.logits[:, -1, :]  # (B, V)
         next_pos = pos[:, -1:] + 1  # (B, 1)
         mask = torch.ones((B, P + max_new_tokens), dtype=torch.long, device=device)
@@ -231,7 +231,7 @@ def sequence_logprobs(
         raise ValueError(f"start: must be in [1, {T - 1}], got {start}")
     out = model(input_ids=input_ids, attention_mask=attention_mask,
                 position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-                **_logits_kw(model, T - start + 1))
+                **logits_to_keep_kw(model, T - start + 1))
     logits = out.logits[:, -(T - start + 1):-1, :].float()  # (B, T - start, V): predicts tokens start .. T-1
     if temperature != 1.0:
         logits = logits / temperature

@@ -152,15 +152,19 @@ class ActorCritic(torch.nn.Module):
         assert (value_head is None) != (value_model is None)
         self.policy, self.value_head, self.value_model = policy, value_head, value_model
 
-    def forward(self, input_ids, attention_mask, position_ids):
+    def forward(self, input_ids, attention_mask, position_ids, keep: int):
+        """Logits (B, keep, V) and values (B, keep) of the last ``keep`` positions only: the LM head
+        and the value head skip the prompt (about half the head's work in the sandbox)."""
+        from preflab.models.sampling import logits_to_keep_kw
+
         shared = self.value_head is not None
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          output_hidden_states=shared, use_cache=False)
+                          output_hidden_states=shared, use_cache=False, **logits_to_keep_kw(self.policy, keep))
         if shared:
-            values = self.value_head(out.hidden_states[-1])  # (B, T)
+            values = self.value_head(out.hidden_states[-1][:, -keep:])
         else:
-            values = self.value_model(input_ids, attention_mask, position_ids)  # (B, T)
-        return out.logits, values
+            values = self.value_model(input_ids, attention_mask, position_ids)[:, -keep:]
+        return out.logits[:, -keep:], values
 
 
 def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -168,10 +172,9 @@ def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """log p(token_t | prefix) for the response tokens: logits (B, T, V) -> (B, R)."""
-    resp_logits = logits[:, prompt_len - 1 : -1].float()  # (B, R, V): position t-1 predicts token t
-    return torch.log_softmax(resp_logits, -1).gather(-1, input_ids[:, prompt_len:, None]).squeeze(-1)
+def response_logprobs(resp_logits: torch.Tensor, response_ids: torch.Tensor) -> torch.Tensor:
+    """log p(token_t | prefix) of each response token: logits (B, R, V) predicting ``response_ids`` (B, R)."""
+    return torch.log_softmax(resp_logits.float(), -1).gather(-1, response_ids[..., None]).squeeze(-1)
 
 
 class RunningMoments:
@@ -276,7 +279,7 @@ def train_ppo(
     from rich.progress import Progress
 
     from preflab.models.heads import ValueHead
-    from preflab.models.sampling import sample
+    from preflab.models.sampling import sample, sequence_logprobs
     from preflab.train.checkpoint import (
         latest_checkpoint,
         load_checkpoint,
@@ -335,9 +338,10 @@ def train_ppo(
             p.unlink(missing_ok=True)
 
     def forward(model, ids, mask, prompt_len):
+        """(B, R, V) logits predicting each response token and V(s_t) before it (B, R)."""
         with acc.autocast():
-            logits, values = model(ids, mask, position_ids_of(mask))
-        return logits, values[:, prompt_len - 1 : -1].float()  # V(s_t) before each response token
+            logits, values = model(ids, mask, position_ids_of(mask), ids.shape[1] - prompt_len + 1)
+        return logits[:, :-1], values[:, :-1].float()
 
     progress = Progress(disable=not (cfg.progress and acc.is_main_process))
     with progress:
@@ -362,12 +366,10 @@ def train_ppo(
                 fused = cfg.fuse_single_update and cfg.ppo_epochs == 1 and cfg.minibatch_size >= B
                 if not fused:
                     logits, old_values = forward(ac, ids, attn, P)
-                    old_logprobs = response_logprobs(logits, ids, P)  # (B, R)
-                    entropy = masked_mean(entropy_from_logits(logits[:, P - 1 : -1].float()), rmask, total=total)
+                    old_logprobs = response_logprobs(logits, ids[:, P:])  # (B, R)
+                    entropy = masked_mean(entropy_from_logits(logits.float()), rmask, total=total)
                     del logits
-                ref_out = ref(input_ids=ids, attention_mask=attn, position_ids=position_ids_of(attn), use_cache=False)
-                ref_logprobs = response_logprobs(ref_out.logits, ids, P)
-                del ref_out
+                ref_logprobs = sequence_logprobs(ref, ids, attn, P)  # (B, R), LM head on the response only
             t_rollout = time.perf_counter() - t0
 
             # ---- score + KL ----------------------------------------------------------------
@@ -394,12 +396,12 @@ def train_ppo(
                 for mb in [torch.arange(B)] if fused else perm.split(cfg.minibatch_size):
                     mb = mb.to(acc.device)
                     logits, values = forward(ac, ids[mb], attn[mb], P)
-                    logprobs = response_logprobs(logits, ids[mb], P)
+                    logprobs = response_logprobs(logits, ids[mb][:, P:])
                     n_tokens = None if total is None else total(rmask[mb].sum()) / world
                     if fused:  # the only update: its forward is the rollout's (policy unchanged so far)
                         old_logprobs, old_values = logprobs.detach(), values.detach()
                         with torch.no_grad():
-                            entropy = masked_mean(entropy_from_logits(logits[:, P - 1 : -1].detach().float()), rmask,
+                            entropy = masked_mean(entropy_from_logits(logits.detach().float()), rmask,
                                                   total=total)
                         kl_seq, old_values, advantages, returns = rewards_and_advantages(
                             old_logprobs, old_values, **shape)
