@@ -61,7 +61,7 @@ class DemoConfig:
     ppo_checkpoint_every: int = field_doc(30, "PPO checkpoint (and evaluation) interval.")
     ppo_lr: float = field_doc(1e-4, "PPO policy learning rate (the sandbox model is tiny: 1.1M parameters).")
     kl_beta: float = field_doc(0.02, "Initial KL penalty (the story's 0.02).")
-    kl_target: float = field_doc(2.0, "Adaptive controller's KL target (nats per response); its horizon is two "
+    kl_target: float = field_doc(3.0, "Adaptive controller's KL target (nats per response); its horizon is two "
                                       "rollout batches (beta moves at most 10% a step), never below kl_beta.")
     formality_alarm: float = field_doc(0.45, "Share of stilted responses in a rollout that raises beta.")
     rm_epochs: int = field_doc(3, "Reward-model epochs.")
