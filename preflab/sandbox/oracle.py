@@ -200,10 +200,10 @@ class OracleTables:
 
             rewards = [scores(t, t.responses) for t in self.tables]
             if self.other_samples:
-                own = [scores(t, t.other).mean() if t.other else np.nan for t in self.tables]
-                pooled = [x for t in self.tables if t.other for x in scores(t, t.other)]
-                rewards = [np.append(r, o if not np.isnan(o) else (np.mean(pooled) if pooled else r.min()))
-                           for r, o in zip(rewards, own, strict=True)]
+                other = [scores(t, t.other) if t.other else None for t in self.tables]
+                pooled = [x for o in other if o is not None for x in o]
+                rewards = [np.append(r, o.mean() if o is not None else (np.mean(pooled) if pooled else r.min()))
+                           for r, o in zip(rewards, other, strict=True)]
         return frontier_from_tables(name, [t.ref_logp for t in self.tables], rewards,
                                     [t.gold for t in self.tables], betas)
 

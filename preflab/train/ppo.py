@@ -45,6 +45,7 @@ from preflab.losses.ppo import (
     ppo_policy_loss,
     ppo_value_loss,
 )
+from preflab.models.sampling import logits_to_keep_kw
 
 
 @dataclass
@@ -154,9 +155,7 @@ class ActorCritic(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, keep: int):
         """Logits (B, keep, V) and values (B, keep) of the last ``keep`` positions only: the LM head
-        and the value head skip the prompt (about half the head's work in the sandbox)."""
-        from preflab.models.sampling import logits_to_keep_kw
-
+        and the value head skip the prompt's positions."""
         shared = self.value_head is not None
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           output_hidden_states=shared, use_cache=False, **logits_to_keep_kw(self.policy, keep))
