@@ -56,7 +56,7 @@ class DemoConfig:
     rerate_limit: int = field_doc(1500, "Most pricing pairs re-rated under rubric v2 (the default covers all of them, "
                                         "about 1,400 of 6,000: pairs left with v1 labels keep teaching that a stale "
                                         "price is right).")
-    ppo_steps: int = field_doc(180, "PPO iterations per pass (about 45 s each on 2 cores).")
+    ppo_steps: int = field_doc(180, "PPO iterations per pass (about a minute each on 2 cores).")
     ppo_prompts_per_step: int = field_doc(32, "Prompts per PPO rollout batch.")
     ppo_checkpoint_every: int = field_doc(30, "PPO checkpoint (and evaluation) interval.")
     ppo_lr: float = field_doc(1e-4, "PPO policy learning rate (the sandbox model is tiny: 1.1M parameters).")
