@@ -424,7 +424,8 @@ def stage_ppo(cfg: DemoConfig, run: Path, name: str, rm_name: str, engine) -> di
                    kl_horizon=2 * cfg.ppo_prompts_per_step,  # beta moves by at most 10% a step
                    checkpoint_every=cfg.ppo_checkpoint_every, minibatch_size=16,
                    ppo_epochs=2, cpu=True, alarm_thresholds={"formality": cfg.formality_alarm})
-    res = train_ppo(pc, policy=policy, ref=ref, tokenizer=tok, reward_fn=reward_fn_from(run / rm_name / "model"),
+    reward_fn = reward_fn_from(run / rm_name / "model")
+    res = train_ppo(pc, policy=policy, ref=ref, tokenizer=tok, reward_fn=reward_fn,
                     prompts=[format_prompt(q.text) for q in train_q], run_dir=run / name,
                     eval_hook=eval_hook, detectors=text_rates, resume=True)
     # the SFT point (step 0) and each checkpoint's gold, beside the trainer's own metrics
@@ -438,7 +439,7 @@ def stage_ppo(cfg: DemoConfig, run: Path, name: str, rm_name: str, engine) -> di
                                                                         k.startswith(("gold/", "detect/", "oracle/"))}})
     _merge_metrics(run / name / "metrics.jsonl", evals)
     write_json(run / name / "gold_by_checkpoint.json", evals)
-    oracle = _oracle_share(tables, evals[-1], reward_fn_from(run / rm_name / "model"))
+    oracle = _oracle_share(tables, evals[-1], reward_fn)
     write_json(run / name / "oracle_point.json", oracle)
     last = res.metrics[-1] if res.metrics else {}
     _record_lineage(engine, name, reward_model=rm_name, parent="base", steps=res.steps,

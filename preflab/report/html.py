@@ -47,7 +47,13 @@ class Report:
 
 # ---- reading --------------------------------------------------------------------------------
 
-def read_json(path: Path) -> Any:
+_REQUIRED = object()
+
+
+def read_json(path: Path, default: Any = _REQUIRED) -> Any:
+    """The JSON at ``path``; ``default`` when given and the file does not exist."""
+    if default is not _REQUIRED and not path.exists():
+        return default
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -377,14 +383,14 @@ def section_rm(run: Path) -> Section | None:
 
 def section_ppo(run: Path) -> Section | None:
     passes = {p.parent.name: read_metrics(p) for p in sorted(run.glob("ppo*/metrics.jsonl"))}
-    oracle = norm_oracle(read_json(run / "oracle.json")) if (run / "oracle.json").exists() else []
+    oracle = norm_oracle(read_json(run / "oracle.json", {}))
     if not passes:
         return None
     s = Section("ppo", "Policy optimisation (PPO)")
     rows = []
     for name, ms in passes.items():
         last = ms[-1] if ms else {}
-        pt = read_json(run / name / "oracle_point.json") if (run / name / "oracle_point.json").exists() else {}
+        pt = read_json(run / name / "oracle_point.json", {})
         rows.append((name, num(last.get("step")), num(last.get("objective/rlhf_reward"), 3),
                      num(last.get("objective/kl"), 3), num(last.get("objective/beta"), 4),
                      num(last.get("gold/utility"), 3), pct(pt.get("share_of_gold_oracle_gain")),
