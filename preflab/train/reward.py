@@ -117,7 +117,7 @@ class PairScorer(nn.Module):
     as ``GPT2ForSequenceClassification`` pools it.
     """
 
-    def __init__(self, model: nn.Module, *, share_prompt: bool = True):
+    def __init__(self, model: nn.Module, *, share_prompt: bool = True, pooled_last_block: bool = True):
         super().__init__()
         self.model = model
         self.share_prompt = share_prompt
@@ -128,8 +128,12 @@ class PairScorer(nn.Module):
                              "`score` head (AutoModelForSequenceClassification, num_labels=1)")
         params = inspect.signature(self.base.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        # GPT-2 family: run the last block only where the reward is read (see _pooled_last_block)
+        self.pooled_last_block = pooled_last_block and _supports_pooled_last_block(model)
 
     def forward(self, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
+        if self.pooled_last_block:
+            return self._forward_pooled(prompt_ids, prompt_mask, response_ids, response_mask)
         B, P = prompt_ids.shape
         k = response_ids.shape[0] // B
         n_prompt = prompt_mask.sum(-1)  # (B,)
@@ -157,6 +161,103 @@ class PairScorer(nn.Module):
         h_last = h[torch.arange(h.shape[0], device=h.device), last]  # (kB, H)
         r = self.head(h_last).squeeze(-1)  # (kB,)
         return r if r.dtype == torch.float64 else r.float()  # losses in fp32 (fp64 kept for exactness tests)
+
+    def _forward_pooled(self, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
+        """``forward`` with every block but the last run by the model, the last one by
+        ``_pooled_last_block`` at the pooled token only (the same rewards and gradients)."""
+        B, P = prompt_ids.shape
+        k = response_ids.shape[0] // B
+        n_prompt = prompt_mask.sum(-1)  # (B,)
+        full_mask = torch.cat([prompt_mask.repeat_interleave(k, 0), response_mask], -1)  # (kB, P+R)
+        block = self.base.h[-1]
+        last = P + response_mask.sum(-1) - 1  # (kB,) index of the pooled token in prompt + response
+        with _without_last_block(self.base):
+            if self.share_prompt:
+                pos_p = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+                out = self.base(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos_p, use_cache=True)
+                cache = getattr(out, self._cache_kw, None)
+                if cache is None:
+                    cache = out.past_key_values
+                if k > 1:
+                    cache.batch_repeat_interleave(k)
+                R = response_ids.shape[1]
+                pos_r = n_prompt.repeat_interleave(k)[:, None] + torch.arange(R, device=prompt_ids.device)
+                x_r = self.base(input_ids=response_ids, attention_mask=full_mask, position_ids=pos_r,
+                                use_cache=True, **{self._cache_kw: cache}).last_hidden_state  # (kB, R, H)
+                # the last block's keys/values: the prompt's computed once, then repeated
+                kv = torch.cat([_block_kv(block, out.last_hidden_state).repeat_interleave(k, 0),
+                                _block_kv(block, x_r)], 1)  # (kB, P+R, 2H)
+                x_last = x_r[torch.arange(x_r.shape[0], device=x_r.device), last - P]  # (kB, H)
+            else:
+                ids = torch.cat([prompt_ids.repeat_interleave(k, 0), response_ids], -1)
+                pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+                x = self.base(input_ids=ids, attention_mask=full_mask, position_ids=pos,
+                              use_cache=False).last_hidden_state  # (kB, P+R, H)
+                kv = _block_kv(block, x)
+                x_last = x[torch.arange(x.shape[0], device=x.device), last]
+        h_last = _pooled_last_block(block, self.base.ln_f, x_last, kv, full_mask, self.base.config)
+        r = self.head(h_last).squeeze(-1)
+        return r if r.dtype == torch.float64 else r.float()
+
+
+# ---- the last block at the pooled token only (GPT-2 family) ------------------------------
+# A reward model reads one hidden state per sequence: the last block's output at the last
+# real token. Every other position's output of that block is discarded, so the last block
+# only needs its keys and values there (c_attn on every token) and its query, attention,
+# MLP and final norm at one token per row: about 3/4 of one block's work saved per token.
+
+
+def _supports_pooled_last_block(model: nn.Module) -> bool:
+    cfg = model.config
+    base = getattr(model, model.base_model_prefix, None)
+    return (getattr(cfg, "model_type", None) == "gpt2" and not getattr(cfg, "add_cross_attention", False)
+            and isinstance(getattr(base, "h", None), nn.ModuleList) and len(base.h) >= 1
+            and isinstance(getattr(base, "ln_f", None), nn.Module))
+
+
+class _without_last_block:
+    """Context manager: the base model runs its blocks but the last, and no final norm
+    (``last_hidden_state`` is then the residual stream entering the last block)."""
+
+    def __init__(self, base: nn.Module):
+        self.base = base
+
+    def __enter__(self):
+        self.h, self.ln_f = self.base.h, self.base.ln_f
+        self.base.h = nn.ModuleList(list(self.h)[:-1])
+        self.base.ln_f = nn.Identity()
+
+    def __exit__(self, *exc):
+        self.base.h, self.base.ln_f = self.h, self.ln_f
+
+
+def _block_kv(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The block's keys and values (..., T, 2H) from its input residual stream x (..., T, H)."""
+    H = x.shape[-1]
+    return block.attn.c_attn(block.ln_1(x))[..., H:]
+
+
+def _pooled_last_block(block, ln_f, x_last, kv, mask, config) -> torch.Tensor:
+    """ln_f(block(x))[pooled token] for a GPT-2 block: x_last (N, H) the residual stream at the
+    pooled token, kv (N, T, 2H) keys/values of every position, mask (N, T) 1 = real token
+    (the pooled token is each row's last real one, so causality is the padding mask)."""
+    N, T, H2 = kv.shape
+    H = H2 // 2
+    nh = config.n_head
+    d = H // nh
+    scale = d ** -0.5 if config.scale_attn_weights else 1.0
+    if config.scale_attn_by_inverse_layer_idx:
+        scale /= float(config.n_layer)
+    q = block.attn.c_attn(block.ln_1(x_last))[..., :H].view(N, nh, 1, d)
+    key, value = kv.view(N, T, 2, nh, d).permute(2, 0, 3, 1, 4)  # each (N, nh, T, d)
+    attn_mask = mask.bool()[:, None, None, :]  # (N, 1, 1, T)
+    p_drop = block.attn.attn_dropout.p if block.training else 0.0
+    a = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=attn_mask, dropout_p=p_drop,
+                                                         scale=scale)  # (N, nh, 1, d)
+    a = block.attn.resid_dropout(block.attn.c_proj(a.reshape(N, H)))
+    y = x_last + a
+    y = y + block.mlp(block.ln_2(y))
+    return ln_f(y)
 
 
 def pair_rewards(scorer: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -63,6 +63,28 @@ def test_shared_prompt_gives_same_rewards_and_gradients_as_plain(tok):
                 assert got.item() == pytest.approx(want.item(), abs=1e-5)
 
 
+@pytest.mark.parametrize("share", [True, False])
+def test_last_block_at_the_pooled_token_only_gives_same_rewards_and_gradients(tok, share):
+    """GPT-2: the last block run only where the reward is read equals the model's full forward."""
+    model = tiny_reward_model(tok, seed=1)
+    enc = [encode_example(tok, e, max_length=256) for e in sandbox_pairs(6, seed=3)]
+    batch = collate_pairs(enc, pad_id=tok.pad_token_id)
+    out = {}
+    for pooled in (True, False):
+        scorer = PairScorer(model, share_prompt=share, pooled_last_block=pooled)
+        assert scorer.pooled_last_block is pooled
+        model.zero_grad()
+        c, r = pair_rewards(scorer, batch)
+        (torch.nn.functional.logsigmoid(c - r).sum() + (c * r).sum()).backward()
+        out[pooled] = (c.detach(), r.detach(), _grads(model))
+    (c1, r1, g1), (c0, r0, g0) = out[True], out[False]
+    assert torch.allclose(c1, c0, atol=1e-5) and torch.allclose(r1, r0, atol=1e-5)
+    assert g1.keys() == g0.keys() and len(g1) == len(list(model.parameters()))
+    for name in g1:
+        assert torch.allclose(g1[name], g0[name], atol=1e-5, rtol=1e-4), name
+    assert len(model.transformer.h) == model.config.n_layer  # the blocks are back after the forward
+
+
 def test_score_helpers_agree(tok):
     model = tiny_reward_model(tok, seed=2)
     ex = sandbox_pairs(5, seed=4)
