@@ -133,10 +133,11 @@ def reward_fn_from(rm_dir: str | Path, *, batch_size: int = 64, max_length: int 
     """``(prompts, texts) -> (B,) tensor`` scoring with a trained reward model (for PPO)."""
     import torch
 
-    from preflab.models.hf import load_reward_model
+    from preflab.models.hf import fuse_gelu, load_reward_model
     from preflab.train.reward import score_responses
 
     model, tok = load_reward_model(rm_dir)
+    fuse_gelu(model)
     model.eval()
 
     def reward_fn(prompts: list[str], texts: list[str]) -> torch.Tensor:

@@ -98,3 +98,34 @@ def reward_model_from_policy(policy_path: str | Path, *, seed: int = 0, dtype: t
             if head.bias is not None:
                 head.bias.zero_()
     return model.eval(), tok
+
+
+class FusedTanhGELU(torch.nn.Module):
+    """``gelu(x, approximate="tanh")`` in PyTorch's one fused kernel: the function GPT-2's
+    ``NewGELUActivation`` composes from five element-wise ops (the same values to float
+    rounding, ~2e-7; Hugging Face ships the same swap as ``GELUTanh``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+def fuse_gelu(*models: torch.nn.Module | None) -> int:
+    """Swap every composed tanh-GELU module (``NewGELUActivation``, ``FastGELUActivation``) of
+    ``models`` for ``FusedTanhGELU``, in place; returns how many were swapped.
+
+    The trainers call it on the models they train and score with: the forward and backward
+    passes of the activation, about a fifth of a small GPT-2's step on a CPU, take a third of
+    the time. Weights and config are untouched, so a saved model is the same model.
+    """
+    from transformers.activations import FastGELUActivation, NewGELUActivation
+
+    swapped = 0
+    for model in models:
+        if model is None:
+            continue
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) in (NewGELUActivation, FastGELUActivation):
+                    setattr(parent, name, FusedTanhGELU())
+                    swapped += 1
+    return swapped

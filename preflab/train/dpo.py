@@ -28,6 +28,7 @@ import torch
 
 from preflab.config import check, field_doc, seed_everything, write_config
 from preflab.losses.dpo import PreferenceLoss, dpo_loss, ipo_loss
+from preflab.models.hf import fuse_gelu
 from preflab.train.data import PairBatch, PreferenceExample, collate_pairs, encode_example
 from preflab.train.ppo import RunResult
 
@@ -106,8 +107,11 @@ def pair_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask) -
     rpos = pos[:, -1:].repeat_interleave(2, 0) + 1 + torch.arange(R, device=pos.device)  # (2B, R)
     out2 = model(input_ids=response_ids, attention_mask=full_mask, position_ids=rpos, use_cache=True,
                  **{_cache_kw(model): cache})
+    # out2's position t predicts token t + 1; its last position predicts nothing (a placeholder
+    # target keeps the logits contiguous instead of copying all but the last position)
+    targets = torch.cat([response_ids[:, 1:], response_ids[:, :1]], dim=1)
     tok_lp = torch.cat([token_logprobs(first[:, None], response_ids[:, :1]),  # (2B, R)
-                        token_logprobs(out2.logits[:, :-1], response_ids[:, 1:])], dim=1)
+                        token_logprobs(out2.logits, targets)[:, :-1]], dim=1)
     seq = (tok_lp * response_mask).sum(-1)  # (2B,)
     return seq[0::2], seq[1::2]
 
@@ -173,6 +177,7 @@ def train_dpo(
     if cfg.batch_size % world:
         raise ValueError(f"DPOConfig.batch_size: {cfg.batch_size} is not divisible by {world} processes")
     seed_everything(cfg.seed)
+    fuse_gelu(policy, ref)  # the same activation in one kernel (models.hf.fuse_gelu)
     if acc.is_main_process:
         write_config(cfg, run_dir)
     pad_id = tokenizer.pad_token_id

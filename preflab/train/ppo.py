@@ -45,6 +45,7 @@ from preflab.losses.ppo import (
     ppo_policy_loss,
     ppo_value_loss,
 )
+from preflab.models.hf import fuse_gelu
 from preflab.models.sampling import logits_to_keep_kw
 
 
@@ -298,6 +299,7 @@ def train_ppo(
         write_config(cfg, run_dir)
     eos_id = tokenizer.eos_token_id
 
+    fuse_gelu(policy, ref, value_model)  # the same activation in one kernel (models.hf.fuse_gelu)
     value_head = ValueHead.for_model(policy, seed=cfg.seed) if value_model is None else None
     ac = ActorCritic(policy, value_head, value_model).to(acc.device)
     ac.eval()  # no dropout anywhere: log-probs must be the ones the sampler used

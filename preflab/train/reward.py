@@ -31,6 +31,7 @@ from torch import nn
 
 from preflab.config import check, field_doc, write_config
 from preflab.losses.bradley_terry import MARGIN_PRESETS, bradley_terry_loss, margins_from_strength
+from preflab.models.hf import fuse_gelu
 from preflab.train.data import (
     PairBatch,
     PreferenceExample,
@@ -423,6 +424,7 @@ def train_reward(
     schedule = _batch_order(len(enc_train), cfg.batch_size, cfg.epochs, cfg.seed)
     total = min(len(schedule), cfg.max_steps) if cfg.max_steps else len(schedule)
 
+    fuse_gelu(model)  # the same activation in one kernel (models.hf.fuse_gelu)
     scorer = PairScorer(model, share_prompt=cfg.share_prompt)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]

@@ -53,3 +53,25 @@ def test_missing_dir_names_the_path(tmp_path):
         load_policy(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_reward_model(tmp_path)
+
+
+def test_fuse_gelu_keeps_outputs_gradients_and_saved_model(policy_dir, tmp_path, tok):
+    from preflab.models.hf import FusedTanhGELU, fuse_gelu
+
+    plain, _ = load_policy(policy_dir)
+    fused, _ = load_policy(policy_dir)
+    assert fuse_gelu(fused, None) == fused.config.n_layer  # one activation per block
+    assert fuse_gelu(fused) == 0 and isinstance(fused.transformer.h[0].mlp.act, FusedTanhGELU)
+    ids = torch.tensor([tok("Hello. The Team plan costs")["input_ids"]])
+    outs = []
+    for m in (plain, fused):
+        m.zero_grad()
+        logits = m(input_ids=ids).logits
+        logits.logsumexp(-1).sum().backward()
+        outs.append((logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
+    for name, g in outs[0][1].items():
+        torch.testing.assert_close(g, outs[1][1][name], atol=1e-5, rtol=1e-4)
+    fused.save_pretrained(tmp_path)  # the config still names GPT-2's own activation
+    assert fused.config.activation_function == plain.config.activation_function
+    assert set(fused.state_dict()) == set(plain.state_dict())
