@@ -46,11 +46,20 @@ SETTINGS = {
     "model": "GPT-2, n_layer 4, n_head 4, n_embd 256, n_positions 256, vocab 4096, seeded random init",
     "dtype": "float32", "threads": THREADS, "dropout": 0.0, "optimizer": "AdamW", "schedule": "linear decay",
     "max_grad_norm": 1.0,
+    "activation": "ours: the trainers run GPT-2's tanh-GELU through torch's fused kernel (models.hf.fuse_gelu, same values to ~2e-7); TRL: the model's own NewGELUActivation, or the fused one too with --peer-fused-gelu",
     "final_save": "every timed call ends with one resumable checkpoint (model, optimizer, RNG) and the model dir",
     "dpo": {"pairs": 512, "loss": "sigmoid", "beta": 0.1, "batch": 16, "lr": 1e-5, "epochs": 1},
     "rl": {"prompts": 64, "prompts_per_step": 16, "samples_per_prompt": 2, "new_tokens": 48, "temperature": 1.0,
            "beta": 0.05, "updates_per_rollout": 1, "lr": 1e-5, "steps": 4},
 }
+
+
+def _peer_fused_gelu(*models) -> None:
+    """--peer-fused-gelu: give TRL's models the same fused activation as ours (isolates that gain)."""
+    if os.environ.get("BENCH_PEER_FUSED_GELU") == "1":
+        from preflab.models.hf import fuse_gelu
+
+        fuse_gelu(*models)
 
 
 def make_policy(d: Path) -> None:
@@ -102,6 +111,7 @@ def dpo_trl(d: Path, out: Path) -> dict:
 
     pol, tok = load_policy(d / "policy")
     ref, _ = load_policy(d / "policy")
+    _peer_fused_gelu(pol, ref)
     rows = [json.loads(x) for x in (d / "train.jsonl").read_text().splitlines()]
     ds = Dataset.from_list([{"prompt": format_prompt(r["prompt"]), "chosen": " " + r["chosen"],
                              "rejected": " " + r["rejected"]} for r in rows])
@@ -183,6 +193,7 @@ def rl_trl(d: Path, out: Path) -> dict:
 
     pol, tok = load_policy(d / "policy")
     rm, rm_tok = load_reward_model(d / "init")
+    _peer_fused_gelu(pol, rm)
     rl = SETTINGS["rl"]
     ds = Dataset.from_list([{"prompt": format_prompt(p)} for p in _prompts(d)])
     batch = rl["prompts_per_step"] * rl["samples_per_prompt"]
@@ -332,6 +343,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", default="dpo,rl,ppo")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "policy.json"))
+    ap.add_argument("--peer-fused-gelu", action="store_true", help="give TRL's models the fused activation too")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -364,7 +376,8 @@ def main() -> None:
         d = Path(tmp) / "w"
         make_workload(d)
         make_policy(d)
-        env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false",
+               "BENCH_PEER_FUSED_GELU": "1" if a.peer_fused_gelu else "0"}
         for i in range(a.repeats):
             for kind in kinds:  # peer first, then ours, interleaved
                 res = Path(tmp) / f"{kind}{i}.json"
@@ -394,7 +407,8 @@ def main() -> None:
         ratio["rl_prompts_per_s_ours_over_rloo"] = med["rl_ours"]["prompts_per_s"] / med["rl_trl"]["prompts_per_s"]
     if "ppo_defaults" in med and "rl_ours" in med:
         ratio["ppo_defaults_wall_over_rl_shape"] = med["ppo_defaults"]["wall_s"] / med["rl_ours"]["wall_s"]
-    out = {"benchmark": "policy optimisation (DPO, online RL), DESIGN.md workload", "settings": SETTINGS,
+    out = {"benchmark": "policy optimisation (DPO, online RL), DESIGN.md workload",
+           "settings": {**SETTINGS, "peer_fused_gelu": a.peer_fused_gelu},
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
                         "python": platform.python_version()},
            "machine": {"cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg(),

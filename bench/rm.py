@@ -42,6 +42,7 @@ SETTINGS = {
     "dropout": 0.0, "gradient_checkpointing": False, "torch_compile": False, "optimizer": "AdamW(0.9, 0.999, 1e-8)",
     "weight_decay": 0.0, "schedule": "linear decay, no warmup", "max_grad_norm": 1.0, "margin": None,
     "center_rewards_coefficient": None, "loss": "-log sigmoid(r_c - r_r)", "seed": 0,
+    "activation": "ours: the trainers run GPT-2's tanh-GELU through torch's fused kernel (models.hf.fuse_gelu, same values to ~2e-7); TRL: the model's own NewGELUActivation, or the fused one too with --peer-fused-gelu",
     "final_save": "both timed calls end with one resumable checkpoint (model, optimizer, RNG) and the model dir",
 }
 
@@ -119,6 +120,14 @@ def workload_stats(d: Path) -> dict:
             "tokenizer_vocab": len(tok), "truncated": sum(e.truncated for e in enc)}
 
 
+def _peer_fused_gelu(*models) -> None:
+    """--peer-fused-gelu: give TRL's models the same fused activation as ours (isolates that gain)."""
+    if os.environ.get("BENCH_PEER_FUSED_GELU") == "1":
+        from preflab.models.hf import fuse_gelu
+
+        fuse_gelu(*models)
+
+
 # ---- workers (one fresh process per run) ------------------------------------------------
 
 
@@ -150,6 +159,7 @@ def run_trl(d: Path, out_dir: Path, steps: int = 0) -> dict:
     from preflab.sandbox.domain import format_prompt
 
     model, tok = load_reward_model(d / "init")
+    _peer_fused_gelu(model)
     rows = [json.loads(x) for x in (d / "train.jsonl").read_text().splitlines()]
     # same text as ours: format_prompt(prompt) + " " + response (+ EOS, added by TRL)
     ds = Dataset.from_list([{"prompt": format_prompt(r["prompt"]), "chosen": " " + r["chosen"],
@@ -207,6 +217,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads per run (DESIGN.md: 2)")
     ap.add_argument("--steps", type=int, default=0, help="optimizer steps per run (0: the full epoch, 32)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "rm.json"))
+    ap.add_argument("--peer-fused-gelu", action="store_true", help="give TRL's model the fused activation too")
     ap.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -225,7 +236,8 @@ def main() -> None:
         stats = workload_stats(d / "w")
         print("workload:", json.dumps(stats))
         runs: list[dict] = []
-        env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "TOKENIZERS_PARALLELISM": "false",
+               "BENCH_PEER_FUSED_GELU": "1" if a.peer_fused_gelu else "0"}
         for i in range(a.repeats):
             for kind in ("trl", "ours"):  # peer first, then ours, interleaved
                 res = d / f"{kind}{i}.json"
@@ -245,7 +257,8 @@ def main() -> None:
            for k in ("trl", "ours")}
     out = {
         "benchmark": "reward model (Bradley-Terry), DESIGN.md workload", "workload": stats,
-        "settings": {**SETTINGS, "threads": a.threads, "steps": a.steps or SETTINGS["steps"]},
+        "settings": {**SETTINGS, "threads": a.threads, "steps": a.steps or SETTINGS["steps"],
+                     "peer_fused_gelu": a.peer_fused_gelu},
         "memory_metric": "VmHWM of the run's own process (peak RSS, incl. imports); delta = VmHWM - VmRSS before train",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
                      "python": platform.python_version()},
