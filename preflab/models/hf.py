@@ -113,9 +113,11 @@ def fuse_gelu(*models: torch.nn.Module | None) -> int:
     """Swap every composed tanh-GELU module (``NewGELUActivation``, ``FastGELUActivation``) of
     ``models`` for ``FusedTanhGELU``, in place; returns how many were swapped.
 
-    The trainers call it on the models they train and score with: the forward and backward
-    passes of the activation, about a fifth of a small GPT-2's step on a CPU, take a third of
-    the time. Weights and config are untouched, so a saved model is the same model.
+    The reward, PPO and DPO trainers call it on the models they train and score with: the
+    activation's forward and backward passes, about a fifth of a small GPT-2's step on a CPU,
+    take a third of the time. Weights and config are untouched, so a saved model is the same
+    model. (SFT does not: its float rounding would change the sandbox's base model, and with it
+    every seeded demo number.)
     """
     from transformers.activations import FastGELUActivation, NewGELUActivation
 
