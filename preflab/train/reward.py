@@ -133,72 +133,50 @@ class PairScorer(nn.Module):
         self.pooled_last_block = pooled_last_block and _supports_pooled_last_block(model)
 
     def forward(self, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
-        if self.pooled_last_block:
-            return self._forward_pooled(prompt_ids, prompt_mask, response_ids, response_mask)
-        B, P = prompt_ids.shape
+        B = prompt_ids.shape[0]
         k = response_ids.shape[0] // B
-        n_prompt = prompt_mask.sum(-1)  # (B,)
         full_mask = torch.cat([prompt_mask.repeat_interleave(k, 0), response_mask], -1)  # (kB, P+R)
-        if self.share_prompt:
-            pos_p = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
-            out = self.base(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos_p, use_cache=True)
-            cache = getattr(out, self._cache_kw, None)
-            if cache is None:
-                cache = out.past_key_values
-            if k > 1:
-                cache.batch_repeat_interleave(k)
-            R = response_ids.shape[1]
-            pos_r = n_prompt.repeat_interleave(k)[:, None] + torch.arange(R, device=prompt_ids.device)  # (kB, R)
-            h = self.base(input_ids=response_ids, attention_mask=full_mask, position_ids=pos_r,
-                          use_cache=True, **{self._cache_kw: cache}).last_hidden_state  # (kB, R, H)
-            offset = 0
-        else:
-            ids = torch.cat([prompt_ids.repeat_interleave(k, 0), response_ids], -1)  # (kB, P+R)
-            pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
-            h = self.base(input_ids=ids, attention_mask=full_mask, position_ids=pos,
-                          use_cache=False).last_hidden_state  # (kB, P+R, H)
-            offset = P
-        last = offset + response_mask.sum(-1) - 1  # (kB,)
-        h_last = h[torch.arange(h.shape[0], device=h.device), last]  # (kB, H)
+        last = response_mask.sum(-1) - 1  # (kB,) the pooled token's index in the response
+        rows = torch.arange(response_ids.shape[0], device=response_ids.device)
+        if not self.pooled_last_block:
+            _, h, offset = self._hidden(prompt_ids, prompt_mask, response_ids, full_mask, k)
+            h_last = h[rows, offset + last]  # (kB, H)
+        else:  # every block but the last through the model, the last one at the pooled token only
+            block = self.base.h[-1]
+            with _without_last_block(self.base):
+                h_prompt, x, offset = self._hidden(prompt_ids, prompt_mask, response_ids, full_mask, k)
+            kv = _block_kv(block, x)
+            if h_prompt is not None:  # the prompt's keys/values computed once, then repeated
+                kv = torch.cat([_block_kv(block, h_prompt).repeat_interleave(k, 0), kv], 1)  # (kB, P+R, 2H)
+            h_last = _pooled_last_block(block, self.base.ln_f, x[rows, offset + last], kv, full_mask,
+                                        self.base.config)
         r = self.head(h_last).squeeze(-1)  # (kB,)
         return r if r.dtype == torch.float64 else r.float()  # losses in fp32 (fp64 kept for exactness tests)
 
-    def _forward_pooled(self, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
-        """``forward`` with every block but the last run by the model, the last one by
-        ``_pooled_last_block`` at the pooled token only (the same rewards and gradients)."""
-        B, P = prompt_ids.shape
-        k = response_ids.shape[0] // B
-        n_prompt = prompt_mask.sum(-1)  # (B,)
-        full_mask = torch.cat([prompt_mask.repeat_interleave(k, 0), response_mask], -1)  # (kB, P+R)
-        block = self.base.h[-1]
-        last = P + response_mask.sum(-1) - 1  # (kB,) index of the pooled token in prompt + response
-        with _without_last_block(self.base):
-            if self.share_prompt:
-                pos_p = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-                out = self.base(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos_p, use_cache=True)
-                cache = getattr(out, self._cache_kw, None)
-                if cache is None:
-                    cache = out.past_key_values
-                if k > 1:
-                    cache.batch_repeat_interleave(k)
-                R = response_ids.shape[1]
-                pos_r = n_prompt.repeat_interleave(k)[:, None] + torch.arange(R, device=prompt_ids.device)
-                x_r = self.base(input_ids=response_ids, attention_mask=full_mask, position_ids=pos_r,
-                                use_cache=True, **{self._cache_kw: cache}).last_hidden_state  # (kB, R, H)
-                # the last block's keys/values: the prompt's computed once, then repeated
-                kv = torch.cat([_block_kv(block, out.last_hidden_state).repeat_interleave(k, 0),
-                                _block_kv(block, x_r)], 1)  # (kB, P+R, 2H)
-                x_last = x_r[torch.arange(x_r.shape[0], device=x_r.device), last - P]  # (kB, H)
-            else:
-                ids = torch.cat([prompt_ids.repeat_interleave(k, 0), response_ids], -1)
-                pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
-                x = self.base(input_ids=ids, attention_mask=full_mask, position_ids=pos,
-                              use_cache=False).last_hidden_state  # (kB, P+R, H)
-                kv = _block_kv(block, x)
-                x_last = x[torch.arange(x.shape[0], device=x.device), last]
-        h_last = _pooled_last_block(block, self.base.ln_f, x_last, kv, full_mask, self.base.config)
-        r = self.head(h_last).squeeze(-1)
-        return r if r.dtype == torch.float64 else r.float()
+    def _hidden(self, prompt_ids, prompt_mask, response_ids, full_mask, k):
+        """(prompt hidden (B, P, H) or None, hidden (kB, T, H), offset of the response in T).
+
+        Shared prompt: the prompt runs once, its cache is repeated k times and the responses
+        (T = R) run on it. Otherwise prompt + response run as one sequence per row (T = P + R).
+        """
+        P = prompt_ids.shape[1]
+        if not self.share_prompt:
+            ids = torch.cat([prompt_ids.repeat_interleave(k, 0), response_ids], -1)  # (kB, P+R)
+            pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+            h = self.base(input_ids=ids, attention_mask=full_mask, position_ids=pos, use_cache=False)
+            return None, h.last_hidden_state, P
+        pos_p = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+        out = self.base(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos_p, use_cache=True)
+        cache = getattr(out, self._cache_kw, None)
+        if cache is None:
+            cache = out.past_key_values
+        if k > 1:
+            cache.batch_repeat_interleave(k)
+        R = response_ids.shape[1]
+        pos_r = prompt_mask.sum(-1).repeat_interleave(k)[:, None] + torch.arange(R, device=prompt_ids.device)
+        h = self.base(input_ids=response_ids, attention_mask=full_mask, position_ids=pos_r,
+                      use_cache=True, **{self._cache_kw: cache})
+        return out.last_hidden_state, h.last_hidden_state, 0
 
 
 # ---- the last block at the pooled token only (GPT-2 family) ------------------------------
