@@ -6,8 +6,9 @@ The model is any Hugging Face ``AutoModelForSequenceClassification`` with one la
 (by default initialised from the SFT policy's weights: ``models.hf.reward_model_from_policy``).
 Each pair is scored in one pass: the prompt runs once, its key/value cache is repeated
 for the two responses, and both continuations run as one batch (``share_prompt=True``);
-``share_prompt=False`` runs prompt+response twice, as TRL does. Both give the same
-rewards and gradients (tests/train/test_reward.py).
+``share_prompt=False`` runs prompt+response twice, as TRL does. On GPT-2-family models
+the last block runs only at the token the reward is read from (``pooled_last_block``). Every
+variant gives the same rewards and gradients (tests/train/test_reward.py).
 
 Run directory: ``config.json``, ``metrics.jsonl`` (``train/*``, ``eval/*``),
 ``ckpt/step_NNNNNN/`` (resume), ``data/{train,val}.jsonl``, ``model/`` (final HF dir).
