@@ -158,6 +158,24 @@ def write_config(obj: Any, run_dir: str | Path, name: str = "config.json") -> Pa
     return out
 
 
+def check_resume(obj: Any, run_dir: str | Path, *, may_change: typing.Iterable[str] = (),
+                 name: str = "config.json") -> None:
+    """Before a run resumes: raise ``ConfigError`` naming the first field whose value differs from
+    the one in ``run_dir/name`` (the run's own config), except ``may_change`` (fields that do not
+    alter the trained weights, e.g. how often to checkpoint). A resumed run must end where the
+    uninterrupted one would."""
+    path = Path(run_dir) / name
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    new = json.loads(json.dumps(to_dict(obj)))  # tuples -> lists, as they were written
+    allowed = set(may_change)
+    for k in sorted(new):
+        if k not in allowed and old.get(k) != new[k]:
+            raise ConfigError(f"{type(obj).__name__}.{k}: {new[k]!r} differs from {old.get(k)!r} in {path}; "
+                              "resume with the run's own config or start a new run dir")
+
+
 def check(cond: bool, where: str, message: str) -> None:
     """Raise ``ConfigError('where: message')`` unless ``cond`` holds (for ``validate``)."""
     if not cond:

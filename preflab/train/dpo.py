@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 
-from preflab.config import check, field_doc, seed_everything, write_config
+from preflab.config import check, check_resume, field_doc, seed_everything, write_config
 from preflab.losses.dpo import PreferenceLoss, dpo_loss, ipo_loss
 from preflab.models.hf import fuse_gelu
 from preflab.train.data import PairBatch, PreferenceExample, collate_pairs, encode_example
@@ -178,6 +178,8 @@ def train_dpo(
         raise ValueError(f"DPOConfig.batch_size: {cfg.batch_size} is not divisible by {world} processes")
     seed_everything(cfg.seed)
     fuse_gelu(policy, ref)  # the same activation in one kernel (models.hf.fuse_gelu)
+    if resume and latest_checkpoint(run_dir) is not None:
+        check_resume(cfg, run_dir, may_change=("checkpoint_every", "keep_last", "eval_batch_size", "progress"))
     if acc.is_main_process:
         write_config(cfg, run_dir)
     pad_id = tokenizer.pad_token_id

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 
-from preflab.config import check, field_doc, seed_everything, write_config
+from preflab.config import check, check_resume, field_doc, seed_everything, write_config
 from preflab.losses.gae import gae
 from preflab.losses.kl import (
     KL_ESTIMATORS,
@@ -295,6 +295,9 @@ def train_ppo(
     if cfg.prompts_per_step % world:
         raise ValueError(f"PPOConfig.prompts_per_step: {cfg.prompts_per_step} is not divisible by {world} processes")
     seed_everything(cfg.seed + rank)
+    if resume and latest_checkpoint(run_dir) is not None:
+        # ``steps`` may grow to train on (the linear schedule is then recomputed for the new total)
+        check_resume(cfg, run_dir, may_change=("steps", "checkpoint_every", "keep_last", "progress"))
     if acc.is_main_process:
         write_config(cfg, run_dir)
     eos_id = tokenizer.eos_token_id

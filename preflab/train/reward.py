@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from preflab.config import check, field_doc, write_config
+from preflab.config import check, check_resume, field_doc, write_config
 from preflab.losses.bradley_terry import MARGIN_PRESETS, bradley_terry_loss, margins_from_strength
 from preflab.models.hf import fuse_gelu
 from preflab.train.data import (
@@ -346,20 +346,7 @@ def _evaluate(scorer, encoded, cfg: RewardConfig, pad_id: int, device) -> dict[s
 
 
 # fields a resumed run may change (they do not alter the trained weights)
-_RESUMABLE_CHANGES = {"eval_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints"}
-
-
-def _check_same_config(cfg: RewardConfig, run_dir: Path) -> None:
-    from preflab.config import ConfigError, to_dict
-
-    path = run_dir / "config.json"
-    if not path.is_file():
-        return
-    old, new = json.loads(path.read_text()), to_dict(cfg)
-    for k in sorted(new):
-        if k not in _RESUMABLE_CHANGES and old.get(k) != new[k]:
-            raise ConfigError(f"RewardConfig.{k}: {new[k]!r} differs from {old.get(k)!r} in {path}; "
-                              "resume with the run's own config or start a new run dir")
+_RESUMABLE_CHANGES = ("eval_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints")
 
 
 def train_reward(
@@ -423,7 +410,7 @@ def train_reward(
     metrics_path = run_dir / "metrics.jsonl"
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
-        _check_same_config(cfg, run_dir)
+        check_resume(cfg, run_dir, may_change=_RESUMABLE_CHANGES)
         state = load_checkpoint(ckpt, modules={"model": model}, optimizers={"optimizer": optimizer},
                                 schedulers={"scheduler": scheduler})
         start = int(state["step"])

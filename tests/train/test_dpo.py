@@ -88,6 +88,22 @@ def test_dpo_learns_the_preference_and_writes_its_run(tmp_path, tiny, loss):
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_000004", "step_000008"]
 
 
+def test_resume_refuses_a_changed_config_and_changes_nothing(tmp_path, tiny):
+    tok, make = tiny
+    data = _pairs(16)
+    cfg = DPOConfig(batch_size=8, lr=1e-3, checkpoint_every=1, progress=False, max_length=512)
+    train_dpo(cfg, policy=make(0), ref=make(0), tokenizer=tok, train=data, run_dir=tmp_path)
+    before = {p.name: p.read_bytes() for p in (tmp_path).iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match=r"DPOConfig\.beta: 0\.5 differs from 0\.1 in .*config\.json"):
+        train_dpo(DPOConfig(**{**cfg.__dict__, "beta": 0.5}), policy=make(0), ref=make(0), tokenizer=tok,
+                  train=data, run_dir=tmp_path, resume=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path).iterdir() if p.is_file()} == before
+    # fields that do not change the weights may differ (here: checkpoint cadence and progress bar)
+    res = train_dpo(DPOConfig(**{**cfg.__dict__, "checkpoint_every": 5, "progress": True}), policy=make(0),
+                    ref=make(0), tokenizer=tok, train=data, run_dir=tmp_path, resume=True)
+    assert res.steps == 2
+
+
 def test_all_ties_is_a_clear_error(tmp_path, tiny):
     tok, make = tiny
     with pytest.raises(ValueError, match="no non-tie pairs"):

@@ -64,6 +64,27 @@ def random_policy():
     return tok, cfg
 
 
+def test_resume_refuses_a_changed_config(tmp_path, random_policy):
+    from preflab.models.tiny import tiny_gpt2
+
+    tok, mcfg = random_policy
+    prompts = [format_prompt(q.text) for q in generate_queries(8, seed=0)]
+    cfg = PPOConfig(steps=2, prompts_per_step=4, max_new_tokens=6, minibatch_size=4, ppo_epochs=1,
+                    checkpoint_every=1, progress=False, cpu=True)
+
+    def run(c, resume):
+        return train_ppo(c, policy=tiny_gpt2(mcfg, seed=0), ref=tiny_gpt2(mcfg, seed=0), tokenizer=tok,
+                         reward_fn=lambda ps, ts: torch.zeros(len(ts)), prompts=prompts, run_dir=tmp_path,
+                         resume=resume)
+
+    run(cfg, False)
+    config = (tmp_path / "config.json").read_text()
+    with pytest.raises(ConfigError, match=r"PPOConfig\.lr: 0\.001 differs from 1e-05 in"):
+        run(PPOConfig(**{**cfg.__dict__, "lr": 1e-3}), True)
+    assert (tmp_path / "config.json").read_text() == config  # nothing written
+    assert run(PPOConfig(**{**cfg.__dict__, "checkpoint_every": 5}), True).steps == 2
+
+
 def test_ppo_writes_metrics_checkpoints_and_eval(tmp_path, random_policy):
     from preflab.models.tiny import tiny_gpt2
 
