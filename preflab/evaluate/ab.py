@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from preflab.config import check, field_doc
+from preflab.quality.consistency import wilson_interval
 
 Z = NormalDist().inv_cdf
 
@@ -51,28 +52,6 @@ class ABConfig:
 
 
 # ---- pure statistics -------------------------------------------------------------------
-
-
-def wilson_interval(successes: float, n: int, *, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (Wilson 1927; Agresti & Coull 1998).
-
-    With p = successes/n and z the two-sided normal quantile::
-
-        centre = (p + z^2/(2n)) / (1 + z^2/n)
-        half   = z * sqrt(p(1-p)/n + z^2/(4n^2)) / (1 + z^2/n)
-
-    ``successes`` may be fractional (ties counted as half a win).
-    """
-    if n <= 0:
-        return (0.0, 1.0)
-    if not 0 <= successes <= n:
-        raise ValueError(f"successes: must be in [0, n={n}], got {successes}")
-    z = Z(1 - (1 - confidence) / 2)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def sign_test_p(wins: int, losses: int) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
 
 def flip_rate_from_consistency(c: float) -> float:
@@ -37,15 +38,28 @@ def accuracy_ceiling(c: float) -> float:
     return 1.0 - flip_rate_from_consistency(c)
 
 
-def wilson_interval(k: int, n: int, *, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score interval for a proportion k/n (Wilson 1927); z = 1.96 for 95%."""
+def wilson_interval(successes: float, n: int, *, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (Wilson 1927; Agresti & Coull 1998).
+
+    With p = successes/n and z the two-sided normal quantile::
+
+        centre = (p + z^2/(2n)) / (1 + z^2/n)
+        half   = z * sqrt(p(1-p)/n + z^2/(4n^2)) / (1 + z^2/n)
+
+    ``successes`` may be fractional (ties counted as half a win). With n = 0 nothing is known:
+    (0, 1). The one implementation: rater consistency, blind A/B win rates and production
+    outcome rates all use it.
+    """
     if n <= 0:
-        raise ValueError("wilson_interval: n must be >= 1")
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, mid - half), min(1.0, mid + half)
+        return (0.0, 1.0)
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes: must be in [0, n={n}], got {successes}")
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from preflab.quality.consistency import wilson_interval
+
 REQUIRED = ("conversation_id", "model_version", "escalated", "csat", "handle_time_min", "timestamp")
 _TRUE = {"1", "true", "yes", "y", "t"}
 _FALSE = {"0", "false", "no", "n", "f"}
@@ -186,18 +188,6 @@ def _z(confidence: float) -> float:
     return float(norm.ppf(0.5 + confidence / 2))
 
 
-def wilson_interval(x: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for x/n: (p + z^2/2n +- z sqrt(p q/n + z^2/4n^2)) / (1 + z^2/n)."""
-    if n <= 0:
-        raise ValueError("wilson_interval: n must be > 0")
-    z = _z(confidence)
-    p = x / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, mid - half), min(1.0, mid + half)
-
-
 def two_proportion_diff(x1: int, n1: int, x2: int, n2: int, *, method: str = "newcombe",
                         confidence: float = 0.95) -> dict:
     """Difference p2 - p1 of two independent proportions with a CI and a z-test p-value.
@@ -214,8 +204,8 @@ def two_proportion_diff(x1: int, n1: int, x2: int, n2: int, *, method: str = "ne
     p1, p2 = x1 / n1, x2 / n2
     d = p2 - p1
     if method == "newcombe":
-        l1, u1 = wilson_interval(x1, n1, confidence)
-        l2, u2 = wilson_interval(x2, n2, confidence)
+        l1, u1 = wilson_interval(x1, n1, confidence=confidence)
+        l2, u2 = wilson_interval(x2, n2, confidence=confidence)
         lo = d - math.sqrt((p2 - l2) ** 2 + (u1 - p1) ** 2)
         hi = d + math.sqrt((u2 - p2) ** 2 + (p1 - l1) ** 2)
     elif method == "wald":
@@ -227,8 +217,8 @@ def two_proportion_diff(x1: int, n1: int, x2: int, n2: int, *, method: str = "ne
     se = math.sqrt(pool * (1 - pool) * (1 / n1 + 1 / n2))
     pval = 1.0 if se == 0 else float(2 * norm.sf(abs(d) / se))
     return {"baseline": p1, "candidate": p2, "diff": d, "ci": [lo, hi], "p_value": pval,
-            "ci_by_version": {"baseline": list(wilson_interval(x1, n1, confidence)),
-                              "candidate": list(wilson_interval(x2, n2, confidence))},
+            "ci_by_version": {"baseline": list(wilson_interval(x1, n1, confidence=confidence)),
+                              "candidate": list(wilson_interval(x2, n2, confidence=confidence))},
             "n": {"baseline": n1, "candidate": n2}, "method": method, "confidence": confidence}
 
 
