@@ -5,6 +5,8 @@
 # The CPU build of torch goes in first: a looser requirement would pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Pinned versions of everything else (constraints.txt says why); PIP_CONSTRAINT="" to lift them.
+export PIP_CONSTRAINT="${PIP_CONSTRAINT-$PWD/constraints.txt}"
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
