@@ -35,8 +35,20 @@ def tok():
     return tiny_tokenizer()
 
 
-def _grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+def _rewards_and_grads(model, batch, **scorer_kw):
+    """(r_chosen, r_rejected, gradients) of one scorer variant on ``batch``."""
+    model.zero_grad()
+    c, r = pair_rewards(PairScorer(model, **scorer_kw), batch)
+    (torch.nn.functional.logsigmoid(c - r).sum() + (c * r).sum()).backward()
+    return c.detach(), r.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(model, a, b):
+    (c1, r1, g1), (c0, r0, g0) = a, b
+    assert torch.allclose(c1, c0, atol=1e-5) and torch.allclose(r1, r0, atol=1e-5)
+    assert g1.keys() == g0.keys() and len(g1) == len(list(model.parameters()))
+    for name in g1:
+        assert torch.allclose(g1[name], g0[name], atol=1e-5, rtol=1e-4), name
 
 
 def test_shared_prompt_gives_same_rewards_and_gradients_as_plain(tok):
@@ -44,18 +56,10 @@ def test_shared_prompt_gives_same_rewards_and_gradients_as_plain(tok):
     enc = [encode_example(tok, e, max_length=256) for e in sandbox_pairs(6, seed=3)]
     assert len({len(e.prompt_ids) for e in enc}) > 1 and len({len(e.chosen_ids) for e in enc}) > 1  # real padding
     batch = collate_pairs(enc, pad_id=tok.pad_token_id)
-    out = {}
-    for share in (True, False):
-        model.zero_grad()
-        c, r = pair_rewards(PairScorer(model, share_prompt=share), batch)
-        (torch.nn.functional.logsigmoid(c - r).sum() + (c * r).sum()).backward()
-        out[share] = (c.detach(), r.detach(), _grads(model))
-    (c1, r1, g1), (c0, r0, g0) = out[True], out[False]
-    assert torch.allclose(c1, c0, atol=1e-5) and torch.allclose(r1, r0, atol=1e-5)
-    assert g1.keys() == g0.keys() and len(g1) == len(list(model.parameters()))
-    for name in g1:
-        assert torch.allclose(g1[name], g0[name], atol=1e-5, rtol=1e-4), name
+    shared = _rewards_and_grads(model, batch, share_prompt=True)
+    _assert_same(model, shared, _rewards_and_grads(model, batch, share_prompt=False))
     # both equal the HF model's own forward on each unpadded sequence
+    c1, r1, _ = shared
     with torch.no_grad():
         for i, e in enumerate(enc[:3]):
             for ids, want in ((e.prompt_ids + e.chosen_ids, c1[i]), (e.prompt_ids + e.rejected_ids, r1[i])):
@@ -69,19 +73,9 @@ def test_last_block_at_the_pooled_token_only_gives_same_rewards_and_gradients(to
     model = tiny_reward_model(tok, seed=1)
     enc = [encode_example(tok, e, max_length=256) for e in sandbox_pairs(6, seed=3)]
     batch = collate_pairs(enc, pad_id=tok.pad_token_id)
-    out = {}
-    for pooled in (True, False):
-        scorer = PairScorer(model, share_prompt=share, pooled_last_block=pooled)
-        assert scorer.pooled_last_block is pooled
-        model.zero_grad()
-        c, r = pair_rewards(scorer, batch)
-        (torch.nn.functional.logsigmoid(c - r).sum() + (c * r).sum()).backward()
-        out[pooled] = (c.detach(), r.detach(), _grads(model))
-    (c1, r1, g1), (c0, r0, g0) = out[True], out[False]
-    assert torch.allclose(c1, c0, atol=1e-5) and torch.allclose(r1, r0, atol=1e-5)
-    assert g1.keys() == g0.keys() and len(g1) == len(list(model.parameters()))
-    for name in g1:
-        assert torch.allclose(g1[name], g0[name], atol=1e-5, rtol=1e-4), name
+    assert PairScorer(model).pooled_last_block and not PairScorer(model, pooled_last_block=False).pooled_last_block
+    _assert_same(model, _rewards_and_grads(model, batch, share_prompt=share, pooled_last_block=True),
+                 _rewards_and_grads(model, batch, share_prompt=share, pooled_last_block=False))
     assert len(model.transformer.h) == model.config.n_layer  # the blocks are back after the forward
 
 
