@@ -146,10 +146,9 @@ class PairScorer(nn.Module):
             block = self.base.h[-1]
             with _without_last_block(self.base):
                 h_prompt, x, offset = self._hidden(prompt_ids, prompt_mask, response_ids, full_mask, k)
-            if h_prompt is None:
-                kv = _block_kv(block, x)  # (kB, P+R, 2H)
-            else:  # the prompt's keys/values computed once, then repeated
-                kv = torch.cat([_block_kv(block, h_prompt).repeat_interleave(k, 0), _block_kv(block, x)], 1)
+            kv = _block_kv(block, x)
+            if h_prompt is not None:  # the prompt's keys/values computed once, then repeated
+                kv = torch.cat([_block_kv(block, h_prompt).repeat_interleave(k, 0), kv], 1)  # (kB, P+R, 2H)
             h_last = _pooled_last_block(block, self.base.ln_f, x[rows, offset + last], kv, full_mask,
                                         self.base.config)
         r = self.head(h_last).squeeze(-1)  # (kB,)
