@@ -39,7 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-from rm import _vm, make_workload  # noqa: E402  (the shared pair workload of the RM benchmark)
+from rm import _peer_fused_gelu, _vm, make_workload  # noqa: E402  (the RM benchmark's workload and helpers)
 
 THREADS = 2
 SETTINGS = {
@@ -52,14 +52,6 @@ SETTINGS = {
     "rl": {"prompts": 64, "prompts_per_step": 16, "samples_per_prompt": 2, "new_tokens": 48, "temperature": 1.0,
            "beta": 0.05, "updates_per_rollout": 1, "lr": 1e-5, "steps": 4},
 }
-
-
-def _peer_fused_gelu(*models) -> None:
-    """--peer-fused-gelu: give TRL's models the same fused activation as ours (isolates that gain)."""
-    if os.environ.get("BENCH_PEER_FUSED_GELU") == "1":
-        from preflab.models.hf import fuse_gelu
-
-        fuse_gelu(*models)
 
 
 def make_policy(d: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -72,6 +74,7 @@ def test_fuse_gelu_keeps_outputs_gradients_and_saved_model(policy_dir, tmp_path,
     torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
     for name, g in outs[0][1].items():
         torch.testing.assert_close(g, outs[1][1][name], atol=1e-5, rtol=1e-4)
-    fused.save_pretrained(tmp_path)  # the config still names GPT-2's own activation
-    assert fused.config.activation_function == plain.config.activation_function
+    fused.save_pretrained(tmp_path)  # the saved config still names GPT-2's own activation
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["activation_function"] == plain.config.activation_function
     assert set(fused.state_dict()) == set(plain.state_dict())
