@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -35,6 +36,10 @@ SIMULATED = [
     "rater drift (one rater's taste shifts mid-collection, injected on purpose)",
     "production traffic and its outcomes (escalations, CSAT, handle time)",
 ]
+
+
+# the injected drift: the drifting rater starts to like stilted and confident answers
+DRIFT_SHIFT = {"formality": {"stilted": 1.5}, "confidence": {"confident": 1.0}}
 
 
 @dataclass
@@ -242,7 +247,7 @@ def stage_collection(cfg: DemoConfig, run: Path, engine, console: Console) -> di
         audit = set(rng.sample(pair_ids, n_audit)) if n_audit else set()
         if drifter is not None and week == cfg.drift_week:
             drifter.drift = DriftSchedule(after=drifter.n_judged,
-                                          shift={"formality": {"stilted": 1.5}, "confidence": {"confident": 1.0}})
+                                          shift=DRIFT_SHIFT)
         with db.session_scope(engine) as s:
             pid = _project_id(s)
             have = {r.name: r.id for r in ops.list_rounds(s, project_id=pid, kind="collection")}
@@ -603,7 +608,7 @@ def stage_summaries(cfg: DemoConfig, run: Path, engine, runner: StageRunner) -> 
     from preflab.models.hf import load_reward_model
     from preflab.report.cost import CostConfig, build_ledger, judgement_times, write_ledger
     from preflab.sandbox.raters import query_for_prompt
-    from preflab.sandbox.truth import policy_truth, reward_model_truth, write_truth
+    from preflab.sandbox.truth import label_ceiling, policy_truth, reward_model_truth, write_truth
     from preflab.store import db, ops
     from preflab.train.data import load_jsonl
     from preflab.train.reward import score_pairs
@@ -646,6 +651,10 @@ def stage_summaries(cfg: DemoConfig, run: Path, engine, runner: StageRunner) -> 
                 for label, path in (("sft", run / "base"), ("ppo_v1", run / "ppo_v1" / "policy"),
                                     ("ppo_v2", run / "ppo_v2" / "policy"))]
     rms, console_note = [], []
+    with db.session_scope(engine, readonly=True) as s:  # which rubric each (pair, rater) label of rm_v2 is under
+        guideline = {(e.pair_id, e.rater): e.guideline_version for e in ops.preference_examples(
+            s, project_id=_project_id(s), round_kinds=("collection", "rerate"))}
+    label_rater = _label_raters(cfg)
     for name in ("rm_v1", "rm_v2"):
         val = load_jsonl(run / name / "data" / "val.jsonl")
         model, tok = load_reward_model(run / name / "model")
@@ -655,6 +664,10 @@ def stage_summaries(cfg: DemoConfig, run: Path, engine, runner: StageRunner) -> 
             rms.append(reward_model_truth(name, [(query_for_prompt(e.prompt), e.chosen, e.rejected, float(a - b))
                                                  for e, a, b in zip(val, rc, rr, strict=True) if not e.is_tie],
                                           measured_accuracy=ev["accuracy"]))
+            rubric = (lambda e: "v1") if name == "rm_v1" else (lambda e: guideline.get((e.pair_id, e.rater)) or "v1")
+            rms[-1]["best_possible"] = label_ceiling(
+                (query_for_prompt(e.prompt), e.chosen, e.rejected, label_rater(e.rater, e.pair_id, rubric(e)),
+                 rubric(e)) for e in val if not e.is_tie)
         except ValueError as e:  # e.g. a toy run whose held-out pairs all tie on gold
             console_note.append(f"{name}: no gold accuracy ({e})")
     win_rates = [json.loads((run / n / "gates" / "truth_win_rate.json").read_text()) for n in ("ppo_v1", "ppo_v2")]
@@ -680,6 +693,36 @@ def stage_summaries(cfg: DemoConfig, run: Path, engine, runner: StageRunner) -> 
     write_ledger(run, ledger)
     return {"annotation_cost": round(ledger["totals"]["annotation"], 2), "judgements": len(times),
             "notes": console_note}
+
+
+def _label_raters(cfg: DemoConfig):
+    """``(rater, pair_id, rubric) -> SimRater`` as that rater was when giving the label (sandbox truth):
+    rubric v1 labels come from the collection (collection lapse rate; the drifting rater drifted
+    from ``drift_week``, read from the pair id's ``w<week>-`` tag), v2 labels from the re-rate
+    (the calibrated pool as in the workshop)."""
+    import copy
+
+    collection = {r.name: r for r in _pool(cfg, calibrated=True)}
+    for r in collection.values():
+        r.flip_rate = min(0.45, r.flip_rate + cfg.collection_lapse)
+    rerate = {r.name: r for r in _pool(cfg, calibrated=True)}
+    drifted = {}
+    if cfg.drift_week:
+        d = copy.deepcopy(list(collection.values())[-1])  # the drifting rater (the pool's last)
+        for axis, shift in DRIFT_SHIFT.items():
+            for value, w in shift.items():
+                d.bias[axis][value] += w
+        drifted[d.name] = d
+
+    def rater(name: str, pair_id: str, rubric: str):
+        if rubric != "v1":
+            return rerate[name]
+        m = re.match(r"w(\d+)-", pair_id)
+        if name in drifted and m and int(m.group(1)) >= cfg.drift_week:
+            return drifted[name]
+        return collection[name]
+
+    return rater
 
 
 def demo_config_json(cfg: DemoConfig, quick: bool) -> dict:

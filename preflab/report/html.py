@@ -609,11 +609,18 @@ def section_truth(run: Path) -> Section | None:
         h.append("<h3>Policies</h3>" + th)
         md.append("### Policies\n\n" + tm)
     if t.get("reward_models"):
-        th, tm = table(["reward model", "pairs", "gold accuracy", "measured accuracy", "labels agreeing with gold"],
+        th, tm = table(["reward model", "pairs", "gold accuracy", "measured accuracy", "labels agreeing with gold",
+                        "best possible: expected", "best possible: these labels", "1 - lapse rate"],
                        [(r["name"], num(r.get("n")), pct(r.get("gold_accuracy")), pct(r.get("measured_accuracy")),
-                         pct(r.get("label_gold_agreement"))) for r in t["reward_models"]])
-        h.append("<h3>Reward models</h3>" + th)
-        md.append("### Reward models\n\n" + tm)
+                         pct(r.get("label_gold_agreement")), pct((r.get("best_possible") or {}).get("expected")),
+                         pct((r.get("best_possible") or {}).get("observed")),
+                         pct((r.get("best_possible") or {}).get("one_minus_lapse"))) for r in t["reward_models"]])
+        note = ("<p>Best possible: a model that knew every rater's noise-free taste. It still misses their "
+                "close calls and lapses, so it scores below 1 - lapse rate, which is what the duplicate-based "
+                "ceiling estimates.</p>")
+        h.append("<h3>Reward models</h3>" + th + note)
+        md.append("### Reward models\n\n" + tm + "\n\nBest possible: a model that knew every rater's noise-free "
+                  "taste (it still misses close calls and lapses).")
     if t.get("win_rates"):
         th, tm = table(["candidate", "baseline", "n", "gold win rate", "expected preference", "measured win rate"],
                        [(r["candidate"], r["baseline"], num(r.get("n")), pct(r.get("gold_win_rate")),

@@ -104,6 +104,37 @@ def reward_model_truth(name: str, pairs: Iterable[tuple[Query, str, str, float]]
             "measured_accuracy": measured_accuracy}
 
 
+def label_ceiling(items: Iterable[tuple[Query, str, str, object, str]]) -> dict:
+    """The best accuracy any reward model could reach on these labels (sandbox only).
+
+    ``items``: ``(query, chosen, rejected, rater, rubric)`` for every strict held-out pair,
+    ``rater`` the ``sandbox.raters.SimRater`` who gave the label, configured as they were
+    then (bias, temperature, lapse rate). The best model knows each rater's noise-free
+    perceived utility u; it cannot know the rater's close-call noise (Logistic(0, T), fixed per
+    item, so duplicates never reveal it) nor their lapses (rate e). For a pair with
+    d = u(chosen) - u(rejected) it picks the side u prefers, and agrees with the label with
+    probability (1 - e) s + e (1 - s), s = sigmoid(|d| / T) (one half when d = 0):
+
+    - ``expected``: the mean of that probability (what the best model scores on average);
+    - ``observed``: the share of these labels the best model's picks agree with (a tie d = 0
+      counts one half): the same, on the labels this run happened to draw;
+    - ``one_minus_lapse``: the mean of 1 - e, what the duplicate-based ceiling estimates.
+    """
+    n = 0
+    expected = observed = no_lapse = 0.0
+    for q, chosen, rejected, rater, rubric in items:
+        d = rater.perceived_utility(q, chosen, rubric=rubric) - rater.perceived_utility(q, rejected, rubric=rubric)
+        e, t = rater.flip_rate, rater.effective_temperature(q)
+        s = 1.0 / (1.0 + math.exp(-abs(d) / t))
+        n += 1
+        expected += (1 - e) * s + e * (1 - s)
+        observed += 0.5 if d == 0 else float(d > 0)
+        no_lapse += 1 - e
+    if n == 0:
+        raise ValueError("label_ceiling: no pairs")
+    return {"n": n, "expected": expected / n, "observed": observed / n, "one_minus_lapse": no_lapse / n}
+
+
 def rater_pool_truth(pool: Iterable) -> list[dict]:
     """The true parameters of simulated raters (``sandbox.raters.SimRater``), JSON-able.
 

@@ -60,3 +60,25 @@ def test_rater_pool_truth_keeps_every_parameter():
         assert row["specialty"] == r.specialty and row["median_seconds"] == r.median_seconds
         assert all(w != 0 for w in row["bias"].values())
     json.dumps(rows)  # JSON-able
+
+
+def test_label_ceiling_hand_worked():
+    import math
+
+    from preflab.sandbox.raters import SimRater
+    from preflab.sandbox.truth import label_ceiling
+
+    r = SimRater("x", "billing", temperature=2.0, flip_rate=0.1)  # no bias: under v2 it perceives gold
+    s = 1 / (1 + math.exp(-(3.8 + 1.4) / 2.0))  # P(close-call noise does not overturn d = 5.2)
+    p = 0.9 * s + 0.1 * (1 - s)
+    items = [(Q, compose(Q, GOOD), compose(Q, STALE_CONF), r, "v2"),  # label agrees with the best model
+             (Q, compose(Q, STALE_CONF), compose(Q, GOOD), r, "v2"),  # label against it (a lapse or noise)
+             (Q, "gibberish", "more gibberish", r, "v2")]  # both unparseable: d = 0, a coin flip
+    c = label_ceiling(items)
+    assert c["n"] == 3
+    assert c["expected"] == pytest.approx((p + p + 0.5) / 3)
+    assert c["observed"] == pytest.approx((1 + 0 + 0.5) / 3)
+    assert c["one_minus_lapse"] == pytest.approx(0.9)
+    assert c["expected"] < c["one_minus_lapse"]  # close calls cost even the best model
+    with pytest.raises(ValueError, match="no pairs"):
+        label_ceiling([])
