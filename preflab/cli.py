@@ -900,12 +900,14 @@ def demo(
     seed: int = typer.Option(0, help="Seed of everything."),
     quick: bool = typer.Option(False, "--quick", help="The same path at toy scale (a few minutes; for CI)."),
     base: str = typer.Option("", help="Use this built sandbox base model (preflab sandbox build) instead of building."),
+    threads: int = typer.Option(2, help="torch CPU threads (the numbers depend on it through float rounding; "
+                                        "the documented runs use 2)."),
 ) -> None:
     """The whole story on the embedded sandbox: raters, reward model, PPO, gates, fix, A/B, outcomes, report."""
     from preflab.demo import DemoConfig, run_demo
 
     try:
-        run_demo(DemoConfig(out=out, seed=seed, base_from=base), quick=quick, console=console)
+        run_demo(DemoConfig(out=out, seed=seed, base_from=base, threads=threads), quick=quick, console=console)
     except (FileNotFoundError, ValueError) as e:
         _fail(e)
 
