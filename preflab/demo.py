@@ -664,15 +664,22 @@ def stage_summaries(cfg: DemoConfig, run: Path, engine, runner: StageRunner) -> 
         rc, rr = score_pairs(model, tok, val, max_length=160)
         ev = json.loads((run / name / "eval.json").read_text())
         try:
-            rms.append(reward_model_truth(name, [(query_for_prompt(e.prompt), e.chosen, e.rejected, float(a - b))
-                                                 for e, a, b in zip(val, rc, rr, strict=True) if not e.is_tie],
-                                          measured_accuracy=ev["accuracy"]))
-            rubric = (lambda e: "v1") if name == "rm_v1" else (lambda e: guideline.get((e.pair_id, e.rater)) or "v1")
-            rms[-1]["best_possible"] = label_ceiling(
-                (query_for_prompt(e.prompt), e.chosen, e.rejected, label_rater(e.rater, e.pair_id, rubric(e)),
-                 rubric(e)) for e in val if not e.is_tie)
+            row = reward_model_truth(name, [(query_for_prompt(e.prompt), e.chosen, e.rejected, float(a - b))
+                                            for e, a, b in zip(val, rc, rr, strict=True) if not e.is_tie],
+                                     measured_accuracy=ev["accuracy"])
         except ValueError as e:  # e.g. a toy run whose held-out pairs all tie on gold
             console_note.append(f"{name}: no gold accuracy ({e})")
+            row = {"name": name, "measured_accuracy": ev["accuracy"]}
+        # the simulated raters judge under rubric v2 for the re-rate's guideline, else v1 (v1.1 is
+        # the workshop's wording of v1)
+        rubric = (lambda e: "v1") if name == "rm_v1" else (
+            lambda e: "v2" if guideline.get((e.pair_id, e.rater)) == "v2" else "v1")
+        strict = [e for e in val if not e.is_tie]
+        if strict:
+            row["best_possible"] = label_ceiling(
+                (query_for_prompt(e.prompt), e.chosen, e.rejected, label_rater(e.rater, e.pair_id, rubric(e)),
+                 rubric(e)) for e in strict)
+        rms.append(row)
     win_rates = [json.loads((run / n / "gates" / "truth_win_rate.json").read_text()) for n in ("ppo_v1", "ppo_v2")]
     pool = _pool(cfg, calibrated=True)
     raters = [{"id": r.name, "specialty": r.specialty, "flip_rate_workshop": r.flip_rate,
