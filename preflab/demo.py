@@ -134,6 +134,14 @@ def _pool(cfg: DemoConfig, *, calibrated: bool):
     return pool
 
 
+def _collection_pool(cfg: DemoConfig):
+    """The calibrated pool at collection volume: faster, and lapsing more often than in the careful workshop."""
+    pool = _pool(cfg, calibrated=True)
+    for r in pool:
+        r.flip_rate = min(0.45, r.flip_rate + cfg.collection_lapse)
+    return pool
+
+
 def _rater_ids(engine, pool) -> dict[int, Any]:
     from preflab.store import db, ops
 
@@ -229,10 +237,8 @@ def stage_collection(cfg: DemoConfig, run: Path, engine, console: Console) -> di
     from preflab.sandbox.raters import DriftSchedule, work_round
     from preflab.store import db, ops
 
-    pool = _pool(cfg, calibrated=True)
+    pool = _collection_pool(cfg)
     drifter = pool[-1] if cfg.drift_week else None
-    for r in pool:  # at volume raters are faster and lapse more often than in the careful workshop
-        r.flip_rate = min(0.45, r.flip_rate + cfg.collection_lapse)
     sims = _rater_ids(engine, pool)
     model, tok = load_policy(run / "base")
     per_week = cfg.collection_pairs // cfg.collection_weeks
@@ -712,9 +718,7 @@ def _label_raters(cfg: DemoConfig):
     (the calibrated pool as in the workshop)."""
     import copy
 
-    collection = {r.name: r for r in _pool(cfg, calibrated=True)}
-    for r in collection.values():
-        r.flip_rate = min(0.45, r.flip_rate + cfg.collection_lapse)
+    collection = {r.name: r for r in _collection_pool(cfg)}
     rerate = {r.name: r for r in _pool(cfg, calibrated=True)}
     drifted = {}
     if cfg.drift_week:

@@ -59,6 +59,14 @@ def test_every_stage_ran_and_wrote_its_files(demo_run):
         assert share["kl"] == points[-1]["oracle/kl"] and share["gold"] == points[-1]["oracle/gold"]
         assert share["gold"] > share["reference_gold"] and 0 < share["share_of_gold_oracle_gain"] < 1.5
     assert "share of the gold oracle" in (demo_run / "report.md").read_text()
+    # the ground truth puts each reward model beside the best any model could score on its labels
+    truth = json.loads((demo_run / "truth.json").read_text())
+    assert [r["name"] for r in truth["reward_models"]] == ["rm_v1", "rm_v2"]
+    for r in truth["reward_models"]:
+        best = r["best_possible"]
+        assert best["n"] > 0 and 0.5 < best["expected"] < best["one_minus_lapse"] <= 1.0
+        assert 0.5 < best["observed"] <= 1.0
+    assert "best possible: expected" in (demo_run / "report.md").read_text()
 
 
 def _gate(run: Path, name: str) -> dict:
