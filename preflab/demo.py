@@ -99,8 +99,8 @@ class DemoConfig:
     def quick(self) -> DemoConfig:
         """The same path at toy scale (CI)."""
         return replace(self, base_steps=700, workshop_pairs=20, collection_pairs=1500, collection_weeks=2,
-                       drift_week=0, ppo_steps=80, ppo_prompts_per_step=32, ppo_checkpoint_every=40,
-                       ab_conversations=100, ab_first_pass=100, factual_items=60, production_weeks=1,
+                       drift_week=0, ppo_steps=120, ppo_prompts_per_step=32, ppo_checkpoint_every=40,
+                       ab_conversations=200, ab_first_pass=100, factual_items=60, production_weeks=1,
                        conversations_per_week=400, audit_rate=0.1, oracle_queries=8)
 
 

@@ -81,9 +81,9 @@ def test_quick_demo_tells_the_pricing_story(demo_run):
     g1 = {g["name"]: g for g in v1["gates"]}
     assert not v1["passed"]
     assert not g1["confident_wrong"]["passed"], g1["confident_wrong"]
-    # raters prefer it (at full scale significantly: 0.74-0.80 on 100 conversations); at toy scale the
-    # lead is small, and what blocks it is the confident-wrong gate
-    assert g1["win_rate"]["numbers"]["rate"] > 0.5, g1["win_rate"]
+    # raters prefer it: its win-rate gate passes (Wilson lower bound > 0.5); only confident-wrong blocks it.
+    # The toy story depends on the CPU's kernels (docs/demo.md): this holds on the CI machine's kind.
+    assert g1["win_rate"]["passed"], g1["win_rate"]
     assert v2["passed"], [g for g in v2["gates"] if not g["passed"]]
     stages = json.loads((demo_run / "stages.json").read_text())
     assert stages["gates_v1"]["out"]["promoted"] is False and stages["gates_v2"]["out"]["promoted"] is True
