@@ -751,6 +751,33 @@ def demo_config_json(cfg: DemoConfig, quick: bool) -> dict:
                            for r in pool]}
 
 
+def numerics(threads: int) -> dict:
+    """What the sampled numbers depend on besides the seed: library versions, the CPU kernels torch
+    picked at run time (AVX2, AVX-512, ...) and the thread count (docs/demo.md measures the effect)."""
+    import platform
+
+    import numpy as np
+    import torch
+
+    cpu = platform.processor()
+    try:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+            "cpu": cpu or platform.machine(), "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+            "threads": threads}
+
+
+def _config_json(run: Path, cfg: DemoConfig, quick: bool) -> dict:
+    """config.json: the settings, plus every distinct numerics a (resumed) run was computed under."""
+    old = run / "config.json"
+    seen = json.loads(old.read_text()).get("numerics", []) if old.is_file() else []
+    now = numerics(cfg.threads)
+    return {**demo_config_json(cfg, quick), "numerics": seen if now in seen else [*seen, now]}
+
+
 def run_demo(cfg: DemoConfig, *, quick: bool = False, console: Console | None = None) -> Path:
     """Run (or resume) the whole sandbox story into ``cfg.out``; returns the report path."""
     import torch
@@ -770,8 +797,8 @@ def run_demo(cfg: DemoConfig, *, quick: bool = False, console: Console | None = 
 
         raise ConfigError(f"{run}: holds a demo run with other settings ({cfg_file}); use another --out")
     write_config(cfg, run, "demo_config.json")
-    write_json(run / "config.json", demo_config_json(cfg, quick))
     torch.set_num_threads(cfg.threads)
+    write_json(run / "config.json", _config_json(run, cfg, quick))
     t0 = time.perf_counter()
     st = StageRunner(run, console)
     st.run("base", lambda: stage_base(cfg, run))

@@ -286,6 +286,16 @@ def section_setup(run: Path) -> Section | None:
         th, tm = table(cols, [[compact(r.get(c)) for c in cols] for r in pool_rows])
         h.append("<h3>Rater pool</h3>" + th)
         md.append("### Rater pool\n\n" + tm)
+    envs = cfg.get("numerics") or []
+    if envs:
+        lines = [f"torch {e.get('torch')}, numpy {e.get('numpy')}, CPU kernels {e.get('cpu_kernels')} on "
+                 f"{e.get('cpu')}, {e.get('threads')} threads" for e in envs]
+        why = ("Sampled numbers depend on these as well as on the seeds: the same seed on other CPU kernels "
+               "or thread counts gives other numbers" + (" (this run was resumed under more than one)" if
+                                                        len(envs) > 1 else "") + ".")
+        bh, bm = bullets(lines)
+        h.append("<h3>Numerics</h3>" + bh + f"<p>{esc(why)}</p>")
+        md.append("### Numerics\n\n" + bm + "\n\n" + why)
     h.append("<details><summary>Full resolved config (config.json)</summary><pre>"
              + esc(json.dumps(cfg, indent=2)) + "</pre></details>")
     s.html, s.md = "".join(h), "\n\n".join(md)

@@ -42,6 +42,10 @@ def test_every_stage_ran_and_wrote_its_files(demo_run):
         assert (demo_run / f).is_file(), f
     cfg = json.loads((demo_run / "config.json").read_text())
     assert cfg["simulated"] and cfg["rater_pool"] and cfg["seed"] == 0
+    # what the sampled numbers depend on besides the seed (the toy story depends on the CPU's kernels)
+    (env,) = cfg["numerics"]
+    assert env["threads"] == 2 and env["cpu_kernels"] and env["torch"] and env["cpu"]
+    assert "CPU kernels " + env["cpu_kernels"] in (demo_run / "report.md").read_text()
     # the store holds judgements against canonical ids, for every round kind of the story
     q = json.loads((demo_run / "collection" / "quality.json").read_text())
     assert q["n_duplicates"] > 0 and 0.5 < q["ceiling"] <= 1.0

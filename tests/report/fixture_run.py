@@ -61,6 +61,10 @@ def make_run_dir(run: Path, *, sandbox: bool = True, conversations_per_week: int
                             "5 raters (gold utility + personal biases, Bradley-Terry noise, time on task, rationales)",
                             "production traffic: escalation, CSAT and handle time from gold utility"]
         cfg["rater_pool"] = pool
+    cfg["numerics"] = [{"torch": "2.13.0", "numpy": "2.4.6", "python": "3.11.7", "cpu": "Test CPU",
+                        "cpu_kernels": "AVX2", "threads": 2},
+                       {"torch": "2.13.0", "numpy": "2.4.6", "python": "3.11.7", "cpu": "Test CPU",
+                        "cpu_kernels": "AVX512", "threads": 2}]
     _w(run / "config.json", cfg)
 
     _w(run / "workshop" / "report.json", {
