@@ -10,8 +10,9 @@ from simulated raters (in memory, no store), measures them against the hidden go
   6,000 vs 60,000; scaled down by default, ratio kept), on gold accuracy over held-out pairs;
   optionally a short PPO pass on each (``...-ppo.json``: gold utility of its samples).
 - ``kl-sweep``: short PPO runs with fixed betas and the adaptive controller; each run's
-  trajectory of (sqrt(KL to the base on held-out queries), gold utility) against the oracle
-  frontier (gold-tilted base model, ``sandbox.oracle``).
+  trajectory of exact (sqrt(KL to the base), expected gold) points on the oracle's queries and
+  support (``sandbox.oracle.OracleTables.point``, as the demo's PPO passes) against the oracle
+  frontier (gold-tilted base model) on the same support, plus sampled gold with CIs per row.
 - ``margin``: the same labels, reward models with margin presets on and off; gold accuracy and
   held-out accuracy (on the raters' own labels) with Wilson 95% intervals.
 
@@ -69,6 +70,8 @@ class ExperimentConfig:
     kl_target: float = field_doc(4.0, "Adaptive controller's KL target (nats per response).")
     eval_queries: int = field_doc(64, "Held-out queries sampled to measure gold utility and KL.")
     oracle_queries: int = field_doc(32, "Held-out queries the oracle frontier enumerates (144 answers each).")
+    oracle_other_samples: int = field_doc(16, "Samples per oracle query that estimate the gold of text outside the "
+                                              "enumerated answers (kept as one more outcome, as in the demo).")
     max_new_tokens: int = field_doc(0, "Longest sampled response (0: the base build's longest response + 8, else 96).")
     threads: int = field_doc(1, "torch CPU threads (1 wastes least on a busy machine; 0: torch's default).")
     progress: bool = field_doc(True, "Show the trainers' progress bars.")
@@ -76,7 +79,7 @@ class ExperimentConfig:
     def validate(self) -> None:
         w = "ExperimentConfig"
         for name in ("pairs", "volume_ratio", "crowd_raters", "eval_pairs", "rm_epochs", "rm_batch", "ppo_steps",
-                     "ppo_prompts", "ppo_eval_every", "eval_queries", "oracle_queries"):
+                     "ppo_prompts", "ppo_eval_every", "eval_queries", "oracle_queries", "oracle_other_samples"):
             check(getattr(self, name) >= 1, f"{w}.{name}", "must be >= 1")
         check(self.rubric in ("v1", "v2"), f"{w}.rubric", f"must be v1 or v2, got {self.rubric!r}")
         check(0 <= self.lapse < 0.45, f"{w}.lapse", "must be in [0, 0.45)")
@@ -226,6 +229,24 @@ class Lab:
         qs = generate_queries(self.cfg.eval_queries * 2, seed=self.cfg.seed * 7919 + 23, split="heldout")
         return list({q.id: q for q in qs}.values())[: self.cfg.eval_queries]
 
+    def oracle_key(self) -> dict:
+        c = self.cfg
+        return {"queries": c.oracle_queries, "other_samples": c.oracle_other_samples}
+
+    def oracle_tables(self):
+        """The oracle's support (every answer to the first ``oracle_queries`` held-out queries under the
+        base, plus the base's mass outside them), built once: PPO runs' exact points and the frontier."""
+        if getattr(self, "_tables", None) is None:
+            from preflab.models.hf import load_policy
+            from preflab.sandbox.oracle import OracleTables
+
+            c = self.cfg
+            model, tok = load_policy(self.base)
+            self._tables = OracleTables(model, tok, self.eval_queries()[: c.oracle_queries],
+                                        other_samples=c.oracle_other_samples, max_new_tokens=c.max_new_tokens,
+                                        seed=c.seed)
+        return self._tables
+
     # ---- reward models
     def reward_model(self, label: str, examples, *, margin: str) -> Path:
         """Train (or reuse) a reward model from the base model's weights; returns its HF dir."""
@@ -313,13 +334,15 @@ class Lab:
     def base_point(self) -> dict[str, Any]:
         p = self.work / "base_point.json"
         key = {"base": str(self.base.resolve()), "seed": self.cfg.seed, "n": self.cfg.eval_queries,
-               "max_new_tokens": self.cfg.max_new_tokens}
+               "max_new_tokens": self.cfg.max_new_tokens, "oracle": self.oracle_key()}
         if p.is_file() and json.loads(p.read_text()).get("key") == key:
             return json.loads(p.read_text())["point"]
         from preflab.models.hf import load_policy
 
         model, tok = load_policy(self.base)
-        pt = {"step": 0, **self.measure_policy(model, model, tok, self.eval_queries(), name="base")}
+        pt = {"step": 0, **self.measure_policy(model, model, tok, self.eval_queries(), name="base"),
+              # the base is the oracle's reference: KL 0 and the frontier's own starting gold
+              "oracle_kl": 0.0, "oracle_gold": self.oracle_tables().reference_gold}
         write_json(p, {"key": key, "point": pt})
         return pt
 
@@ -335,7 +358,7 @@ class Lab:
                        checkpoint_every=c.ppo_eval_every, minibatch_size=16, ppo_epochs=2, cpu=True,
                        progress=c.progress, keep_last=1)
         params = {"rm": str(Path(rm_dir).resolve()), "ppo": to_dict(pc), "base": str(self.base.resolve()),
-                  "eval_queries": c.eval_queries}
+                  "eval_queries": c.eval_queries, "oracle": self.oracle_key()}
         d = self.work / "ppo" / _key(label, params)
         if (d / "result.json").is_file():
             self.console.print(f"  [dim]PPO {label}: cached ({d})[/dim]")
@@ -347,8 +370,12 @@ class Lab:
         ref, _ = load_policy(self.base)
         queries = self.eval_queries()
 
+        tables = self.oracle_tables()
+
         def eval_hook(step: int, model) -> dict:
-            return self.measure_policy(model, ref, tok, queries, name=label)
+            point = tables.point(model)  # exact, on the oracle frontier's queries and support
+            return {**self.measure_policy(model, ref, tok, queries, name=label),
+                    "oracle_kl": point["kl"], "oracle_gold": point["gold"], "oracle_other_mass": point["other_mass"]}
 
         train_q = generate_queries(c.ppo_steps * c.ppo_prompts, seed=c.seed + 101, split="train")
         t0 = time.perf_counter()
@@ -438,18 +465,8 @@ def consistency_vs_volume(lab: Lab) -> list[Path]:
     return paths
 
 
-def _fraction(fr, kl: float, gold: float, base_gold: float) -> float | None:
-    """(gold - base_gold) / (oracle gold at this KL - oracle gold at KL 0): the run's gain over its own sampled
-    base against the oracle's gain at the same KL; None where the oracle gains < 0.01."""
-    gain = fr.gold_at_kl(max(kl, 0.0)) - float(fr.gold[int(fr.kl.argmin())])
-    return None if gain < 0.01 else (gold - base_gold) / gain
-
-
 def kl_sweep(lab: Lab) -> list[Path]:
     import numpy as np
-
-    from preflab.models.hf import load_policy
-    from preflab.sandbox.oracle import Frontier, oracle_frontiers
 
     c = lab.cfg
     pairs, ex = lab.labels("calibrated", c.pairs)
@@ -457,17 +474,9 @@ def kl_sweep(lab: Lab) -> list[Path]:
     runs = [lab.ppo(f"beta-{b:g}", rm, controller="fixed", beta=b) for b in c.betas]
     runs.append(lab.ppo("adaptive", rm, controller="adaptive", beta=c.adaptive_beta))
 
-    # ---- the oracle: the base model tilted by gold, over every composed answer to held-out queries
-    okey = {"base": str(lab.base.resolve()), "n": c.oracle_queries, "seed": c.seed}
-    op = lab.work / "oracle.json"
-    if op.is_file() and json.loads(op.read_text())["key"] == okey:
-        fd = json.loads(op.read_text())["gold"]
-    else:
-        lab.console.print(f"  oracle frontier over {c.oracle_queries} held-out queries")
-        model, tok = load_policy(lab.base)
-        fd = oracle_frontiers(model, tok, lab.eval_queries()[: c.oracle_queries])["gold"].to_dict()
-        write_json(op, {"key": okey, "gold": fd})
-    fr = Frontier("gold", np.array(fd["betas"]), np.array(fd["kl"]), np.array(fd["gold"]), np.array(fd["reward_value"]))
+    # the oracle: the base model tilted by gold over the same support the runs' points are measured on
+    fr = lab.oracle_tables().frontier("gold")
+    write_json(lab.work / "oracle.json", {"key": lab.oracle_key(), "gold": fr.to_dict()})
 
     series, rows = [], []
     base_pt = lab.base_point()
@@ -475,34 +484,42 @@ def kl_sweep(lab: Lab) -> list[Path]:
         pts = [base_pt, *r["points"][1:]]  # the base point as measured now (shared by every run)
         name = f"beta={r['beta_start']:g}" if r["controller"] == "fixed" else (
             f"adaptive (target {c.kl_target:g}, beta {r['beta_start']:g}->{r['beta_final']:.3g})")
-        series.append({"label": name, "x": [p["sqrt_kl"] for p in pts], "y": [p["gold"] for p in pts],
-                       "ci_low": [p["gold_ci"][0] for p in pts], "ci_high": [p["gold_ci"][1] for p in pts]})
+        series.append({"label": name, "x": [math.sqrt(max(p["oracle_kl"], 0.0)) for p in pts],
+                       "y": [p["oracle_gold"] for p in pts]})
         last = pts[-1]
+        okl = max(last["oracle_kl"], 0.0)
+        gain = fr.gold_at_kl(okl) - fr.gold[int(fr.kl.argmin())]
         rows.append({"run": name, "controller": r["controller"], "beta_start": r["beta_start"],
-                     "beta_final": r["beta_final"], "kl": last["kl"], "kl_ci": last["kl_ci"], "sqrt_kl": last["sqrt_kl"],
-                     "gold": last["gold"], "gold_ci": last["gold_ci"], "oracle_gold_at_kl": fr.gold_at_kl(max(last["kl"], 0)),
-                     "fraction_of_oracle_gain": _fraction(fr, last["kl"], last["gold"], pts[0]["gold"]),
-                     "rm_score_final": r["rm_score_final"]})
+                     "beta_final": r["beta_final"], "oracle_kl": last["oracle_kl"], "sqrt_oracle_kl": math.sqrt(okl),
+                     "oracle_gold": last["oracle_gold"], "oracle_other_mass": last["oracle_other_mass"],
+                     "oracle_gold_at_kl": float(fr.gold_at_kl(okl)),
+                     "fraction_of_oracle_gain": (float(fr.fraction_of_gain(okl, last["oracle_gold"])) if gain >= 0.01
+                                                 else None),
+                     "kl": last["kl"], "kl_ci": last["kl_ci"], "sqrt_kl": last["sqrt_kl"],
+                     "gold": last["gold"], "gold_ci": last["gold_ci"], "rm_score_final": r["rm_score_final"]})
     xmax = max([*(max(s["x"]) for s in series), 0.1]) * 1.25
     keep = [i for i in np.argsort(fr.sqrt_kl) if fr.sqrt_kl[i] <= xmax]
     series.append({"label": "oracle frontier (gold-tilted base)", "reference": True,
                    "x": [float(fr.sqrt_kl[i]) for i in keep], "y": [float(fr.gold[i]) for i in keep]})
-    best = max(rows, key=lambda r: r["gold"])
-    base = base_pt
+    best = max(rows, key=lambda r: r["oracle_gold"])
     notes = (f"Scale: {c.ppo_steps} PPO steps x {c.ppo_prompts} prompts per run, reward model from {c.pairs:,} "
-             f"calibrated pairs; gold utility and KL(policy || base) measured on {c.eval_queries} held-out queries "
-             f"(bands: 95% CI of gold). Base: gold {base['gold']:.3f} ({base['unparseable_rate']:.0%} of its samples "
-             f"unparseable); the oracle starts at {float(fr.gold[int(fr.kl.argmin())]):.3f} because it only "
-             f"weighs well-formed answers. Best run: {best['run']} at sqrt(KL) "
-             f"{best['sqrt_kl']:.2f}, gold {best['gold']:.3f} [{best['gold_ci'][0]:.3f}, {best['gold_ci'][1]:.3f}], "
-             + (f"{best['fraction_of_oracle_gain']:.0%} of the oracle's gain at that KL. "
-                if best["fraction_of_oracle_gain"] is not None else "(the oracle gains nothing at that KL). ")
-             + "; ".join(f"{r['run']}: sqrt(KL) {r['sqrt_kl']:.2f}, gold {r['gold']:.3f}, last RM score "
-                         f"{r['rm_score_final']:.2f}" for r in rows)
+             f"calibrated pairs. Each point is exact on the oracle's {c.oracle_queries} held-out queries: the "
+             f"policy's KL to the base and expected gold over every enumerated answer, its mass outside them "
+             f"({c.oracle_other_samples} samples per query) one more outcome, the frontier on the same support "
+             f"(start: gold {float(fr.gold[int(fr.kl.argmin())]):.3f}). Best run: {best['run']} at sqrt(KL) "
+             f"{best['sqrt_oracle_kl']:.2f}, gold {best['oracle_gold']:.3f} against the oracle's "
+             f"{best['oracle_gold_at_kl']:.3f} at that KL"
+             + (f" ({best['fraction_of_oracle_gain']:.0%} of its gain). "
+                if best["fraction_of_oracle_gain"] is not None else " (the oracle gains nothing at that KL). ")
+             + "; ".join(f"{r['run']}: sqrt(KL) {r['sqrt_oracle_kl']:.2f}, gold {r['oracle_gold']:.3f} "
+                         f"(sampled on {c.eval_queries} queries: {r['gold']:.3f} "
+                         f"[{r['gold_ci'][0]:.3f}, {r['gold_ci'][1]:.3f}]), last RM score {r['rm_score_final']:.2f}"
+                         for r in rows)
              + ". RM score up while gold falls below the base is reward hacking: the proxy, not the policy, improved.")
     return [write_json(lab.run / "experiments" / "kl-sweep.json", {
         "title": "KL penalty sweep: gold utility vs sqrt(KL) against the oracle frontier", "kind": "lines",
-        "x_label": "sqrt(KL to the base model), nats^0.5 per response", "y_label": "gold utility (held-out)",
+        "x_label": "sqrt(KL to the base model), nats^0.5 per response (oracle queries, exact)",
+        "y_label": "expected gold utility (oracle queries, exact)",
         "notes": notes, "series": series, "rows": rows, "scale": _scale(c, lab), "simulated": True})]
 
 

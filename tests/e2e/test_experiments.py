@@ -133,10 +133,16 @@ def test_experiments_write_report_plots(lab):
     ref = [s for s in kl["series"] if s.get("reference")]
     assert [s["label"] for s in runs][:2] == ["beta=0.01", "beta=0.5"] and runs[2]["label"].startswith("adaptive")
     assert len(ref) == 1 and ref[0]["x"] == sorted(ref[0]["x"]) and ref[0]["x"][0] == 0.0
-    for s in runs:
-        assert s["x"][0] == 0.0  # the base model's own KL to itself
-        assert len(s["x"]) == len(s["y"]) == len(s["ci_low"]) == len(s["ci_high"]) == 3  # base + 2 evals
-        assert all(lo <= y <= hi for lo, y, hi in zip(s["ci_low"], s["y"], s["ci_high"], strict=True))
+    for s in runs:  # exact points on the oracle's support: the base is the frontier's origin
+        assert s["x"][0] == 0.0 and s["y"][0] == pytest.approx(ref[0]["y"][0], abs=1e-6)
+        assert len(s["x"]) == len(s["y"]) == 3  # base + 2 evals
+    for row in kl["rows"]:  # each row: the exact point, the oracle at its KL, and sampled gold with its CI
+        assert row["oracle_kl"] >= -1e-9 and 0 <= row["oracle_other_mass"] <= 1
+        assert row["oracle_gold_at_kl"] >= ref[0]["y"][0] - 1e-9
+        assert row["gold_ci"][0] <= row["gold"] <= row["gold_ci"][1]
+        f = row["fraction_of_oracle_gain"]
+        assert f is None or f == pytest.approx((row["oracle_gold"] - ref[0]["y"][0])
+                                               / (row["oracle_gold_at_kl"] - ref[0]["y"][0]), rel=1e-6)
 
     rep = render_report(lab / "run")
     assert not rep.problems
