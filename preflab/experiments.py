@@ -178,6 +178,7 @@ class Lab:
         self.cfg, self.console = cfg, console
         self.run = Path(cfg.run)
         self.work = self.run / "experiments" / "work"
+        self._tables = None  # the oracle's support, built on first use (oracle_tables)
         self.base = Path(cfg.base) if cfg.base else self.run / "base"
         if cfg.base and not (self.base / "config.json").is_file():
             from preflab.config import ConfigError
@@ -236,7 +237,7 @@ class Lab:
     def oracle_tables(self):
         """The oracle's support (every answer to the first ``oracle_queries`` held-out queries under the
         base, plus the base's mass outside them), built once: PPO runs' exact points and the frontier."""
-        if getattr(self, "_tables", None) is None:
+        if self._tables is None:
             from preflab.models.hf import load_policy
             from preflab.sandbox.oracle import OracleTables
 
