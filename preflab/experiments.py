@@ -16,7 +16,7 @@ from simulated raters (in memory, no store), measures them against the hidden go
 - ``margin``: the same labels, reward models with margin presets on and off; gold accuracy and
   held-out accuracy (on the raters' own labels) with Wilson 95% intervals.
 
-Work (reward models, PPO runs, the oracle) is cached under ``RUN/experiments/work/`` by a hash
+Work (reward models, PPO runs) is cached under ``RUN/experiments/work/`` by a hash
 of everything that determines it, so a re-run resumes and two experiments share a reward model
 trained on the same labels. See docs/experiments.md.
 """
@@ -230,10 +230,6 @@ class Lab:
         qs = generate_queries(self.cfg.eval_queries * 2, seed=self.cfg.seed * 7919 + 23, split="heldout")
         return list({q.id: q for q in qs}.values())[: self.cfg.eval_queries]
 
-    def oracle_key(self) -> dict:
-        c = self.cfg
-        return {"queries": c.oracle_queries, "other_samples": c.oracle_other_samples}
-
     def oracle_tables(self):
         """The oracle's support (every answer to the first ``oracle_queries`` held-out queries under the
         base, plus the base's mass outside them), built once: PPO runs' exact points and the frontier."""
@@ -335,20 +331,19 @@ class Lab:
     def base_point(self) -> dict[str, Any]:
         p = self.work / "base_point.json"
         key = {"base": str(self.base.resolve()), "seed": self.cfg.seed, "n": self.cfg.eval_queries,
-               "max_new_tokens": self.cfg.max_new_tokens, "oracle": self.oracle_key()}
+               "max_new_tokens": self.cfg.max_new_tokens}
         if p.is_file() and json.loads(p.read_text()).get("key") == key:
             return json.loads(p.read_text())["point"]
         from preflab.models.hf import load_policy
 
         model, tok = load_policy(self.base)
-        pt = {"step": 0, **self.measure_policy(model, model, tok, self.eval_queries(), name="base"),
-              # the base is the oracle's reference: KL 0 and the frontier's own starting gold
-              "oracle_kl": 0.0, "oracle_gold": self.oracle_tables().reference_gold}
+        pt = {"step": 0, **self.measure_policy(model, model, tok, self.eval_queries(), name="base")}
         write_json(p, {"key": key, "point": pt})
         return pt
 
-    def ppo(self, label: str, rm_dir: Path, *, controller: str, beta: float) -> dict[str, Any]:
-        """A short PPO run from the base model against ``rm_dir``; gold + KL at every eval step."""
+    def ppo(self, label: str, rm_dir: Path, *, controller: str, beta: float, oracle: bool = False) -> dict[str, Any]:
+        """A short PPO run from the base model against ``rm_dir``; gold + KL at every eval step, and with
+        ``oracle`` the exact point on the oracle's support (``oracle_kl``, ``oracle_gold``, ``oracle_other_mass``)."""
         from preflab.models.hf import load_policy
         from preflab.sandbox.domain import generate_queries
         from preflab.train.ppo import PPOConfig, train_ppo
@@ -359,7 +354,7 @@ class Lab:
                        checkpoint_every=c.ppo_eval_every, minibatch_size=16, ppo_epochs=2, cpu=True,
                        progress=c.progress, keep_last=1)
         params = {"rm": str(Path(rm_dir).resolve()), "ppo": to_dict(pc), "base": str(self.base.resolve()),
-                  "eval_queries": c.eval_queries, "oracle": self.oracle_key()}
+                  "eval_queries": c.eval_queries, **({"oracle": [c.oracle_queries, c.oracle_other_samples]} if oracle else {})}
         d = self.work / "ppo" / _key(label, params)
         if (d / "result.json").is_file():
             self.console.print(f"  [dim]PPO {label}: cached ({d})[/dim]")
@@ -371,12 +366,13 @@ class Lab:
         ref, _ = load_policy(self.base)
         queries = self.eval_queries()
 
-        tables = self.oracle_tables()
+        tables = self.oracle_tables() if oracle else None
 
         def eval_hook(step: int, model) -> dict:
-            point = tables.point(model)  # exact, on the oracle frontier's queries and support
-            return {**self.measure_policy(model, ref, tok, queries, name=label),
-                    "oracle_kl": point["kl"], "oracle_gold": point["gold"], "oracle_other_mass": point["other_mass"]}
+            pt = self.measure_policy(model, ref, tok, queries, name=label)
+            if tables is not None:  # exact, on the oracle frontier's queries and support
+                pt.update({f"oracle_{k}": v for k, v in tables.point(model).items()})
+            return pt
 
         train_q = generate_queries(c.ppo_steps * c.ppo_prompts, seed=c.seed + 101, split="train")
         t0 = time.perf_counter()
@@ -472,29 +468,30 @@ def kl_sweep(lab: Lab) -> list[Path]:
     c = lab.cfg
     pairs, ex = lab.labels("calibrated", c.pairs)
     rm = lab.reward_model(f"cv-calibrated-{c.pairs}", ex, margin=c.margin)
-    runs = [lab.ppo(f"beta-{b:g}", rm, controller="fixed", beta=b) for b in c.betas]
-    runs.append(lab.ppo("adaptive", rm, controller="adaptive", beta=c.adaptive_beta))
+    runs = [lab.ppo(f"beta-{b:g}", rm, controller="fixed", beta=b, oracle=True) for b in c.betas]
+    runs.append(lab.ppo("adaptive", rm, controller="adaptive", beta=c.adaptive_beta, oracle=True))
 
     # the oracle: the base model tilted by gold over the same support the runs' points are measured on
-    fr = lab.oracle_tables().frontier("gold")
-    write_json(lab.work / "oracle.json", {"key": lab.oracle_key(), "gold": fr.to_dict()})
+    tables = lab.oracle_tables()
+    fr = tables.frontier("gold")
+    start = float(fr.gold[int(fr.kl.argmin())])  # the frontier's origin: the base's own expected gold
 
     series, rows = [], []
-    base_pt = lab.base_point()
+    # the base point as measured now (shared by every run); on the oracle's support it is the origin
+    base_pt = {**lab.base_point(), "oracle_kl": 0.0, "oracle_gold": tables.reference_gold}
     for r in runs:
-        pts = [base_pt, *r["points"][1:]]  # the base point as measured now (shared by every run)
+        pts = [base_pt, *r["points"][1:]]
         name = f"beta={r['beta_start']:g}" if r["controller"] == "fixed" else (
             f"adaptive (target {c.kl_target:g}, beta {r['beta_start']:g}->{r['beta_final']:.3g})")
         series.append({"label": name, "x": [math.sqrt(max(p["oracle_kl"], 0.0)) for p in pts],
                        "y": [p["oracle_gold"] for p in pts]})
         last = pts[-1]
         okl = max(last["oracle_kl"], 0.0)
-        gain = fr.gold_at_kl(okl) - fr.gold[int(fr.kl.argmin())]
         rows.append({"run": name, "controller": r["controller"], "beta_start": r["beta_start"],
                      "beta_final": r["beta_final"], "oracle_kl": last["oracle_kl"], "sqrt_oracle_kl": math.sqrt(okl),
                      "oracle_gold": last["oracle_gold"], "oracle_other_mass": last["oracle_other_mass"],
                      "oracle_gold_at_kl": float(fr.gold_at_kl(okl)),
-                     "fraction_of_oracle_gain": (float(fr.fraction_of_gain(okl, last["oracle_gold"])) if gain >= 0.01
+                     "fraction_of_oracle_gain": (float(fr.fraction_of_gain(okl, last["oracle_gold"])) if fr.gold_at_kl(okl) - start >= 0.01
                                                  else None),
                      "kl": last["kl"], "kl_ci": last["kl_ci"], "sqrt_kl": last["sqrt_kl"],
                      "gold": last["gold"], "gold_ci": last["gold_ci"], "rm_score_final": r["rm_score_final"]})
@@ -507,7 +504,7 @@ def kl_sweep(lab: Lab) -> list[Path]:
              f"calibrated pairs. Each point is exact on the oracle's {c.oracle_queries} held-out queries: the "
              f"policy's KL to the base and expected gold over every enumerated answer, its mass outside them "
              f"({c.oracle_other_samples} samples per query) one more outcome, the frontier on the same support "
-             f"(start: gold {float(fr.gold[int(fr.kl.argmin())]):.3f}). Best run: {best['run']} at sqrt(KL) "
+             f"(start: gold {start:.3f}). Best run: {best['run']} at sqrt(KL) "
              f"{best['sqrt_oracle_kl']:.2f}, gold {best['oracle_gold']:.3f} against the oracle's "
              f"{best['oracle_gold_at_kl']:.3f} at that KL"
              + (f" ({best['fraction_of_oracle_gain']:.0%} of its gain). "
