@@ -309,12 +309,12 @@ def factual_compare(
     except (ValueError, OSError, KeyError) as e:
         _fail(e)
     t = Table(title="factual: candidate vs baseline (McNemar exact)")
-    for c in ("topic", "n", "baseline", "candidate", "lost", "gained", "p", "regression"):
+    for c in ("topic", "n", "baseline", "candidate", "lost", "gained", "p (differ)", "p (worse)", "regression"):
         t.add_column(c)
     for name, d in [*cmp.by_topic.items(), ("all", cmp.to_dict())]:
         t.add_row(name, str(d["n"]), f"{d['accuracy_baseline']:.1%}", f"{d['accuracy_candidate']:.1%}",
                   str(d["only_baseline"]), str(d["only_candidate"]), f"{d['p_value']:.3g}",
-                  "[red]yes[/red]" if d["regression"] else "no")
+                  f"{d['p_regression']:.3g}", "[red]yes[/red]" if d["regression"] else "no")
     console.print(t)
     if out:
         from pathlib import Path

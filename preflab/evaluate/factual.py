@@ -15,7 +15,8 @@ also works)::
 
 A response is correct when every required pattern matches and no forbidden one does.
 Accuracy is the share of items whose first sample is correct; two checkpoints are compared
-item by item with McNemar's exact test.
+item by item with McNemar's exact test: two-sided for "do they differ" (``p_value``), one-sided
+for "did the candidate get worse" (``p_regression``), which is what a regression gate asks.
 """
 
 from __future__ import annotations
@@ -292,6 +293,25 @@ def mcnemar_exact(b: int, c: int) -> float:
     return float(min(1.0, 2.0 * binom.cdf(min(b, c), m, 0.5)))
 
 
+def mcnemar_regression_p(b: int, c: int) -> float:
+    """One-sided exact McNemar p-value for "the second checkpoint is worse than the first".
+
+    Of the m = b + c discordant items, ``b`` went wrong (only the first got them right) and
+    ``c`` went right. Under H0 (equal accuracy) b ~ Binom(m, 1/2); the alternative is that
+    items are lost more often than gained: p = P[Binom(m, 1/2) >= b]. A regression gate asks
+    this one-sided question; the two-sided test spends half its alpha on improvements and
+    so misses real regressions (16 lost / 4 gained: two-sided 0.012, one-sided 0.006).
+    """
+    from scipy.stats import binom
+
+    if b < 0 or c < 0:
+        raise ValueError(f"mcnemar_regression_p: counts must be >= 0, got b={b}, c={c}")
+    m = b + c
+    if m == 0:
+        return 1.0
+    return float(binom.sf(b - 1, m, 0.5))
+
+
 @dataclass(frozen=True)
 class FactualComparison:
     """Candidate vs baseline on the same items (first samples)."""
@@ -301,9 +321,10 @@ class FactualComparison:
     accuracy_candidate: float
     only_baseline: int  # b: the baseline right, the candidate wrong
     only_candidate: int  # c: the candidate right, the baseline wrong
-    p_value: float
-    regression: bool  # candidate significantly worse at alpha
+    p_value: float  # two-sided: do they differ
+    regression: bool  # candidate significantly worse at alpha (one-sided: p_regression < alpha)
     by_topic: dict[str, dict[str, Any]] = field(default_factory=dict)
+    p_regression: float | None = None  # one-sided: is the candidate worse (None: written before it existed)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -316,14 +337,19 @@ class FactualComparison:
 def _paired(base: np.ndarray, cand: np.ndarray, alpha: float) -> dict[str, Any]:
     b = int((base & ~cand).sum())
     c = int((~base & cand).sum())
-    p = mcnemar_exact(b, c)
+    p_worse = mcnemar_regression_p(b, c)
     return {"n": int(base.size), "accuracy_baseline": float(base.mean()) if base.size else math.nan,
             "accuracy_candidate": float(cand.mean()) if cand.size else math.nan,
-            "only_baseline": b, "only_candidate": c, "p_value": p, "regression": bool(p < alpha and b > c)}
+            "only_baseline": b, "only_candidate": c, "p_value": mcnemar_exact(b, c), "p_regression": p_worse,
+            "regression": bool(p_worse < alpha)}
 
 
 def compare_runs(baseline: SuiteRun, candidate: SuiteRun, *, alpha: float = 0.05) -> FactualComparison:
-    """McNemar comparison item by item, overall and per topic (per-topic p-values unadjusted)."""
+    """McNemar comparison item by item, overall and per topic (per-topic p-values unadjusted).
+
+    ``regression``: the one-sided p-value (``mcnemar_regression_p``) is below ``alpha``."""
+    if not 0 < alpha < 0.5:
+        raise ValueError(f"alpha: must be in (0, 0.5) (a one-sided test), got {alpha}")
     ids_b, ids_c = [it.id for it in baseline.items], [it.id for it in candidate.items]
     if ids_b != ids_c:
         raise ValueError("compare_runs: the two runs are not on the same suite items in the same order")

@@ -15,7 +15,7 @@ Gates (``[gates]`` table of the project TOML):
 | gate | passes when |
 | --- | --- |
 | ``win_rate`` | Wilson lower bound of the A/B win rate > ``win_rate_lower_min`` |
-| ``factual`` | no significant regression: not (McNemar p < ``factual_alpha`` and the candidate lost more items than it gained) |
+| ``factual`` | no significant regression: not (one-sided McNemar p < ``factual_alpha``: the candidate lost significantly more items than it gained) |
 | ``factual[topic]`` | the same per topic at ``factual_alpha / n_topics`` (Bonferroni) |
 | ``confident_wrong`` | lower CI bound of the confident-wrong shift <= ``confident_wrong_max_shift`` (not significantly up) |
 | ``formality`` | formality shift (share of stilted responses, candidate - baseline) <= ``formality_max_shift`` |
@@ -34,7 +34,7 @@ from typing import Any
 from preflab.config import check, field_doc
 from preflab.evaluate.ab import ABResult
 from preflab.evaluate.detectors import DETECTORS, DetectorResult, results_from_dict, results_to_dict
-from preflab.evaluate.factual import FactualComparison
+from preflab.evaluate.factual import FactualComparison, mcnemar_regression_p
 
 GATES = ("win_rate", "factual", "confident_wrong", "formality", "kl")
 
@@ -56,7 +56,7 @@ class GatesConfig:
         for i, g in enumerate(self.gates):
             check(g in GATES, f"gates.gates[{i}]", f"must be one of {list(GATES)}, got {g!r}")
         check(0 <= self.win_rate_lower_min < 1, "gates.win_rate_lower_min", "must be in [0, 1)")
-        check(0 < self.factual_alpha < 1, "gates.factual_alpha", "must be in (0, 1)")
+        check(0 < self.factual_alpha < 0.5, "gates.factual_alpha", "must be in (0, 0.5)")
         check(self.kl_max > 0, "gates.kl_max", "must be > 0")
         for name in self.detector_max_shift:
             check(name in DETECTORS, f"gates.detector_max_shift.{name}", f"unknown detector (known: {', '.join(DETECTORS)})")
@@ -186,7 +186,7 @@ def evaluate_gates(cfg: GatesConfig, evidence: Evidence, *, subject: str = "") -
                              "losses": w.losses, "ties": w.ties, "sign_test_p": w.p_value,
                              "length_controlled": ev.ab.length_controlled.rate}))
         elif g == "factual":
-            rule = "not (McNemar p < alpha and more items lost than gained)"
+            rule = "not (one-sided McNemar p < alpha): not significantly more items lost than gained"
             if ev.factual is None:
                 out.append(_missing("factual", cfg.factual_alpha, rule))
                 continue
@@ -196,11 +196,12 @@ def evaluate_gates(cfg: GatesConfig, evidence: Evidence, *, subject: str = "") -
                 k = len(f.by_topic)
                 checks += [(f"factual[{t}]", d, cfg.factual_alpha / k) for t, d in f.by_topic.items()]
             for name, d, alpha in checks:
-                regression = d["p_value"] < alpha and d["only_baseline"] > d["only_candidate"]
-                out.append(Gate(name, not regression, d["p_value"], alpha, rule,
+                # from the counts, so evidence written before p_regression existed is judged the same way
+                p = mcnemar_regression_p(d["only_baseline"], d["only_candidate"])
+                out.append(Gate(name, not p < alpha, p, alpha, rule,
                                 {"accuracy_baseline": d["accuracy_baseline"],
                                  "accuracy_candidate": d["accuracy_candidate"], "lost": d["only_baseline"],
-                                 "gained": d["only_candidate"], "n": d["n"]}))
+                                 "gained": d["only_candidate"], "n": d["n"], "p_two_sided": d["p_value"]}))
         elif g == "confident_wrong":
             rule = "shift CI lower bound <= threshold"
             r = (ev.detectors or {}).get("confident_wrong")

@@ -120,7 +120,8 @@ def norm_factual(f: dict) -> dict:
         return f
     return {"candidate": f.get("candidate", "candidate"), "baseline": f.get("baseline", "baseline"), "n": f.get("n"),
             "overall": {"baseline": f["accuracy_baseline"], "candidate": f.get("accuracy_candidate")},
-            "mcnemar": {"b": f.get("only_baseline"), "c": f.get("only_candidate"), "p_value": f.get("p_value")},
+            "mcnemar": {"b": f.get("only_baseline"), "c": f.get("only_candidate"), "p_value": f.get("p_value"),
+                        "p_regression": f.get("p_regression")},
             "regression": f.get("regression"),
             "by_topic": [{"topic": r["topic"], "n": r.get("n"), "baseline": r.get("accuracy_baseline"),
                           "candidate": r.get("accuracy_candidate")} for r in rows_of(f.get("by_topic"), "topic")]}
@@ -507,8 +508,9 @@ def section_factual(run: Path) -> Section | None:
     ov = f.get("overall") or {}
     verdict = "REGRESSION" if f.get("regression") else "no significant regression"
     line = (f"{num(f.get('n'))} spot checks: {f.get('baseline')} {pct(ov.get('baseline'))} -> {f.get('candidate')} "
-            f"{pct(ov.get('candidate'))}; McNemar exact p {pval(mc.get('p_value'))} "
-            f"(discordant {num(mc.get('b'))} / {num(mc.get('c'))}): {verdict}")
+            f"{pct(ov.get('candidate'))}; McNemar exact p {pval(mc.get('p_value'))}"
+            + (f", one-sided (worse) p {pval(mc['p_regression'])}" if mc.get("p_regression") is not None else "")
+            + f" (lost {num(mc.get('b'))} / gained {num(mc.get('c'))}): {verdict}")
     th, tm = table(["topic", "n", f.get("baseline", "baseline"), f.get("candidate", "candidate")],
                    [(r["topic"], num(r.get("n")), pct(r.get("baseline")), pct(r.get("candidate")))
                     for r in rows_of(f.get("by_topic"), "topic")])

@@ -16,6 +16,7 @@ from preflab.evaluate.factual import (
     item_from_dict,
     load_suite,
     mcnemar_exact,
+    mcnemar_regression_p,
     run_suite,
     write_suite,
 )
@@ -94,6 +95,21 @@ def test_mcnemar_matches_statsmodels_and_hand_worked():
         assert mcnemar_exact(b, c) == pytest.approx(ref, rel=1e-9)
 
 
+def test_one_sided_mcnemar_matches_scipy_and_hand_worked():
+    from scipy.stats import binomtest
+
+    # 16 lost, 4 gained: (C(20,16) + C(20,17) + ... + C(20,20)) / 2^20 = 6196 / 1048576
+    assert mcnemar_regression_p(16, 4) == pytest.approx(6196 / 2**20)
+    assert mcnemar_exact(16, 4) > 0.01 > mcnemar_regression_p(16, 4)  # the two-sided test misses it at 0.01
+    assert mcnemar_regression_p(5, 0) == pytest.approx(1 / 32) and mcnemar_regression_p(0, 5) == 1.0
+    assert mcnemar_regression_p(0, 0) == 1.0
+    for b, c in [(3, 3), (12, 4), (30, 47), (1, 9), (9, 1)]:
+        ref = binomtest(b, b + c, 0.5, alternative="greater").pvalue
+        assert mcnemar_regression_p(b, c) == pytest.approx(ref, rel=1e-9)
+    with pytest.raises(ValueError, match="counts"):
+        mcnemar_regression_p(-1, 3)
+
+
 def _run(items, verdicts):
     # a text that passes or fails each item, from the items' own patterns
     texts = [["Team costs $30 per user." if v else "Team costs $25 per user."] for v in verdicts]
@@ -113,7 +129,16 @@ def test_compare_runs_flags_only_a_significant_regression():
     slightly = compare_runs(base, _run(items, [i >= 2 for i in range(40)]))
     assert not slightly.regression  # 2 discordant pairs: p = 0.5
     better = compare_runs(worse, base)
-    assert better.p_value < 0.05 and not better.regression
+    assert better.p_value < 0.05 and not better.regression and better.p_regression == 1.0
+    # 16 lost, 4 gained on pricing: a regression at 0.01 one-sided (p 0.006; two-sided 0.012)
+    mixed = compare_runs(_run(items, [i < 16 for i in range(20)] + [False] * 4 + [True] * 16),
+                         _run(items, [i >= 16 for i in range(20)] + [True] * 20), alpha=0.01)
+    pr = mixed.by_topic["pricing"]
+    assert (pr["only_baseline"], pr["only_candidate"]) == (16, 4) and pr["regression"]
+    assert pr["p_regression"] == pytest.approx(6196 / 2**20) and pr["p_value"] > 0.01
+    for bad in (0.0, 0.5, 1.0):
+        with pytest.raises(ValueError, match="alpha"):
+            compare_runs(base, worse, alpha=bad)
     with pytest.raises(ValueError, match="same suite items"):
         compare_runs(base, _run(items[::-1], [True] * 40))
 

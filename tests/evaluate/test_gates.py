@@ -79,6 +79,31 @@ def test_rubric_v1_candidate_wins_ab_but_fails_factual_and_confident_wrong():
     assert by["confident_wrong"].numbers["shift"] > 0.1
 
 
+def test_factual_topic_gate_is_one_sided_and_reads_old_evidence():
+    """16 pricing items lost, 4 gained (the demo's seed-1 first pass): two-sided McNemar p 0.012
+    would pass the per-topic gate at 0.05 / 5; the one-sided question ("worse?") gives 0.006."""
+    import dataclasses
+
+    from preflab.evaluate.factual import FactualComparison
+
+    def topic(b, c):
+        return {"n": 40, "accuracy_baseline": 0.5, "accuracy_candidate": 0.5 + (c - b) / 40, "only_baseline": b,
+                "only_candidate": c, "p_value": 0.0, "regression": False}  # the gate recomputes from b, c
+
+    by_topic = {"pricing": topic(16, 4), "billing": topic(2, 13), "account": topic(0, 16),
+                "cancellation": topic(1, 12), "technical": topic(4, 7)}
+    f = FactualComparison(n=200, accuracy_baseline=0.4, accuracy_candidate=0.58, only_baseline=23,
+                          only_candidate=52, p_value=0.001, regression=False, by_topic=by_topic)
+    ev = dataclasses.replace(evidence(good_style), factual=f)
+    rep = evaluate_gates(GatesConfig(), ev)
+    by = {g.name: g for g in rep.gates}
+    assert rep.failed == ["factual[pricing]"]
+    assert by["factual[pricing]"].value == pytest.approx(6196 / 2**20) and by["factual[pricing]"].threshold == 0.01
+    assert by["factual"].passed and by["factual[billing]"].passed  # improvements are never regressions
+    with pytest.raises(ConfigError, match="gates.factual_alpha"):
+        from_dict(GatesConfig, {"factual_alpha": 0.5})
+
+
 def test_planted_stilted_policy_trips_the_formality_gate():
     rep = evaluate_gates(GatesConfig(), evidence(stilted_style))
     assert rep.failed == ["formality"]
