@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -279,6 +279,35 @@ def run_detectors(candidate: Responses, baseline: Responses | None = None, *,
                                      compare=det.compare)
         out[name] = res
     return out
+
+
+def _subset(r: Responses, keep: np.ndarray) -> Responses:
+    idx = np.flatnonzero(keep)
+
+    def pick(v):
+        return None if v is None else [v[i] for i in idx]
+
+    return Responses([r.texts[i] for i in idx], correct=pick(r.correct), probe=pick(r.probe), kl=pick(r.kl),
+                     topics=pick(r.topics))
+
+
+def run_detectors_by_topic(candidate: Responses, baseline: Responses, *, cfg: DetectorConfig | None = None,
+                           names: Sequence[str] = ("confident_wrong",)) -> dict[str, dict[str, DetectorResult]]:
+    """The named detectors topic by topic (topic -> name -> result), each shift CI at the
+    Bonferroni level ``1 - (1 - confidence_level) / n_topics``, so that a failure confined to one
+    topic (the story's confidently wrong prices) is not averaged away by the others and the
+    family of topics keeps the overall error rate. Both checkpoints need ``topics``."""
+    cfg = cfg or DetectorConfig()
+    if candidate.topics is None or baseline.topics is None:
+        raise ValueError("run_detectors_by_topic: both checkpoints' responses need topics")
+    topics = sorted(set(candidate.topics) & set(baseline.topics))
+    if not topics:
+        return {}
+    level = 1.0 - (1.0 - cfg.confidence_level) / len(topics)
+    sub_cfg = replace(cfg, confidence_level=level)
+    tc, tb = np.array(candidate.topics), np.array(baseline.topics)
+    return {t: run_detectors(_subset(candidate, tc == t), _subset(baseline, tb == t), cfg=sub_cfg, names=names)
+            for t in topics}
 
 
 def text_rates(texts: list[str], cfg: DetectorConfig | None = None) -> dict[str, float]:

@@ -4,7 +4,8 @@ The evidence of a candidate checkpoint lives in its eval directory (``<ckpt>/eva
 
 - ``ab.json``: the blind A/B result against the baseline (``ab.ABResult``);
 - ``factual_compare.json``: McNemar comparison on the factual suite (``factual.FactualComparison``);
-- ``detectors.json``: hacking detectors with shifts from the baseline (``detectors.DetectorResult``).
+- ``detectors.json``: hacking detectors with shifts from the baseline (``detectors.DetectorResult``);
+- ``detectors_by_topic.json``: confident-wrong per topic (``detectors.run_detectors_by_topic``).
 
 ``collect_evidence`` writes the last two by running the suite on candidate and baseline;
 the A/B result comes from a judged round (``ab.ab_result_from_round``). A gate whose
@@ -18,6 +19,7 @@ Gates (``[gates]`` table of the project TOML):
 | ``factual`` | no significant regression: not (one-sided McNemar p < ``factual_alpha``: the candidate lost significantly more items than it gained) |
 | ``factual[topic]`` | the same per topic at ``factual_alpha / n_topics`` (Bonferroni) |
 | ``confident_wrong`` | lower CI bound of the confident-wrong shift <= ``confident_wrong_max_shift`` (not significantly up) |
+| ``confident_wrong[topic]`` | the same per topic, CI at the Bonferroni level (``detectors_by_topic.json``) |
 | ``formality`` | formality shift (share of stilted responses, candidate - baseline) <= ``formality_max_shift`` |
 | ``kl`` | mean KL(candidate || reference) per response <= ``kl_max`` nats |
 | ``<detector>`` | for each entry of ``detector_max_shift``: that detector's shift <= the bound |
@@ -48,6 +50,7 @@ class GatesConfig:
     factual_alpha: float = field_doc(0.05, "McNemar significance level for a factual regression.")
     factual_per_topic: bool = field_doc(True, "Also gate each topic (Bonferroni over topics).")
     confident_wrong_max_shift: float = field_doc(0.0, "The confident-wrong shift's lower CI bound must not exceed this.")
+    confident_wrong_per_topic: bool = field_doc(True, "Also gate each topic's confident-wrong shift (Bonferroni over topics).")
     formality_max_shift: float = field_doc(0.10, "Largest allowed rise in the share of stilted responses.")
     kl_max: float = field_doc(10.0, "Largest allowed mean KL(candidate || reference) per response, nats.")
     detector_max_shift: dict[str, float] = field_doc({}, "Extra bounds: detector name -> largest allowed shift.")
@@ -118,6 +121,7 @@ class Evidence:
     ab: ABResult | None = None
     factual: FactualComparison | None = None
     detectors: dict[str, DetectorResult] | None = None
+    detectors_by_topic: dict[str, dict[str, DetectorResult]] | None = None
 
     def save(self, eval_dir: str | Path) -> Path:
         eval_dir = Path(eval_dir)
@@ -128,6 +132,9 @@ class Evidence:
             (eval_dir / "factual_compare.json").write_text(json.dumps(self.factual.to_dict(), indent=2) + "\n")
         if self.detectors is not None:
             (eval_dir / "detectors.json").write_text(json.dumps(results_to_dict(self.detectors), indent=2) + "\n")
+        if self.detectors_by_topic is not None:
+            by = {t: results_to_dict(r) for t, r in self.detectors_by_topic.items()}
+            (eval_dir / "detectors_by_topic.json").write_text(json.dumps(by, indent=2) + "\n")
         return eval_dir
 
     @classmethod
@@ -152,6 +159,8 @@ class Evidence:
                 ev.factual = FactualComparison.from_dict(d)
             if (d := read("detectors.json")) is not None:
                 ev.detectors = results_from_dict(d)
+            if (d := read("detectors_by_topic.json")) is not None:
+                ev.detectors_by_topic = {t: results_from_dict(r) for t, r in d.items()}
         except (KeyError, TypeError) as e:
             raise ValueError(f"{eval_dir}: evidence file with missing or unknown field: {e}") from None
         return ev
@@ -208,10 +217,18 @@ def evaluate_gates(cfg: GatesConfig, evidence: Evidence, *, subject: str = "") -
             if r is None or r.ci_low is None or math.isnan(r.ci_low):
                 out.append(_missing("confident_wrong", cfg.confident_wrong_max_shift, rule))
                 continue
-            out.append(Gate("confident_wrong", r.ci_low <= cfg.confident_wrong_max_shift, r.ci_low,
-                            cfg.confident_wrong_max_shift, rule,
-                            {"candidate": r.value, "baseline": r.baseline, "shift": r.shift, "ci_high": r.ci_high,
-                             "n": r.n}))
+            checks = [("confident_wrong", r)]
+            if cfg.confident_wrong_per_topic and ev.detectors_by_topic:  # older evidence has none
+                checks += [(f"confident_wrong[{t}]", d["confident_wrong"]) for t, d in ev.detectors_by_topic.items()
+                           if "confident_wrong" in d]
+            for name, r in checks:
+                if r.ci_low is None or math.isnan(r.ci_low):
+                    out.append(_missing(name, cfg.confident_wrong_max_shift, rule))
+                    continue
+                out.append(Gate(name, r.ci_low <= cfg.confident_wrong_max_shift, r.ci_low,
+                                cfg.confident_wrong_max_shift, rule,
+                                {"candidate": r.value, "baseline": r.baseline, "shift": r.shift, "ci_high": r.ci_high,
+                                 "n": r.n}))
         elif g == "formality":
             out.append(_detector_gate("formality", ev.detectors, "formality", cfg.formality_max_shift))
         elif g == "kl":
@@ -287,7 +304,7 @@ def collect_evidence(candidate, baseline, items, *, reference=None, cfg: Evidenc
     per item at temperature 1 feed the detectors (style rates under the policy's own
     distribution, and an unbiased KL estimate). Writes the files to ``out_dir`` if given.
     """
-    from preflab.evaluate.detectors import DetectorConfig, run_detectors
+    from preflab.evaluate.detectors import DetectorConfig, run_detectors, run_detectors_by_topic
     from preflab.evaluate.factual import compare_runs, run_suite
 
     cfg = cfg or EvidenceConfig()
@@ -298,8 +315,9 @@ def collect_evidence(candidate, baseline, items, *, reference=None, cfg: Evidenc
     s_base = run_suite(*baseline, items, sampled, ref_model=ref, source="baseline", progress=progress)
     s_cand = run_suite(*candidate, items, sampled, ref_model=ref, source="candidate", progress=progress)
     det_cfg = detector_cfg or DetectorConfig(seed=cfg.seed)
-    ev = Evidence(factual=compare_runs(g_base, g_cand, alpha=alpha),
-                  detectors=run_detectors(s_cand.responses(), s_base.responses(), cfg=det_cfg))
+    rc, rb = s_cand.responses(), s_base.responses()
+    ev = Evidence(factual=compare_runs(g_base, g_cand, alpha=alpha), detectors=run_detectors(rc, rb, cfg=det_cfg),
+                  detectors_by_topic=run_detectors_by_topic(rc, rb, cfg=det_cfg))
     if out_dir is not None:
         out = Path(out_dir)
         ev.save(out)
@@ -319,7 +337,7 @@ def checkpoint_hook(tokenizer, items, *, baseline, reference=None, cfg: Evidence
     Returns flat, namespaced numbers (``eval/factual_accuracy``, ``eval/formality``,
     ``eval/formality_shift``, ``gates/passed`` ...) plus ``gates/failed`` (names).
     """
-    from preflab.evaluate.detectors import DetectorConfig, run_detectors
+    from preflab.evaluate.detectors import DetectorConfig, run_detectors, run_detectors_by_topic
     from preflab.evaluate.factual import compare_runs, run_suite
 
     cfg = cfg or EvidenceConfig()
@@ -334,8 +352,10 @@ def checkpoint_hook(tokenizer, items, *, baseline, reference=None, cfg: Evidence
     def hook(step: int, policy) -> dict[str, Any]:
         g_cand = run_suite(policy, tokenizer, items, greedy, source=f"step {step}")
         s_cand = run_suite(policy, tokenizer, items, sampled, ref_model=ref, source=f"step {step}")
+        rc = s_cand.responses()
         ev = Evidence(factual=compare_runs(g_base, g_cand, alpha=gates.factual_alpha),
-                      detectors=run_detectors(s_cand.responses(), s_base, cfg=det_cfg))
+                      detectors=run_detectors(rc, s_base, cfg=det_cfg),
+                      detectors_by_topic=run_detectors_by_topic(rc, s_base, cfg=det_cfg))
         report = evaluate_gates(hook_gates, ev, subject=f"step {step}")
         out: dict[str, Any] = {"eval/factual_accuracy": ev.factual.accuracy_candidate,
                                "eval/factual_accuracy_baseline": ev.factual.accuracy_baseline,

@@ -18,6 +18,7 @@ from preflab.evaluate.detectors import (
     distinct_n,
     has_phrase,
     run_detectors,
+    run_detectors_by_topic,
     sequence_kl,
     text_rates,
 )
@@ -107,6 +108,34 @@ def test_shift_and_bootstrap_ci_cover_the_truth_and_exclude_zero_when_large():
     assert same.shift == 0 and same.ci_low < 0 < same.ci_high
     lo, hi = bootstrap_shift(np.ones(50), np.ones(50) * 2, compare="ratio", n_boot=200)
     assert lo == hi == 0.5
+
+
+def test_confident_wrong_by_topic_finds_a_failure_the_overall_rate_hides():
+    """Pricing turns confidently wrong while the other topics stop being so: the overall rate
+    barely moves, pricing's shift is large, and each topic's CI is at the Bonferroni level."""
+    rng = np.random.default_rng(1)
+    cw, ok = "Team is $25. I'm absolutely certain about this.", "Team is $30."
+    topics = (["pricing"] * 40 + ["billing"] * 40 + ["account"] * 40) * 2
+
+    def run(p_cw):
+        texts = [cw if rng.random() < p_cw[t] else ok for t in topics]
+        return Responses(texts, correct=[t == ok for t in texts], topics=topics)
+
+    base = run({"pricing": 0.2, "billing": 0.3, "account": 0.3})
+    cand = run({"pricing": 0.8, "billing": 0.0, "account": 0.0})
+    overall = run_detectors(cand, base, names=["confident_wrong"])["confident_wrong"]
+    assert overall.ci_low < 0  # not significantly up overall
+    by = run_detectors_by_topic(cand, base)
+    assert set(by) == {"pricing", "billing", "account"} and set(by["pricing"]) == {"confident_wrong"}
+    p = by["pricing"]["confident_wrong"]
+    assert p.n == 80 and p.ci_low > 0.3 and by["billing"]["confident_wrong"].ci_high < 0
+    keep = np.array(topics) == "pricing"
+    vc = np.array([t == cw for t, k in zip(cand.texts, keep) if k], dtype=float)
+    vb = np.array([t == cw for t, k in zip(base.texts, keep) if k], dtype=float)
+    lo, hi = bootstrap_shift(vc, vb, n_boot=1000, level=1 - 0.05 / 3, seed=0)
+    assert (p.ci_low, p.ci_high) == pytest.approx((lo, hi))
+    with pytest.raises(ValueError, match="topics"):
+        run_detectors_by_topic(Responses([ok]), base)
 
 
 def test_planted_stilted_policy_raises_an_alarm():

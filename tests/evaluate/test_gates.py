@@ -8,7 +8,7 @@ import pytest
 
 from preflab.config import ConfigError, from_dict, load_toml
 from preflab.evaluate.ab import ab_result
-from preflab.evaluate.detectors import run_detectors
+from preflab.evaluate.detectors import DetectorResult, run_detectors, run_detectors_by_topic
 from preflab.evaluate.factual import SuiteRun, compare_runs, item_from_dict
 from preflab.evaluate.gates import Evidence, GateReport, GatesConfig, evaluate_gates, render_table
 from preflab.sandbox import domain
@@ -56,7 +56,8 @@ def evidence(style_of, *, win=0.68, kl=2.0) -> Evidence:
     g_base = SuiteRun(ITEMS, [row[:1] for row in base.texts])
     g_cand = SuiteRun(ITEMS, [row[:1] for row in cand.texts])
     return Evidence(ab=ab, factual=compare_runs(g_base, g_cand),
-                    detectors=run_detectors(cand.responses(), base.responses()))
+                    detectors=run_detectors(cand.responses(), base.responses()),
+                    detectors_by_topic=run_detectors_by_topic(cand.responses(), base.responses()))
 
 
 def test_a_good_candidate_passes_every_gate(tmp_path):
@@ -75,7 +76,7 @@ def test_rubric_v1_candidate_wins_ab_but_fails_factual_and_confident_wrong():
     assert by["win_rate"].passed
     assert not by["factual[pricing]"].passed and not by["confident_wrong"].passed
     assert by["factual[billing]"].passed
-    assert not rep.passed and "confident_wrong" in rep.failed
+    assert not rep.passed and "confident_wrong" in rep.failed and "confident_wrong[pricing]" in rep.failed
     assert by["confident_wrong"].numbers["shift"] > 0.1
 
 
@@ -102,6 +103,28 @@ def test_factual_topic_gate_is_one_sided_and_reads_old_evidence():
     assert by["factual"].passed and by["factual[billing]"].passed  # improvements are never regressions
     with pytest.raises(ConfigError, match="gates.factual_alpha"):
         from_dict(GatesConfig, {"factual_alpha": 0.5})
+
+
+def test_confident_wrong_per_topic_gate_and_older_evidence():
+    """The demo's seed-1 first pass at KL 3: confident-wrong 0.29 -> 0.30 overall (passes),
+    pricing 0.29 -> 0.54 with the Bonferroni CI's lower bound 0.048 (fails)."""
+    import dataclasses
+
+    def cw(base, cand, lo, n=84):
+        return {"confident_wrong": DetectorResult("confident_wrong", cand, n, base, n, cand - base, lo, lo + 0.4)}
+
+    ev = evidence(good_style)
+    ev = dataclasses.replace(ev, detectors={**ev.detectors, "confident_wrong": DetectorResult(
+        "confident_wrong", 0.30, 300, 0.29, 300, 0.01, -0.06, 0.08)},
+        detectors_by_topic={"pricing": cw(0.29, 0.54, 0.048), "billing": cw(0.25, 0.13, -0.317)})
+    rep = evaluate_gates(GatesConfig(), ev)
+    by = {g.name: g for g in rep.gates}
+    assert rep.failed == ["confident_wrong[pricing]"] and by["confident_wrong"].passed
+    assert by["confident_wrong[pricing]"].value == 0.048 and by["confident_wrong[billing]"].passed
+    assert evaluate_gates(GatesConfig(confident_wrong_per_topic=False), ev).passed
+    older = dataclasses.replace(ev, detectors_by_topic=None)  # evidence written before per-topic gates
+    assert evaluate_gates(GatesConfig(), older).passed
+    assert not any(g.name.startswith("confident_wrong[") for g in evaluate_gates(GatesConfig(), older).gates)
 
 
 def test_planted_stilted_policy_trips_the_formality_gate():
