@@ -66,8 +66,10 @@ class DemoConfig:
     ppo_checkpoint_every: int = field_doc(30, "PPO checkpoint (and evaluation) interval.")
     ppo_lr: float = field_doc(1e-4, "PPO policy learning rate (the sandbox model is tiny: 1.1M parameters).")
     kl_beta: float = field_doc(0.02, "Initial KL penalty (the story's 0.02).")
-    kl_target: float = field_doc(3.0, "Adaptive controller's KL target (nats per response); its horizon is two "
-                                      "rollout batches (beta moves at most 10% a step), never below kl_beta.")
+    kl_target: float = field_doc(2.0, "Adaptive controller's KL target (nats per response); its horizon is two "
+                                      "rollout batches (beta moves at most 10% a step), never below kl_beta. "
+                                      "Past about 2 nats the extra KL went into malformed text (docs/ppo.md); "
+                                      "below it the first pass's pricing failure may not show.")
     formality_alarm: float = field_doc(0.45, "Share of stilted responses in a rollout that raises beta.")
     rm_epochs: int = field_doc(3, "Reward-model epochs.")
     rm_lr: float = field_doc(1e-3, "Reward-model learning rate (the sandbox model is tiny).")
