@@ -772,10 +772,27 @@ def numerics(threads: int) -> dict:
             "threads": threads}
 
 
+def _read_run_json(path: Path) -> Any:
+    """A JSON file of an existing run directory; a damaged one is an error naming the file."""
+    from preflab.config import ConfigError
+
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); restore it, or use another "
+                          "--out") from None
+
+
 def _config_json(run: Path, cfg: DemoConfig, quick: bool) -> dict:
     """config.json: the settings, plus every distinct numerics a (resumed) run was computed under."""
+    from preflab.config import ConfigError
+
     old = run / "config.json"
-    seen = json.loads(old.read_text()).get("numerics", []) if old.is_file() else []
+    prev = _read_run_json(old) if old.is_file() else {}
+    seen = prev.get("numerics", []) if isinstance(prev, dict) else None
+    if not isinstance(seen, list):
+        raise ConfigError(f"{old}: must be a JSON object whose 'numerics' is a list (the machines this run "
+                          "was computed on); restore it, or use another --out")
     now = numerics(cfg.threads)
     return {**demo_config_json(cfg, quick), "numerics": seen if now in seen else [*seen, now]}
 
@@ -794,7 +811,7 @@ def run_demo(cfg: DemoConfig, *, quick: bool = False, console: Console | None = 
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     cfg_file = run / "demo_config.json"
-    if cfg_file.is_file() and json.loads(cfg_file.read_text()) != to_dict(cfg):
+    if cfg_file.is_file() and _read_run_json(cfg_file) != to_dict(cfg):
         from preflab.config import ConfigError
 
         raise ConfigError(f"{run}: holds a demo run with other settings ({cfg_file}); use another --out")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
-from preflab.demo import DemoConfig, _config_json, numerics
+from preflab.config import ConfigError
+from preflab.demo import DemoConfig, _config_json, numerics, run_demo
 
 
 def test_numerics_records_what_the_numbers_depend_on():
@@ -24,3 +26,18 @@ def test_config_json_keeps_every_distinct_numerics_of_a_resumed_run(tmp_path):
     other = {**numerics(2), "cpu_kernels": "SOMETHING_ELSE"}
     (tmp_path / "config.json").write_text(json.dumps({**first, "numerics": [other]}))
     assert _config_json(tmp_path, cfg, quick=True)["numerics"] == [other, numerics(2)]
+
+
+def test_a_damaged_run_file_is_an_error_naming_it_and_changes_nothing(tmp_path):
+    cfg = DemoConfig(out=str(tmp_path), threads=2)
+    (tmp_path / "config.json").write_text('{"seed": 0, "numerics": [')
+    with pytest.raises(ConfigError, match=r"config\.json: not valid JSON"):
+        _config_json(tmp_path, cfg, quick=True)
+    (tmp_path / "config.json").write_text('{"numerics": "x86"}')
+    with pytest.raises(ConfigError, match=r"config\.json: must be a JSON object whose 'numerics' is a list"):
+        _config_json(tmp_path, cfg, quick=True)
+    (tmp_path / "demo_config.json").write_text("{oops")
+    with pytest.raises(ConfigError, match=r"demo_config\.json: not valid JSON"):
+        run_demo(cfg, quick=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "demo_config.json"]
+    assert (tmp_path / "demo_config.json").read_text() == "{oops"
