@@ -130,8 +130,8 @@ def test_confident_wrong_by_topic_finds_a_failure_the_overall_rate_hides():
     p = by["pricing"]["confident_wrong"]
     assert p.n == 80 and p.ci_low > 0.3 and by["billing"]["confident_wrong"].ci_high < 0
     keep = np.array(topics) == "pricing"
-    vc = np.array([t == cw for t, k in zip(cand.texts, keep) if k], dtype=float)
-    vb = np.array([t == cw for t, k in zip(base.texts, keep) if k], dtype=float)
+    vc = np.array([t == cw for t, k in zip(cand.texts, keep, strict=True) if k], dtype=float)
+    vb = np.array([t == cw for t, k in zip(base.texts, keep, strict=True) if k], dtype=float)
     lo, hi = bootstrap_shift(vc, vb, n_boot=1000, level=1 - 0.05 / 3, seed=0)
     assert (p.ci_low, p.ci_high) == pytest.approx((lo, hi))
     with pytest.raises(ValueError, match="topics"):
