@@ -26,7 +26,7 @@ from typing import Any
 
 from rich.console import Console
 
-from preflab.config import check, field_doc, to_dict, write_config
+from preflab.config import ConfigError, check, field_doc, to_dict, write_config
 from preflab.pipeline import StageRunner, format_prompt, write_json
 
 PROJECT = "support-bot"
@@ -774,8 +774,6 @@ def numerics(threads: int) -> dict:
 
 def _read_run_json(path: Path) -> Any:
     """A JSON file of an existing run directory; a damaged one is an error naming the file."""
-    from preflab.config import ConfigError
-
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -785,8 +783,6 @@ def _read_run_json(path: Path) -> Any:
 
 def _config_json(run: Path, cfg: DemoConfig, quick: bool) -> dict:
     """config.json: the settings, plus every distinct numerics a (resumed) run was computed under."""
-    from preflab.config import ConfigError
-
     old = run / "config.json"
     prev = _read_run_json(old) if old.is_file() else {}
     seen = prev.get("numerics", []) if isinstance(prev, dict) else None
@@ -812,8 +808,6 @@ def run_demo(cfg: DemoConfig, *, quick: bool = False, console: Console | None = 
     run.mkdir(parents=True, exist_ok=True)
     cfg_file = run / "demo_config.json"
     if cfg_file.is_file() and _read_run_json(cfg_file) != to_dict(cfg):
-        from preflab.config import ConfigError
-
         raise ConfigError(f"{run}: holds a demo run with other settings ({cfg_file}); use another --out")
     write_config(cfg, run, "demo_config.json")
     torch.set_num_threads(cfg.threads)

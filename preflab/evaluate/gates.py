@@ -213,16 +213,12 @@ def evaluate_gates(cfg: GatesConfig, evidence: Evidence, *, subject: str = "") -
                                  "gained": d["only_candidate"], "n": d["n"], "p_two_sided": d["p_value"]}))
         elif g == "confident_wrong":
             rule = "shift CI lower bound <= threshold"
-            r = (ev.detectors or {}).get("confident_wrong")
-            if r is None or r.ci_low is None or math.isnan(r.ci_low):
-                out.append(_missing("confident_wrong", cfg.confident_wrong_max_shift, rule))
-                continue
-            checks = [("confident_wrong", r)]
+            checks = [("confident_wrong", (ev.detectors or {}).get("confident_wrong"))]
             if cfg.confident_wrong_per_topic and ev.detectors_by_topic:  # older evidence has none
                 checks += [(f"confident_wrong[{t}]", d["confident_wrong"]) for t, d in ev.detectors_by_topic.items()
                            if "confident_wrong" in d]
             for name, r in checks:
-                if r.ci_low is None or math.isnan(r.ci_low):
+                if r is None or r.ci_low is None or math.isnan(r.ci_low):
                     out.append(_missing(name, cfg.confident_wrong_max_shift, rule))
                     continue
                 out.append(Gate(name, r.ci_low <= cfg.confident_wrong_max_shift, r.ci_low,
