@@ -31,10 +31,22 @@ def test_store_commands_end_to_end(tmp_path):
     r = run(app, ["store", "round", "first", "--overlap", "2", "--db", db, "--project", "cli"])
     assert r.exit_code == 0 and "3 pairs, overlap 2" in r.text
     assert "no item can be completed" in r.text  # the project has no raters yet: warned
+    # a round over only the pairs of one file (e.g. a new checkpoint's answers, just imported)
+    (tmp_path / "new.jsonl").write_text(json.dumps({"id": "p3", "prompt_id": "q0", "response_a": {"id": "r3a", "text": "C"},
+                                                    "response_b": {"id": "r3b", "text": "D"}}) + "\n")
+    r = run(app, ["store", "import", str(tmp_path / "new.jsonl"), "--db", db, "--project", "cli"])
+    assert r.exit_code == 0, r.output
+    r = run(app, ["store", "round", "on-policy", "--pairs", str(tmp_path / "new.jsonl"), "--db", db, "--project", "cli"])
+    assert r.exit_code == 0 and "1 pairs, overlap 1" in r.text, r.text
+    (tmp_path / "typo.jsonl").write_text('{"id": "p3"}\n{"id": "p99"}\n')
+    r = run(app, ["store", "round", "typo", "--pairs", str(tmp_path / "typo.jsonl"), "--db", db, "--project", "cli"])
+    assert r.exit_code == 2 and "typo.jsonl:2: no pair 'p99' in the project" in r.text, r.text
+    r = run(app, ["store", "progress", "typo", "--db", db, "--project", "cli"])
+    assert r.exit_code != 0  # nothing was created
     r = run(app, ["store", "progress", "first", "--db", db, "--project", "cli"])
     assert r.exit_code == 0 and "0/3 items complete" in r.text
     r = run(app, ["store", "export", "pairs", str(tmp_path / "out.jsonl"), "--db", db, "--project", "cli"])
-    assert r.exit_code == 0 and len((tmp_path / "out.jsonl").read_text().splitlines()) == 3
+    assert r.exit_code == 0 and len((tmp_path / "out.jsonl").read_text().splitlines()) == 4  # 3 + the new one
     r = run(app, ["store", "export", "trl", str(tmp_path / "trl.jsonl"), "--margin", "0,1", "--db", db,
                   "--project", "cli"])
     assert r.exit_code == 2 and "--margin: need 4 values" in r.text
