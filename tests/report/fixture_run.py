@@ -122,7 +122,7 @@ def make_run_dir(run: Path, *, sandbox: bool = True, conversations_per_week: int
     _w(run / "checkpoints.json", {"rows": rows})
 
     _w(run / "pricing.json", {
-        "topic": "pricing", "rerated_pairs": 812, "onpolicy_pairs": 1000, "rubric_before": "v1", "rubric_after": "v2",
+        "topic": "pricing", "rerated_pairs": 812, "rubric_before": "v1", "rubric_after": "v2",
         "gate_before": "ppo_v1@1000 blocked: confident-wrong rate on pricing 31% (gate 12%)",
         "gate_after": "ppo_v2@1500 passed every gate",
         "rows": [{"label": "SFT", "accuracy": 0.38, "accuracy_ci": [0.30, 0.47], "confident_wrong_rate": 0.17,

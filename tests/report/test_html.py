@@ -33,8 +33,7 @@ def test_full_sandbox_report(sandbox_run):
     for needle in ("mean pairwise kappa 0.54 -> 0.71", "blind win rate 68.0% [61.3%, 74.0%]", "## Cost ledger",
                    "rm.seed | 1", "collection.seed | 3", "## Ground truth (sandbox only)", "payback",
                    "- torch 2.13.0, numpy 2.4.6, CPU kernels AVX512 on Test CPU, 2 threads",
-                   "resumed under more than one",
-                   "Fix: rubric v2, 812 pairs re-rated, 1,000 pairs of the blocked candidate's own answers rated under it."):
+                   "resumed under more than one"):
         assert needle in md, needle
 
 
