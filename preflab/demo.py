@@ -61,9 +61,6 @@ class DemoConfig:
     rerate_limit: int = field_doc(1500, "Most pricing pairs re-rated under rubric v2 (the default covers all of them, "
                                         "about 1,400 of 6,000: pairs left with v1 labels keep teaching that a stale "
                                         "price is right).")
-    onpolicy_pairs: int = field_doc(1000, "Pairs of the blocked first-pass candidate's own answers (two samples per "
-                                          "query) rated under rubric v2 in the fix, so the second reward model also "
-                                          "learns the answers PPO reaches (0: none; docs/demo.md).")
     ppo_steps: int = field_doc(180, "PPO iterations per pass (about a minute each on 2 cores).")
     ppo_prompts_per_step: int = field_doc(32, "Prompts per PPO rollout batch.")
     ppo_checkpoint_every: int = field_doc(30, "PPO checkpoint (and evaluation) interval.")
@@ -93,7 +90,6 @@ class DemoConfig:
                      "ab_conversations", "ab_first_pass", "factual_items", "production_weeks",
                      "conversations_per_week", "max_new_tokens", "threads"):
             check(getattr(self, name) >= 1, f"demo.{name}", "must be >= 1")
-        check(self.onpolicy_pairs >= 0, "demo.onpolicy_pairs", "must be >= 0")
         check(0 <= self.audit_rate <= 1, "demo.audit_rate", "must be in [0, 1]")
         check(0 <= self.duplicate_rate <= 1, "demo.duplicate_rate", "must be in [0, 1]")
         check(0 <= self.collection_lapse < 0.5, "demo.collection_lapse", "must be in [0, 0.5)")
@@ -105,7 +101,7 @@ class DemoConfig:
     def quick(self) -> DemoConfig:
         """The same path at toy scale (CI)."""
         return replace(self, base_steps=700, workshop_pairs=20, collection_pairs=1500, collection_weeks=2,
-                       drift_week=0, onpolicy_pairs=250, ppo_steps=120, ppo_prompts_per_step=32, ppo_checkpoint_every=40,
+                       drift_week=0, ppo_steps=120, ppo_prompts_per_step=32, ppo_checkpoint_every=40,
                        ab_conversations=200, ab_first_pass=100, factual_items=60, production_weeks=1,
                        conversations_per_week=400, audit_rate=0.1, oracle_queries=8)
 
@@ -215,8 +211,8 @@ def stage_workshop(cfg: DemoConfig, run: Path, engine) -> dict:
             "kappa_after_ci": [a["low"], a["high"]]}
 
 
-def _add_pairs(engine, queries, texts_a, texts_b, *, tag: str, source: str = "sft") -> list[str]:
-    """Store prompts, both responses (written by ``source``) and a pair per query (identical responses skipped)."""
+def _add_pairs(engine, queries, texts_a, texts_b, *, tag: str) -> list[str]:
+    """Store prompts, both responses and a pair per query (identical responses skipped)."""
     from preflab.store import db, ops
 
     prompts, responses, pairs = {}, [], []
@@ -225,7 +221,7 @@ def _add_pairs(engine, queries, texts_a, texts_b, *, tag: str, source: str = "sf
             continue
         pid = f"{tag}-{i:05d}"
         prompts[q.id] = ops.PromptIn(q.id, q.text, q.topic, {"fact_id": q.fact_id})
-        responses += [ops.ResponseIn(f"{pid}:a", q.id, a, source), ops.ResponseIn(f"{pid}:b", q.id, b, source)]
+        responses += [ops.ResponseIn(f"{pid}:a", q.id, a, "sft"), ops.ResponseIn(f"{pid}:b", q.id, b, "sft")]
         pairs.append(ops.PairIn(pid, q.id, f"{pid}:a", f"{pid}:b"))
     with db.session_scope(engine) as s:
         pid_ = _project_id(s)
@@ -536,11 +532,8 @@ def stage_gates(cfg: DemoConfig, run: Path, engine, ppo_name: str, *, rubric: st
 
 
 def stage_fix(cfg: DemoConfig, run: Path, engine) -> dict:
-    """The fix: a factual-accuracy rubric item (v2), re-rate the pricing pairs under it, and rate
-    pairs of the blocked candidate's own answers under it (on-policy comparisons)."""
+    """The fix: a factual-accuracy rubric item (v2), re-rate the pricing pairs under it."""
     from preflab.collect.rerate import add_rubric, create_rerate_round
-    from preflab.models.hf import load_policy
-    from preflab.sandbox.domain import generate_queries
     from preflab.sandbox.raters import work_round
     from preflab.store import db, ops
 
@@ -558,29 +551,7 @@ def stage_fix(cfg: DemoConfig, run: Path, engine) -> dict:
     made = work_round(engine, round_id=rr_id, raters=_rater_ids(engine, pool), rubric="v2", seed=cfg.seed + 77)
     with db.session_scope(engine, readonly=True) as s:
         n = ops.get_round(s, round_id=rr_id).n_items
-    out = {"rerated_pairs": n, "judgements": made, "onpolicy_pairs": 0, "onpolicy_judgements": 0}
-    if not cfg.onpolicy_pairs:
-        return out
-    # The first reward model was trained on the SFT model's answers only; PPO moved to answers it
-    # never saw (and overrates some of them). Rating the candidate's own answers keeps the second
-    # one on the distribution PPO reaches (Touvron et al. 2023, sec. 3.2.1: new batches from the
-    # latest model each week). Two samples per query; the query seed is apart from collection's.
-    queries = generate_queries(cfg.onpolicy_pairs, seed=cfg.seed + 29, split="train")
-    prompts = [format_prompt(q.text) for q in queries]
-    policy, tok = load_policy(run / "ppo_v1" / "policy")
-    ta = _sample_texts(policy, tok, prompts, seed=cfg.seed * 1000 + 501, max_new_tokens=cfg.max_new_tokens)
-    tb = _sample_texts(policy, tok, prompts, seed=cfg.seed * 1000 + 502, max_new_tokens=cfg.max_new_tokens)
-    pair_ids = _add_pairs(engine, queries, ta, tb, tag="p1", source="ppo_v1")  # idempotent: same ids, same texts
-    with db.session_scope(engine) as s:
-        pid = _project_id(s)
-        have = [r.id for r in ops.list_rounds(s, project_id=pid, kind="collection") if r.name == "on-policy ppo_v1"]
-        op_id = have[0] if have else ops.create_round(
-            s, project_id=pid, name="on-policy ppo_v1", kind="collection", pair_ids=pair_ids, overlap=1,
-            duplicate_rate=0.0, seed=cfg.seed + 91, meta={"on_policy": "ppo_v1"})
-    made = work_round(engine, round_id=op_id, raters=_rater_ids(engine, pool), rubric="v2", seed=cfg.seed + 93)
-    with db.session_scope(engine, readonly=True) as s:
-        out.update(onpolicy_pairs=ops.get_round(s, round_id=op_id).n_items, onpolicy_judgements=made)
-    return out
+    return {"rerated_pairs": n, "judgements": made}
 
 
 def _pricing_row(label: str, run_json: Path, note: str = "") -> dict:
@@ -668,8 +639,7 @@ def stage_summaries(cfg: DemoConfig, run: Path, engine, runner: StageRunner) -> 
     write_json(run / "checkpoints.json", {"rows": rows})
     v1, v2 = rows
     fix = runner.done.get("fix", {}).get("out", {})
-    pricing = {"topic": "pricing", "rerated_pairs": fix.get("rerated_pairs"),
-               "onpolicy_pairs": fix.get("onpolicy_pairs"), "rubric_before": "v1",
+    pricing = {"topic": "pricing", "rerated_pairs": fix.get("rerated_pairs"), "rubric_before": "v1",
                "rubric_after": "v2",
                "gate_before": f"ppo_v1 {'passed' if v1['promoted'] else 'blocked'}: failed "
                               f"{', '.join(x['name'] for x in v1['gates'] if not x['pass']) or 'nothing'}",

@@ -462,10 +462,8 @@ def section_pricing(run: Path) -> Section | None:
             for r in pr.get("rows", [])]
     th, tm = table(["policy", f"{pr.get('topic', 'pricing')} accuracy", "confident-wrong rate", "note"], rows)
     story = pr.get("summary") or (f"Caught at the gate: {pr.get('gate_before', '?')}. Fix: rubric "
-                                  f"{pr.get('rubric_after', 'v2')}, {num(pr.get('rerated_pairs'))} pairs re-rated"
-                                  + (f", {num(pr['onpolicy_pairs'])} pairs of the blocked candidate's own answers "
-                                     "rated under it" if pr.get("onpolicy_pairs") else "")
-                                  + f". After: {pr.get('gate_after', '?')}.")
+                                  f"{pr.get('rubric_after', 'v2')}, {num(pr.get('rerated_pairs'))} pairs re-rated. "
+                                  f"After: {pr.get('gate_after', '?')}.")
     s.html = f"<p>{esc(story)}</p>" + th + img(plots.plot_pricing(pr), "pricing accuracy and confident-wrong rate")
     s.md = story + "\n\n" + tm
     if pr.get("lineage"):  # which judgements, guideline, reward model and policy each run came from

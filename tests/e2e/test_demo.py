@@ -100,11 +100,6 @@ def test_quick_demo_tells_the_pricing_story(demo_run):
     assert pass2["accuracy"] > pass1["accuracy"]
     fix = stages["fix"]["out"]
     assert fix["rerated_pairs"] > 0 and fix["judgements"] >= fix["rerated_pairs"]
-    # ... and the blocked candidate's own answers, rated under v2, are in the second reward model's data
-    assert fix["onpolicy_pairs"] > 200 and fix["onpolicy_judgements"] >= fix["onpolicy_pairs"]
-    rm2 = [json.loads(x) for x in (demo_run / "rm_v2" / "data" / "train.jsonl").read_text().splitlines()]
-    assert sum(r["pair_id"].startswith("p1-") for r in rm2) > 100
-    assert "pairs of the blocked candidate's own answers" in (demo_run / "report.md").read_text()
     # the lineage is stored and shown: each reward model's judgements and guidelines, each policy's RM
     lineage = {r["run"]: r for r in json.loads((demo_run / "pricing.json").read_text())["lineage"]}
     assert list(lineage) == ["rm_v1", "ppo_v1", "rm_v2", "ppo_v2"]
