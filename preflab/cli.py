@@ -956,36 +956,6 @@ def store_import(
     console.print(f"imported {res.prompts} prompts, {res.responses} responses, {res.pairs} pairs into {project!r}")
 
 
-def _listed_pairs(path: str, stored: list[str], topic: str | None) -> list[str]:
-    """The pair ids listed in a JSONL file (each line's ``id``), each one stored (and of ``topic``)."""
-    import json
-    from pathlib import Path
-
-    from preflab.store import ops
-
-    have, out = set(stored), []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as e:
-        raise ops.StoreError(f"--pairs: cannot read {path}: {e.strerror or e}") from e
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            pid = json.loads(line).get("id")
-        except (json.JSONDecodeError, AttributeError):
-            raise ops.StoreError(f"{path}:{n}: not a JSON object") from None
-        if not isinstance(pid, str) or not pid:
-            raise ops.StoreError(f"{path}:{n}: missing field 'id'")
-        if pid not in have:
-            where = f" with topic {topic!r}" if topic else ""
-            raise ops.StoreError(f"{path}:{n}: no pair {pid!r}{where} in the project (import it first)")
-        out.append(pid)
-    if not out:
-        raise ops.StoreError(f"{path}: lists no pairs")
-    return list(dict.fromkeys(out))
-
-
 @store_app.command("round")
 def store_round(
     name: str = typer.Argument(..., help="Round name (unique in the project)."),
@@ -1017,7 +987,10 @@ def store_round(
                 raise ops.StoreError(f"--project: no project {project!r} in {db}")
             pairs = [p.id for p in ops.list_pairs(s, project_id=pid, topic=topic)]
             if pairs_from:
-                pairs = _listed_pairs(pairs_from, pairs, topic)
+                from preflab.store.io import listed_pair_ids
+
+                pairs = listed_pair_ids(pairs_from, stored=set(pairs),
+                                        qualifier=f" with topic {topic!r}" if topic else "")
             rid = open_round(s, cfg, project_id=pid, name=name, kind=kind, pair_ids=pairs)
             gaps = round_routing_gaps(s, round_id=rid)
     except ops.StoreError as e:

@@ -31,7 +31,7 @@ import datetime as dt
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,21 @@ def _lines(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
             if not isinstance(obj, dict):
                 raise StoreError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             yield where, obj
+
+
+def listed_pair_ids(path: str | Path, *, stored: Collection[str], qualifier: str = "") -> list[str]:
+    """The ``id`` of each line of a JSONL file (e.g. a pairs file just imported), in order and once
+    each; an id not in ``stored`` is an error naming its line (``qualifier`` says which pairs, e.g.
+    "with topic 'pricing'")."""
+    out: list[str] = []
+    for where, obj in _lines(path):
+        pid = _need(obj, "id", where)
+        if pid not in stored:
+            raise StoreError(f"{where}: no pair {pid!r}{qualifier} in the project (import it first)", code="not_found")
+        out.append(pid)
+    if not out:
+        raise StoreError(f"{path}: lists no pairs")
+    return list(dict.fromkeys(out))
 
 
 def _check_fields(obj: Mapping[str, Any], allowed: set[str], where: str) -> None:

@@ -42,7 +42,7 @@ def test_store_commands_end_to_end(tmp_path):
     r = run(app, ["store", "round", "typo", "--pairs", str(tmp_path / "typo.jsonl"), "--db", db, "--project", "cli"])
     assert r.exit_code == 2 and "typo.jsonl:2: no pair 'p99' in the project" in r.text, r.text
     r = run(app, ["store", "progress", "typo", "--db", db, "--project", "cli"])
-    assert r.exit_code != 0  # nothing was created
+    assert r.exit_code == 2 and "no round 'typo'" in r.text  # nothing was created
     r = run(app, ["store", "progress", "first", "--db", db, "--project", "cli"])
     assert r.exit_code == 0 and "0/3 items complete" in r.text
     r = run(app, ["store", "export", "pairs", str(tmp_path / "out.jsonl"), "--db", db, "--project", "cli"])
