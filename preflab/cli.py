@@ -1000,6 +1000,91 @@ def store_round(
         console.print(f"[yellow]warning:[/yellow] {g}")
 
 
+@store_app.command("sample")
+def store_sample(
+    out: str = typer.Argument(..., help="Pairs JSONL to write (the import format; then `store round NAME --pairs OUT`)."),
+    policy: list[str] = typer.Option(..., "--policy", help="A model directory to sample, as DIR or LABEL=DIR (the "
+                                                           "label becomes the responses' source); repeat for each."),
+    topic: str = typer.Option(None, help="Only the project's prompts with this topic (default: all)."),
+    limit: int = typer.Option(0, min=0, help="At most this many prompts, a seeded choice (0: all)."),
+    n_per_policy: int = typer.Option(2, min=1, help="Responses sampled per prompt from each policy."),
+    pairs_per_prompt: int = typer.Option(1, min=1, help="PairsConfig.pairs_per_prompt"),
+    strategy: str = typer.Option("cross_source", help="PairsConfig.strategy: cross_source | random"),
+    temperature: float = typer.Option(1.0, min=0.0, help="Sampling temperature (0 = greedy)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
+    max_new_tokens: int = typer.Option(64, min=1, help="Longest response."),
+    prompt_format: str = typer.Option("dialogue", help="dialogue ('User: ...\\nAssistant:') | raw"),
+    seed: int = typer.Option(0, help="Seed of the prompt choice, the sampler, pair choice and sides."),
+    db: str = _DB_OPT,
+    project: str = typer.Option("default", help="Project (its prompts are sampled; the pairs are added to it)."),
+) -> None:
+    """Sample policies on the project's prompts and add the answers as comparison pairs (fix-and-re-rate loop)."""
+    import random
+    from pathlib import Path
+
+    from rich.progress import Progress
+
+    from preflab.collect.pairs import PairsConfig, add_plan, build_pairs, sample_candidates
+    from preflab.config import from_dict
+    from preflab.models.hf import load_policy
+    from preflab.store import db as store_db
+    from preflab.store import io, ops
+    from preflab.train.data import dialogue_prompt
+
+    try:
+        cfg = from_dict(PairsConfig, {"pairs_per_prompt": pairs_per_prompt, "strategy": strategy, "seed": seed})
+        if prompt_format not in ("dialogue", "raw"):
+            raise ValueError(f"--prompt-format: must be 'dialogue' or 'raw', got {prompt_format!r}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"--top-p: must be in (0, 1], got {top_p}")
+        dirs: dict[str, str] = {}
+        for item in policy:
+            label, _, path = item.partition("=") if "=" in item else (item, "", item)
+            if not label or not path:
+                raise ValueError(f"--policy {item!r}: expected DIR or LABEL=DIR")
+            if label in dirs:
+                raise ValueError(f"--policy {item!r}: label {label!r} given twice")
+            dirs[label] = path
+        if len(dirs) * n_per_policy < 2:
+            raise ValueError("--n-per-policy: one policy with one response per prompt cannot make a pair")
+        engine = store_db.make_engine(db)
+        with store_db.session_scope(engine, readonly=True) as s:
+            pid = ops.project_id(s, name=project)
+            if pid is None:
+                raise ops.StoreError(f"--project: no project {project!r} in {db}")
+            prompts = ops.list_prompts(s, project_id=pid, topic=topic)
+        if not prompts:
+            raise ops.StoreError(f"--project: no prompts{f' with topic {topic!r}' if topic else ''} in {project!r} "
+                                 "(store import FILE --kind prompts)")
+        if limit and limit < len(prompts):
+            prompts = sorted(random.Random(f"sample:{seed}").sample(prompts, limit), key=lambda p: p.id)
+        policies = {label: load_policy(path) for label, path in dirs.items()}
+    except (ValueError, OSError, ops.StoreError) as e:
+        _fail(e)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("sampling", total=len(prompts) * n_per_policy * len(policies))
+        cands = sample_candidates(policies, prompts, n_per_policy=n_per_policy, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_p=top_p, seed=seed,
+                                  prompt_format=lambda t: dialogue_prompt(t, prompt_format),
+                                  on_batch=lambda n: bar.advance(task, n))
+    plan = build_pairs(prompts, cands, cfg)
+    dropped = ", ".join(f"{k} {v}" for k, v in plan.dropped.items() if v) or "none"
+    if not plan.pairs:
+        _fail(ValueError(f"no pairs: no prompt got two distinct usable answers (dropped: {dropped}); "
+                         "try a higher --temperature or --n-per-policy"))
+    try:
+        with store_db.session_scope(engine) as s:
+            res = add_plan(s, project_id=pid, plan=plan)
+            io.export_pairs_jsonl(s, project_id=pid, path=out, pair_ids=[p.id for p in plan.pairs])
+    except (ops.StoreError, OSError) as e:
+        _fail(e)
+    engine.dispose()
+    console.print(f"sampled {len(cands)} answers to {len(prompts)} prompts from {', '.join(dirs)}; "
+                  f"{len(plan.pairs)} pairs ({res.pairs} new) in {project!r}; dropped: {dropped}")
+    console.print(f"wrote {out}; to have them rated: preflab store round NAME --pairs {Path(out)} "
+                  f"--db {db} --project {project}")
+
+
 @store_app.command("export")
 def store_export(
     what: str = typer.Argument(..., help="judgements | trl | hf | pairs."),

@@ -158,11 +158,14 @@ def sample_candidates(
     batch_size: int = 32,
     seed: int = 0,
     prompt_format: Callable[[str], str] | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[Candidate]:
     """Sample ``n_per_policy`` responses per prompt from each ``label -> (model, tokenizer)``.
 
     ``prompt_format`` turns a stored prompt text into the model's input (e.g. the sandbox's
     ``format_prompt``); the identity by default. The candidate's source is the label.
+    ``on_batch(n)`` is called after each batch with the number of responses it sampled
+    (a progress bar's advance).
     """
     import torch
 
@@ -181,4 +184,6 @@ def sample_candidates(
                 s = sample(model, tok, [fmt(p.text) for p in chunk], max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, generator=gen)
             out.extend(Candidate(prompt_id=p.id, text=t, source=label) for p, t in zip(chunk, s.texts, strict=True))
+            if on_batch is not None:
+                on_batch(len(chunk))
     return out

@@ -50,3 +50,68 @@ def test_store_commands_end_to_end(tmp_path):
     r = run(app, ["store", "export", "trl", str(tmp_path / "trl.jsonl"), "--margin", "0,1", "--db", db,
                   "--project", "cli"])
     assert r.exit_code == 2 and "--margin: need 4 values" in r.text
+
+
+def _tiny_policy(path, seed):
+    from preflab.models.tiny import tiny_gpt2, tiny_gpt2_config, train_tokenizer
+    from preflab.sandbox.domain import sandbox_texts
+
+    tok = train_tokenizer(sandbox_texts(seed=0, n=200), 300)
+    cfg = tiny_gpt2_config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32, n_positions=128,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    tiny_gpt2(cfg, seed=seed).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_store_sample_adds_a_new_checkpoints_answers_as_pairs(tmp_path):
+    """`store sample`: two policies' answers to the project's prompts become cross-source pairs in the
+    store and in a file `store round --pairs` takes; a re-run adds nothing; bad input changes nothing."""
+    import torch
+
+    torch.set_num_threads(1)
+    db = f"sqlite:///{tmp_path / 'cli.db'}"
+    new, old = _tiny_policy(tmp_path / "new", 0), _tiny_policy(tmp_path / "old", 1)
+    prompts = [{"id": f"q{i}", "text": f"How much is the Team plan? ({i})", "topic": "pricing" if i < 3 else "billing"}
+               for i in range(5)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+
+    def run(*args):
+        res = CliRunner().invoke(app, list(args))
+        res.text = " ".join(res.output.split())
+        return res
+
+    assert run("store", "import", str(tmp_path / "prompts.jsonl"), "--kind", "prompts", "--db", db,
+               "--project", "bot").exit_code == 0
+    out = tmp_path / "new_pairs.jsonl"
+    args = ["store", "sample", str(out), "--policy", f"ppo1={new}", "--policy", f"sft={old}", "--topic", "pricing",
+            "--max-new-tokens", "8", "--seed", "3", "--db", db, "--project", "bot"]
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    assert "sampled 12 answers to 3 prompts from ppo1, sft; 3 pairs (3 new) in 'bot'" in r.text, r.text
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(row["prompt"]["id"] for row in rows) == ["q0", "q1", "q2"]  # the topic's prompts only
+    for row in rows:  # cross_source: each pair sets the new checkpoint against the old one
+        assert {row["response_a"]["source"], row["response_b"]["source"]} == {"ppo1", "sft"}
+        assert row["response_a"]["text"] != row["response_b"]["text"]
+    first = out.read_text()
+    r = run(*args)  # same seed, same samples, content-hash ids: nothing new, the same file
+    assert r.exit_code == 0 and "3 pairs (0 new)" in r.text and out.read_text() == first, r.text
+    r = run("store", "round", "ppo1-vs-sft", "--pairs", str(out), "--db", db, "--project", "bot")
+    assert r.exit_code == 0 and "3 pairs" in r.text, r.text
+
+    bad = tmp_path / "bad.jsonl"
+    for extra, message in [
+        (["--policy", f"a={new}", "--policy", f"a={old}"], "label 'a' given twice"),
+        (["--policy", str(tmp_path / "nowhere")], "nowhere"),
+        (["--policy", new, "--n-per-policy", "1"], "one policy with one response per prompt cannot make a pair"),
+        (["--policy", new, "--temperature", "0"], "no pairs: no prompt got two distinct usable answers"),
+        (["--policy", new, "--topic", "refunds"], "no prompts with topic 'refunds' in 'bot'"),
+        (["--policy", new, "--project", "nobody"], "no project 'nobody'"),
+        (["--policy", new, "--strategy", "best"], "PairsConfig.strategy: must be one of ['random', 'cross_source'], got 'best'"),
+    ]:
+        r = run("store", "sample", str(bad), "--db", db, "--project", "bot", *extra)  # a later --project wins
+        assert r.exit_code == 2 and message in r.text, (extra, r.text)
+        assert not bad.exists()
+    r = run("store", "export", "pairs", str(tmp_path / "all.jsonl"), "--db", db, "--project", "bot")
+    assert r.exit_code == 0 and len((tmp_path / "all.jsonl").read_text().splitlines()) == 3  # nothing was added
