@@ -42,7 +42,7 @@ def version() -> None:
 def sandbox_build(
     out: str = typer.Option(..., "--out", help="Directory of the base model (a Hugging Face model dir); "
                                                "re-running continues an interrupted build."),
-    config: str = typer.Option(None, "--config", help="TOML file with a [build] table of BuildConfig fields."),
+    config: str = typer.Option(None, "--config", help="TOML file with a \\[build] table of BuildConfig fields."),
     seed: int = typer.Option(None, help="Seed of the corpus, tokenizer text, init and data order."),
     steps: int = typer.Option(None, help="SFT optimizer steps."),
     corpus_size: int = typer.Option(None, help="SFT dialogues."),
@@ -127,11 +127,19 @@ def serve(
     cookie_secure: bool = typer.Option(False, help="Mark the session cookie Secure (behind HTTPS)."),
 ) -> None:
     """Run the rater web app (uvicorn); on first start create an admin and print its credentials once."""
+    from pydantic import ValidationError
+
     from preflab.web.server import serve as run_serve
 
-    run_serve(db_url=db, host=host, port=port, workers=workers, project=project, secret_key=secret_key,
-              cookie_secure=cookie_secure,
-              echo=lambda m: console.print(m, soft_wrap=True, markup=False, highlight=False))
+    flags = {"secret_key": "--secret-key / PREFLAB_SECRET_KEY", "database_url": "--db", "project": "--project"}
+    try:
+        run_serve(db_url=db, host=host, port=port, workers=workers, project=project, secret_key=secret_key,
+                  cookie_secure=cookie_secure,
+                  echo=lambda m: console.print(m, soft_wrap=True, markup=False, highlight=False))
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else ""
+        _fail(ValueError(f"{flags.get(field, field)}: {err['msg']}"))
 
 
 # ---- report, outcomes (report/) ---------------------------------------------------------
@@ -144,10 +152,30 @@ app.add_typer(outcomes_app, name="outcomes")
 def report_cmd(
     run_dir: str = typer.Argument(..., help="Run directory to report on (see docs/report.md for the files read)."),
     title: str = typer.Option(None, help="Report title (default: the run directory's name)."),
+    db: str = typer.Option(None, "--db", help="A real project's store: first write the rater quality, cost, "
+                                              "checkpoint, A/B and factual summaries into RUN_DIR from it."),
+    project: str = typer.Option("default", help="Project in --db."),
 ) -> None:
     """Write RUN_DIR/report.html (self-contained, plots embedded) and RUN_DIR/report.md."""
+    from pathlib import Path
+
     from preflab.report.html import ReportError, render_report
 
+    if db is not None:
+        from preflab.pipeline import project_summaries
+        from preflab.store import db as store_db
+        from preflab.store.ops import StoreError
+
+        if not Path(run_dir).is_dir():
+            _fail(ValueError(f"RUN_DIR: {run_dir} is not a directory"))
+        try:
+            engine = store_db.make_engine(db)
+            done = project_summaries(run_dir, engine, project=project)
+            engine.dispose()
+        except (StoreError, ValueError, KeyError, OSError) as e:
+            _fail(e)
+        for name, what in done.items():
+            console.print(f"{name}: {what}" if what == "written" else f"[yellow]{escape(what)}[/yellow]")
     try:
         rep = render_report(run_dir, title=title)
     except ReportError as e:
@@ -414,7 +442,7 @@ def ab_result_cmd(
 @app.command("gates")
 def gates_cmd(
     checkpoint: str = typer.Argument(..., help="Candidate model directory (evidence in CHECKPOINT/eval/)."),
-    config: str = typer.Option(None, help="Project TOML with a [gates] table."),
+    config: str = typer.Option(None, help="Project TOML with a \\[gates] table."),
     baseline: str = typer.Option(None, help="Collect evidence first: baseline model directory."),
     suite: str = typer.Option(None, help="Collect evidence first: factual suite file."),
     reference: str = typer.Option(None, help="Reference model for the KL (usually the SFT model)."),
@@ -462,7 +490,7 @@ def gates_cmd(
 def promote_cmd(
     checkpoint: str = typer.Argument(..., help="Model directory to promote (evidence in CHECKPOINT/eval/)."),
     to: str = typer.Option(..., "--to", help="Stage: staging or production."),
-    config: str = typer.Option(None, help="Project TOML with a [gates] table."),
+    config: str = typer.Option(None, help="Project TOML with a \\[gates] table."),
     db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
     project: str = typer.Option("default", help="Project."),
 ) -> None:
@@ -536,7 +564,7 @@ def rm_train(
     db: str = typer.Option(None, "--db", help="Store URL; with --project, train on its latest judgements."),
     project: str = typer.Option(None, "--project", help="Project name in the store."),
     data: str = typer.Option(None, "--data", help="Instead of the store: JSONL with prompt, chosen, rejected and optional margin."),
-    config: str = typer.Option(None, "--config", help="TOML file; its [rm] table sets RewardConfig fields."),
+    config: str = typer.Option(None, "--config", help="TOML file; its \\[rm] table sets RewardConfig fields."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's last checkpoint."),
     lr: float = typer.Option(None, help="RewardConfig.lr"),
     batch_size: int = typer.Option(None, help="RewardConfig.batch_size (pairs per optimizer step)"),
@@ -1159,7 +1187,7 @@ def store_progress(
 
 
 def _load_prompts(path: str | None, n: int, seed: int) -> list[str]:
-    """Query texts from a file (JSONL with "prompt", or one per line), else sandbox train queries."""
+    """Query texts from a file (JSONL with "prompt" or "text", or one per line), else sandbox train queries."""
     import json as _json
 
     if path is None:
@@ -1175,9 +1203,11 @@ def _load_prompts(path: str | None, n: int, seed: int) -> list[str]:
                 row = _json.loads(line)
             except _json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise ValueError(f"{path}:{i}: expected an object with a string 'prompt'")
-            out.append(row["prompt"])
+            key = next((k for k in ("prompt", "text") if isinstance(row, dict) and isinstance(row.get(k), str)), None)
+            if key is None:
+                raise ValueError(f"{path}:{i}: expected an object with a string 'prompt' (TRL's prompt-only "
+                                 "format) or 'text' (the store's prompts.jsonl)")
+            out.append(row[key])
         else:
             out.append(line.rstrip("\n"))
     if not out:
@@ -1206,7 +1236,7 @@ def ppo_cmd(
     policy: str = typer.Option(..., "--policy", help="HF dir of the SFT policy (also the frozen reference)."),
     reward: str = typer.Option(..., "--reward", help="HF dir of the reward model (e.g. an `rm train` run's model/)."),
     out: str = typer.Option(..., "--out", help="Run directory (config.json, metrics.jsonl, events.jsonl, ckpt/, eval/, policy/)."),
-    prompts: str = typer.Option(None, "--prompts", help="Query texts: JSONL with 'prompt' or one per line (default: sandbox train queries)."),
+    prompts: str = typer.Option(None, "--prompts", help="Query texts: JSONL with 'prompt' (TRL) or 'text' (a store prompts.jsonl), or one per line (default: sandbox train queries)."),
     n_prompts: int = typer.Option(512, help="Sandbox queries to use when --prompts is not given."),
     config: str = typer.Option(None, "--config", help="TOML file; its ppo table sets PPOConfig fields."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's last checkpoint."),
@@ -1373,6 +1403,17 @@ def main() -> None:
     except ConfigError as e:
         console.print(f"[red]error:[/red] {escape(str(e))}")
         sys.exit(2)
+    except Exception as e:
+        # an unreachable or unmigrated store is the user's to fix, not a traceback
+        text = str(getattr(e, "orig", None) or e).strip()
+        detail = text.splitlines()[0] if text else type(e).__name__
+        kind = type(e).__name__ if type(e).__module__.startswith("sqlalchemy") else ""
+        if kind == "OperationalError" or (kind == "ProgrammingError" and "does not exist" in detail):
+            hint = (" (a new database? run `preflab store migrate --db URL` first)"
+                    if "no such table" in detail or "does not exist" in detail else "")
+            console.print(f"[red]error:[/red] the store (--db) failed: {escape(detail)}{hint}")
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":

@@ -295,22 +295,17 @@ def stage_collection(cfg: DemoConfig, run: Path, engine, console: Console) -> di
 
 def stage_quality(cfg: DemoConfig, run: Path, engine) -> dict:
     """Per-rater self-consistency on duplicates, the ceiling, drift alerts, agreement over time."""
-    from preflab.quality.consistency import consistency_by_rater, self_consistency
+    from preflab.pipeline import store_quality
     from preflab.quality.drift import hits_vs_others
     from preflab.store import db, ops
 
     weekly = json.loads((run / "collection" / "weekly.json").read_text())
     with db.session_scope(engine, readonly=True) as s:
         pid = _project_id(s)
-        dups = ops.duplicate_pairs(s, project_id=pid)
+        core = store_quality(s, project_id=pid)
         rows = [j for j in ops.project_judgements(s, project_id=pid, round_kinds=["collection"])
                 if not j.is_duplicate]
         rounds = {r.id: r for r in ops.list_rounds(s, project_id=pid, kind="collection")}
-    by_rater: dict[str, list] = {}
-    for d in dups:
-        by_rater.setdefault(d.rater_name, []).append((d.first, d.second))
-    cons = consistency_by_rater(by_rater)
-    pooled = self_consistency([p for v in by_rater.values() for p in v]) if dups else None
     # agreement over time: on audit items, each judgement vs the other two raters' majority
     audit_rows = [j for j in rows if rounds[j.round_id].meta.get("audit")]
     hits = hits_vs_others([((j.round_id, j.pair_id), j.rater_name, j.choice) for j in audit_rows])
@@ -328,16 +323,12 @@ def stage_quality(cfg: DemoConfig, run: Path, engine) -> dict:
         s_["x"].append(week)
         s_["y"].append(sum(hs) / len(hs))
     quality = {
-        "n_pairs": sum(w["pairs"] for w in weekly["weeks"]), "n_judgements": len(rows) + len(dups),
-        "n_duplicates": len(dups), "ceiling": pooled.ceiling if pooled else None,
-        "consistency": pooled.consistency if pooled else None,
-        "raters": [{"rater": r, "n_duplicates": c.n, "consistency": c.consistency, "ci": [c.low, c.high],
-                    "flip_rate": c.flip_rate, "ceiling": c.ceiling} for r, c in sorted(cons.items())],
+        **core, "n_pairs": sum(w["pairs"] for w in weekly["weeks"]),  # pairs collected, judged or not
         "drift_alerts": weekly["alerts"],
         "agreement_over_time": {"x_label": "week", "series": series},
     }
     write_json(run / "collection" / "quality.json", quality)
-    return {"ceiling": quality["ceiling"], "duplicates": len(dups)}
+    return {"ceiling": quality["ceiling"], "duplicates": quality["n_duplicates"]}
 
 
 def stage_reward_model(cfg: DemoConfig, run: Path, engine, name: str) -> dict:

@@ -14,6 +14,7 @@ over these is not written yet; ``demo.py`` is the one caller today.)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -171,3 +172,124 @@ def gate_checkpoint(*, candidate_dir: str | Path, baseline_dir: str | Path, item
     rep = evaluate_gates(gates_cfg, ev, subject=subject)
     rep.save(Path(out_dir) / "gate.json")
     return GateOutcome(rep.passed, rep.failed, rep.to_dict())
+
+
+# ---- a real project's report inputs ----------------------------------------------------------
+
+FROM_STORE = "preflab report --db"  # marks the files project_summaries writes; it never overwrites others
+RATED_KINDS = ("calibration", "collection", "rerate")
+
+
+def store_quality(session, *, project_id: int, round_kinds: Sequence[str] = ("collection",)) -> dict[str, Any]:
+    """Planted-duplicate self-consistency per rater and pooled, and the accuracy ceiling it implies
+    (``quality.consistency``; DESIGN.md): the core of ``collection/quality.json``.
+
+    ``n_pairs`` counts the distinct pairs judged in ``round_kinds`` rounds, ``n_judgements`` their
+    judgements plus every duplicate answer.
+    """
+    from preflab.quality.consistency import consistency_by_rater, self_consistency
+    from preflab.store import ops
+
+    dups = ops.duplicate_pairs(session, project_id=project_id)
+    rows = [j for j in ops.project_judgements(session, project_id=project_id, round_kinds=list(round_kinds))
+            if not j.is_duplicate]
+    by_rater: dict[str, list] = {}
+    for d in dups:
+        by_rater.setdefault(d.rater_name, []).append((d.first, d.second))
+    cons = consistency_by_rater(by_rater)
+    pooled = self_consistency([p for v in by_rater.values() for p in v]) if dups else None
+    return {
+        "n_pairs": len({j.pair_id for j in rows}), "n_judgements": len(rows) + len(dups), "n_duplicates": len(dups),
+        "ceiling": pooled.ceiling if pooled else None, "consistency": pooled.consistency if pooled else None,
+        "raters": [{"rater": r, "n_duplicates": c.n, "consistency": c.consistency, "ci": [c.low, c.high],
+                    "flip_rate": c.flip_rate, "ceiling": c.ceiling} for r, c in sorted(cons.items())],
+    }
+
+
+def _newest(paths: Sequence[Path]) -> Path | None:
+    return max(paths, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def _checkpoint_label(ckpt: Path, run_dir: Path) -> tuple[str, int | None]:
+    """(the checkpoint dir relative to the run dir, its PPO/DPO step when it is a run's final ``policy/``)."""
+    label = str(ckpt.relative_to(run_dir)) if ckpt.is_relative_to(run_dir) else str(ckpt)
+    metrics = ckpt.parent / "metrics.jsonl"
+    step = None
+    if ckpt.name == "policy" and metrics.is_file():
+        lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
+        step = json.loads(lines[-1]).get("step") if lines else None
+    return label, step
+
+
+def project_summaries(run_dir: str | Path, engine, *, project: str, cost=None) -> dict[str, str]:  # noqa: ANN001
+    """Write a real project's report inputs into ``run_dir`` from the store and the checkpoints' evidence.
+
+    - ``collection/quality.json``: ``store_quality`` over calibration, collection and re-rate rounds,
+      with the project's open drift alerts;
+    - ``cost.json``: annotator cost = time on task x each rater's hourly rate from the store
+      (``cost.default_hourly_rate`` where none is set), no compute (``report.cost``);
+    - ``checkpoints.json``: a row per ``*/eval/gate.json`` under ``run_dir`` (``preflab gates``), win
+      rate from the ``ab.json`` beside it;
+    - ``ab/result.json``, ``factual/result.json``: the newest ``*/eval/ab.json`` / ``factual_compare.json``.
+
+    Each file carries ``"written_by": FROM_STORE``. An existing file without that mark (the demo's
+    own summaries, a hand-written one) is kept. Returns ``{file: "written" | "kept: ..."}``.
+    """
+    from preflab.report.cost import CostConfig, build_ledger, judgement_times
+    from preflab.store import db, ops
+
+    run_dir = Path(run_dir)
+    with db.session_scope(engine, readonly=True) as s:
+        pid = ops.project_id(s, name=project)
+        if pid is None:
+            raise ops.StoreError(f"--project: no project {project!r} in the store")
+        quality = store_quality(s, project_id=pid, round_kinds=RATED_KINDS)
+        raters = ops.list_raters(s, project_id=pid)
+        names = {r.id: r.name for r in raters}
+        quality["drift_alerts"] = [
+            {"rater": names.get(a.rater_id, ""), "at": a.created_at.isoformat(timespec="minutes"),
+             "signal": a.message, "examples": list(a.payload.get("examples", []))}
+            for a in ops.list_alerts(s, project_id=pid, resolved=False)]
+        times = judgement_times(ops.project_judgements(s, project_id=pid, round_kinds=[*RATED_KINDS, "eval"]))
+    cost = cost or CostConfig()
+    rates = {r.name: r.hourly_rate for r in raters if r.hourly_rate > 0}
+    cfg = dataclasses.replace(cost, hourly_rates={**rates, **cost.hourly_rates})  # the config's rates win
+    files: dict[str, Any] = {"collection/quality.json": quality,
+                             "cost.json": build_ledger(cfg, judgement_times=times)}
+
+    evals = [p.parent for p in run_dir.rglob("eval/gate.json") if "ckpt" not in p.relative_to(run_dir).parts]
+    rows = []
+    for ev in sorted(evals):
+        label, step = _checkpoint_label(ev.parent, run_dir)
+        gate = json.loads((ev / "gate.json").read_text())
+        ab = json.loads((ev / "ab.json").read_text()) if (ev / "ab.json").is_file() else None
+        det = json.loads((ev / "detectors.json").read_text()) if (ev / "detectors.json").is_file() else {}
+        rows.append({"run": label, "step": step,
+                     "win_rate": ab["overall"]["rate"] if ab else None,
+                     "win_rate_ci": [ab["overall"]["ci_low"], ab["overall"]["ci_high"]] if ab else None,
+                     "detectors": {k: v.get("value") for k, v in det.items() if isinstance(v, dict)},
+                     "gates": [{"name": g["name"], "value": g["value"], "threshold": g["threshold"],
+                                "pass": g["passed"]} for g in gate["gates"]],
+                     "promoted": gate["passed"]})
+    if rows:
+        files["checkpoints.json"] = {"rows": rows}
+    for name, evidence in (("ab/result.json", "ab.json"), ("factual/result.json", "factual_compare.json")):
+        newest = _newest([p for p in run_dir.rglob(f"eval/{evidence}") if "ckpt" not in p.relative_to(run_dir).parts])
+        if newest is not None:
+            label, _ = _checkpoint_label(newest.parent.parent, run_dir)
+            files[name] = {**json.loads(newest.read_text()), "candidate": label}
+
+    done = {}
+    for name, obj in files.items():
+        path = run_dir / name
+        if path.is_file():
+            try:
+                mine = json.loads(path.read_text()).get("written_by") == FROM_STORE
+            except (ValueError, AttributeError):
+                mine = False
+            if not mine:
+                done[name] = f"kept: {name} was not written by {FROM_STORE}"
+                continue
+        write_json(path, {**obj, "written_by": FROM_STORE})
+        done[name] = "written"
+    return done

@@ -173,3 +173,20 @@ def seed(engine):
         return seed_store(engine, **kw)
 
     return make
+
+
+def judge_all(engine, round_id: int, rater_id: int, pick, *, seconds: float = 10.0) -> int:
+    """The rater answers every task of a round; ``pick(task)`` -> a canonical response id or
+    "left" / "right". Returns how many judgements were stored."""
+    from preflab.store import db, ops
+
+    n = 0
+    while True:
+        with db.session_scope(engine) as s:
+            t = ops.next_task(s, round_id=round_id, rater_id=rater_id)
+            if t is None:
+                return n
+            ops.submit_judgement(s, assignment_id=t.assignment_id, rater_id=rater_id, choice=pick(t), strength=2,
+                                 rationale="checked the facts", time_on_task_s=seconds,
+                                 idempotency_key=f"key-{round_id}-{t.assignment_id}")
+            n += 1

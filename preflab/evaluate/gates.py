@@ -252,8 +252,11 @@ def render_table(report: GateReport):  # noqa: ANN201 - rich imported lazily
         return str(v)
 
     t = Table(title=escape(f"gates for {report.subject}" if report.subject else "gates"))
-    for col in ("gate", "result", "value", "threshold", "rule", "numbers"):
+    # a gate's name (e.g. confident_wrong[pricing]) is never cut; the numbers may be (gate.json has them all)
+    t.add_column("gate", no_wrap=True, min_width=max((len(g.name) for g in report.gates), default=4))
+    for col in ("result", "value", "threshold", "rule"):
         t.add_column(col)
+    t.add_column("numbers", ratio=1)
     for g in report.gates:
         t.add_row(escape(g.name), "[green]pass[/green]" if g.passed else "[red]FAIL[/red]", fmt(g.value),
                   fmt(g.threshold), escape(g.rule), escape(", ".join(f"{k}={fmt(v)}" for k, v in g.numbers.items())))

@@ -408,8 +408,12 @@ def section_ppo(run: Path) -> Section | None:
                      pct(pt.get("share_of_proxy_oracle_gain"))))
     th, tm = table(["pass", "last step", "RM reward", "KL", "beta", "gold utility (sandbox)",
                     "share of the gold oracle's gain", "share of its RM's oracle's gain"], rows)
-    s.html = th + img(plots.plot_ppo(passes), "reward, KL, beta and gold curves per PPO pass")
     s.md = tm
+    curves = ("objective/rlhf_reward", "objective/kl", "objective/beta", "gold/utility")
+    if not any(k in r for ms in passes.values() for r in ms for k in curves):
+        s.html = th + "<p>No reward, KL or beta logged yet: nothing to plot.</p>"
+        return s
+    s.html = th + img(plots.plot_ppo(passes), "reward, KL, beta and gold curves per PPO pass")
     s.images = 1
     if oracle or any("gold/utility" in r for ms in passes.values() for r in ms):
         s.html += img(plots.plot_frontier(oracle, passes), "gold utility against sqrt KL with the oracle frontier")

@@ -7,20 +7,7 @@ import pytest
 from preflab.collect import rerate
 from preflab.store import db, ops
 from preflab.store.ops import StoreError
-
-
-def _judge_all(engine, round_id, rater_id, pick):
-    """Rater judges every task of a round; ``pick(task)`` -> canonical winner id."""
-    n = 0
-    while True:
-        with db.session_scope(engine) as s:
-            t = ops.next_task(s, round_id=round_id, rater_id=rater_id)
-            if t is None:
-                return n
-            ops.submit_judgement(s, assignment_id=t.assignment_id, rater_id=rater_id, choice=pick(t), strength=2,
-                                 rationale="checked the facts", time_on_task_s=10.0,
-                                 idempotency_key=f"k{round_id}-{t.assignment_id}")
-            n += 1
+from tests.conftest import judge_all
 
 
 def test_parse_where_names_the_bad_item():
@@ -39,7 +26,7 @@ def test_rerate_pricing_pairs_replaces_their_labels(seed):
         r1 = ops.create_round(s, project_id=st.project_id, name="c1", kind="collection", pair_ids=st.pair_ids,
                               duplicate_rate=0.0)
     # under v1 ann picks response a everywhere
-    assert _judge_all(st.engine, r1, ann, lambda t: t.left_id if t.left_id.endswith("a") else t.right_id) == 12
+    assert judge_all(st.engine, r1, ann, lambda t: t.left_id if t.left_id.endswith("a") else t.right_id) == 12
 
     with db.session_scope(st.engine) as s:
         rerate.add_rubric(s, project_id=st.project_id, label="v2", items=["Verify every price."])
@@ -57,7 +44,7 @@ def test_rerate_pricing_pairs_replaces_their_labels(seed):
     assert sorted(again) == sorted(chosen)
 
     # under v2 ann picks response b on the re-rated pairs
-    _judge_all(st.engine, rr.round_id, ann, lambda t: t.left_id if t.left_id.endswith("b") else t.right_id)
+    judge_all(st.engine, rr.round_id, ann, lambda t: t.left_id if t.left_id.endswith("b") else t.right_id)
     with db.session_scope(st.engine) as s:
         ex = ops.preference_examples(s, project_id=st.project_id)
     by_pair = {e.pair_id: e for e in ex}

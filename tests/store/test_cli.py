@@ -115,3 +115,25 @@ def test_store_sample_adds_a_new_checkpoints_answers_as_pairs(tmp_path):
         assert not bad.exists()
     r = run("store", "export", "pairs", str(tmp_path / "all.jsonl"), "--db", db, "--project", "bot")
     assert r.exit_code == 0 and len((tmp_path / "all.jsonl").read_text().splitlines()) == 3  # nothing was added
+
+
+def test_an_unreachable_or_unmigrated_store_is_a_named_error_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    def preflab(*args):
+        return subprocess.run([sys.executable, "-m", "preflab.cli", *args], capture_output=True, text=True,
+                              timeout=120)
+
+    r = preflab("store", "export", "pairs", str(tmp_path / "o.jsonl"), "--db", str(tmp_path / "new.db"))
+    assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr
+    assert "the store (--db) failed: no such table" in r.stdout and "preflab store migrate" in r.stdout, r.stdout
+    r = preflab("store", "round", "r1", "--db", "postgresql+psycopg://nobody@127.0.0.1:1/none")
+    assert r.returncode == 2 and "the store (--db) failed: connection" in r.stdout, r.stdout + r.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_serve_names_a_short_secret_key(tmp_path):
+    r = CliRunner().invoke(app, ["serve", "--secret-key", "short", "--db", f"sqlite:///{tmp_path / 's.db'}"])
+    assert r.exit_code == 2 and "--secret-key / PREFLAB_SECRET_KEY: String should have at least 16 characters" in \
+        " ".join(r.output.split()), r.output

@@ -87,3 +87,14 @@ def test_dpo_cli_from_a_jsonl_file(dirs, tmp_path):
     r = runner.invoke(app, ["dpo", "--policy", str(dirs / "policy"), "--out", str(tmp_path / "bad")])
     assert r.exit_code == 2 and "either --db" in r.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_ppo_prompts_file_takes_trl_and_store_formats(tmp_path):
+    from preflab.cli import _load_prompts
+
+    p = tmp_path / "prompts.jsonl"
+    p.write_text('{"prompt": "How much is Team?"}\n\n{"id": "q2", "text": "Can I get a refund?", "topic": "billing"}\n')
+    assert _load_prompts(str(p), 0, 0) == ["How much is Team?", "Can I get a refund?"]  # TRL, then the store's
+    p.write_text('{"id": "q3", "query": "hm"}\n')
+    with pytest.raises(ValueError, match=r"prompts.jsonl:1: expected an object with a string 'prompt' .* or 'text'"):
+        _load_prompts(str(p), 0, 0)

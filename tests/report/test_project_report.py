@@ -1,0 +1,76 @@
+"""`preflab report RUN_DIR --db`: a real project's rater quality, cost, checkpoints and A/B come from
+the store and the checkpoints' evidence (no sandbox, no gold), and the demo's own files are never overwritten."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from typer.testing import CliRunner
+
+from preflab.cli import app
+from preflab.evaluate.ab import ab_result
+from preflab.evaluate.gates import Evidence, GatesConfig, evaluate_gates
+from preflab.store import db, ops
+from tests.conftest import judge_all
+
+
+def test_report_from_a_real_projects_store(seed, db_url, tmp_path):
+    st = seed(n_pairs=12, raters={"ann": [], "bob": []}, project="acme")
+    with db.session_scope(st.engine) as s:
+        rid = ops.create_round(s, project_id=st.project_id, name="week 1", kind="collection", pair_ids=st.pair_ids,
+                               overlap=2, duplicate_rate=0.5, duplicate_gap=1, routing="any")
+        ops.update_rater(s, rater_id=st.raters["ann"], hourly_rate=90.0)
+    # ann always prefers the same answer (canonical a); bob always picks the left one, so every planted
+    # duplicate (sides swapped) gets the other answer from him
+    n_ann = judge_all(st.engine, rid, st.raters["ann"], lambda t: "left" if t.left_id.endswith("a") else "right",
+                      seconds=36.0)
+    n_bob = judge_all(st.engine, rid, st.raters["bob"], lambda t: "left", seconds=18.0)
+
+    run = tmp_path / "run"
+    ev_dir = run / "ppo1" / "policy" / "eval"
+    outcomes = [1.0] * 30 + [0.0] * 8 + [0.5] * 2
+    ev = Evidence(ab=ab_result(outcomes, topics=["pricing"] * 40, candidate_texts=["a b c"] * 40,
+                               baseline_texts=["a b"] * 40, candidate=str(run / "ppo1" / "policy"), baseline="sft"))
+    ev.save(ev_dir)
+    evaluate_gates(GatesConfig(gates=["win_rate"]), ev, subject="ppo1").save(ev_dir / "gate.json")
+    (run / "ppo1" / "metrics.jsonl").write_text('{"step": 1}\n{"step": 30}\n')  # no curves logged: nothing to plot
+
+    r = CliRunner().invoke(app, ["report", str(run), "--db", db_url, "--project", "acme"])
+    assert r.exit_code == 0, r.output
+    for name in ("collection/quality.json", "cost.json", "checkpoints.json", "ab/result.json"):
+        assert f"{name}: written" in r.output
+    assert "sections: quality, ppo, checkpoints, ab, cost" in r.output and "warning" not in r.output, r.output
+
+    q = json.loads((run / "collection" / "quality.json").read_text())
+    raters = {x["rater"]: x for x in q["raters"]}
+    assert raters["ann"]["consistency"] == 1.0 and raters["bob"]["consistency"] == 0.0
+    n_dup = raters["ann"]["n_duplicates"] + raters["bob"]["n_duplicates"]
+    assert n_dup == q["n_duplicates"] > 0 and q["n_pairs"] == 12 and q["n_judgements"] == n_ann + n_bob
+    c = raters["ann"]["n_duplicates"] / n_dup  # pooled: only ann's duplicates agree
+    assert math.isclose(q["consistency"], c)
+    assert math.isclose(q["ceiling"], 1 - (1 - math.sqrt(max(2 * c - 1, 0))) / 2)  # DESIGN.md: 1 - e
+
+    cost = json.loads((run / "cost.json").read_text())
+    people = {a["rater"]: a for a in cost["annotators"]}
+    assert math.isclose(people["ann"]["cost"], n_ann * 36 / 3600 * 90)  # the store's hourly rate
+    assert math.isclose(people["bob"]["cost"], n_bob * 18 / 3600 * 60)  # CostConfig's default
+    assert cost["simulated_raters"] is False
+
+    row = json.loads((run / "checkpoints.json").read_text())["rows"][0]
+    assert (row["run"], row["step"], row["promoted"]) == ("ppo1/policy", 30, True)
+    assert math.isclose(row["win_rate"], 31 / 40)
+    ab = json.loads((run / "ab" / "result.json").read_text())
+    assert ab["candidate"] == "ppo1/policy" and ab["baseline"] == "sft"
+    html = (run / "report.html").read_text()
+    assert "Real project" in (run / "report.md").read_text() and "Ground truth" not in html
+
+    # again: its own files are rewritten; a file it did not write (e.g. the demo's) is kept as it is
+    (run / "cost.json").write_text('{"currency": "EUR", "annotators": [], "compute": [], "totals": {}}')
+    r = CliRunner().invoke(app, ["report", str(run), "--db", db_url, "--project", "acme"])
+    assert r.exit_code == 0 and "collection/quality.json: written" in r.output, r.output
+    assert "kept: cost.json was not written by preflab report --db" in " ".join(r.output.split())
+    assert json.loads((run / "cost.json").read_text())["currency"] == "EUR"
+
+    r = CliRunner().invoke(app, ["report", str(run), "--db", db_url, "--project", "nobody"])
+    assert r.exit_code == 2 and "no project 'nobody'" in r.output
