@@ -304,8 +304,10 @@ def section_setup(run: Path) -> Section | None:
 
 
 def section_workshop(run: Path) -> Section | None:
-    p = run / "workshop" / "report.json"
-    if not p.exists():
+    # the demo writes report.json; `preflab quality report --out RUN/workshop` writes workshop_report.json
+    p = next((f for f in (run / "workshop" / "report.json", run / "workshop" / "workshop_report.json")
+              if f.exists()), None)
+    if p is None:
         return None
     w = norm_workshop(read_json(p))
     s = Section("workshop", "Calibration workshop")

@@ -62,6 +62,7 @@ class Server:
 
     db_url: str
     workers: int = 1
+    project: str = "default"
     port: int = field(default_factory=free_port)
     secret: str = field(default_factory=lambda: uuid.uuid4().hex * 2)
     log_path: Path | None = None
@@ -78,7 +79,7 @@ class Server:
         self.log_path = self.log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"preflab-serve-{self.port}.log"
         log = open(self.log_path, "ab")
         cmd = [sys.executable, "-m", "preflab.cli", "serve", "--db", self.db_url, "--host", "127.0.0.1",
-               "--port", str(self.port), "--workers", str(self.workers)]
+               "--port", str(self.port), "--workers", str(self.workers), "--project", self.project]
         # own process group, so kill() reaches the uvicorn worker processes too
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
