@@ -1238,6 +1238,9 @@ def ppo_cmd(
     out: str = typer.Option(..., "--out", help="Run directory (config.json, metrics.jsonl, events.jsonl, ckpt/, eval/, policy/)."),
     prompts: str = typer.Option(None, "--prompts", help="Query texts: JSONL with 'prompt' (TRL) or 'text' (a store prompts.jsonl), or one per line (default: sandbox train queries)."),
     n_prompts: int = typer.Option(512, help="Sandbox queries to use when --prompts is not given."),
+    eval_prompts: str = typer.Option(None, "--eval-prompts", help="Held-out queries the checkpoint evaluation samples "
+                                     "(first 64; same formats as --prompts). Default: the sandbox's held-out queries, "
+                                     "or with --prompts its first 64 (training queries, then not held out)."),
     config: str = typer.Option(None, "--config", help="TOML file; its \\[ppo] table sets PPOConfig fields."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's last checkpoint."),
     steps: int = typer.Option(None, help="PPOConfig.steps"),
@@ -1266,6 +1269,16 @@ def ppo_cmd(
                                                      kl_target=kl_target, checkpoint_every=checkpoint_every, seed=seed,
                                                      alarm_thresholds=thresholds or None))
         queries = _load_prompts(prompts, n_prompts, cfg.seed)
+        if eval_prompts is not None:
+            held = _load_prompts(eval_prompts, 0, cfg.seed)[:64]
+        elif prompts is None:
+            from preflab.sandbox.domain import generate_queries
+
+            held = [q.text for q in generate_queries(64, seed=cfg.seed, split="heldout")]
+        else:
+            held = queries[:64]
+            console.print("[yellow]note:[/yellow] the checkpoint evaluation samples the first 64 training prompts "
+                          "(give --eval-prompts for held-out ones)")
         pol, tok = load_policy(policy)
         ref, _ = load_policy(policy)
         reward_fn = reward_fn_from(reward)
@@ -1273,7 +1286,7 @@ def ppo_cmd(
         _fail(e)
     query_of = {format_prompt(q): q for q in queries}
 
-    heldout = [format_prompt(q) for q in queries[:64]]
+    heldout = [format_prompt(q) for q in held]
 
     def eval_hook(step, model):
         s = sample(model, tok, heldout, max_new_tokens=cfg.max_new_tokens, generator=torch.Generator().manual_seed(0))

@@ -106,10 +106,12 @@ def test_own_project_end_to_end(request, tmp_path):
         # PPO on the same prompts file
         (tmp_path / "ppo.toml").write_text("[ppo]\nprompts_per_step = 8\nmax_new_tokens = 48\nminibatch_size = 8\n"
                                            "ppo_epochs = 1\nlr = 1e-4\n")
+        held = tmp_path / "heldout.jsonl"
+        held.write_text("".join(json.dumps({"text": q.text}) + "\n" for q in queries(8, seed=4, split="heldout")))
         out = preflab("ppo", "--policy", sft, "--reward", run / "rm1" / "model", "--out", run / "ppo1",
-                      "--prompts", prompts, "--config", tmp_path / "ppo.toml", "--steps", "3",
+                      "--prompts", prompts, "--eval-prompts", held, "--config", tmp_path / "ppo.toml", "--steps", "3",
                       "--checkpoint-every", "3")
-        assert "ppo: 3 steps" in out
+        assert "ppo: 3 steps" in out and "note:" not in out, out
         cand = run / "ppo1" / "policy"
 
         # a blind A/B round, judged by the other rater over HTTP, then scored
