@@ -597,6 +597,8 @@ def rm_train(
         train, val = split_by_prompt(examples, val_fraction=cfg.val_fraction, seed=cfg.seed)
         model, tok = initial_reward_model(policy, seed=cfg.seed)
         res = train_reward(cfg, model=model, tokenizer=tok, train=train, val=val, run_dir=out, resume=resume)
+        _record_lineage(db, project, out, trained_on_judgements=True, initialised_from=policy,
+                        model_dir=str(res.model_dir))
     except (ValueError, OSError) as e:
         _fail(e)
     m = res.metrics
@@ -773,7 +775,9 @@ def lineage_cmd(
     with store_db.session_scope(engine, readonly=True) as s:
         pid = ops.project_id(s, name=project)
         rows = lineage(s, project_id=pid) if pid is not None else []
-    t = Table("run", "from")
+    t = Table()
+    t.add_column("run", overflow="fold")  # paths: every character matters, fold rather than cut
+    t.add_column("from", overflow="fold")
     for r in rows:
         t.add_row(r["run"], ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("run", "at")))
     console.print(t)
@@ -1186,6 +1190,23 @@ def store_progress(
 # ---- ppo / dpo: policy optimisation (train/ppo.py, train/dpo.py) ------------------------
 
 
+def _record_lineage(db: str | None, project: str | None, run: str, **payload) -> None:
+    """Record in the store what a CLI run came from (``preflab lineage``); runs without a store record nothing."""
+    if db is None or not project:
+        return
+    from pathlib import Path
+
+    from preflab.pipeline import record_run_lineage
+    from preflab.store import db as store_db
+
+    engine = store_db.make_engine(db)
+    try:
+        if record_run_lineage(engine, project=project, run=str(Path(run)), **payload):
+            console.print(f"lineage of {run} recorded in {project!r} (preflab lineage)")
+    finally:
+        engine.dispose()
+
+
 def _load_prompts(path: str | None, n: int, seed: int) -> list[str]:
     """Query texts from a file (JSONL with "prompt" or "text", or one per line), else sandbox train queries."""
     import json as _json
@@ -1251,6 +1272,8 @@ def ppo_cmd(
     alarm: str = typer.Option(None, help="Alarm thresholds on the text detectors, e.g. 'formality=0.4,hedging=0.5'."),
     checkpoint_every: int = typer.Option(None, help="PPOConfig.checkpoint_every"),
     seed: int = typer.Option(None, help="PPOConfig.seed"),
+    db: str = typer.Option(None, "--db", help="Store to record the run's lineage in (policy, reward model, steps)."),
+    project: str = typer.Option(None, "--project", help="Project in --db."),
 ) -> None:
     """Optimise a policy against a reward model with PPO and a KL leash (fixed, adaptive, alarm-driven)."""
     import torch
@@ -1264,6 +1287,17 @@ def ppo_cmd(
     from preflab.train.ppo import PPOConfig, train_ppo
 
     try:
+        if db is not None or project is not None:  # fail now, not after training
+            if db is None or not project:
+                raise ValueError("--db and --project go together (the store that records the run's lineage)")
+            from preflab.store import db as store_db
+            from preflab.store import ops
+
+            engine = store_db.make_engine(db)
+            with store_db.session_scope(engine, readonly=True) as s:
+                if ops.project_id(s, name=project) is None:
+                    raise ValueError(f"--project: no project {project!r} in {db}")
+            engine.dispose()
         thresholds = _parse_alarm(alarm)
         cfg = resolve(PPOConfig, config, "ppo", dict(steps=steps, lr=lr, kl_beta=kl_beta, kl_controller=kl_controller,
                                                      kl_target=kl_target, checkpoint_every=checkpoint_every, seed=seed,
@@ -1295,6 +1329,11 @@ def ppo_cmd(
 
     res = train_ppo(cfg, policy=pol, ref=ref, tokenizer=tok, reward_fn=reward_fn, prompts=list(query_of),
                     run_dir=out, eval_hook=eval_hook, detectors=text_rates if thresholds else None, resume=resume)
+    try:
+        _record_lineage(db, project, out, reward_model=reward, parent=policy, steps=res.steps,
+                        policy_dir=str(res.policy_dir))
+    except ValueError as e:
+        _fail(e)
     last = res.metrics[-1] if res.metrics else {}
     console.print(f"ppo: {res.steps} steps; score {last.get('objective/scores', float('nan')):.3f}, "
                   f"kl {last.get('objective/kl', float('nan')):.3f}, beta {last.get('objective/beta', float('nan')):.4g}; "
@@ -1340,6 +1379,8 @@ def dpo_cmd(
         pol, tok = load_policy(policy)
         ref, _ = load_policy(policy)
         res = train_dpo(cfg, policy=pol, ref=ref, tokenizer=tok, train=train, val=val, run_dir=out, resume=resume)
+        _record_lineage(db, project, out, trained_on_judgements=True, parent=policy, steps=res.steps,
+                        policy_dir=str(res.policy_dir))
     except (ValueError, OSError) as e:
         _fail(e)
     last = res.metrics[-1] if res.metrics else {}

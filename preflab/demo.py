@@ -19,7 +19,6 @@ import json
 import random
 import re
 import time
-from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,13 @@ from typing import Any
 from rich.console import Console
 
 from preflab.config import ConfigError, check, field_doc, to_dict, write_config
-from preflab.pipeline import StageRunner, format_prompt, write_json
+from preflab.pipeline import (
+    StageRunner,
+    format_prompt,
+    judgements_lineage,
+    record_run_lineage,
+    write_json,
+)
 
 PROJECT = "support-bot"
 SIMULATED = [
@@ -343,22 +348,9 @@ def stage_reward_model(cfg: DemoConfig, run: Path, engine, name: str) -> dict:
     rc = RewardConfig(lr=cfg.rm_lr, epochs=cfg.rm_epochs, seed=cfg.seed, eval_every=0, checkpoint_every=100, max_length=160)
     out = train_reward_stage(examples=examples, policy_dir=run / "base", run_dir=run / name, cfg=rc,
                              ceiling=quality.get("ceiling"))
-    guidelines = Counter(e.guideline_version or "none" for e in examples)
-    _record_lineage(engine, name, judgements=len(examples), pairs=len({e.pair_id for e in examples}),
-                    guidelines=dict(sorted(guidelines.items())), rounds=len({e.round_id for e in examples}),
-                    initialised_from="base", model_dir=str(run / name / "model"))
+    record_run_lineage(engine, project=PROJECT, run=name, **judgements_lineage(examples), initialised_from="base",
+                       model_dir=str(run / name / "model"))
     return out
-
-
-def _record_lineage(engine, run_name: str, **payload) -> None:
-    """Store where ``run_name`` came from (once: a resumed stage does not record it twice)."""
-    from preflab.collect.rerate import lineage, record_lineage
-    from preflab.store import db
-
-    with db.session_scope(engine) as s:
-        pid = _project_id(s)
-        if not any(r["run"] == run_name for r in lineage(s, project_id=pid)):
-            record_lineage(s, project_id=pid, run=run_name, **payload)
 
 
 def _heldout(cfg: DemoConfig, n: int, salt: int):
@@ -449,8 +441,8 @@ def stage_ppo(cfg: DemoConfig, run: Path, name: str, rm_name: str, engine) -> di
     oracle = _oracle_share(tables, evals[-1], reward_fn)
     write_json(run / name / "oracle_point.json", oracle)
     last = res.metrics[-1] if res.metrics else {}
-    _record_lineage(engine, name, reward_model=rm_name, parent="base", steps=res.steps,
-                    policy_dir=str(res.policy_dir))
+    record_run_lineage(engine, project=PROJECT, run=name, reward_model=rm_name, parent="base", steps=res.steps,
+                       policy_dir=str(res.policy_dir))
     return {"policy_dir": str(res.policy_dir), "steps": res.steps, "final_kl": last.get("objective/kl"),
             "final_reward": last.get("objective/rlhf_reward"), "final_beta": last.get("objective/beta"),
             "gold_sft": base0["gold/utility"], "gold_final": evals[-1].get("gold/utility"),

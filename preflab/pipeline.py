@@ -149,6 +149,39 @@ def reward_fn_from(rm_dir: str | Path, *, batch_size: int = 64, max_length: int 
     return reward_fn
 
 
+# ---- lineage ----------------------------------------------------------------------------------
+
+
+def judgements_lineage(rows: Sequence) -> dict[str, Any]:
+    """What a run trained on, from the store's ``ops.preference_examples`` rows: judgements, pairs,
+    rounds and the guideline version of each judgement."""
+    guidelines: dict[str, int] = {}
+    for e in rows:
+        guidelines[e.guideline_version or "none"] = guidelines.get(e.guideline_version or "none", 0) + 1
+    return {"judgements": len(rows), "pairs": len({e.pair_id for e in rows}),
+            "guidelines": dict(sorted(guidelines.items())), "rounds": len({e.round_id for e in rows})}
+
+
+def record_run_lineage(engine, *, project: str, run: str, trained_on_judgements: bool = False,  # noqa: ANN001
+                       **payload: Any) -> bool:
+    """Store where ``run`` came from (``preflab lineage``), once: a resumed run does not record it
+    twice (returns False then). ``trained_on_judgements`` adds ``judgements_lineage`` of the rows
+    the trainers read (``ops.preference_examples`` with its defaults)."""
+    from preflab.collect.rerate import lineage, record_lineage
+    from preflab.store import db, ops
+
+    with db.session_scope(engine) as s:
+        pid = ops.project_id(s, name=project)
+        if pid is None:
+            raise ops.StoreError(f"--project: no project {project!r} in the store")
+        if any(r["run"] == run for r in lineage(s, project_id=pid)):
+            return False
+        if trained_on_judgements:
+            payload = {**judgements_lineage(ops.preference_examples(s, project_id=pid)), **payload}
+        record_lineage(s, project_id=pid, run=run, **payload)
+    return True
+
+
 # ---- gates --------------------------------------------------------------------------------------
 
 

@@ -99,7 +99,8 @@ def test_own_project_end_to_end(request, tmp_path):
 
         # reward model on the store's judgements, evaluated against the raters' own consistency
         (tmp_path / "rm.toml").write_text("[rm]\nlr = 1e-3\nepochs = 3\nbatch_size = 8\nval_fraction = 0.25\n")
-        preflab("rm", "train", *proj, "--policy", sft, "--out", run / "rm1", "--config", tmp_path / "rm.toml")
+        out = preflab("rm", "train", *proj, "--policy", sft, "--out", run / "rm1", "--config", tmp_path / "rm.toml")
+        n_train, n_val = map(int, re.search(r"on (\d+) pairs \((\d+) held out\)", out).groups())
         out = preflab("rm", "eval", run / "rm1", *proj)
         assert "accuracy" in out and (run / "rm1" / "eval" / "preference.json").is_file()
 
@@ -110,7 +111,7 @@ def test_own_project_end_to_end(request, tmp_path):
         held.write_text("".join(json.dumps({"text": q.text}) + "\n" for q in queries(8, seed=4, split="heldout")))
         out = preflab("ppo", "--policy", sft, "--reward", run / "rm1" / "model", "--out", run / "ppo1",
                       "--prompts", prompts, "--eval-prompts", held, "--config", tmp_path / "ppo.toml", "--steps", "3",
-                      "--checkpoint-every", "3")
+                      "--checkpoint-every", "3", *proj)
         assert "ppo: 3 steps" in out and "note:" not in out, out
         cand = run / "ppo1" / "policy"
 
@@ -134,6 +135,21 @@ def test_own_project_end_to_end(request, tmp_path):
     out = preflab("promote", cand, "--to", "staging", *proj, ok=(0, 1))
     verdict = f"promoted {cand} to staging" if gate["passed"] else f"refused: {cand} not promoted to staging"
     assert verdict in out, out
+
+    # which judgements, guideline, reward model and policy each run came from
+    assert "judgements=" in preflab("lineage", *proj)
+    from preflab.collect.rerate import lineage
+    from preflab.store import db as store_db
+    from preflab.store import ops
+
+    engine = store_db.make_engine(db)
+    with store_db.session_scope(engine, readonly=True) as s:
+        rows = {r["run"]: r for r in lineage(s, project_id=ops.project_id(s, name="acme"))}
+    engine.dispose()
+    rm1, ppo1 = rows[str(run / "rm1")], rows[str(run / "ppo1")]
+    assert rm1["judgements"] == n_train + n_val and rm1["initialised_from"] == str(sft)  # what it trained on
+    assert set(rm1["guidelines"]) == {"v1", "v1.1"}  # calibration 1 was judged under v1, the rest under v1.1
+    assert (ppo1["reward_model"], ppo1["parent"], ppo1["steps"]) == (str(run / "rm1" / "model"), str(sft), 3)
 
     # the report, with the store's side written first
     out = preflab("report", run, *proj)
