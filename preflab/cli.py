@@ -259,6 +259,19 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2) from None
 
 
+_TEMPLATES = {"dialogue": "User: {query}\nAssistant:", "raw": "{query}", "chat": "chat"}
+_PROMPT_FORMAT_OPT = typer.Option("dialogue", "--prompt-format",
+                                  help="How the model sees a query: dialogue ('User: ...\\nAssistant:') | raw | "
+                                       "chat (its tokenizer's chat template).")
+
+
+def _template(prompt_format: str) -> str:
+    """The evaluators' prompt template for a ``--prompt-format``."""
+    if prompt_format not in _TEMPLATES:
+        raise ValueError(f"--prompt-format: must be dialogue, raw or chat, got {prompt_format!r}")
+    return _TEMPLATES[prompt_format]
+
+
 def _gates_cfg(config: str | None):
     from preflab.config import load_toml
     from preflab.evaluate.gates import GatesConfig
@@ -290,6 +303,7 @@ def factual_run(
     max_new_tokens: int = typer.Option(64, min=1, help="Longest response."),
     seed: int = typer.Option(0, help="Sampler seed."),
     out: str = typer.Option(None, help="JSON file for the run (default CHECKPOINT/eval/factual.json)."),
+    prompt_format: str = _PROMPT_FORMAT_OPT,
 ) -> None:
     """Run a checkpoint against a suite: accuracy overall and per topic."""
     from pathlib import Path
@@ -301,7 +315,8 @@ def factual_run(
 
     try:
         items = load_suite(suite)
-        cfg = FactualConfig(n_samples=samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+        cfg = FactualConfig(n_samples=samples, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
+                            prompt_template=_template(prompt_format))
         cfg.validate()
         model, tok = load_policy(checkpoint)
         run = run_suite(model, tok, items, cfg, source=str(Path(checkpoint).resolve()), progress=True)
@@ -364,12 +379,13 @@ def ab_create(
     seed: int = typer.Option(0, help="Seed for queries, sampling and sides."),
     db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
     project: str = typer.Option("default", help="Project."),
+    prompt_format: str = _PROMPT_FORMAT_OPT,
 ) -> None:
     """Generate both checkpoints' responses and open a blind eval round (sides random, identities hidden)."""
     import json
     from pathlib import Path
 
-    from preflab.evaluate.ab import ABConfig, ABQuery, create_ab_round
+    from preflab.evaluate.ab import ABConfig, ABQuery, generate_responses, store_ab_round
     from preflab.models.hf import load_policy
     from preflab.store import db as store_db
     from preflab.store import ops
@@ -386,14 +402,18 @@ def ab_create(
         cfg = ABConfig(n_queries=len(qs), overlap=overlap, temperature=temperature, max_new_tokens=max_new_tokens,
                        seed=seed)
         cfg.validate()
+        template = _template(prompt_format)
         cand, base = load_policy(candidate), load_policy(baseline)
+        # generate before the transaction: a running `preflab serve` keeps taking judgements meanwhile
+        texts = [generate_responses(*m, qs, cfg, prompt_template=template) for m in (cand, base)]
         engine = store_db.make_engine(db)
         store_db.upgrade(engine)
         with store_db.session_scope(engine) as s:
             pid = ops.ensure_project(s, name=project)
-            rid = create_ab_round(s, project_id=pid, name=name, queries=qs,
-                                  candidate=(*cand, str(Path(candidate).resolve())),
-                                  baseline=(*base, str(Path(baseline).resolve())), cfg=cfg)
+            rid = store_ab_round(s, project_id=pid, name=name, queries=qs,
+                                 candidate_source=str(Path(candidate).resolve()),
+                                 baseline_source=str(Path(baseline).resolve()), candidate_texts=texts[0],
+                                 baseline_texts=texts[1], overlap=cfg.overlap, seed=cfg.seed)
         engine.dispose()
     except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
         _fail(e)
@@ -448,6 +468,7 @@ def gates_cmd(
     reference: str = typer.Option(None, help="Reference model for the KL (usually the SFT model)."),
     max_new_tokens: int = typer.Option(64, min=1, help="Longest response when collecting."),
     seed: int = typer.Option(0, help="Seed when collecting."),
+    prompt_format: str = _PROMPT_FORMAT_OPT,
 ) -> None:
     """Evaluate the promotion gates on a checkpoint (optionally collecting the evidence first)."""
     from pathlib import Path
@@ -473,7 +494,8 @@ def gates_cmd(
 
             collect_evidence(load_policy(checkpoint), load_policy(baseline), load_suite(suite),
                              reference=load_policy(reference) if reference else None,
-                             cfg=EvidenceConfig(max_new_tokens=max_new_tokens, seed=seed), out_dir=eval_dir,
+                             cfg=EvidenceConfig(max_new_tokens=max_new_tokens, seed=seed,
+                                                prompt_template=_template(prompt_format)), out_dir=eval_dir,
                              progress=True)
         report = evaluate_gates(cfg, Evidence.load(eval_dir), subject=checkpoint)
     except (ValueError, OSError) as e:
@@ -523,6 +545,7 @@ def diagnose_cmd(
     seed: int = typer.Option(0, help="Sampler seed."),
     groups: bool = typer.Option(False, help="Also print the table per group (fact)."),
     out: str = typer.Option(None, help="JSON file (default CHECKPOINT/eval/diagnose.json)."),
+    prompt_format: str = _PROMPT_FORMAT_OPT,
 ) -> None:
     """Knowledge or preference? First-sample vs any-of-n correctness per item, per topic, and a verdict."""
     import json
@@ -533,7 +556,8 @@ def diagnose_cmd(
     from preflab.models.hf import load_policy
 
     try:
-        cfg = DiagnoseConfig(n_samples=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+        cfg = DiagnoseConfig(n_samples=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
+                             prompt_template=_template(prompt_format))
         cfg.validate()
         items = load_suite(suite)
         model, tok = load_policy(checkpoint)
@@ -651,7 +675,7 @@ def rm_score(
     model: str = typer.Option(..., "--model", help="Reward-model HF dir (e.g. RUN_DIR/model)."),
     input: str = typer.Option(..., "--input", help="JSONL with prompt/response per line."),
     output: str = typer.Option(None, "--output", help="JSONL out (default: stdout): each row plus 'score'."),
-    prompt_format: str = typer.Option("dialogue", help="dialogue (format_prompt) | raw"),
+    prompt_format: str = typer.Option("dialogue", help="dialogue (format_prompt) | raw | chat (the model's chat template)"),
     batch_size: int = typer.Option(32, help="Responses per forward pass."),
 ) -> None:
     """Score prompt/response pairs with a reward model."""
@@ -1045,12 +1069,14 @@ def store_sample(
     temperature: float = typer.Option(1.0, min=0.0, help="Sampling temperature (0 = greedy)."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
     max_new_tokens: int = typer.Option(64, min=1, help="Longest response."),
-    prompt_format: str = typer.Option("dialogue", help="dialogue ('User: ...\\nAssistant:') | raw"),
+    prompt_format: str = typer.Option("dialogue", help="dialogue ('User: ...\\nAssistant:') | raw | chat (each "
+                                                        "policy's own chat template)"),
     seed: int = typer.Option(0, help="Seed of the prompt choice, the sampler, pair choice and sides."),
     db: str = _DB_OPT,
     project: str = typer.Option("default", help="Project (its prompts are sampled; the pairs are added to it)."),
 ) -> None:
     """Sample policies on the project's prompts and add the answers as comparison pairs (fix-and-re-rate loop)."""
+    import functools
     import random
     from pathlib import Path
 
@@ -1065,8 +1091,8 @@ def store_sample(
 
     try:
         cfg = from_dict(PairsConfig, {"pairs_per_prompt": pairs_per_prompt, "strategy": strategy, "seed": seed})
-        if prompt_format not in ("dialogue", "raw"):
-            raise ValueError(f"--prompt-format: must be 'dialogue' or 'raw', got {prompt_format!r}")
+        if prompt_format not in ("dialogue", "raw", "chat"):
+            raise ValueError(f"--prompt-format: must be 'dialogue', 'raw' or 'chat', got {prompt_format!r}")
         if not 0 < top_p <= 1:
             raise ValueError(f"--top-p: must be in (0, 1], got {top_p}")
         dirs: dict[str, str] = {}
@@ -1091,13 +1117,20 @@ def store_sample(
         if limit and limit < len(prompts):
             prompts = sorted(random.Random(f"sample:{seed}").sample(prompts, limit), key=lambda p: p.id)
         policies = {label: load_policy(path) for label, path in dirs.items()}
+        formats = {label: functools.partial(dialogue_prompt, prompt_format=prompt_format, tokenizer=tok)
+                   for label, (_, tok) in policies.items()}
+        for label, fmt in formats.items():  # a model without a chat template fails here, before any sampling
+            try:
+                fmt(prompts[0].text)
+            except ValueError as e:
+                raise ValueError(f"--policy {label}: {e}") from None
     except (ValueError, OSError, ops.StoreError) as e:
         _fail(e)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("sampling", total=len(prompts) * n_per_policy * len(policies))
         cands = sample_candidates(policies, prompts, n_per_policy=n_per_policy, max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_p=top_p, seed=seed,
-                                  prompt_format=lambda t: dialogue_prompt(t, prompt_format),
+                                  prompt_format=formats,
                                   on_batch=lambda n: bar.advance(task, n))
     plan = build_pairs(prompts, cands, cfg)
     dropped = ", ".join(f"{k} {v}" for k, v in plan.dropped.items() if v) or "none"
@@ -1272,6 +1305,8 @@ def ppo_cmd(
     alarm: str = typer.Option(None, help="Alarm thresholds on the text detectors, e.g. 'formality=0.4,hedging=0.5'."),
     checkpoint_every: int = typer.Option(None, help="PPOConfig.checkpoint_every"),
     seed: int = typer.Option(None, help="PPOConfig.seed"),
+    prompt_format: str = typer.Option("dialogue", help="How the policy sees a query: dialogue ('User: ...\\n"
+                                                        "Assistant:') | raw | chat (its tokenizer's chat template)."),
     db: str = typer.Option(None, "--db", help="Store to record the run's lineage in (policy, reward model, steps)."),
     project: str = typer.Option(None, "--project", help="Project in --db."),
 ) -> None:
@@ -1283,7 +1318,7 @@ def ppo_cmd(
     from preflab.models.hf import load_policy
     from preflab.models.sampling import sample
     from preflab.pipeline import reward_fn_from
-    from preflab.sandbox.domain import format_prompt
+    from preflab.train.data import dialogue_prompt
     from preflab.train.ppo import PPOConfig, train_ppo
 
     try:
@@ -1315,19 +1350,20 @@ def ppo_cmd(
                           "(give --eval-prompts for held-out ones)")
         pol, tok = load_policy(policy)
         ref, _ = load_policy(policy)
-        reward_fn = reward_fn_from(reward)
+        # the policy's prompts in its own format; the reward model gets the query back and formats it its way
+        query_of = {dialogue_prompt(q, prompt_format, tok): q for q in [*queries, *held]}
+        reward_fn = reward_fn_from(reward, to_query=query_of.__getitem__)
     except (ValueError, OSError) as e:
         _fail(e)
-    query_of = {format_prompt(q): q for q in queries}
-
-    heldout = [format_prompt(q) for q in held]
+    train_prompts = list(dict.fromkeys(dialogue_prompt(q, prompt_format, tok) for q in queries))
+    heldout = [dialogue_prompt(q, prompt_format, tok) for q in held]
 
     def eval_hook(step, model):
         s = sample(model, tok, heldout, max_new_tokens=cfg.max_new_tokens, generator=torch.Generator().manual_seed(0))
         scores = reward_fn(heldout, s.texts)
         return {"eval/reward": float(scores.mean()), **{f"eval/{k}": v for k, v in text_rates(s.texts).items()}}
 
-    res = train_ppo(cfg, policy=pol, ref=ref, tokenizer=tok, reward_fn=reward_fn, prompts=list(query_of),
+    res = train_ppo(cfg, policy=pol, ref=ref, tokenizer=tok, reward_fn=reward_fn, prompts=train_prompts,
                     run_dir=out, eval_hook=eval_hook, detectors=text_rates if thresholds else None, resume=resume)
     try:
         _record_lineage(db, project, out, reward_model=reward, parent=policy, steps=res.steps,

@@ -130,8 +130,14 @@ def train_reward_stage(*, examples: Sequence, policy_dir: str | Path, run_dir: s
             "accuracy": ev["accuracy"], "ci": ev["ci"], "ceiling": ceiling, "warnings": ev["warnings"]}
 
 
-def reward_fn_from(rm_dir: str | Path, *, batch_size: int = 64, max_length: int = 256):
-    """``(prompts, texts) -> (B,) tensor`` scoring with a trained reward model (for PPO)."""
+def reward_fn_from(rm_dir: str | Path, *, batch_size: int = 64, max_length: int = 256,
+                   to_query: Callable[[str], str] = query_of):
+    """``(prompts, texts) -> (B,) tensor`` scoring with a trained reward model (for PPO).
+
+    ``to_query`` recovers the raw query from the policy's prompt (default: strip the dialogue
+    template); the reward model then wraps it in the prompt format it was trained with (its run's
+    ``config.json`` beside ``model/``; "dialogue" when there is none).
+    """
     import torch
 
     from preflab.models.hf import fuse_gelu, load_reward_model
@@ -140,10 +146,12 @@ def reward_fn_from(rm_dir: str | Path, *, batch_size: int = 64, max_length: int 
     model, tok = load_reward_model(rm_dir)
     fuse_gelu(model)
     model.eval()
+    run_cfg = Path(rm_dir).parent / "config.json"
+    fmt = json.loads(run_cfg.read_text()).get("prompt_format", "dialogue") if run_cfg.is_file() else "dialogue"
 
     def reward_fn(prompts: list[str], texts: list[str]) -> torch.Tensor:
-        scores = score_responses(model, tok, [query_of(p) for p in prompts], texts, batch_size=batch_size,
-                                 max_length=max_length)
+        scores = score_responses(model, tok, [to_query(p) for p in prompts], texts, batch_size=batch_size,
+                                 max_length=max_length, prompt_format=fmt)
         return torch.tensor(scores, dtype=torch.float32)
 
     return reward_fn

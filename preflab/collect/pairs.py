@@ -157,13 +157,14 @@ def sample_candidates(
     top_p: float = 1.0,
     batch_size: int = 32,
     seed: int = 0,
-    prompt_format: Callable[[str], str] | None = None,
+    prompt_format: Callable[[str], str] | Mapping[str, Callable[[str], str]] | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[Candidate]:
     """Sample ``n_per_policy`` responses per prompt from each ``label -> (model, tokenizer)``.
 
     ``prompt_format`` turns a stored prompt text into the model's input (e.g. the sandbox's
-    ``format_prompt``); the identity by default. The candidate's source is the label.
+    ``format_prompt``), or maps each label to its own (e.g. each model's chat template); the
+    identity by default. The candidate's source is the label.
     ``on_batch(n)`` is called after each batch with the number of responses it sampled
     (a progress bar's advance).
     """
@@ -173,9 +174,9 @@ def sample_candidates(
 
     if n_per_policy < 1 or max_new_tokens < 1 or batch_size < 1:
         raise ValueError("sample_candidates: n_per_policy, max_new_tokens and batch_size must be >= 1")
-    fmt = prompt_format or (lambda t: t)
     out: list[Candidate] = []
     for k, (label, (model, tok)) in enumerate(sorted(policies.items())):
+        fmt = (prompt_format[label] if isinstance(prompt_format, Mapping) else prompt_format) or (lambda t: t)
         gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed * 1000 + k)
         rows = [p for p in prompts for _ in range(n_per_policy)]
         for start in range(0, len(rows), batch_size):

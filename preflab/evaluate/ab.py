@@ -281,14 +281,18 @@ def _hash(*parts: object) -> str:
 
 def generate_responses(model, tokenizer, queries: Sequence[ABQuery], cfg: ABConfig | None = None, *,
                        prompt_template: str = "User: {query}\nAssistant:", batch_size: int = 64) -> list[str]:
-    """One sampled response per query (``cfg.temperature``, 0 = greedy), seeded by ``cfg.seed``."""
+    """One sampled response per query (``cfg.temperature``, 0 = greedy), seeded by ``cfg.seed``.
+
+    ``prompt_template``: a string with ``{query}``, or "chat" for the tokenizer's chat template."""
     import torch
 
     from preflab.models.sampling import sample
 
     cfg = cfg or ABConfig()
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
-    prompts = [prompt_template.format(query=q.text) for q in queries]
+    from preflab.models.hf import render_query
+
+    prompts = [render_query(tokenizer, q.text, prompt_template) for q in queries]
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         s = sample(model, tokenizer, prompts[start : start + batch_size], max_new_tokens=cfg.max_new_tokens,

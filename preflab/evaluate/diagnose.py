@@ -37,14 +37,16 @@ class DiagnoseConfig:
     max_new_tokens: int = field_doc(64, "Longest response generated per item.")
     batch_size: int = field_doc(64, "Prompts per generation batch.")
     seed: int = field_doc(0, "Seed of the sampler.")
-    prompt_template: str = field_doc("User: {query}\nAssistant:", "Prompt around each query; {query} is replaced.")
+    prompt_template: str = field_doc("User: {query}\nAssistant:", "Prompt around each query; {query} is replaced "
+                                                                  "('chat': the tokenizer's chat template).")
 
     def validate(self) -> None:
         check(self.n_samples >= 2, "diagnose.n_samples", "must be >= 2")
         check(self.temperature > 0, "diagnose.temperature", "must be > 0")
         check(self.max_new_tokens >= 1, "diagnose.max_new_tokens", "must be >= 1")
         check(self.batch_size >= 1, "diagnose.batch_size", "must be >= 1")
-        check("{query}" in self.prompt_template, "diagnose.prompt_template", "must contain {query}")
+        check("{query}" in self.prompt_template or self.prompt_template == "chat", "diagnose.prompt_template",
+              "must contain {query} or be 'chat'")
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,8 @@ class FactualConfig:
     max_new_tokens: int = field_doc(64, "Longest response generated per item.")
     batch_size: int = field_doc(64, "Prompts per generation batch.")
     seed: int = field_doc(0, "Seed of the sampler.")
-    prompt_template: str = field_doc("User: {query}\nAssistant:", "Prompt around each query; {query} is replaced.")
+    prompt_template: str = field_doc("User: {query}\nAssistant:", "Prompt around each query; {query} is replaced "
+                                                                  "('chat': the tokenizer's chat template).")
     alpha: float = field_doc(0.05, "Significance level for calling a paired difference a regression.")
 
     def validate(self) -> None:
@@ -57,7 +58,8 @@ class FactualConfig:
         check(0 < self.top_p <= 1, "factual.top_p", "must be in (0, 1]")
         check(self.max_new_tokens >= 1, "factual.max_new_tokens", "must be >= 1")
         check(self.batch_size >= 1, "factual.batch_size", "must be >= 1")
-        check("{query}" in self.prompt_template, "factual.prompt_template", "must contain {query}")
+        check("{query}" in self.prompt_template or self.prompt_template == "chat", "factual.prompt_template",
+              "must contain {query} or be 'chat'")
         check(0 < self.alpha < 1, "factual.alpha", "must be in (0, 1)")
 
 
@@ -253,7 +255,9 @@ def run_suite(model, tokenizer, items: list[SuiteItem], cfg: FactualConfig | Non
     cfg = cfg or FactualConfig()
     if ref_model is not None and (cfg.temperature != 1.0 or cfg.top_p != 1.0):
         raise ValueError("factual.temperature: a KL estimate needs samples at temperature 1 and top_p 1")
-    prompts = [cfg.prompt_template.format(query=it.query) for it in items for _ in range(cfg.n_samples)]
+    from preflab.models.hf import render_query
+
+    prompts = [render_query(tokenizer, it.query, cfg.prompt_template) for it in items for _ in range(cfg.n_samples)]
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     texts: list[str] = []
     kls: list[float] = []

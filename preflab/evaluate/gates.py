@@ -274,7 +274,8 @@ class EvidenceConfig:
     detector_samples: int = field_doc(2, "Samples per item at temperature 1 for the detectors and KL.")
     batch_size: int = field_doc(64, "Prompts per generation batch.")
     seed: int = field_doc(0, "Seed of the samplers and the bootstrap.")
-    prompt_template: str = field_doc("User: {query}\nAssistant:", "Prompt around each query; {query} is replaced.")
+    prompt_template: str = field_doc("User: {query}\nAssistant:", "Prompt around each query; {query} is replaced "
+                                                                  "('chat': the tokenizer's chat template).")
 
     def validate(self) -> None:
         check(self.max_new_tokens >= 1, "evidence.max_new_tokens", "must be >= 1")

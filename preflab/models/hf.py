@@ -40,6 +40,25 @@ def _set_pad(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
         model.generation_config.pad_token_id = tok.pad_token_id
 
 
+CHAT = "chat"  # a prompt template value: use the tokenizer's own chat template
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, query: str) -> str:
+    """``query`` as one user turn in the tokenizer's chat template, ending with the assistant's
+    generation prompt (instruct models: the format they were tuned on)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("prompt format 'chat': this tokenizer has no chat template (use 'dialogue' or 'raw', "
+                         "or a template string with {query})")
+    return tokenizer.apply_chat_template([{"role": "user", "content": query}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def render_query(tokenizer: PreTrainedTokenizerBase, query: str, template: str) -> str:
+    """The model input for ``query``: ``template`` with ``{query}`` replaced, or, when ``template``
+    is ``"chat"``, the tokenizer's chat template (``chat_prompt``)."""
+    return chat_prompt(tokenizer, query) if template == CHAT else template.format(query=query)
+
+
 @contextlib.contextmanager
 def _quiet_hf():
     """Silence 'some weights were newly initialized' (expected for a fresh reward head)."""

@@ -128,19 +128,30 @@ class EncodedPair:
     truncated: bool
 
 
-def dialogue_prompt(prompt: str, prompt_format: str = "dialogue") -> str:
-    """The text before the response: ``format_prompt(prompt)`` or the raw prompt."""
+PROMPT_FORMATS = ("dialogue", "raw", "chat")
+
+
+def dialogue_prompt(prompt: str, prompt_format: str = "dialogue", tokenizer=None) -> str:  # noqa: ANN001
+    """The text before the response: ``format_prompt(prompt)`` ("dialogue"), the raw prompt ("raw",
+    TRL's concatenation) or the prompt as a user turn in ``tokenizer``'s chat template ("chat")."""
     if prompt_format == "dialogue":
         return format_prompt(prompt)
     if prompt_format == "raw":
         return prompt
-    raise ValueError(f"prompt_format: must be 'dialogue' or 'raw', got {prompt_format!r}")
+    if prompt_format == "chat":
+        from preflab.models.hf import chat_prompt
+
+        if tokenizer is None:
+            raise ValueError("prompt_format 'chat': needs the tokenizer")
+        return chat_prompt(tokenizer, prompt)
+    raise ValueError(f"prompt_format: must be 'dialogue', 'raw' or 'chat', got {prompt_format!r}")
 
 
 def encode_prompt_response(
     tokenizer, prompt: str, responses: Sequence[str], *, max_length: int, prompt_format: str = "dialogue"
 ) -> tuple[list[int], list[list[int]], bool]:
-    """Token ids of the prompt and of each ``" " + response + eos`` (no leading space for "raw").
+    """Token ids of the prompt and of each ``" " + response + eos`` (no leading space for "raw" and
+    "chat": a chat template's generation prompt ends where the answer starts).
 
     The prompt keeps its last tokens and each response its first so that prompt + response
     fits ``max_length``; the prompt may use at most half of it when it would not fit.
@@ -149,7 +160,7 @@ def encode_prompt_response(
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("tokenizer: has no eos token")
-    p_ids = tokenizer(dialogue_prompt(prompt, prompt_format), add_special_tokens=False)["input_ids"]
+    p_ids = tokenizer(dialogue_prompt(prompt, prompt_format, tokenizer), add_special_tokens=False)["input_ids"]
     sep = " " if prompt_format == "dialogue" else ""
     r_ids = [tokenizer(sep + r, add_special_tokens=False)["input_ids"] + [eos] for r in responses]
     truncated = False

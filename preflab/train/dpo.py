@@ -49,7 +49,9 @@ class DPOConfig:
     label_smoothing: float = field_doc(0.0, "cDPO label smoothing (share of labels assumed flipped).")
     rpo_alpha: float = field_doc(0.0, "Weight of the chosen responses' per-token NLL added to the loss (RPO, Pang et al. 2024); keeps DPO from pushing mass off well-formed text.")
     max_length: int = field_doc(256, "Prompt + response tokens kept per pair.")
-    prompt_format: Literal["dialogue", "raw"] = field_doc("dialogue", "Wrap prompts in the sandbox dialogue format or use them raw.")
+    prompt_format: Literal["dialogue", "raw", "chat"] = field_doc(
+        "dialogue", "Wrap prompts in the dialogue format ('User: ...\\nAssistant:'), use them raw, or apply the "
+                    "tokenizer's chat template ('chat').")
     checkpoint_every: int = field_doc(500, "Save a checkpoint every N optimiser steps.")
     keep_last: int = field_doc(2, "Checkpoints kept on disk (0: all).")
     eval_batch_size: int = field_doc(32, "Pairs per forward when computing reference / validation log-probs.")

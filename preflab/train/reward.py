@@ -60,8 +60,9 @@ class RewardConfig:
                                        "sigmoid(delta r - m); 0 is plain Bradley-Terry. Planted duplicates "
                                        "measure it (the quality report's flip rate)")
     max_length: int = field_doc(256, "max tokens of prompt + response")
-    prompt_format: Literal["dialogue", "raw"] = field_doc(
-        "dialogue", "'dialogue': format_prompt(prompt) + ' ' + response; 'raw': prompt + response (TRL)")
+    prompt_format: Literal["dialogue", "raw", "chat"] = field_doc(
+        "dialogue", "'dialogue': format_prompt(prompt) + ' ' + response; 'raw': prompt + response (TRL); "
+                    "'chat': the tokenizer's chat template around the prompt, then the response")
     share_prompt: bool = field_doc(True, "compute each prompt once and share it between chosen and rejected")
     val_fraction: float = field_doc(0.1, "share of prompts held out for validation (split by prompt)")
     eval_every: int = field_doc(50, "evaluate on the validation pairs every N steps (0: only at the end)")
@@ -87,7 +88,8 @@ class RewardConfig:
         check(self.ties in ("exclude", "half"), f"{w}.ties", f"must be 'exclude' or 'half', got {self.ties!r}")
         check(0.0 <= self.lapse_rate < 0.5, f"{w}.lapse_rate", "must be in [0, 0.5)")
         check(self.max_length >= 8, f"{w}.max_length", "must be >= 8")
-        check(self.prompt_format in ("dialogue", "raw"), f"{w}.prompt_format", "must be 'dialogue' or 'raw'")
+        check(self.prompt_format in ("dialogue", "raw", "chat"), f"{w}.prompt_format",
+              "must be 'dialogue', 'raw' or 'chat'")
         check(0.0 <= self.val_fraction < 1.0, f"{w}.val_fraction", "must be in [0, 1)")
         check(self.eval_batch_size >= 1, f"{w}.eval_batch_size", "must be >= 1")
         check(self.mixed_precision in ("no", "fp16", "bf16"), f"{w}.mixed_precision", "must be no, fp16 or bf16")
