@@ -621,8 +621,8 @@ def rm_train(
         train, val = split_by_prompt(examples, val_fraction=cfg.val_fraction, seed=cfg.seed)
         model, tok = initial_reward_model(policy, seed=cfg.seed)
         res = train_reward(cfg, model=model, tokenizer=tok, train=train, val=val, run_dir=out, resume=resume)
-        _record_lineage(db, project, out, trained_on_judgements=True, initialised_from=policy,
-                        model_dir=str(res.model_dir))
+        _record_lineage(db, project, out, trained_on_judgements=True, initialised_from=_abs(policy),
+                        model_dir=_abs(res.model_dir))
     except (ValueError, OSError) as e:
         _fail(e)
     m = res.metrics
@@ -1223,6 +1223,12 @@ def store_progress(
 # ---- ppo / dpo: policy optimisation (train/ppo.py, train/dpo.py) ------------------------
 
 
+def _abs(path) -> str:  # noqa: ANN001
+    from pathlib import Path
+
+    return str(Path(path).resolve())
+
+
 def _record_lineage(db: str | None, project: str | None, run: str, **payload) -> None:
     """Record in the store what a CLI run came from (``preflab lineage``); runs without a store record nothing."""
     if db is None or not project:
@@ -1234,7 +1240,7 @@ def _record_lineage(db: str | None, project: str | None, run: str, **payload) ->
 
     engine = store_db.make_engine(db)
     try:
-        if record_run_lineage(engine, project=project, run=str(Path(run)), **payload):
+        if record_run_lineage(engine, project=project, run=str(Path(run).resolve()), **payload):
             console.print(f"lineage of {run} recorded in {project!r} (preflab lineage)")
     finally:
         engine.dispose()
@@ -1366,8 +1372,8 @@ def ppo_cmd(
     res = train_ppo(cfg, policy=pol, ref=ref, tokenizer=tok, reward_fn=reward_fn, prompts=train_prompts,
                     run_dir=out, eval_hook=eval_hook, detectors=text_rates if thresholds else None, resume=resume)
     try:
-        _record_lineage(db, project, out, reward_model=reward, parent=policy, steps=res.steps,
-                        policy_dir=str(res.policy_dir))
+        _record_lineage(db, project, out, reward_model=_abs(reward), parent=_abs(policy), steps=res.steps,
+                        policy_dir=_abs(res.policy_dir))
     except ValueError as e:
         _fail(e)
     last = res.metrics[-1] if res.metrics else {}
@@ -1415,8 +1421,8 @@ def dpo_cmd(
         pol, tok = load_policy(policy)
         ref, _ = load_policy(policy)
         res = train_dpo(cfg, policy=pol, ref=ref, tokenizer=tok, train=train, val=val, run_dir=out, resume=resume)
-        _record_lineage(db, project, out, trained_on_judgements=True, parent=policy, steps=res.steps,
-                        policy_dir=str(res.policy_dir))
+        _record_lineage(db, project, out, trained_on_judgements=True, parent=_abs(policy), steps=res.steps,
+                        policy_dir=_abs(res.policy_dir))
     except (ValueError, OSError) as e:
         _fail(e)
     last = res.metrics[-1] if res.metrics else {}

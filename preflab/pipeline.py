@@ -8,8 +8,10 @@ pipeline with simulated raters and production in place of people.
 
 Here are the pieces that do not depend on who the raters are: the stage runner, reward-model
 training + held-out evaluation in the report's shape, a PPO reward function from a trained
-reward model, and the evidence + gates of a checkpoint. (A real-project ``preflab run``
-over these is not written yet; ``demo.py`` is the one caller today.)
+reward model, run lineage, the evidence + gates of a checkpoint, and a real project's report
+inputs from its store. The demo calls them in order; on a real project the CLI commands call
+them one step at a time (docs/own_project.md): there is no single ``preflab run`` that waits
+for people.
 """
 
 from __future__ import annotations
