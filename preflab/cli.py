@@ -1275,20 +1275,27 @@ def _load_prompts(path: str | None, n: int, seed: int) -> list[str]:
     return out
 
 
-def _parse_alarm(spec: str | None) -> dict[str, float]:
-    """``"formality=0.4,length=60"`` -> {"formality": 0.4, "length": 60.0}."""
-    out: dict[str, float] = {}
+def _parse_alarm(spec: str | None) -> tuple[dict[str, float], dict[str, float]]:
+    """``"formality=0.4,length=+20"`` -> ({"formality": 0.4}, {"length": 20.0}): absolute thresholds,
+    and shifts above the reference policy's own rate (``+x``)."""
+    from preflab.evaluate.detectors import text_rates
+
+    known = sorted(text_rates([]))
+    absolute: dict[str, float] = {}
+    shifts: dict[str, float] = {}
     for part in (spec or "").split(","):
         if not part.strip():
             continue
-        name, sep, value = part.partition("=")
-        try:
-            out[name.strip()] = float(value)
-        except ValueError:
-            raise ValueError(f"--alarm: {part!r} is not name=number") from None
+        name, sep, value = (x.strip() for x in part.partition("="))
         if not sep:
             raise ValueError(f"--alarm: {part!r} is not name=number")
-    return out
+        if name not in known:
+            raise ValueError(f"--alarm: unknown detector {name!r} (known: {', '.join(known)})")
+        try:
+            (shifts if value.startswith("+") else absolute)[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--alarm: {part!r} is not name=number") from None
+    return absolute, shifts
 
 
 @app.command("ppo")
@@ -1308,7 +1315,8 @@ def ppo_cmd(
     kl_beta: float = typer.Option(None, help="PPOConfig.kl_beta (initial beta)"),
     kl_controller: str = typer.Option(None, help="PPOConfig.kl_controller: fixed | adaptive"),
     kl_target: float = typer.Option(None, help="PPOConfig.kl_target (nats per response)"),
-    alarm: str = typer.Option(None, help="Alarm thresholds on the text detectors, e.g. 'formality=0.4,hedging=0.5'."),
+    alarm: str = typer.Option(None, help="Alarm thresholds on the text detectors, e.g. 'formality=0.4,hedging=0.5'; "
+                                         "'formality=+0.1' = the reference policy's own rate + 0.1."),
     checkpoint_every: int = typer.Option(None, help="PPOConfig.checkpoint_every"),
     seed: int = typer.Option(None, help="PPOConfig.seed"),
     prompt_format: str = typer.Option("dialogue", help="How the policy sees a query: dialogue ('User: ...\\n"
@@ -1339,7 +1347,7 @@ def ppo_cmd(
                 if ops.project_id(s, name=project) is None:
                     raise ValueError(f"--project: no project {project!r} in {db}")
             engine.dispose()
-        thresholds = _parse_alarm(alarm)
+        thresholds, shifts = _parse_alarm(alarm)
         cfg = resolve(PPOConfig, config, "ppo", dict(steps=steps, lr=lr, kl_beta=kl_beta, kl_controller=kl_controller,
                                                      kl_target=kl_target, checkpoint_every=checkpoint_every, seed=seed,
                                                      alarm_thresholds=thresholds or None))
@@ -1363,6 +1371,14 @@ def ppo_cmd(
         _fail(e)
     train_prompts = list(dict.fromkeys(dialogue_prompt(q, prompt_format, tok) for q in queries))
     heldout = [dialogue_prompt(q, prompt_format, tok) for q in held]
+    if shifts:  # relative thresholds: the reference's own rates on the held-out prompts, 4 samples each
+        s = sample(ref, tok, heldout * 4, max_new_tokens=cfg.max_new_tokens,
+                   generator=torch.Generator().manual_seed(cfg.seed))
+        base = text_rates(s.texts)
+        cfg.alarm_thresholds = {**cfg.alarm_thresholds, **{k: base[k] + d for k, d in shifts.items()}}
+        for k, d in shifts.items():
+            console.print(f"alarm: {k} above {cfg.alarm_thresholds[k]:.3g} (the reference's {base[k]:.3g} "
+                          f"+ {d:g}, on {len(s.texts)} samples of the held-out prompts)")
 
     def eval_hook(step, model):
         s = sample(model, tok, heldout, max_new_tokens=cfg.max_new_tokens, generator=torch.Generator().manual_seed(0))
@@ -1370,7 +1386,8 @@ def ppo_cmd(
         return {"eval/reward": float(scores.mean()), **{f"eval/{k}": v for k, v in text_rates(s.texts).items()}}
 
     res = train_ppo(cfg, policy=pol, ref=ref, tokenizer=tok, reward_fn=reward_fn, prompts=train_prompts,
-                    run_dir=out, eval_hook=eval_hook, detectors=text_rates if thresholds else None, resume=resume)
+                    run_dir=out, eval_hook=eval_hook, detectors=text_rates if cfg.alarm_thresholds else None,
+                    resume=resume)
     try:
         _record_lineage(db, project, out, reward_model=_abs(reward), parent=_abs(policy), steps=res.steps,
                         policy_dir=_abs(res.policy_dir))

@@ -98,3 +98,29 @@ def test_ppo_prompts_file_takes_trl_and_store_formats(tmp_path):
     p.write_text('{"id": "q3", "query": "hm"}\n')
     with pytest.raises(ValueError, match=r"prompts.jsonl:1: expected an object with a string 'prompt' .* or 'text'"):
         _load_prompts(str(p), 0, 0)
+
+
+def test_ppo_alarm_relative_to_the_reference(dirs, tmp_path):
+    from preflab.evaluate.detectors import text_rates
+    from preflab.models.hf import load_policy
+    from preflab.models.sampling import sample
+    from preflab.sandbox.domain import format_prompt, generate_queries
+
+    runner = CliRunner()
+    (tmp_path / "ppo.toml").write_text("[ppo]\nprompts_per_step = 4\nmax_new_tokens = 8\nminibatch_size = 4\n"
+                                       "ppo_epochs = 1\n")
+    base = ["ppo", "--policy", str(dirs / "policy"), "--reward", str(dirs / "rm"), "--config",
+            str(tmp_path / "ppo.toml"), "--n-prompts", "8", "--steps", "1"]
+    r = runner.invoke(app, [*base, "--out", str(tmp_path / "run"), "--alarm", "formality=+0.1,length=30"])
+    assert r.exit_code == 0, r.output
+    # the reference's own formality on 4 samples of each of the 64 held-out prompts, plus 0.1
+    pol, tok = load_policy(dirs / "policy")
+    held = [format_prompt(q.text) for q in generate_queries(64, seed=0, split="heldout")]
+    ref_rate = text_rates(sample(pol, tok, held * 4, max_new_tokens=8,
+                                 generator=torch.Generator().manual_seed(0)).texts)["formality"]
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["alarm_thresholds"] == pytest.approx({"formality": ref_rate + 0.1, "length": 30.0})
+    assert "the reference's" in r.output
+    r = runner.invoke(app, [*base, "--out", str(tmp_path / "bad"), "--alarm", "formalty=+0.1"])
+    assert r.exit_code == 2 and "--alarm: unknown detector 'formalty' (known: confidence, formality" in r.output
+    assert not (tmp_path / "bad").exists()
