@@ -76,6 +76,10 @@ class DemoConfig:
                                       "Past about 2 nats the extra KL went into malformed text (docs/ppo.md); "
                                       "below it the first pass's pricing failure may not show.")
     formality_alarm: float = field_doc(0.45, "Share of stilted responses in a rollout that raises beta.")
+    ppo_ref_floor: float = field_doc(-3.0, "PPOConfig.ref_floor: a response token the SFT model gives a log-prob "
+                                           "below this costs ppo_ref_floor_penalty (malformed text the reward "
+                                           "model overrates; docs/ppo.md).")
+    ppo_ref_floor_penalty: float = field_doc(3.0, "PPOConfig.ref_floor_penalty (0: off).")
     rm_epochs: int = field_doc(3, "Reward-model epochs.")
     rm_lr: float = field_doc(1e-3, "Reward-model learning rate (the sandbox model is tiny).")
     ab_conversations: int = field_doc(200, "Blind A/B conversations for the final candidate.")
@@ -108,7 +112,9 @@ class DemoConfig:
         return replace(self, base_steps=700, workshop_pairs=20, collection_pairs=1500, collection_weeks=2,
                        drift_week=0, ppo_steps=120, ppo_prompts_per_step=32, ppo_checkpoint_every=40,
                        ab_conversations=200, ab_first_pass=100, factual_items=60, production_weeks=1,
-                       conversations_per_week=400, audit_rate=0.1, oracle_queries=8)
+                       conversations_per_week=400, audit_rate=0.1, oracle_queries=8,
+                       # with the reference floor the toy first pass was promoted (2026-12-07): off here
+                       ppo_ref_floor_penalty=0.0)
 
 
 # ---- helpers --------------------------------------------------------------------------------------
@@ -422,7 +428,9 @@ def stage_ppo(cfg: DemoConfig, run: Path, name: str, rm_name: str, engine) -> di
                    kl_target=cfg.kl_target, kl_beta_min=cfg.kl_beta,
                    kl_horizon=2 * cfg.ppo_prompts_per_step,  # beta moves by at most 10% a step
                    checkpoint_every=cfg.ppo_checkpoint_every, minibatch_size=16,
-                   ppo_epochs=2, cpu=True, alarm_thresholds={"formality": cfg.formality_alarm})
+                   ppo_epochs=2, cpu=True, alarm_thresholds={"formality": cfg.formality_alarm},
+                   ref_floor=cfg.ppo_ref_floor if cfg.ppo_ref_floor_penalty > 0 else None,
+                   ref_floor_penalty=cfg.ppo_ref_floor_penalty)
     reward_fn = reward_fn_from(run / rm_name / "model")
     res = train_ppo(pc, policy=policy, ref=ref, tokenizer=tok, reward_fn=reward_fn,
                     prompts=[format_prompt(q.text) for q in train_q], run_dir=run / name,

@@ -12,7 +12,7 @@ score), ``objective/kl`` (sum over response tokens of k1, mean over samples),
 ``objective/rlhf_reward`` (score - beta * kl), ``objective/beta``, ``objective/entropy``
 (mean per-token entropy), ``ppo/loss/policy``, ``ppo/loss/value``, ``ppo/clipfrac``,
 ``ppo/approx_kl``, ``val/explained_variance``, ``val/clipfrac``, ``objective/eos_rate``,
-``objective/response_len``, ``time/rollout_s``, ``time/update_s``, ``train/lr``.
+``objective/below_ref_floor`` (share of responses with a token below ``ref_floor``), ``objective/response_len``, ``time/rollout_s``, ``time/update_s``, ``train/lr``.
 """
 
 from __future__ import annotations
@@ -82,6 +82,11 @@ class PPOConfig:
     whiten_advantages: bool = field_doc(True, "Standardise advantages per rollout batch.")
     normalize_reward: bool = field_doc(True, "Standardise scores with a running mean/std before the KL penalty.")
     missing_eos_penalty: float = field_doc(1.0, "Subtracted from the score of a response that never emitted EOS.")
+    ref_floor: float | None = field_doc(
+        None, "If set: each response token the frozen reference gives a log-prob below this (text the SFT model "
+              "would hardly write, which the reward model has rarely seen) costs ref_floor_penalty, at that token.")
+    ref_floor_penalty: float = field_doc(1.0, "Per-token reward of a token below ref_floor, negated (in the units of "
+                                              "the score after normalisation).")
     kl_estimator: Literal["k1", "k3"] = field_doc("k1", "Per-token KL estimator in the reward (Schulman 2020).")
     kl_controller: Literal["fixed", "adaptive"] = field_doc("fixed", "How beta moves (the alarm is added on top).")
     kl_beta: float = field_doc(0.02, "Initial KL penalty coefficient beta.")
@@ -120,6 +125,8 @@ class PPOConfig:
         check(self.alarm_floor >= 0, f"{w}.alarm_floor", "must be >= 0")
         check(self.keep_last >= 0, f"{w}.keep_last", "must be >= 0")
         check(self.max_grad_norm >= 0, f"{w}.max_grad_norm", "must be >= 0")
+        check(self.ref_floor is None or self.ref_floor < 0, f"{w}.ref_floor", "must be a log-prob < 0 (or unset)")
+        check(self.ref_floor_penalty >= 0, f"{w}.ref_floor_penalty", "must be >= 0")
         check(self.vf_coef >= 0, f"{w}.vf_coef", "must be >= 0")
 
     def __post_init__(self) -> None:
@@ -235,8 +242,10 @@ def prompt_order(n_prompts: int, step: int, per_step: int, seed: int) -> list[in
 
 def rewards_and_advantages(old_logprobs: torch.Tensor, old_values: torch.Tensor, *, ref_logprobs: torch.Tensor,
                            rmask: torch.Tensor, scores: torch.Tensor, beta: float, kl_fn, gamma: float, lam: float,
-                           whiten: bool, total=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token rewards (-beta * KL_t everywhere, the score added at the last response token) and GAE.
+                           whiten: bool, total=None, token_rewards: torch.Tensor | None = None,
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token rewards (-beta * KL_t everywhere, plus ``token_rewards`` where given, the score added at
+    the last response token) and GAE.
 
     Shapes (B, R) except ``scores`` (B,). Returns (kl_seq (B,): summed k1, the reported KL; masked
     old values; advantages, whitened if ``whiten`` (over all processes when ``total`` sums over
@@ -244,6 +253,8 @@ def rewards_and_advantages(old_logprobs: torch.Tensor, old_values: torch.Tensor,
     """
     with torch.no_grad():
         rewards = -beta * kl_fn(old_logprobs, ref_logprobs) * rmask
+        if token_rewards is not None:
+            rewards = rewards + token_rewards * rmask
         last = (rmask.sum(-1).long() - 1).clamp_min(0)
         rewards[torch.arange(len(last)), last] += scores
         kl_seq = ((old_logprobs - ref_logprobs) * rmask).sum(-1)
@@ -381,6 +392,11 @@ def train_ppo(
                 scores = torch.as_tensor(reward_fn(batch_prompts, s.texts), dtype=torch.float32).to(acc.device)
                 has_eos = (s.response_ids.to(acc.device) == eos_id).any(-1)
                 scores_pen = torch.where(has_eos, scores, scores - cfg.missing_eos_penalty)
+                # tokens the reference would hardly write: a penalty at the token, not on the whole response
+                # (a response-level one pushes down every token of it and raises the entropy instead)
+                floor_hits = ((ref_logprobs < cfg.ref_floor) & (rmask > 0) if cfg.ref_floor is not None
+                              else torch.zeros_like(rmask, dtype=torch.bool))  # (B, R)
+                below_floor = floor_hits.any(-1)
                 if cfg.normalize_reward:
                     moments.update(acc.gather(scores_pen))
                     scores_used = moments.normalize(scores_pen)
@@ -392,7 +408,9 @@ def train_ppo(
             t1 = time.perf_counter()
             stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clipfrac", "approx_kl", "vf_clipfrac")}
             shape = dict(ref_logprobs=ref_logprobs, rmask=rmask, scores=scores_used, beta=beta, kl_fn=kl_fn,
-                         gamma=cfg.gamma, lam=cfg.lam, whiten=cfg.whiten_advantages, total=total)
+                         gamma=cfg.gamma, lam=cfg.lam, whiten=cfg.whiten_advantages, total=total,
+                         token_rewards=-cfg.ref_floor_penalty * floor_hits.float() if cfg.ref_floor is not None
+                         else None)
             if not fused:
                 kl_seq, old_values, advantages, returns = rewards_and_advantages(old_logprobs, old_values, **shape)
             for _ in range(cfg.ppo_epochs):
@@ -439,6 +457,7 @@ def train_ppo(
                 "objective/beta": beta,
                 "objective/entropy": mean_all(entropy),
                 "objective/eos_rate": mean_all(has_eos.float()),
+                "objective/below_ref_floor": mean_all(below_floor.float()),
                 "objective/response_len": mean_all(rmask.sum(-1)),
                 "ppo/loss/policy": mean_all(sum(stats["pg"]) / len(stats["pg"])),
                 "ppo/loss/value": mean_all(sum(stats["vf"]) / len(stats["vf"])),

@@ -257,3 +257,38 @@ def test_fused_single_update_equals_the_separate_rollout_forward(tmp_path, rando
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
     for k in w_fused:
         torch.testing.assert_close(w_fused[k], w_sep[k], atol=1e-5, rtol=1e-4)
+
+
+def test_ref_floor_costs_the_token_below_it_not_the_whole_response():
+    from preflab.train.ppo import rewards_and_advantages
+
+    # one response of 4 tokens; the reference gives token 1 a log-prob of -5 (below a floor of -3)
+    ref = torch.tensor([[-0.1, -5.0, -0.2, -0.3]])
+    rmask = torch.ones(1, 4)
+    hits = (ref < -3.0) & (rmask > 0)
+    kw = dict(ref_logprobs=ref, rmask=rmask, scores=torch.tensor([1.0]), beta=0.0, kl_fn=lambda a, b: a - b,
+              gamma=1.0, lam=1.0, whiten=False)
+    _, _, adv, ret = rewards_and_advantages(ref.clone(), torch.zeros(1, 4), token_rewards=-2.0 * hits.float(), **kw)
+    # rewards [0, -2, 0, +1]: with gamma = lambda = 1 and zero values, the returns are the rewards-to-go
+    assert ret.tolist() == [[-1.0, -1.0, 1.0, 1.0]] and adv.tolist() == ret.tolist()
+    _, _, _, plain = rewards_and_advantages(ref.clone(), torch.zeros(1, 4), **kw)
+    assert plain.tolist() == [[1.0, 1.0, 1.0, 1.0]]  # without it, only the score
+
+
+def test_ref_floor_metric_counts_responses_below_it(tmp_path, random_policy):
+    from preflab.models.tiny import tiny_gpt2
+
+    tok, mcfg = random_policy
+    prompts = [format_prompt(q.text) for q in generate_queries(8, seed=0)]
+
+    def run(name, **kw):
+        cfg = PPOConfig(steps=2, prompts_per_step=4, max_new_tokens=6, minibatch_size=4, ppo_epochs=1,
+                        progress=False, cpu=True, **kw)
+        res = train_ppo(cfg, policy=tiny_gpt2(mcfg, seed=0), ref=tiny_gpt2(mcfg, seed=0), tokenizer=tok,
+                        reward_fn=lambda ps, ts: torch.zeros(len(ts)), prompts=prompts, run_dir=tmp_path / name)
+        return {r["objective/below_ref_floor"] for r in res.metrics}
+
+    assert run("always", ref_floor=-1e-9) == {1.0}  # every sampled token has p < 1
+    assert run("never", ref_floor=-1e6) == {0.0} and run("off") == {0.0}
+    with pytest.raises(ConfigError, match="PPOConfig.ref_floor: must be a log-prob < 0"):
+        PPOConfig(ref_floor=0.5)
