@@ -148,8 +148,14 @@ def reward_fn_from(rm_dir: str | Path, *, batch_size: int = 64, max_length: int 
     model, tok = load_reward_model(rm_dir)
     fuse_gelu(model)
     model.eval()
-    run_cfg = Path(rm_dir).parent / "config.json"
-    fmt = json.loads(run_cfg.read_text()).get("prompt_format", "dialogue") if run_cfg.is_file() else "dialogue"
+    run_cfg, fmt = Path(rm_dir).parent / "config.json", "dialogue"
+    if run_cfg.is_file():  # an `rm train` run dir; anything else beside the model leaves the default
+        try:
+            saved = json.loads(run_cfg.read_text())
+        except ValueError:
+            saved = None
+        if isinstance(saved, dict) and saved.get("prompt_format") in ("dialogue", "raw", "chat"):
+            fmt = saved["prompt_format"]
 
     def reward_fn(prompts: list[str], texts: list[str]) -> torch.Tensor:
         scores = score_responses(model, tok, [to_query(p) for p in prompts], texts, batch_size=batch_size,
