@@ -259,17 +259,20 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2) from None
 
 
-_TEMPLATES = {"dialogue": "User: {query}\nAssistant:", "raw": "{query}", "chat": "chat"}
 _PROMPT_FORMAT_OPT = typer.Option("dialogue", "--prompt-format",
                                   help="How the model sees a query: dialogue ('User: ...\\nAssistant:') | raw | "
                                        "chat (its tokenizer's chat template).")
 
 
 def _template(prompt_format: str) -> str:
-    """The evaluators' prompt template for a ``--prompt-format``."""
-    if prompt_format not in _TEMPLATES:
+    """The evaluators' prompt template for a ``--prompt-format`` (the trainers' formats as templates)."""
+    from preflab.models.hf import CHAT
+    from preflab.pipeline import PROMPT_TEMPLATE
+
+    templates = {"dialogue": PROMPT_TEMPLATE, "raw": "{query}", "chat": CHAT}
+    if prompt_format not in templates:
         raise ValueError(f"--prompt-format: must be dialogue, raw or chat, got {prompt_format!r}")
-    return _TEMPLATES[prompt_format]
+    return templates[prompt_format]
 
 
 def _gates_cfg(config: str | None):
@@ -1087,11 +1090,11 @@ def store_sample(
     from preflab.models.hf import load_policy
     from preflab.store import db as store_db
     from preflab.store import io, ops
-    from preflab.train.data import dialogue_prompt
+    from preflab.train.data import PROMPT_FORMATS, dialogue_prompt
 
     try:
         cfg = from_dict(PairsConfig, {"pairs_per_prompt": pairs_per_prompt, "strategy": strategy, "seed": seed})
-        if prompt_format not in ("dialogue", "raw", "chat"):
+        if prompt_format not in PROMPT_FORMATS:
             raise ValueError(f"--prompt-format: must be 'dialogue', 'raw' or 'chat', got {prompt_format!r}")
         if not 0 < top_p <= 1:
             raise ValueError(f"--top-p: must be in (0, 1], got {top_p}")
@@ -1278,9 +1281,9 @@ def _load_prompts(path: str | None, n: int, seed: int) -> list[str]:
 def _parse_alarm(spec: str | None) -> tuple[dict[str, float], dict[str, float]]:
     """``"formality=0.4,length=+20"`` -> ({"formality": 0.4}, {"length": 20.0}): absolute thresholds,
     and shifts above the reference policy's own rate (``+x``)."""
-    from preflab.evaluate.detectors import text_rates
+    from preflab.evaluate.detectors import TEXT_RATES
 
-    known = sorted(text_rates([]))
+    known = sorted(TEXT_RATES)
     absolute: dict[str, float] = {}
     shifts: dict[str, float] = {}
     for part in (spec or "").split(","):

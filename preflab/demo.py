@@ -28,6 +28,7 @@ from rich.console import Console
 from preflab.config import ConfigError, check, field_doc, to_dict, write_config
 from preflab.pipeline import (
     StageRunner,
+    checkpoint_row,
     format_prompt,
     judgements_lineage,
     record_run_lineage,
@@ -615,18 +616,7 @@ def stage_summaries(cfg: DemoConfig, run: Path, engine, runner: StageRunner) -> 
     from preflab.train.data import load_jsonl
     from preflab.train.reward import score_pairs
 
-    rows = []
-    for name in ("ppo_v1", "ppo_v2"):
-        g = json.loads((run / name / "gates" / "gate.json").read_text())
-        det = json.loads((run / name / "gates" / "detectors.json").read_text()) if (
-            run / name / "gates" / "detectors.json").is_file() else {}
-        ab = json.loads((run / name / "gates" / "ab.json").read_text())
-        rows.append({"run": name, "step": cfg.ppo_steps, "win_rate": ab["overall"]["rate"],
-                     "win_rate_ci": [ab["overall"]["ci_low"], ab["overall"]["ci_high"]],
-                     "detectors": {k: v.get("value") for k, v in det.items() if isinstance(v, dict)},
-                     "gates": [{"name": x["name"], "value": x["value"], "threshold": x["threshold"],
-                                "pass": x["passed"]} for x in g["gates"]],
-                     "promoted": g["passed"]})
+    rows = [checkpoint_row(run / name / "gates", run=name, step=cfg.ppo_steps) for name in ("ppo_v1", "ppo_v2")]
     write_json(run / "checkpoints.json", {"rows": rows})
     v1, v2 = rows
     fix = runner.done.get("fix", {}).get("out", {})

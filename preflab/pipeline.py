@@ -143,6 +143,7 @@ def reward_fn_from(rm_dir: str | Path, *, batch_size: int = 64, max_length: int 
     import torch
 
     from preflab.models.hf import fuse_gelu, load_reward_model
+    from preflab.train.data import PROMPT_FORMATS
     from preflab.train.reward import score_responses
 
     model, tok = load_reward_model(rm_dir)
@@ -154,7 +155,7 @@ def reward_fn_from(rm_dir: str | Path, *, batch_size: int = 64, max_length: int 
             saved = json.loads(run_cfg.read_text())
         except ValueError:
             saved = None
-        if isinstance(saved, dict) and saved.get("prompt_format") in ("dialogue", "raw", "chat"):
+        if isinstance(saved, dict) and saved.get("prompt_format") in PROMPT_FORMATS:
             fmt = saved["prompt_format"]
 
     def reward_fn(prompts: list[str], texts: list[str]) -> torch.Tensor:
@@ -255,8 +256,25 @@ def store_quality(session, *, project_id: int, round_kinds: Sequence[str] = ("co
     }
 
 
-def _newest(paths: Sequence[Path]) -> Path | None:
-    return max(paths, key=lambda p: p.stat().st_mtime, default=None)
+def _evidence_files(run_dir: Path, name: str) -> list[Path]:
+    """Every ``*/eval/NAME`` under ``run_dir`` outside training checkpoints (``ckpt/``)."""
+    return sorted(p for p in run_dir.rglob(f"eval/{name}") if "ckpt" not in p.relative_to(run_dir).parts)
+
+
+def checkpoint_row(evidence_dir: Path, *, run: str, step: int | None) -> dict[str, Any]:
+    """A ``checkpoints.json`` row from the evidence ``preflab gates`` leaves in a directory
+    (``gate.json``; ``ab.json`` and ``detectors.json`` when they are there)."""
+    def read(name: str) -> Any:
+        return json.loads((evidence_dir / name).read_text()) if (evidence_dir / name).is_file() else None
+
+    gate, ab, det = read("gate.json"), read("ab.json"), read("detectors.json") or {}
+    return {"run": run, "step": step,
+            "win_rate": ab["overall"]["rate"] if ab else None,
+            "win_rate_ci": [ab["overall"]["ci_low"], ab["overall"]["ci_high"]] if ab else None,
+            "detectors": {k: v.get("value") for k, v in det.items() if isinstance(v, dict)},
+            "gates": [{"name": g["name"], "value": g["value"], "threshold": g["threshold"], "pass": g["passed"]}
+                      for g in gate["gates"]],
+            "promoted": gate["passed"]}
 
 
 def _checkpoint_label(ckpt: Path, run_dir: Path) -> tuple[str, int | None]:
@@ -306,24 +324,14 @@ def project_summaries(run_dir: str | Path, engine, *, project: str, cost=None) -
     files: dict[str, Any] = {"collection/quality.json": quality,
                              "cost.json": build_ledger(cfg, judgement_times=times)}
 
-    evals = [p.parent for p in run_dir.rglob("eval/gate.json") if "ckpt" not in p.relative_to(run_dir).parts]
     rows = []
-    for ev in sorted(evals):
-        label, step = _checkpoint_label(ev.parent, run_dir)
-        gate = json.loads((ev / "gate.json").read_text())
-        ab = json.loads((ev / "ab.json").read_text()) if (ev / "ab.json").is_file() else None
-        det = json.loads((ev / "detectors.json").read_text()) if (ev / "detectors.json").is_file() else {}
-        rows.append({"run": label, "step": step,
-                     "win_rate": ab["overall"]["rate"] if ab else None,
-                     "win_rate_ci": [ab["overall"]["ci_low"], ab["overall"]["ci_high"]] if ab else None,
-                     "detectors": {k: v.get("value") for k, v in det.items() if isinstance(v, dict)},
-                     "gates": [{"name": g["name"], "value": g["value"], "threshold": g["threshold"],
-                                "pass": g["passed"]} for g in gate["gates"]],
-                     "promoted": gate["passed"]})
+    for gate_file in _evidence_files(run_dir, "gate.json"):
+        label, step = _checkpoint_label(gate_file.parent.parent, run_dir)
+        rows.append(checkpoint_row(gate_file.parent, run=label, step=step))
     if rows:
         files["checkpoints.json"] = {"rows": rows}
     for name, evidence in (("ab/result.json", "ab.json"), ("factual/result.json", "factual_compare.json")):
-        newest = _newest([p for p in run_dir.rglob(f"eval/{evidence}") if "ckpt" not in p.relative_to(run_dir).parts])
+        newest = max(_evidence_files(run_dir, evidence), key=lambda p: p.stat().st_mtime, default=None)
         if newest is not None:
             label, _ = _checkpoint_label(newest.parent.parent, run_dir)
             files[name] = {**json.loads(newest.read_text()), "candidate": label}

@@ -310,6 +310,9 @@ def run_detectors_by_topic(candidate: Responses, baseline: Responses, *, cfg: De
             for t in topics}
 
 
+TEXT_RATES = ("formality", "hedging", "confidence", "repetition", "length")  # what text_rates returns
+
+
 def text_rates(texts: list[str], cfg: DetectorConfig | None = None) -> dict[str, float]:
     """Absolute values of the text-only detectors on ``texts``, for the PPO alarm controller.
 
@@ -319,7 +322,7 @@ def text_rates(texts: list[str], cfg: DetectorConfig | None = None) -> dict[str,
     cfg = cfg or DetectorConfig()
     r = Responses(list(texts))
     return {name: float(DETECTORS[name].fn(r, cfg).mean()) if texts else 0.0
-            for name in ("formality", "hedging", "confidence", "repetition", "length")}
+            for name in TEXT_RATES}
 
 
 def alarms(results: dict[str, DetectorResult], max_shift: dict[str, float]) -> list[str]:

@@ -34,6 +34,7 @@ from preflab.config import check, check_resume, field_doc, write_config
 from preflab.losses.bradley_terry import MARGIN_PRESETS, bradley_terry_loss, margins_from_strength
 from preflab.models.hf import fuse_gelu
 from preflab.train.data import (
+    PROMPT_FORMATS,
     PairBatch,
     PreferenceExample,
     collate_pairs,
@@ -88,8 +89,7 @@ class RewardConfig:
         check(self.ties in ("exclude", "half"), f"{w}.ties", f"must be 'exclude' or 'half', got {self.ties!r}")
         check(0.0 <= self.lapse_rate < 0.5, f"{w}.lapse_rate", "must be in [0, 0.5)")
         check(self.max_length >= 8, f"{w}.max_length", "must be >= 8")
-        check(self.prompt_format in ("dialogue", "raw", "chat"), f"{w}.prompt_format",
-              "must be 'dialogue', 'raw' or 'chat'")
+        check(self.prompt_format in PROMPT_FORMATS, f"{w}.prompt_format", "must be 'dialogue', 'raw' or 'chat'")
         check(0.0 <= self.val_fraction < 1.0, f"{w}.val_fraction", "must be in [0, 1)")
         check(self.eval_batch_size >= 1, f"{w}.eval_batch_size", "must be >= 1")
         check(self.mixed_precision in ("no", "fp16", "bf16"), f"{w}.mixed_precision", "must be no, fp16 or bf16")
