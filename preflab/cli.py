@@ -406,11 +406,15 @@ def ab_create(
                        seed=seed)
         cfg.validate()
         template = _template(prompt_format)
+        engine = store_db.make_engine(db)
+        store_db.upgrade(engine)
+        with store_db.session_scope(engine, readonly=True) as s:  # a taken name fails before the generation
+            pid = ops.project_id(s, name=project)
+            if pid is not None and any(r.name == name for r in ops.list_rounds(s, project_id=pid)):
+                raise ops.StoreError(f"--name: round {name!r} already exists in project {project!r}")
         cand, base = load_policy(candidate), load_policy(baseline)
         # generate before the transaction: a running `preflab serve` keeps taking judgements meanwhile
         texts = [generate_responses(*m, qs, cfg, prompt_template=template) for m in (cand, base)]
-        engine = store_db.make_engine(db)
-        store_db.upgrade(engine)
         with store_db.session_scope(engine) as s:
             pid = ops.ensure_project(s, name=project)
             rid = store_ab_round(s, project_id=pid, name=name, queries=qs,

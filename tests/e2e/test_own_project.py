@@ -120,6 +120,10 @@ def test_own_project_end_to_end(request, tmp_path):
                       prompts, "--n", "24", *proj)
         blind = int(re.search(r"round (\d+) 'blind 1': 24 blind pairs", out).group(1))
         assert rate_everything(server, tokens[1], blind, "ben-ab") == 24
+        # a taken round name fails before any model is loaded or sampled (the paths below do not exist)
+        out = preflab("ab", "create", "--candidate", tmp_path / "nope", "--baseline", sft, "--name", "blind 1",
+                      "--queries", prompts, *proj, ok=(2,))
+        assert "--name: round 'blind 1' already exists" in out, out
     finally:
         server.stop()
     out = preflab("ab", "result", blind, "--db", db)
