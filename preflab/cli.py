@@ -756,9 +756,11 @@ def guidelines_list(
     from preflab.store import ops
 
     engine = store_db.make_engine(db)
-    with store_db.session_scope(engine, readonly=True) as s:
-        pid = ops.project_id(s, name=project)
-        gs = ops.list_guidelines(s, project_id=pid) if pid is not None else []
+    try:
+        with store_db.session_scope(engine, readonly=True) as s:
+            gs = ops.list_guidelines(s, project_id=ops.require_project(s, name=project))
+    except ValueError as e:
+        _fail(e)
     for g in gs:
         console.print(f"[bold]{g.label}[/bold] ({g.created_at:%Y-%m-%d}): {'; '.join(g.rubric) or '(no rubric)'}")
 
@@ -803,9 +805,11 @@ def lineage_cmd(
     from preflab.store import ops
 
     engine = store_db.make_engine(db)
-    with store_db.session_scope(engine, readonly=True) as s:
-        pid = ops.project_id(s, name=project)
-        rows = lineage(s, project_id=pid) if pid is not None else []
+    try:
+        with store_db.session_scope(engine, readonly=True) as s:
+            rows = lineage(s, project_id=ops.require_project(s, name=project))
+    except ValueError as e:
+        _fail(e)
     t = Table()
     t.add_column("run", overflow="fold")  # paths: every character matters, fold rather than cut
     t.add_column("from", overflow="fold")
@@ -853,9 +857,7 @@ def quality_report(
     try:
         engine = store_db.make_engine(db)
         with store_db.session_scope(engine) as s:
-            pid = ops.project_id(s, name=project)
-            if pid is None:
-                raise ops.StoreError(f"--project: no project named {project!r}", code="not_found")
+            pid = ops.require_project(s, name=project)
             rep, paths = write_workshop_report(s, project_id=pid, out_dir=out, before_round_id=before,
                                                after_round_id=after, cfg=WorkshopConfig(n_boot=n_boot, seed=seed),
                                                embed=embedder)
@@ -900,9 +902,7 @@ def quality_status(
     try:
         engine = store_db.make_engine(db)
         with store_db.session_scope(engine) as s:
-            pid = ops.project_id(s, name=project)
-            if pid is None:
-                raise ops.StoreError(f"--project: no project named {project!r}", code="not_found")
+            pid = ops.require_project(s, name=project)
             if check_drift:
                 monitor_drift(s, project_id=pid, baseline_n=baseline, embed=embedder)
             status = rater_status(s, project_id=pid)
@@ -1045,9 +1045,7 @@ def store_round(
     engine = store_db.make_engine(db)
     try:
         with store_db.session_scope(engine) as s:
-            pid = ops.project_id(s, name=project)
-            if pid is None:
-                raise ops.StoreError(f"--project: no project {project!r} in {db}")
+            pid = ops.require_project(s, name=project)
             pairs = [p.id for p in ops.list_pairs(s, project_id=pid, topic=topic)]
             if pairs_from:
                 from preflab.store.io import listed_pair_ids
@@ -1114,9 +1112,7 @@ def store_sample(
             raise ValueError("--n-per-policy: one policy with one response per prompt cannot make a pair")
         engine = store_db.make_engine(db)
         with store_db.session_scope(engine, readonly=True) as s:
-            pid = ops.project_id(s, name=project)
-            if pid is None:
-                raise ops.StoreError(f"--project: no project {project!r} in {db}")
+            pid = ops.require_project(s, name=project)
             prompts = ops.list_prompts(s, project_id=pid, topic=topic)
         if not prompts:
             raise ops.StoreError(f"--project: no prompts{f' with topic {topic!r}' if topic else ''} in {project!r} "
@@ -1179,9 +1175,7 @@ def store_export(
                 raise ops.StoreError(f"--margin: need 4 values (strengths 0..3), got {len(vals)}")
             margins = dict(enumerate(vals))
         with store_db.session_scope(engine, readonly=True) as s:
-            pid = ops.project_id(s, name=project)
-            if pid is None:
-                raise ops.StoreError(f"--project: no project {project!r} in {db}")
+            pid = ops.require_project(s, name=project)
             if what == "judgements":
                 rid = None
                 if round_name is not None:
@@ -1351,8 +1345,7 @@ def ppo_cmd(
 
             engine = store_db.make_engine(db)
             with store_db.session_scope(engine, readonly=True) as s:
-                if ops.project_id(s, name=project) is None:
-                    raise ValueError(f"--project: no project {project!r} in {db}")
+                ops.require_project(s, name=project)
             engine.dispose()
         thresholds, shifts = _parse_alarm(alarm)
         cfg = resolve(PPOConfig, config, "ppo", dict(steps=steps, lr=lr, kl_beta=kl_beta, kl_controller=kl_controller,

@@ -188,9 +188,7 @@ def record_run_lineage(engine, *, project: str, run: str, trained_on_judgements:
     from preflab.store import db, ops
 
     with db.session_scope(engine) as s:
-        pid = ops.project_id(s, name=project)
-        if pid is None:
-            raise ops.StoreError(f"--project: no project {project!r} in the store")
+        pid = ops.require_project(s, name=project)
         if any(r["run"] == run for r in lineage(s, project_id=pid)):
             return False
         if trained_on_judgements:
@@ -307,9 +305,7 @@ def project_summaries(run_dir: str | Path, engine, *, project: str, cost=None) -
 
     run_dir = Path(run_dir)
     with db.session_scope(engine, readonly=True) as s:
-        pid = ops.project_id(s, name=project)
-        if pid is None:
-            raise ops.StoreError(f"--project: no project {project!r} in the store")
+        pid = ops.require_project(s, name=project)
         quality = store_quality(s, project_id=pid, round_kinds=RATED_KINDS)
         raters = ops.list_raters(s, project_id=pid)
         names = {r.id: r.name for r in raters}

@@ -73,4 +73,4 @@ def test_report_from_a_real_projects_store(seed, db_url, tmp_path):
     assert json.loads((run / "cost.json").read_text())["currency"] == "EUR"
 
     r = CliRunner().invoke(app, ["report", str(run), "--db", db_url, "--project", "nobody"])
-    assert r.exit_code == 2 and "no project 'nobody'" in r.output
+    assert r.exit_code == 2 and "no project named 'nobody'" in r.output

@@ -107,7 +107,7 @@ def test_store_sample_adds_a_new_checkpoints_answers_as_pairs(tmp_path):
         (["--policy", new, "--n-per-policy", "1"], "one policy with one response per prompt cannot make a pair"),
         (["--policy", new, "--temperature", "0"], "no pairs: no prompt got two distinct usable answers"),
         (["--policy", new, "--topic", "refunds"], "no prompts with topic 'refunds' in 'bot'"),
-        (["--policy", new, "--project", "nobody"], "no project 'nobody'"),
+        (["--policy", new, "--project", "nobody"], "--project: no project named 'nobody'"),
         (["--policy", new, "--strategy", "best"], "PairsConfig.strategy: must be one of ['random', 'cross_source'], got 'best'"),
     ]:
         r = run("store", "sample", str(bad), "--db", db, "--project", "bot", *extra)  # a later --project wins
@@ -115,6 +115,9 @@ def test_store_sample_adds_a_new_checkpoints_answers_as_pairs(tmp_path):
         assert not bad.exists()
     r = run("store", "export", "pairs", str(tmp_path / "all.jsonl"), "--db", db, "--project", "bot")
     assert r.exit_code == 0 and len((tmp_path / "all.jsonl").read_text().splitlines()) == 3  # nothing was added
+    for cmd in (["lineage"], ["guidelines", "list"]):  # a mistyped project is an error, not an empty table
+        r = run(*cmd, "--db", db, "--project", "bot ")
+        assert r.exit_code == 2 and "--project: no project named 'bot '" in r.text, (cmd, r.text)
 
 
 def test_an_unreachable_or_unmigrated_store_is_a_named_error_not_a_traceback(tmp_path):

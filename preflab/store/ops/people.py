@@ -47,6 +47,15 @@ def project_id(session: Session, *, name: str) -> int | None:
     return session.scalar(select(Project.id).where(Project.name == name))
 
 
+def require_project(session: Session, *, name: str, where: str = "--project") -> int:
+    """The id of the project called ``name``; a missing one is a ``not_found`` StoreError naming
+    ``where`` (the flag or field the name came from)."""
+    pid = project_id(session, name=name)
+    if pid is None:
+        raise StoreError(f"{where}: no project named {name!r} in the store", code="not_found")
+    return pid
+
+
 def ensure_project(session: Session, *, name: str) -> int:
     """The id of project ``name``, created if missing."""
     pid = project_id(session, name=name)
