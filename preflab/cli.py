@@ -1399,6 +1399,99 @@ def ppo_cmd(
                   f"{len(res.events)} beta changes (events.jsonl); policy in {res.policy_dir}")
 
 
+_TRAIN_KEYS = ("objective/kl", "objective/scores", "objective/beta",  # ppo
+               "dpo/loss", "dpo/accuracy", "val/accuracy",  # dpo, rm
+               "train/loss", "train/accuracy")
+
+
+@app.command("checkpoints")
+def checkpoints_cmd(
+    run: str = typer.Argument(..., help="Run directory of `ppo`, `dpo` or `rm train`."),
+    keys: str = typer.Option(None, help="Columns, comma-separated (default: the trainer's KL/score/loss and "
+                                        "every key of eval/step_N.json)."),
+    export: int = typer.Option(None, "--export", help="Write this step's checkpoint as a model directory."),
+    out: str = typer.Option(None, "--out", help="With --export: the new model directory."),
+    like: str = typer.Option(None, "--like", help="With --export: a model dir of the same architecture and tokenizer "
+                                                  "(default: the run's final policy/ or model/)."),
+) -> None:
+    """Each checkpoint's training and held-out evaluation numbers, and --export STEP --out DIR to turn
+    one into a model directory (for ab create, gates, rm score) when the final one is not the best."""
+    import json
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from preflab.train.checkpoint import (
+        checkpoint_step,
+        export_checkpoint,
+        list_checkpoints,
+    )
+
+    root = Path(run)
+    if not root.is_dir():
+        _fail(ValueError(f"RUN: no directory {root}"))
+    kept = {checkpoint_step(p): p for p in list_checkpoints(root)}
+    evals = {}
+    for f in sorted((root / "eval").glob("step_*.json")) if (root / "eval").is_dir() else []:
+        try:
+            evals[int(f.stem.split("_")[1])] = json.loads(f.read_text())
+        except (ValueError, IndexError):
+            _fail(ValueError(f"{f}: not an evaluation file (eval/step_N.json with a JSON object)"))
+    if export is not None:
+        try:
+            if not out:
+                raise ValueError("--out: --export needs the new model directory")
+            if export not in kept:
+                raise ValueError(f"--export: no checkpoint of step {export} on disk in {root / 'ckpt'} "
+                                 f"(kept: {', '.join(map(str, kept)) or 'none'}; PPOConfig/DPOConfig.keep_last "
+                                 "= 0 keeps all)")
+            if like is None:
+                like = next((str(root / d) for d in ("policy", "model") if (root / d / "config.json").is_file()), None)
+                if like is None:
+                    raise ValueError("--like: the run has no final policy/ or model/ yet; give the model it "
+                                     "started from")
+            path = export_checkpoint(kept[export], like, out)
+        except (ValueError, OSError) as e:
+            _fail(e)
+        console.print(f"step {export} of {root} -> {path} (a model directory)")
+        return
+    rows: dict[int, dict] = {}
+    if (root / "metrics.jsonl").is_file():
+        for line in (root / "metrics.jsonl").read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                rows.setdefault(int(r.get("step", -1)), {}).update(r)
+    steps = sorted(set(kept) | set(evals))
+    if not steps:
+        _fail(ValueError(f"{root}: no checkpoints (ckpt/step_N) and no evaluations (eval/step_N.json)"))
+    if keys:
+        cols = [k.strip() for k in keys.split(",") if k.strip()]
+    else:
+        cols = [k for k in _TRAIN_KEYS if any(k in rows.get(st, {}) for st in steps)]
+        cols += sorted({k for e in evals.values() for k, v in e.items() if k != "step" and isinstance(v, (int, float))}
+                       - set(cols))
+    table = {st: {**rows.get(st, {}), **evals.get(st, {})} for st in steps}
+    cell = {(st, c): f"{v:.4g}" if isinstance(v := table[st].get(c), (int, float)) else "-" for st in steps for c in cols}
+    title = f"{root}: {len(steps)} checkpoints, {len(kept)} on disk (metrics.jsonl at that step; eval/step_N.json)"
+    if len(cols) <= 6:  # a row per checkpoint
+        t = Table(title=title)
+        for c in ("step", "on disk", *cols):
+            t.add_column(c, justify="right")
+        for st in steps:
+            t.add_row(str(st), "yes" if st in kept else "no", *(cell[st, c] for c in cols))
+    else:  # many numbers: a column per checkpoint, a row per number
+        t = Table(title=title)
+        t.add_column("step", overflow="fold")
+        for st in steps:
+            t.add_column(str(st), justify="right")
+        t.add_row("on disk", *("yes" if st in kept else "no" for st in steps), end_section=True)
+        for c in cols:
+            t.add_row(c, *(cell[st, c] for st in steps))
+    console.print(t)
+    if kept:
+        console.print(f"to use one: preflab checkpoints {root} --export STEP --out DIR")
+
+
 @app.command("dpo")
 def dpo_cmd(
     policy: str = typer.Option(..., "--policy", help="HF dir of the SFT policy (also the frozen reference)."),

@@ -207,3 +207,60 @@ def truncate_jsonl(path: Path, last_step: int) -> list[dict]:
     kept = [r for r in kept if r.get("step", 0) <= last_step]
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     return kept
+
+
+# module file of each trainer's checkpoint -> (key prefix of the model's weights, model kind)
+EXPORTABLE = {"actor_critic": ("policy.", "policy"),  # PPO: the policy beside its critic
+              "policy": ("", "policy"),  # DPO, SFT
+              "model": ("", "reward model")}  # reward model
+
+
+def checkpoint_step(path: Path) -> int:
+    m = _STEP_DIR.match(path.name)
+    if not m:
+        raise ValueError(f"{path}: not a checkpoint directory (ckpt/step_NNNNNN)")
+    return int(m.group(1))
+
+
+def export_checkpoint(ckpt: str | Path, like: str | Path, out: str | Path) -> Path:
+    """Write the model of checkpoint ``ckpt`` as a Hugging Face model directory ``out`` (weights,
+    config, tokenizer), so that ``ab create``, ``gates``, ``rm score`` and ``ppo`` take it like
+    any final model. ``like`` is a model directory of the same architecture and tokenizer: the
+    run's own final ``policy/`` or ``model/``, or the model it started from. Nothing is written
+    unless the weights match ``like``'s architecture exactly (tied weights aside)."""
+    from safetensors.torch import load_file
+
+    from preflab.models.hf import load_policy, load_reward_model
+
+    ckpt, out = Path(ckpt), Path(out)
+    if not (ckpt / "state.json").is_file():
+        raise FileNotFoundError(f"{ckpt}: not a complete checkpoint (no state.json)")
+    found = [n for n in EXPORTABLE if (ckpt / f"{n}.safetensors").is_file()]
+    if not found:
+        raise FileNotFoundError(f"{ckpt}: no model weights ({', '.join(f'{n}.safetensors' for n in EXPORTABLE)})")
+    prefix, kind = EXPORTABLE[found[0]]
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: exists and is not empty (choose a new --out)")
+    model, tok = (load_policy if kind == "policy" else load_reward_model)(like)
+    weights = {k[len(prefix):]: v for k, v in load_file(str(ckpt / f"{found[0]}.safetensors")).items()
+               if k.startswith(prefix)}
+    by_storage: dict[int, list[str]] = {}
+    for k, v in model.state_dict().items():
+        by_storage.setdefault(v.data_ptr(), []).append(k)
+    tied = {k for keys in by_storage.values() if len(keys) > 1 for k in keys}  # e.g. lm_head = embeddings
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # shapes differ
+        raise ValueError(f"{like}: not the architecture of {ckpt} ({str(e).splitlines()[-1].strip()})") from None
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"{like}: not the architecture of {ckpt} (missing {sorted(set(missing) - tied)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}); give the model the run started from")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "exported_from.json").write_text(json.dumps(
+        {"checkpoint": str(ckpt.resolve()), "step": checkpoint_step(ckpt), "kind": kind,
+         "architecture_from": str(Path(like).resolve())}, indent=2) + "\n")
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -118,6 +119,52 @@ def test_ppo_writes_metrics_checkpoints_and_eval(tmp_path, random_policy):
     assert (tmp_path / "ckpt" / "step_000004" / "state.json").exists()
     assert (tmp_path / "policy" / "config.json").exists() and (tmp_path / "config.json").exists()
     assert len(res.events) == 4 and all(e["cause"].startswith("adaptive") for e in res.events)
+
+
+def test_checkpoints_lists_each_step_and_exports_one_as_a_model_dir(tmp_path, random_policy):
+    from typer.testing import CliRunner
+
+    from preflab.cli import app
+    from preflab.models.hf import load_policy
+    from preflab.models.tiny import tiny_gpt2, tiny_gpt2_config
+
+    tok, mcfg = random_policy
+    run = tmp_path / "run"
+    prompts = [format_prompt(q.text) for q in generate_queries(8, seed=0)]
+    cfg = PPOConfig(steps=3, prompts_per_step=4, max_new_tokens=6, minibatch_size=4, ppo_epochs=1, lr=1e-3,
+                    checkpoint_every=1, keep_last=2, progress=False, cpu=True)
+    train_ppo(cfg, policy=tiny_gpt2(mcfg, seed=0), ref=tiny_gpt2(mcfg, seed=0), tokenizer=tok,
+              reward_fn=lambda ps, ts: torch.tensor([len(t) / 20.0 for t in ts]), prompts=prompts, run_dir=run,
+              eval_hook=lambda step, m: {"eval/reward": 10.0 + step})
+
+    def cli(*args):
+        r = CliRunner().invoke(app, ["checkpoints", str(run), *map(str, args)])
+        return r.exit_code, " ".join(r.output.split())
+
+    code, out = cli("--keys", "objective/kl,eval/reward")
+    assert code == 0, out
+    for step, on_disk in ((1, "no"), (2, "yes"), (3, "yes")):  # keep_last 2: step 1's weights are gone
+        assert re.search(rf"│ {step} │ {on_disk} │ \S+ │ {10 + step} │", out), out
+    code, out = cli("--export", 3, "--out", tmp_path / "s3")
+    assert code == 0 and "a model directory" in out, out
+    s3, final = (load_policy(d)[0].state_dict() for d in (tmp_path / "s3", run / "policy"))
+    assert s3.keys() == final.keys() and all(torch.equal(s3[k], final[k]) for k in s3)  # the last step = policy/
+    assert json.loads((tmp_path / "s3" / "exported_from.json").read_text())["step"] == 3
+    code, out = cli("--export", 2, "--out", tmp_path / "s2")
+    s2 = load_policy(tmp_path / "s2")[0].state_dict()
+    assert code == 0 and any(not torch.equal(s2[k], s3[k]) for k in s2)  # an earlier policy
+
+    other = tmp_path / "other"  # a different width: not this run's architecture
+    tiny_gpt2(tiny_gpt2_config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=16, n_positions=256,
+                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).save_pretrained(other)
+    tok.save_pretrained(other)
+    for args, message in [((1, "--out", tmp_path / "x"), "no checkpoint of step 1 on disk"),
+                          ((2,), "--out: --export needs the new model directory"),
+                          ((2, "--out", tmp_path / "s3"), "exists and is not empty"),
+                          ((2, "--out", tmp_path / "x", "--like", other), "not the architecture of")]:
+        code, out = cli("--export", *args)
+        assert code == 2 and message in out, (args, out)
+        assert not (tmp_path / "x").exists()
 
 
 # ---- reward hacking on the sandbox --------------------------------------------------------
