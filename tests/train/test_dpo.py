@@ -86,6 +86,13 @@ def test_dpo_learns_the_preference_and_writes_its_run(tmp_path, tiny, loss):
     assert rows[-1]["val/reward_margin"] > 0 and "val/loss" in rows[3]
     assert (tmp_path / "ref_logprobs.pt").exists() and (tmp_path / "policy" / "config.json").exists()
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_000004", "step_000008"]
+    if loss == "sigmoid":  # the last checkpoint, exported, is the final policy
+        from preflab.models.hf import load_policy
+        from preflab.train.checkpoint import export_checkpoint
+
+        export_checkpoint(tmp_path / "ckpt" / "step_000008", tmp_path / "policy", tmp_path / "exported")
+        a, b = (load_policy(d)[0].state_dict() for d in (tmp_path / "exported", tmp_path / "policy"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_refuses_a_changed_config_and_changes_nothing(tmp_path, tiny):
