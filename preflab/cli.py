@@ -1457,10 +1457,13 @@ def checkpoints_cmd(
         return
     rows: dict[int, dict] = {}
     if (root / "metrics.jsonl").is_file():
-        for line in (root / "metrics.jsonl").read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                rows.setdefault(int(r.get("step", -1)), {}).update(r)
+        for n, line in enumerate((root / "metrics.jsonl").read_text().splitlines(), 1):
+            try:
+                if line.strip():
+                    r = json.loads(line)
+                    rows.setdefault(int(r.get("step", -1)), {}).update(r)
+            except (ValueError, TypeError, AttributeError):
+                _fail(ValueError(f"{root / 'metrics.jsonl'}:{n}: not a JSON object with a step"))
     steps = sorted(set(kept) | set(evals))
     if not steps:
         _fail(ValueError(f"{root}: no checkpoints (ckpt/step_N) and no evaluations (eval/step_N.json)"))
