@@ -81,6 +81,11 @@ class DemoConfig:
                                            "below this costs ppo_ref_floor_penalty (malformed text the reward "
                                            "model overrates; docs/ppo.md).")
     ppo_ref_floor_penalty: float = field_doc(3.0, "PPOConfig.ref_floor_penalty (0: off).")
+    dpo_beta: float = field_doc(0.1, "DPO's beta, in the comparison run on rm_v2's judgements.")
+    dpo_lr: float = field_doc(1e-4, "DPO learning rate.")
+    dpo_epochs: int = field_doc(1, "DPO epochs over rm_v2's training pairs.")
+    dpo_rpo_alpha: float = field_doc(1.0, "DPOConfig.rpo_alpha: NLL of the chosen answer beside the DPO loss (pure "
+                                          "DPO moves this tiny model's mass onto malformed text: docs/dpo.md).")
     rm_epochs: int = field_doc(3, "Reward-model epochs.")
     rm_lr: float = field_doc(1e-3, "Reward-model learning rate (the sandbox model is tiny).")
     ab_conversations: int = field_doc(200, "Blind A/B conversations for the final candidate.")
@@ -97,6 +102,7 @@ class DemoConfig:
     def validate(self) -> None:
         for name in ("base_steps", "base_corpus", "workshop_pairs", "collection_pairs", "collection_weeks",
                      "rerate_limit", "ppo_steps", "ppo_prompts_per_step", "ppo_checkpoint_every", "rm_epochs",
+                     "dpo_epochs",
                      "ab_conversations", "ab_first_pass", "factual_items", "production_weeks",
                      "conversations_per_week", "max_new_tokens", "threads"):
             check(getattr(self, name) >= 1, f"demo.{name}", "must be >= 1")
@@ -358,6 +364,45 @@ def stage_reward_model(cfg: DemoConfig, run: Path, engine, name: str) -> dict:
     record_run_lineage(engine, project=PROJECT, run=name, **judgements_lineage(examples), initialised_from="base",
                        model_dir=str(run / name / "model"))
     return out
+
+
+def stage_dpo(cfg: DemoConfig, run: Path) -> dict:
+    """DPO from the base policy on the judgements rm_v2 trained on (its own train/validation split),
+    placed on the oracle frontier beside PPO pass 2 (sandbox comparison; not gated or promoted)."""
+    from preflab.models.hf import load_policy
+    from preflab.sandbox.truth import policy_truth, win_rate_truth
+    from preflab.train.data import load_jsonl
+    from preflab.train.dpo import DPOConfig, train_dpo
+
+    train, val = (load_jsonl(run / "rm_v2" / "data" / f"{k}.jsonl") for k in ("train", "val"))
+    policy, tok = load_policy(run / "base")
+    ref, _ = load_policy(run / "base")
+    dc = DPOConfig(beta=cfg.dpo_beta, lr=cfg.dpo_lr, epochs=cfg.dpo_epochs, rpo_alpha=cfg.dpo_rpo_alpha,
+                   batch_size=16, max_length=160, checkpoint_every=100, seed=cfg.seed)
+    res = train_dpo(dc, policy=policy, ref=ref, tokenizer=tok, train=train, val=val, run_dir=run / "dpo",
+                    resume=True)
+    policy.eval()
+    tables = _oracle_tables(cfg, run)
+    point = tables.point(policy)
+    gold_fr = tables.frontier("gold")
+    oracle = {"kl": point["kl"], "gold": point["gold"], "other_mass": point["other_mass"],
+              "reference_gold": tables.reference_gold, "gold_oracle_at_kl": gold_fr.gold_at_kl(point["kl"]),
+              "share_of_gold_oracle_gain": gold_fr.fraction_of_gain(point["kl"], point["gold"])}
+    write_json(run / "dpo" / "oracle_point.json", oracle)
+    # gold on the PPO passes' probe queries, and the gold win rate over SFT on the blind A/B's queries
+    probe = _heldout(cfg, 64, 11)
+    truth = policy_truth("dpo", probe, _sample_texts(policy, tok, [format_prompt(q.text) for q in probe],
+                                                      seed=cfg.seed + res.steps, max_new_tokens=cfg.max_new_tokens))
+    ab_q = list({q.id: q for q in _heldout(cfg, cfg.ab_conversations, 42)}.values())
+    texts = _sample_texts(policy, tok, [format_prompt(q.text) for q in ab_q], seed=cfg.seed + 42,
+                          max_new_tokens=cfg.max_new_tokens)
+    win = win_rate_truth("dpo", "sft", ab_q, texts, _policy_texts(run / "base", ab_q, seed=cfg.seed + 42,
+                                                                   max_new_tokens=cfg.max_new_tokens))
+    write_json(run / "dpo" / "gold.json", {"probe": truth, "win_rate": win})
+    last = res.metrics[-1] if res.metrics else {}
+    return {"steps": res.steps, "pairs": len(train), "val_accuracy": last.get("val/accuracy"),
+            "kl": point["kl"], "gold": point["gold"], "oracle_share": oracle["share_of_gold_oracle_gain"],
+            "gold_win_rate": win["gold_win_rate"]}
 
 
 def _heldout(cfg: DemoConfig, n: int, salt: int):
@@ -641,7 +686,8 @@ def stage_summaries(cfg: DemoConfig, run: Path, engine, runner: StageRunner) -> 
     policies = [policy_truth(label, queries, _policy_texts(path, queries, seed=cfg.seed + 9,
                                                            max_new_tokens=cfg.max_new_tokens))
                 for label, path in (("sft", run / "base"), ("ppo_v1", run / "ppo_v1" / "policy"),
-                                    ("ppo_v2", run / "ppo_v2" / "policy"))]
+                                    ("ppo_v2", run / "ppo_v2" / "policy"), ("dpo", run / "dpo" / "policy"))
+                if path.is_dir()]
     rms, console_note = [], []
     with db.session_scope(engine, readonly=True) as s:  # which rubric each (pair, rater) label of rm_v2 is under
         guideline = {(e.pair_id, e.rater): e.guideline_version for e in ops.preference_examples(
@@ -670,6 +716,8 @@ def stage_summaries(cfg: DemoConfig, run: Path, engine, runner: StageRunner) -> 
                  rubric(e)) for e in strict)
         rms.append(row)
     win_rates = [json.loads((run / n / "gates" / "truth_win_rate.json").read_text()) for n in ("ppo_v1", "ppo_v2")]
+    if (run / "dpo" / "gold.json").is_file():  # DPO on rm_v2's judgements: gold only, no raters' A/B
+        win_rates.append(json.loads((run / "dpo" / "gold.json").read_text())["win_rate"])
     pool = _pool(cfg, calibrated=True)
     raters = [{"id": r.name, "specialty": r.specialty, "flip_rate_workshop": r.flip_rate,
                "flip_rate_collection": min(0.45, r.flip_rate + cfg.collection_lapse),
@@ -809,6 +857,7 @@ def run_demo(cfg: DemoConfig, *, quick: bool = False, console: Console | None = 
     st.run("ppo_v2", lambda: stage_ppo(cfg, run, "ppo_v2", "rm_v2", engine))
     st.run("gates_v2", lambda: stage_gates(cfg, run, engine, "ppo_v2", rubric="v2", n_ab=cfg.ab_conversations,
                                            salt=42))
+    st.run("dpo", lambda: stage_dpo(cfg, run))
     st.run("production", lambda: stage_production(cfg, run, "ppo_v2"))
     st.run("summaries", lambda: stage_summaries(cfg, run, engine, st))
     rep = render_report(run, title="preflab demo: the support-bot story (sandbox)")

@@ -408,6 +408,12 @@ def section_ppo(run: Path) -> Section | None:
                      num(last.get("objective/kl"), 3), num(last.get("objective/beta"), 4),
                      num(last.get("gold/utility"), 3), pct(pt.get("share_of_gold_oracle_gain")),
                      pct(pt.get("share_of_proxy_oracle_gain"))))
+    # DPO runs on the same judgements (sandbox demo): their final policy, exact on the oracle's queries
+    points = {p.parent.name: pt for p in sorted(run.glob("dpo*/oracle_point.json")) if (pt := read_json(p, {}))}
+    for name, pt in points.items():
+        gold = read_json(run / name / "gold.json", {}).get("probe", {})
+        rows.append((f"{name} (DPO, same judgements as the last RM)", "-", "-", num(pt.get("kl"), 3), "-",
+                     num(gold.get("gold_utility"), 3), pct(pt.get("share_of_gold_oracle_gain")), "-"))
     th, tm = table(["pass", "last step", "RM reward", "KL", "beta", "gold utility (sandbox)",
                     "share of the gold oracle's gain", "share of its RM's oracle's gain"], rows)
     s.md = tm
@@ -418,7 +424,7 @@ def section_ppo(run: Path) -> Section | None:
     s.html = th + img(plots.plot_ppo(passes), "reward, KL, beta and gold curves per PPO pass")
     s.images = 1
     if oracle or any("gold/utility" in r for ms in passes.values() for r in ms):
-        s.html += img(plots.plot_frontier(oracle, passes), "gold utility against sqrt KL with the oracle frontier")
+        s.html += img(plots.plot_frontier(oracle, passes, points), "gold utility against sqrt KL with the oracle frontier")
         s.images += 1
     return s
 

@@ -205,8 +205,10 @@ def plot_ppo(passes: Mapping[str, Sequence[Mapping]]) -> bytes:
     return _png(fig)
 
 
-def plot_frontier(oracle: Sequence[Mapping], passes: Mapping[str, Sequence[Mapping]]) -> bytes:
-    """Gold utility vs sqrt(KL): each PPO pass's path against the oracle frontier curve(s)."""
+def plot_frontier(oracle: Sequence[Mapping], passes: Mapping[str, Sequence[Mapping]],
+                  points: Mapping[str, Mapping] | None = None) -> bytes:
+    """Gold utility vs sqrt(KL): each PPO pass's path against the oracle frontier curve(s), and
+    ``points`` (e.g. a DPO run's final policy: ``{"kl", "gold"}``) as single markers."""
     fig, ax = _fig(7, 3.8)
     a = ax[0][0]
     for k, curve in enumerate(oracle or []):
@@ -222,6 +224,10 @@ def plot_frontier(oracle: Sequence[Mapping], passes: Mapping[str, Sequence[Mappi
                if r.get(kl_key) is not None and r.get(gold_key) is not None]
         if pts:
             a.plot(*zip(*pts, strict=True), marker=".", color=COLORS[i % len(COLORS)], label=name)
+    for j, (name, pt) in enumerate((points or {}).items()):
+        if pt.get("kl") is not None and pt.get("gold") is not None:
+            a.plot([math.sqrt(max(pt["kl"], 0.0))], [pt["gold"]], marker="*", ms=12, ls="none",
+                   color=COLORS[(len(passes) + j) % len(COLORS)], label=name)
     a.set_xlabel("sqrt(KL to SFT)")
     a.set_ylabel("gold utility (sandbox)")
     a.set_title("Gold reward gained per unit of KL")

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ["base", "workshop", "collection", "quality", "rm_v1", "oracle", "ppo_v1", "gates_v1", "fix", "rm_v2", "ppo_v2",
-          "gates_v2", "production", "summaries"]
+          "gates_v2", "dpo", "production", "summaries"]
 
 pytestmark = [pytest.mark.slow]
 
@@ -63,8 +63,15 @@ def test_every_stage_ran_and_wrote_its_files(demo_run):
         assert share["kl"] == points[-1]["oracle/kl"] and share["gold"] == points[-1]["oracle/gold"]
         assert share["gold"] > share["reference_gold"] and 0 < share["share_of_gold_oracle_gain"] < 1.5
     assert "share of the gold oracle" in (demo_run / "report.md").read_text()
+    # DPO on rm_v2's own training pairs, on the same frontier and against the same SFT model
+    dpo = json.loads((demo_run / "dpo" / "oracle_point.json").read_text())
+    assert dpo["kl"] > 0 and 0 < dpo["share_of_gold_oracle_gain"] < 1.5
+    assert (demo_run / "dpo" / "policy" / "config.json").is_file()
+    assert "dpo (DPO, same judgements as the last RM)" in (demo_run / "report.md").read_text()
     # the ground truth puts each reward model beside the best any model could score on its labels
     truth = json.loads((demo_run / "truth.json").read_text())
+    (dpo_win,) = [r for r in truth["win_rates"] if r["candidate"] == "dpo"]
+    assert dpo_win["baseline"] == "sft" and dpo_win["gold_win_rate"] > 0.5, dpo_win  # DPO improves on SFT
     assert [r["name"] for r in truth["reward_models"]] == ["rm_v1", "rm_v2"]
     for r in truth["reward_models"]:
         best = r["best_possible"]
