@@ -383,11 +383,7 @@ def stage_dpo(cfg: DemoConfig, run: Path) -> dict:
                     resume=True)
     policy.eval()
     tables = _oracle_tables(cfg, run)
-    point = tables.point(policy)
-    gold_fr = tables.frontier("gold")
-    oracle = {"kl": point["kl"], "gold": point["gold"], "other_mass": point["other_mass"],
-              "reference_gold": tables.reference_gold, "gold_oracle_at_kl": gold_fr.gold_at_kl(point["kl"]),
-              "share_of_gold_oracle_gain": gold_fr.fraction_of_gain(point["kl"], point["gold"])}
+    oracle = _oracle_share(tables, tables.point(policy))
     write_json(run / "dpo" / "oracle_point.json", oracle)
     # gold on the PPO passes' probe queries, and the gold win rate over SFT on the blind A/B's queries
     probe = _heldout(cfg, 64, 11)
@@ -401,7 +397,7 @@ def stage_dpo(cfg: DemoConfig, run: Path) -> dict:
     write_json(run / "dpo" / "gold.json", {"probe": truth, "win_rate": win})
     last = res.metrics[-1] if res.metrics else {}
     return {"steps": res.steps, "pairs": len(train), "val_accuracy": last.get("val/accuracy"),
-            "kl": point["kl"], "gold": point["gold"], "oracle_share": oracle["share_of_gold_oracle_gain"],
+            "kl": oracle["kl"], "gold": oracle["gold"], "oracle_share": oracle["share_of_gold_oracle_gain"],
             "gold_win_rate": win["gold_win_rate"]}
 
 
@@ -492,7 +488,7 @@ def stage_ppo(cfg: DemoConfig, run: Path, name: str, rm_name: str, engine) -> di
                                                                         k.startswith(("gold/", "detect/", "oracle/"))}})
     _merge_metrics(run / name / "metrics.jsonl", evals)
     write_json(run / name / "gold_by_checkpoint.json", evals)
-    oracle = _oracle_share(tables, evals[-1], reward_fn)
+    oracle = _oracle_share(tables, {k: evals[-1][f"oracle/{k}"] for k in ("kl", "gold", "other_mass")}, reward_fn)
     write_json(run / name / "oracle_point.json", oracle)
     last = res.metrics[-1] if res.metrics else {}
     record_run_lineage(engine, project=PROJECT, run=name, reward_model=rm_name, parent="base", steps=res.steps,
@@ -504,16 +500,20 @@ def stage_ppo(cfg: DemoConfig, run: Path, name: str, rm_name: str, engine) -> di
             "proxy_oracle_share": oracle["share_of_proxy_oracle_gain"]}
 
 
-def _oracle_share(tables, final: dict, reward_fn) -> dict:
-    """The final policy's exact point against the gold-tilted frontier and the frontier tilted by
-    its own reward model (what a perfect optimiser of that RM reaches), at the same KL."""
-    gold_fr, proxy_fr = tables.frontier("gold"), tables.frontier("proxy", reward_fn)
-    kl, gold = final["oracle/kl"], final["oracle/gold"]
-    return {"kl": kl, "gold": gold, "other_mass": final["oracle/other_mass"], "reference_gold": tables.reference_gold,
-            "gold_oracle_at_kl": gold_fr.gold_at_kl(kl), "proxy_oracle_at_kl": proxy_fr.gold_at_kl(kl),
-            "share_of_gold_oracle_gain": gold_fr.fraction_of_gain(kl, gold),
-            "share_of_proxy_oracle_gain": proxy_fr.fraction_of_gain(kl, gold),
-            "proxy_frontier": proxy_fr.to_dict()}
+def _oracle_share(tables, point: dict, reward_fn=None) -> dict:
+    """A policy's exact point (``tables.point``: kl, gold, other_mass) against the gold-tilted
+    frontier and, given ``reward_fn``, the frontier tilted by its own reward model (what a perfect
+    optimiser of that RM reaches), at the same KL."""
+    gold_fr = tables.frontier("gold")
+    kl, gold = point["kl"], point["gold"]
+    out = {"kl": kl, "gold": gold, "other_mass": point["other_mass"], "reference_gold": tables.reference_gold,
+           "gold_oracle_at_kl": gold_fr.gold_at_kl(kl), "share_of_gold_oracle_gain": gold_fr.fraction_of_gain(kl, gold)}
+    if reward_fn is not None:
+        proxy_fr = tables.frontier("proxy", reward_fn)
+        out.update({"proxy_oracle_at_kl": proxy_fr.gold_at_kl(kl),
+                    "share_of_proxy_oracle_gain": proxy_fr.fraction_of_gain(kl, gold),
+                    "proxy_frontier": proxy_fr.to_dict()})
+    return out
 
 
 def _ab_round(cfg: DemoConfig, run: Path, engine, *, name: str, candidate: Path, n: int, rubric: str,

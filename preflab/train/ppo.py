@@ -12,7 +12,8 @@ score), ``objective/kl`` (sum over response tokens of k1, mean over samples),
 ``objective/rlhf_reward`` (score - beta * kl), ``objective/beta``, ``objective/entropy``
 (mean per-token entropy), ``ppo/loss/policy``, ``ppo/loss/value``, ``ppo/clipfrac``,
 ``ppo/approx_kl``, ``val/explained_variance``, ``val/clipfrac``, ``objective/eos_rate``,
-``objective/below_ref_floor`` (share of responses with a token below ``ref_floor``), ``objective/response_len``, ``time/rollout_s``, ``time/update_s``, ``train/lr``.
+``objective/below_ref_floor`` (share of responses with a token below ``ref_floor``),
+``objective/response_len``, ``time/rollout_s``, ``time/update_s``, ``train/lr``.
 """
 
 from __future__ import annotations
@@ -394,9 +395,8 @@ def train_ppo(
                 scores_pen = torch.where(has_eos, scores, scores - cfg.missing_eos_penalty)
                 # tokens the reference would hardly write: a penalty at the token, not on the whole response
                 # (a response-level one pushes down every token of it and raises the entropy instead)
-                floor_hits = ((ref_logprobs < cfg.ref_floor) & (rmask > 0) if cfg.ref_floor is not None
-                              else torch.zeros_like(rmask, dtype=torch.bool))  # (B, R)
-                below_floor = floor_hits.any(-1)
+                floor_hits = ((ref_logprobs < cfg.ref_floor) & (rmask > 0)).float() if cfg.ref_floor is not None \
+                    else torch.zeros_like(rmask)  # (B, R)
                 if cfg.normalize_reward:
                     moments.update(acc.gather(scores_pen))
                     scores_used = moments.normalize(scores_pen)
@@ -409,8 +409,7 @@ def train_ppo(
             stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clipfrac", "approx_kl", "vf_clipfrac")}
             shape = dict(ref_logprobs=ref_logprobs, rmask=rmask, scores=scores_used, beta=beta, kl_fn=kl_fn,
                          gamma=cfg.gamma, lam=cfg.lam, whiten=cfg.whiten_advantages, total=total,
-                         token_rewards=-cfg.ref_floor_penalty * floor_hits.float() if cfg.ref_floor is not None
-                         else None)
+                         token_rewards=-cfg.ref_floor_penalty * floor_hits if cfg.ref_floor is not None else None)
             if not fused:
                 kl_seq, old_values, advantages, returns = rewards_and_advantages(old_logprobs, old_values, **shape)
             for _ in range(cfg.ppo_epochs):
@@ -457,7 +456,7 @@ def train_ppo(
                 "objective/beta": beta,
                 "objective/entropy": mean_all(entropy),
                 "objective/eos_rate": mean_all(has_eos.float()),
-                "objective/below_ref_floor": mean_all(below_floor.float()),
+                "objective/below_ref_floor": mean_all(floor_hits.amax(-1)),
                 "objective/response_len": mean_all(rmask.sum(-1)),
                 "ppo/loss/policy": mean_all(sum(stats["pg"]) / len(stats["pg"])),
                 "ppo/loss/value": mean_all(sum(stats["vf"]) / len(stats["vf"])),
