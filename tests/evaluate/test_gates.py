@@ -207,7 +207,7 @@ def test_cli_factual_run_compare_and_gates_collect(tmp_path):
                               str(cand / "eval" / "factual.json")])
     assert res.exit_code == 0 and "McNemar" in res.output, res.output
     res = runner.invoke(app, ["gates", str(cand), "--baseline", str(sft), "--suite", str(suite),
-                              "--reference", str(sft), "--max-new-tokens", "6"])
+                              "--reference", str(sft), "--max-new-tokens", "6", "--detector-samples", "3"])
     assert res.exit_code == 1, res.output  # no A/B evidence yet: the win-rate gate fails
     gate = json.loads((cand / "eval" / "gate.json").read_text())
     by = {g["name"]: g for g in gate["gates"]}
@@ -215,6 +215,7 @@ def test_cli_factual_run_compare_and_gates_collect(tmp_path):
     det = json.loads((cand / "eval" / "detectors.json").read_text())
     assert by["kl"]["value"] == det["kl"]["value"] and abs(det["kl"]["baseline"]) < 1e-4  # the SFT model vs itself
     assert (cand / "eval" / "detectors.json").exists() and (cand / "eval" / "samples_candidate.json").exists()
+    assert det["formality"]["n"] == det["formality"]["n_baseline"] == 3 * 8  # --detector-samples per item
     res = runner.invoke(app, ["gates", str(cand), "--baseline", str(sft)])
     assert res.exit_code == 2 and "together" in res.output
 
