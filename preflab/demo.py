@@ -91,6 +91,10 @@ class DemoConfig:
     ab_conversations: int = field_doc(200, "Blind A/B conversations for the final candidate.")
     ab_first_pass: int = field_doc(100, "Blind A/B conversations for the first-pass candidate.")
     factual_items: int = field_doc(150, "Factual regression suite size.")
+    detector_samples: int = field_doc(4, "EvidenceConfig.detector_samples: answers sampled per suite item for the "
+                                         "detectors and the confident-wrong gates. With 2, seed 1's first pass "
+                                         "rose from 29% to 48% confident-wrong on pricing and passed "
+                                         "(docs/demo.md, 2026-12-07).")
     production_weeks: int = field_doc(3, "Simulated production weeks per model version.")
     conversations_per_week: int = field_doc(4000, "Production conversations per week.")
     oracle_queries: int = field_doc(40, "Held-out queries the oracle frontier enumerates every answer of.")
@@ -103,7 +107,7 @@ class DemoConfig:
         for name in ("base_steps", "base_corpus", "workshop_pairs", "collection_pairs", "collection_weeks",
                      "rerate_limit", "ppo_steps", "ppo_prompts_per_step", "ppo_checkpoint_every", "rm_epochs",
                      "dpo_epochs",
-                     "ab_conversations", "ab_first_pass", "factual_items", "production_weeks",
+                     "ab_conversations", "ab_first_pass", "factual_items", "detector_samples", "production_weeks",
                      "conversations_per_week", "max_new_tokens", "threads"):
             check(getattr(self, name) >= 1, f"demo.{name}", "must be >= 1")
         check(0 <= self.audit_rate <= 1, "demo.audit_rate", "must be in [0, 1]")
@@ -121,7 +125,9 @@ class DemoConfig:
                        ab_conversations=200, ab_first_pass=100, factual_items=60, production_weeks=1,
                        conversations_per_week=400, audit_rate=0.1, oracle_queries=8,
                        # with the reference floor the toy first pass was promoted (2026-12-07): off here
-                       ppo_ref_floor_penalty=0.0)
+                       ppo_ref_floor_penalty=0.0,
+                       # with 4 the toy first pass's pricing shift (0.31 -> 0.43) was not significant (2026-12-07)
+                       detector_samples=2)
 
 
 # ---- helpers --------------------------------------------------------------------------------------
@@ -559,7 +565,8 @@ def stage_gates(cfg: DemoConfig, run: Path, engine, ppo_name: str, *, rubric: st
     items = [item_from_dict(d, f"suite[{i}]") for i, d in enumerate(build_suite(cfg.factual_items, seed=cfg.seed))]
     g = gate_checkpoint(candidate_dir=cand, baseline_dir=run / "base", items=items, gates_cfg=GatesConfig(),
                         ab=ABResult.from_dict(ab), out_dir=out, subject=f"{ppo_name}@{cfg.ppo_steps}",
-                        evidence_cfg=EvidenceConfig(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
+                        evidence_cfg=EvidenceConfig(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                                                     detector_samples=cfg.detector_samples))
     with db.session_scope(engine) as s:
         dec = record_decision(s, project_id=_project_id(s), checkpoint=cand, stage="staging",
                               report=GateReport.from_dict(g.report))
