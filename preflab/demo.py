@@ -376,6 +376,7 @@ def stage_dpo(cfg: DemoConfig, run: Path) -> dict:
     """DPO from the base policy on the judgements rm_v2 trained on (its own train/validation split),
     placed on the oracle frontier beside PPO pass 2 (sandbox comparison; not gated or promoted)."""
     from preflab.models.hf import load_policy
+    from preflab.pipeline import reward_fn_from
     from preflab.sandbox.truth import policy_truth, win_rate_truth
     from preflab.train.data import load_jsonl
     from preflab.train.dpo import DPOConfig, train_dpo
@@ -389,7 +390,8 @@ def stage_dpo(cfg: DemoConfig, run: Path) -> dict:
                     resume=True)
     policy.eval()
     tables = _oracle_tables(cfg, run)
-    oracle = _oracle_share(tables, tables.point(policy))
+    # its KL split against rm_v2, the reward model trained on the same judgements (docs/ppo.md)
+    oracle = _oracle_share(tables, tables.point(policy, reward_fn_from(run / "rm_v2" / "model")))
     write_json(run / "dpo" / "oracle_point.json", oracle)
     # gold on the PPO passes' probe queries, and the gold win rate over SFT on the blind A/B's queries
     probe = _heldout(cfg, 64, 11)
@@ -458,11 +460,12 @@ def stage_ppo(cfg: DemoConfig, run: Path, name: str, rm_name: str, engine) -> di
     queries = _heldout(cfg, 64, 11)
     probe_prompts = [format_prompt(q.text) for q in queries]
     tables = _oracle_tables(cfg, run)
+    reward_fn = reward_fn_from(run / rm_name / "model")
 
     def eval_hook(step: int, model) -> dict:
         texts = _sample_texts(model, tok, probe_prompts, seed=cfg.seed + step, max_new_tokens=cfg.max_new_tokens)
         t = policy_truth(name, queries, texts)  # sandbox only: gold is read inside preflab.sandbox
-        point = tables.point(model)  # exact, on the oracle frontier's queries and support
+        point = tables.point(model, reward_fn)  # exact, on the oracle frontier's queries and support
         return {"gold/utility": t["gold_utility"], "gold/correct_rate": t["correct_rate"],
                 "gold/confident_wrong_rate": t["confident_wrong_rate"],
                 **{f"oracle/{k}": v for k, v in point.items()},
@@ -479,7 +482,6 @@ def stage_ppo(cfg: DemoConfig, run: Path, name: str, rm_name: str, engine) -> di
                    ppo_epochs=2, cpu=True, alarm_thresholds={"formality": cfg.formality_alarm},
                    ref_floor=cfg.ppo_ref_floor if cfg.ppo_ref_floor_penalty > 0 else None,
                    ref_floor_penalty=cfg.ppo_ref_floor_penalty)
-    reward_fn = reward_fn_from(run / rm_name / "model")
     res = train_ppo(pc, policy=policy, ref=ref, tokenizer=tok, reward_fn=reward_fn,
                     prompts=[format_prompt(q.text) for q in train_q], run_dir=run / name,
                     eval_hook=eval_hook, detectors=text_rates, resume=True)
@@ -494,7 +496,8 @@ def stage_ppo(cfg: DemoConfig, run: Path, name: str, rm_name: str, engine) -> di
                                                                         k.startswith(("gold/", "detect/", "oracle/"))}})
     _merge_metrics(run / name / "metrics.jsonl", evals)
     write_json(run / name / "gold_by_checkpoint.json", evals)
-    oracle = _oracle_share(tables, {k: evals[-1][f"oracle/{k}"] for k in ("kl", "gold", "other_mass")}, reward_fn)
+    oracle = _oracle_share(tables, {k[len("oracle/"):]: v for k, v in evals[-1].items() if k.startswith("oracle/")},
+                           reward_fn)
     write_json(run / name / "oracle_point.json", oracle)
     last = res.metrics[-1] if res.metrics else {}
     record_run_lineage(engine, project=PROJECT, run=name, reward_model=rm_name, parent="base", steps=res.steps,
@@ -507,18 +510,20 @@ def stage_ppo(cfg: DemoConfig, run: Path, name: str, rm_name: str, engine) -> di
 
 
 def _oracle_share(tables, point: dict, reward_fn=None) -> dict:
-    """A policy's exact point (``tables.point``: kl, gold, other_mass) against the gold-tilted
-    frontier and, given ``reward_fn``, the frontier tilted by its own reward model (what a perfect
-    optimiser of that RM reaches), at the same KL."""
+    """A policy's exact point (``tables.point``: kl, gold, other_mass; with its reward, also reward,
+    kl_needed, kl_excess) against the gold-tilted frontier and, given ``reward_fn``, the frontier
+    tilted by its own reward model (what a perfect optimiser of that RM reaches), at the same KL."""
     gold_fr = tables.frontier("gold")
     kl, gold = point["kl"], point["gold"]
-    out = {"kl": kl, "gold": gold, "other_mass": point["other_mass"], "reference_gold": tables.reference_gold,
+    out = {**point, "reference_gold": tables.reference_gold,
            "gold_oracle_at_kl": gold_fr.gold_at_kl(kl), "share_of_gold_oracle_gain": gold_fr.fraction_of_gain(kl, gold)}
     if reward_fn is not None:
         proxy_fr = tables.frontier("proxy", reward_fn)
         out.update({"proxy_oracle_at_kl": proxy_fr.gold_at_kl(kl),
                     "share_of_proxy_oracle_gain": proxy_fr.fraction_of_gain(kl, gold),
                     "proxy_frontier": proxy_fr.to_dict()})
+        if "reward" in point:  # its own objective: the RM score it got, against the RM-tilted oracle's
+            out["share_of_rm_score_gain"] = proxy_fr.fraction_of_reward_gain(kl, point["reward"])
     return out
 
 

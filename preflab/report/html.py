@@ -394,6 +394,14 @@ def section_rm(run: Path) -> Section | None:
     return s
 
 
+def _excess(pt: dict) -> str:
+    """``oracle_point.json``'s kl_excess (sandbox.oracle.kl_split), with its share of the KL."""
+    ex, kl = pt.get("kl_excess"), pt.get("kl")
+    if not isinstance(ex, int | float) or not isinstance(kl, int | float) or kl <= 0:
+        return "-"
+    return f"{num(ex, 2)} ({pct(ex / kl)})"
+
+
 def section_ppo(run: Path) -> Section | None:
     passes = {p.parent.name: read_metrics(p) for p in sorted(run.glob("ppo*/metrics.jsonl"))}
     oracle = norm_oracle(read_json(run / "oracle.json", {}))
@@ -407,15 +415,16 @@ def section_ppo(run: Path) -> Section | None:
         rows.append((name, num(last.get("step")), num(last.get("objective/rlhf_reward"), 3),
                      num(last.get("objective/kl"), 3), num(last.get("objective/beta"), 4),
                      num(last.get("gold/utility"), 3), pct(pt.get("share_of_gold_oracle_gain")),
-                     pct(pt.get("share_of_proxy_oracle_gain"))))
+                     pct(pt.get("share_of_proxy_oracle_gain")), _excess(pt)))
     # DPO runs on the same judgements (sandbox demo): their final policy, exact on the oracle's queries
     points = {p.parent.name: pt for p in sorted(run.glob("dpo*/oracle_point.json")) if (pt := read_json(p, {}))}
     for name, pt in points.items():
         gold = read_json(run / name / "gold.json", {}).get("probe", {})
         rows.append((f"{name} (DPO, same judgements as the last RM)", "-", "-", num(pt.get("kl"), 3), "-",
-                     num(gold.get("gold_utility"), 3), pct(pt.get("share_of_gold_oracle_gain")), "-"))
+                     num(gold.get("gold_utility"), 3), pct(pt.get("share_of_gold_oracle_gain")), "-", _excess(pt)))
     th, tm = table(["pass", "last step", "RM reward", "KL", "beta", "gold utility (sandbox)",
-                    "share of the gold oracle's gain", "share of its RM's oracle's gain"], rows)
+                    "share of the gold oracle's gain", "share of its RM's oracle's gain",
+                    "KL beyond what its RM score needs"], rows)
     s.md = tm
     curves = ("objective/rlhf_reward", "objective/kl", "objective/beta", "gold/utility")
     if not any(k in r for ms in passes.values() for r in ms for k in curves):

@@ -75,6 +75,40 @@ def kl_divergence(logp: np.ndarray, ref_logp: np.ndarray) -> float:
     return float(np.sum(p * (logp - ref_logp)))
 
 
+def kl_split(logp: np.ndarray, ref_logp: np.ndarray, reward: np.ndarray) -> tuple[float, float]:
+    """Split KL(p || ref) on one prompt's support into (needed, excess).
+
+    ``needed`` is KL(q || ref) for the tilt q = ref * exp(lam * r) / Z whose expected reward equals
+    p's: the least KL at which any policy reaches p's expected reward (the I-projection; Csiszar
+    1975). ``excess`` = KL(p || q) buys no reward at all. For a tilt q the identity
+    KL(p || ref) = KL(q || ref) + KL(p || q) holds exactly when E_q[r] = E_p[r] (expand log q).
+    lam is found by bisection (any sign: p may have less reward than ref); p's expected reward at
+    the very top of ``reward``'s range is reached only in the limit, so lam is capped where the
+    tilt's reward is within float precision of it.
+    """
+    p = np.exp(logp)
+    target = float(p @ reward)
+    span = float(reward.max() - reward.min())
+    total = kl_divergence(logp, ref_logp)
+    if span <= 1e-12:
+        return 0.0, total
+
+    def tilted(lam: float) -> np.ndarray:
+        z = ref_logp + lam * reward
+        return z - np.logaddexp.reduce(z)
+
+    lo, hi = -1e3 / span, 1e3 / span
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if float(np.exp(tilted(mid)) @ reward) < target:
+            lo = mid
+        else:
+            hi = mid
+    q = tilted((lo + hi) / 2)
+    needed = kl_divergence(q, ref_logp)
+    return needed, kl_divergence(logp, q)
+
+
 @dataclass
 class Frontier:
     """Oracle curve for one reward: per beta, mean KL(pi*||pi_ref) and mean expected gold / reward."""
@@ -93,6 +127,17 @@ class Frontier:
         """The oracle's expected gold at KL ``kl`` (linear in KL between grid points; the top beyond)."""
         order = np.argsort(self.kl)
         return float(np.interp(kl, self.kl[order], self.gold[order]))
+
+    def reward_at_kl(self, kl: float) -> float:
+        """The oracle's expected tilting reward at KL ``kl`` (as ``gold_at_kl``)."""
+        order = np.argsort(self.kl)
+        return float(np.interp(kl, self.kl[order], self.reward_value[order]))
+
+    def fraction_of_reward_gain(self, kl: float, reward: float) -> float:
+        """The same for the tilting reward itself: a policy's expected score of the reward it was
+        trained on, as a share of what the oracle tilted by that reward gets at ``kl``."""
+        base = float(self.reward_value[np.argmin(self.kl)])
+        return (reward - base) / max(self.reward_at_kl(kl) - base, 1e-9)
 
     def fraction_of_gain(self, kl: float, gold: float) -> float:
         """(gold - gold_ref) / (oracle gold at ``kl`` - gold_ref): share of the oracle's gain achieved."""
@@ -155,6 +200,7 @@ class OracleTables:
         self.tokenizer, self.other_samples, self.max_new_tokens, self.seed = (
             tokenizer, other_samples, max_new_tokens, seed)
         self.tables: list[_Table] = []
+        self._rewards: dict[Callable, list[np.ndarray]] = {}
         gen = torch.Generator().manual_seed(seed)
         for q in queries:
             responses = enumerate_responses(q)
@@ -188,43 +234,68 @@ class OracleTables:
     def reference_gold(self) -> float:
         return float(np.mean([np.exp(t.ref_logp) @ t.gold for t in self.tables]))
 
+    @staticmethod
+    def _score(reward_fn: Callable, t: _Table, texts: list[str]) -> np.ndarray:
+        out = reward_fn([format_prompt(t.query.text)] * len(texts), texts)
+        return np.asarray(torch.as_tensor(out, dtype=torch.float64).cpu())
+
+    def rewards(self, reward_fn: Callable[[list[str], list[str]], torch.Tensor]) -> list[np.ndarray]:
+        """``reward_fn``'s score of every outcome of every query's support (computed once per function):
+        the enumerated answers, then (with ``other_samples``) the mean over the reference's samples
+        outside them (where a query has none, the mean over every query's; else the lowest score)."""
+        if reward_fn in self._rewards:
+            return self._rewards[reward_fn]
+        rewards = [self._score(reward_fn, t, t.responses) for t in self.tables]
+        if self.other_samples:
+            other = [self._score(reward_fn, t, t.other) if t.other else None for t in self.tables]
+            pooled = [x for o in other if o is not None for x in o]
+            rewards = [np.append(r, o.mean() if o is not None else (np.mean(pooled) if pooled else r.min()))
+                       for r, o in zip(rewards, other, strict=True)]
+        self._rewards[reward_fn] = rewards
+        return rewards
+
     def frontier(self, name: str, reward_fn: Callable[[list[str], list[str]], torch.Tensor] | None = None,
                  betas: Sequence[float] = DEFAULT_BETAS) -> Frontier:
         """Tilted by gold (``reward_fn`` None) or by ``reward_fn(prompts, texts) -> scores``."""
-        if reward_fn is None:
-            rewards = [t.gold for t in self.tables]
-        else:
-            def scores(t: _Table, texts: list[str]) -> np.ndarray:
-                out = reward_fn([format_prompt(t.query.text)] * len(texts), texts)
-                return np.asarray(torch.as_tensor(out, dtype=torch.float64).cpu())
-
-            rewards = [scores(t, t.responses) for t in self.tables]
-            if self.other_samples:
-                other = [scores(t, t.other) if t.other else None for t in self.tables]
-                pooled = [x for o in other if o is not None for x in o]
-                rewards = [np.append(r, o.mean() if o is not None else (np.mean(pooled) if pooled else r.min()))
-                           for r, o in zip(rewards, other, strict=True)]
+        rewards = [t.gold for t in self.tables] if reward_fn is None else self.rewards(reward_fn)
         return frontier_from_tables(name, [t.ref_logp for t in self.tables], rewards,
                                     [t.gold for t in self.tables], betas)
 
-    def point(self, model) -> dict[str, float]:
-        """{"kl", "gold", "other_mass"} of ``model`` on this support (means over the queries)."""
+    def point(self, model, reward_fn: Callable[[list[str], list[str]], torch.Tensor] | None = None
+              ) -> dict[str, float]:
+        """{"kl", "gold", "other_mass"} of ``model`` on this support (means over the queries).
+
+        With ``reward_fn`` (the reward the policy was trained on) also "reward" (its expected score)
+        and ``kl_split``'s "kl_needed" / "kl_excess": the least KL at which that expected score is
+        reachable, and the KL the policy spends beyond it (kl = kl_needed + kl_excess).
+        """
         gen = torch.Generator().manual_seed(self.seed + 1)
-        kl = gold = other_mass = 0.0
-        for t in self.tables:
+        kl = gold = other_mass = reward = needed = excess = 0.0
+        rewards = self.rewards(reward_fn) if reward_fn is not None else None
+        for i, t in enumerate(self.tables):
             lp = reference_logprobs(model, self.tokenizer, t.query, t.responses, renormalise=not self.other_samples)
             g = t.gold
+            r = rewards[i] if rewards is not None else None
             if self.other_samples:  # the policy's own mass outside the enumerated answers
                 lp = np.append(lp, self._log_rest(lp))
                 own = self._outside(model, t.query, t.responses, gen)
                 g = np.append(t.gold[:-1], np.mean([gold_utility(t.query, x) for x in own]) if own else t.gold[-1])
+                if r is not None and own:
+                    r = np.append(r[:-1], self._score(reward_fn, t, own).mean())
                 other_mass += float(np.exp(lp[-1]))
             lp = lp - np.logaddexp.reduce(lp)
             p = np.exp(lp)
             kl += float(np.sum(p * (lp - t.ref_logp)))
             gold += float(p @ g)
+            if r is not None:
+                reward += float(p @ r)
+                a, b = kl_split(lp, t.ref_logp, r)
+                needed, excess = needed + a, excess + b
         n = len(self.tables)
-        return {"kl": kl / n, "gold": gold / n, "other_mass": other_mass / n}
+        out = {"kl": kl / n, "gold": gold / n, "other_mass": other_mass / n}
+        if rewards is not None:
+            out.update({"reward": reward / n, "kl_needed": needed / n, "kl_excess": excess / n})
+        return out
 
 
 def oracle_frontiers(

@@ -62,10 +62,16 @@ def test_every_stage_ran_and_wrote_its_files(demo_run):
         share = json.loads((demo_run / name / "oracle_point.json").read_text())
         assert share["kl"] == points[-1]["oracle/kl"] and share["gold"] == points[-1]["oracle/gold"]
         assert share["gold"] > share["reference_gold"] and 0 < share["share_of_gold_oracle_gain"] < 1.5
-    assert "share of the gold oracle" in (demo_run / "report.md").read_text()
+        # its KL split against its own reward model: what that RM's score needs, and the rest
+        assert points[0]["oracle/kl_needed"] == pytest.approx(0.0, abs=1e-6)
+        assert share["kl_needed"] + share["kl_excess"] == pytest.approx(share["kl"], rel=1e-6)
+        assert share["kl_needed"] > 0 and share["kl_excess"] >= 0 and share["share_of_rm_score_gain"] > 0
+    report = (demo_run / "report.md").read_text()
+    assert "share of the gold oracle" in report and "KL beyond what its RM score needs" in report
     # DPO on rm_v2's own training pairs, on the same frontier and against the same SFT model
     dpo = json.loads((demo_run / "dpo" / "oracle_point.json").read_text())
     assert dpo["kl"] > 0 and 0 < dpo["share_of_gold_oracle_gain"] < 1.5
+    assert dpo["kl_needed"] + dpo["kl_excess"] == pytest.approx(dpo["kl"], rel=1e-6)  # against rm_v2
     assert (demo_run / "dpo" / "policy" / "config.json").is_file()
     assert "dpo (DPO, same judgements as the last RM)" in (demo_run / "report.md").read_text()
     # the ground truth puts each reward model beside the best any model could score on its labels

@@ -14,6 +14,7 @@ from preflab.sandbox.oracle import (
     enumerate_responses,
     frontier_from_tables,
     kl_divergence,
+    kl_split,
     oracle_frontiers,
     reference_logprobs,
     tilt,
@@ -26,6 +27,35 @@ def test_tilt_and_kl_hand_worked():
     assert np.exp(star) == pytest.approx([0.25, 0.75])
     assert kl_divergence(star, ref) == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5))
     assert np.exp(tilt(ref, np.array([0.0, 5.0]), float("inf"))) == pytest.approx([0.5, 0.5])
+
+
+def test_kl_split_hand_worked():
+    """A policy that is a tilt needs all its KL; one that moves mass between answers of equal reward
+    needs none of it; the two parts always add up to the KL (random policies, rewards of any sign)."""
+    ref = np.log([0.25, 0.25, 0.5])
+    r = np.array([0.0, 0.0, 1.0])
+    star = tilt(ref, r, beta=0.5)
+    needed, excess = kl_split(star, ref, r)
+    assert needed == pytest.approx(kl_divergence(star, ref), abs=1e-9) and excess == pytest.approx(0.0, abs=1e-9)
+    swap = np.log([0.4, 0.1, 0.5])  # same expected reward as ref: nothing of its KL buys reward
+    needed, excess = kl_split(swap, ref, r)
+    assert needed == pytest.approx(0.0, abs=1e-9)
+    assert excess == pytest.approx(0.4 * math.log(1.6) + 0.1 * math.log(0.4))
+    # half the mass of "0" moved to "2": E[r] 0.5 -> 0.625; the cheapest way there is the tilt with
+    # weights 1 : 1 : 2w where 2w / (2 + 2w) = 0.625, i.e. w = 5/3
+    moved = np.log([0.125, 0.25, 0.625])
+    q = np.log(np.array([1.0, 1.0, 10 / 3]) / (2 + 10 / 3))
+    needed, excess = kl_split(moved, ref, r)
+    assert needed == pytest.approx(kl_divergence(q, ref), abs=1e-9)
+    assert excess == pytest.approx(kl_divergence(moved, q), abs=1e-9) and excess > 0
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a, b = rng.normal(size=7) * 2, rng.normal(size=7) * 2
+        lp, lq = a - np.logaddexp.reduce(a), b - np.logaddexp.reduce(b)
+        needed, excess = kl_split(lp, lq, rng.normal(size=7) * 3)
+        assert needed >= 0 and excess >= -1e-12
+        assert needed + excess == pytest.approx(kl_divergence(lp, lq), rel=1e-9)
+    assert kl_split(moved, ref, np.ones(3)) == (0.0, pytest.approx(kl_divergence(moved, ref)))
 
 
 def _tables(seed, n_prompts=5, n=12):
@@ -147,6 +177,16 @@ def test_a_policy_is_placed_on_the_frontiers_support(tiny):
         po, ro = 1 - np.exp(lp).sum(), 1 - np.exp(lr).sum()
         kl += float(np.sum(np.exp(lp) * (lp - lr))) + po * math.log(po / ro)
     assert pt["kl"] == pytest.approx(kl / len(qs), rel=1e-6) and pt["kl"] > 0
+    # with the reward it was trained on: its expected score, and its KL split into needed + excess
+    def proxy(prompts, texts):
+        return torch.tensor([float(len(t)) / 10 for t in texts])
+
+    assert tables.point(model, proxy)["kl_needed"] == pytest.approx(0.0, abs=1e-9)
+    full = tables.point(other, proxy)
+    assert {k: full[k] for k in pt} == pytest.approx(pt)  # the same point, same "other" samples
+    assert full["kl_needed"] + full["kl_excess"] == pytest.approx(full["kl"], rel=1e-9)
+    assert full["kl_needed"] >= 0 and full["kl_excess"] >= 0
+    assert "reward" in full and "reward" not in pt
     # the frontiers built from the same tables are oracle_frontiers' own
     fr = oracle_frontiers(model, tok, qs, betas=[0.01, 1.0], other_samples=8, max_new_tokens=8)["gold"]
     assert np.allclose(tables.frontier("gold", betas=[0.01, 1.0]).gold, fr.gold)
