@@ -82,9 +82,9 @@ def kl_split(logp: np.ndarray, ref_logp: np.ndarray, reward: np.ndarray) -> tupl
     p's: the least KL at which any policy reaches p's expected reward (the I-projection; Csiszar
     1975). ``excess`` = KL(p || q) buys no reward at all. For a tilt q the identity
     KL(p || ref) = KL(q || ref) + KL(p || q) holds exactly when E_q[r] = E_p[r] (expand log q).
-    lam is found by bisection (any sign: p may have less reward than ref); p's expected reward at
-    the very top of ``reward``'s range is reached only in the limit, so lam is capped where the
-    tilt's reward is within float precision of it.
+    lam is found by bisection (any sign: p may have less reward than ref) within +-1e3 / (the
+    reward's range): beyond that the tilt puts all but e^-1000 of its mass on the best (worst)
+    answers, so a p that does the same is split to float precision.
     """
     p = np.exp(logp)
     target = float(p @ reward)
@@ -240,9 +240,10 @@ class OracleTables:
         return np.asarray(torch.as_tensor(out, dtype=torch.float64).cpu())
 
     def rewards(self, reward_fn: Callable[[list[str], list[str]], torch.Tensor]) -> list[np.ndarray]:
-        """``reward_fn``'s score of every outcome of every query's support (computed once per function):
-        the enumerated answers, then (with ``other_samples``) the mean over the reference's samples
-        outside them (where a query has none, the mean over every query's; else the lowest score)."""
+        """``reward_fn``'s score of every outcome of every query's support: the enumerated answers,
+        then (with ``other_samples``) the mean over the reference's samples outside them (where a
+        query has none, the mean over every query's; else the lowest score). Cached per function
+        object: a reward model that is still changing needs a new function to be scored again."""
         if reward_fn in self._rewards:
             return self._rewards[reward_fn]
         rewards = [self._score(reward_fn, t, t.responses) for t in self.tables]
