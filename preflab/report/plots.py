@@ -183,11 +183,15 @@ def plot_rm(evals: Mapping[str, Mapping]) -> bytes:
 # ---- policy optimisation --------------------------------------------------------------------
 
 PPO_KEYS = (("objective/rlhf_reward", "reward-model reward"), ("objective/kl", "KL to SFT (nats)"),
-            ("objective/beta", "KL coefficient beta"), ("gold/utility", "gold utility (sandbox)"))
+            ("objective/beta", "KL coefficient beta"), ("gold/utility", "gold utility (sandbox)"),
+            # sandbox.oracle.kl_split at each checkpoint: the least KL its RM score needs, and the rest
+            ("oracle/kl_needed", "KL its RM score needs (sandbox)"),
+            ("oracle/kl_excess", "KL beyond that need (sandbox)"))
 
 
 def plot_ppo(passes: Mapping[str, Sequence[Mapping]]) -> bytes:
-    """Reward, KL, beta and (sandbox) gold utility against step for each PPO pass."""
+    """Reward, KL, beta and (sandbox) gold utility and the KL split against step for each PPO pass
+    (a panel per key that some pass logged)."""
     keys = [(k, lab) for k, lab in PPO_KEYS if any(k in row for rows in passes.values() for row in rows)]
     fig, ax = _fig(9, 2.6 * math.ceil(len(keys) / 2), ncols=2, nrows=max(1, math.ceil(len(keys) / 2)))
     flat = [a for row in ax for a in row]
