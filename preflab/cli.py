@@ -410,7 +410,7 @@ def ab_create(
         store_db.upgrade(engine)
         with store_db.session_scope(engine, readonly=True) as s:  # a taken name fails before the generation
             pid = ops.project_id(s, name=project)
-            if pid is not None and any(r.name == name for r in ops.list_rounds(s, project_id=pid)):
+            if pid is not None and ops.round_by_name(s, project_id=pid, name=name) is not None:
                 raise ops.StoreError(f"--name: round {name!r} already exists in project {project!r}")
         cand, base = load_policy(candidate), load_policy(baseline)
         # generate before the transaction: a running `preflab serve` keeps taking judgements meanwhile
@@ -1183,9 +1183,10 @@ def store_export(
             if what == "judgements":
                 rid = None
                 if round_name is not None:
-                    rid = next((r.id for r in ops.list_rounds(s, project_id=pid) if r.name == round_name), None)
-                    if rid is None:
+                    rnd = ops.round_by_name(s, project_id=pid, name=round_name)
+                    if rnd is None:
                         raise ops.StoreError(f"--round: no round {round_name!r} in project {project!r}")
+                    rid = rnd.id
                 n = io.export_judgements_jsonl(s, project_id=pid, path=out, round_id=rid)
             elif what == "trl":
                 n = io.export_trl_jsonl(s, project_id=pid, path=out, margin=margins)
@@ -1215,7 +1216,7 @@ def store_progress(
     engine = store_db.make_engine(db)
     with store_db.session_scope(engine, readonly=True) as s:
         pid = ops.project_id(s, name=project)
-        rnd = next((r for r in ops.list_rounds(s, project_id=pid) if r.name == round_name), None) if pid else None
+        rnd = ops.round_by_name(s, project_id=pid, name=round_name) if pid else None
         if rnd is None:
             _fail(ValueError(f"no round {round_name!r} in project {project!r}"))
         p = ops.round_progress(s, round_id=rnd.id)

@@ -592,8 +592,8 @@ def stage_fix(cfg: DemoConfig, run: Path, engine) -> dict:
             add_rubric(s, project_id=pid, label="v2", items=[
                 "Factual accuracy first: check every price and policy figure against the current price list; "
                 "a confident answer with a wrong figure is the worst answer."])
-        existing = [r for r in ops.list_rounds(s, project_id=pid, kind="rerate") if r.name == "rerate pricing v2"]
-        rr_id = existing[0].id if existing else create_rerate_round(
+        existing = ops.round_by_name(s, project_id=pid, name="rerate pricing v2")  # a resumed run made it
+        rr_id = existing.id if existing else create_rerate_round(
             s, project_id=pid, name="rerate pricing v2", where={"topic": "pricing"}, limit=cfg.rerate_limit,
             guideline="v2", seed=cfg.seed).round_id
     pool = _pool(cfg, calibrated=True)

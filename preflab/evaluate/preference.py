@@ -249,9 +249,7 @@ def store_ceiling(db_url: str, *, project: str) -> tuple[float, int] | None:
 
     engine = db.make_engine(db_url)
     with db.session_scope(engine, readonly=True) as s:
-        pid = ops.project_id(s, name=project)
-        if pid is None:
-            raise ValueError(f"{db_url}: no project named {project!r}")
+        pid = ops.require_project(s, name=project, where=db_url)
         dups = ops.duplicate_pairs(s, project_id=pid)
     if not dups:
         return None

@@ -93,18 +93,14 @@ def kl_split(logp: np.ndarray, ref_logp: np.ndarray, reward: np.ndarray) -> tupl
     if span <= 1e-12:
         return 0.0, total
 
-    def tilted(lam: float) -> np.ndarray:
-        z = ref_logp + lam * reward
-        return z - np.logaddexp.reduce(z)
-
     lo, hi = -1e3 / span, 1e3 / span
     for _ in range(200):
         mid = (lo + hi) / 2
-        if float(np.exp(tilted(mid)) @ reward) < target:
+        if float(np.exp(tilt(ref_logp, mid * reward, 1.0)) @ reward) < target:
             lo = mid
         else:
             hi = mid
-    q = tilted((lo + hi) / 2)
+    q = tilt(ref_logp, (lo + hi) / 2 * reward, 1.0)
     needed = kl_divergence(q, ref_logp)
     return needed, kl_divergence(logp, q)
 

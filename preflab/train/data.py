@@ -243,9 +243,7 @@ def load_store_examples(db_url: str, *, project: str) -> list[PreferenceExample]
 
     engine = db.make_engine(db_url)
     with db.session_scope(engine, readonly=True) as s:
-        pid = ops.project_id(s, name=project)
-        if pid is None:
-            raise ValueError(f"{db_url}: no project named {project!r}")
+        pid = ops.require_project(s, name=project, where=db_url)
         rows = ops.preference_examples(s, project_id=pid)
     if not rows:
         raise ValueError(f"{db_url}: project {project!r} has no judged pairs yet")

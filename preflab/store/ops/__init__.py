@@ -112,6 +112,7 @@ from preflab.store.ops.rounds import (
     create_round,
     get_round,
     list_rounds,
+    round_by_name,
     round_pair_ids,
     set_round_status,
 )
@@ -177,6 +178,7 @@ __all__ = [
     "record_event",
     "require_project",
     "resolve_alert",
+    "round_by_name",
     "round_judgements",
     "round_pair_ids",
     "round_progress",

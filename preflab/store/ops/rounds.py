@@ -83,7 +83,7 @@ def create_round(
         raise StoreError(f"round.lease_s: must be > 0, got {lease_s!r}")
     if not isinstance(fallback_after_s, (int, float)) or fallback_after_s < 0:
         raise StoreError(f"round.fallback_after_s: must be >= 0, got {fallback_after_s!r}")
-    if session.scalar(select(Round.id).where(Round.project_id == project_id, Round.name == name)):
+    if round_by_name(session, project_id=project_id, name=name) is not None:
         raise StoreError(f"round.name: {name!r} already exists", code="conflict")
     if guideline_version_id is None:
         g = latest_guideline(session, project_id=project_id)
@@ -135,6 +135,12 @@ def _round_info(session: Session, r: Round) -> RoundInfo:
 
 def get_round(session: Session, *, round_id: int) -> RoundInfo:
     return _round_info(session, _round(session, round_id))
+
+
+def round_by_name(session: Session, *, project_id: int, name: str) -> RoundInfo | None:
+    """The round called ``name`` in the project (names are unique per project), or None."""
+    r = session.scalar(select(Round).where(Round.project_id == project_id, Round.name == name))
+    return _round_info(session, r) if r is not None else None
 
 
 def list_rounds(session: Session, *, project_id: int, kind: str | None = None) -> list[RoundInfo]:
