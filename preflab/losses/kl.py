@@ -6,6 +6,9 @@ with tokens sampled from the policy q and the reference p, and log r = log p(x) 
     k1 = -log r = log q - log p                  unbiased for KL(q||p), can be negative
     k3 = (r - 1) - log r                         unbiased, always >= 0, lower variance
 
+and, where the whole next-token distribution of both models is at hand (a small vocabulary),
+the exact KL of each visited state, ``kl_full``: no sampling noise at all at that state.
+
 Controllers decide the penalty coefficient beta in  R_t = score * [t = last] - beta * KL_t.
 Each keeps its own state (``state_dict`` / ``load_state_dict`` for checkpoints) and returns
 the beta changes it made as events ``{"step", "beta_old", "beta_new", "cause"}``.
@@ -28,6 +31,14 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """k3 = exp(log p - log q) - 1 - (log p - log q) per token (Schulman 2020); >= 0."""
     log_r = ref_logprobs - logprobs
     return torch.expm1(log_r) - log_r
+
+
+def kl_full(logits: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Exact KL(q(.|s) || p(.|s)) = sum_v q_v (log q_v - log p_v) at each position, over the whole
+    vocabulary: policy ``logits`` and reference log-probs ``ref_logprobs`` (..., V) -> (...).
+    Differentiable in ``logits``."""
+    logq = torch.log_softmax(logits.float(), -1)
+    return (logq.exp() * (logq - ref_logprobs)).sum(-1)
 
 
 KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"k1": kl_k1, "k3": kl_k3}

@@ -224,6 +224,28 @@ def sequence_logprobs(
     and the caller masks them. Logits are only computed from position ``start - 1`` on.
     ``log p = logit_y / temp - logsumexp(logits / temp)``.
     """
+    logits = _continuation_logits(model, input_ids, attention_mask, start, temperature)
+    targets = input_ids[:, start:]  # (B, T - start)
+    return logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def sequence_log_softmax(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    start: int,
+    *,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """The whole next-token distribution, log p(. | input_ids[:, :t]) for t >= ``start``:
+    (B, T - start, V) float32. ``sequence_logprobs`` is this gathered at the tokens; this one is for an
+    exact per-state KL (``losses.kl.kl_full``) and costs B x (T - start) x V floats of memory."""
+    logits = _continuation_logits(model, input_ids, attention_mask, start, temperature)
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _continuation_logits(model, input_ids, attention_mask, start: int, temperature: float) -> torch.Tensor:
+    """Float logits predicting tokens ``start .. T-1`` (B, T - start, V), divided by ``temperature``."""
     if input_ids.shape != attention_mask.shape:
         raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
     T = input_ids.shape[1]
@@ -233,7 +255,4 @@ def sequence_logprobs(
                 position_ids=position_ids_from_mask(attention_mask), use_cache=False,
                 **logits_to_keep_kw(model, T - start + 1))
     logits = out.logits[:, -(T - start + 1):-1, :].float()  # (B, T - start, V): predicts tokens start .. T-1
-    if temperature != 1.0:
-        logits = logits / temperature
-    targets = input_ids[:, start:]  # (B, T - start)
-    return logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return logits / temperature if temperature != 1.0 else logits

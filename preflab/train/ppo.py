@@ -11,7 +11,8 @@ Metric keys (metrics.jsonl, one object per step): ``objective/scores`` (raw rewa
 score), ``objective/kl`` (sum over response tokens of k1, mean over samples),
 ``objective/rlhf_reward`` (score - beta * kl), ``objective/beta``, ``objective/entropy``
 (mean per-token entropy), ``ppo/loss/policy``, ``ppo/loss/value``, ``ppo/clipfrac``,
-``ppo/approx_kl``, ``val/explained_variance``, ``val/clipfrac``, ``objective/eos_rate``,
+``ppo/approx_kl``, with ``kl_estimator="full"`` also ``objective/kl_full`` (the same KL from the exact
+per-state KLs: less noisy) and ``ppo/loss/kl``, ``val/explained_variance``, ``val/clipfrac``, ``objective/eos_rate``,
 ``objective/below_ref_floor`` (share of responses with a token below ``ref_floor``),
 ``objective/response_len``, ``time/rollout_s``, ``time/update_s``, ``train/lr``.
 """
@@ -37,14 +38,17 @@ from preflab.losses.kl import (
     AlarmKLController,
     Detector,
     FixedKLController,
+    kl_full,
 )
 from preflab.losses.ppo import (
     entropy_from_logits,
     explained_variance,
     masked_mean,
+    masked_var,
     masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
+    token_sum_mean,
 )
 from preflab.models.hf import fuse_gelu
 from preflab.models.sampling import logits_to_keep_kw
@@ -78,6 +82,8 @@ class PPOConfig:
     clip_range: float = field_doc(0.2, "PPO ratio clip epsilon (Schulman et al. 2017).")
     value_clip_range: float = field_doc(0.2, "Value-prediction clip around the rollout values.")
     vf_coef: float = field_doc(0.1, "Weight of the value loss when policy and value share a backbone.")
+    entropy_coef: float = field_doc(0.0, "Entropy bonus: minus this times the mean per-token entropy is added to the "
+                                         "loss (CleanRL's ent_coef; in the whitened advantages' units).")
     gamma: float = field_doc(1.0, "Discount factor of GAE.")
     lam: float = field_doc(0.95, "lambda of GAE.")
     whiten_advantages: bool = field_doc(True, "Standardise advantages per rollout batch.")
@@ -88,7 +94,11 @@ class PPOConfig:
               "would hardly write, which the reward model has rarely seen) costs ref_floor_penalty, at that token.")
     ref_floor_penalty: float = field_doc(1.0, "Per-token reward of a token below ref_floor, negated (in the units of "
                                               "the score after normalisation).")
-    kl_estimator: Literal["k1", "k3"] = field_doc("k1", "Per-token KL estimator in the reward (Schulman 2020).")
+    kl_estimator: Literal["k1", "k3", "full"] = field_doc(
+        "k1", "KL penalty: k1 or k3 (Schulman 2020) at each sampled token, in the reward; or 'full': the exact KL of "
+              "every visited state over the whole vocabulary, its gradient taken in the loss and each next state's "
+              "KL as the token's penalty (no sampling noise at the state; the reference's distribution costs "
+              "B x R x V floats, so for small vocabularies).")
     kl_controller: Literal["fixed", "adaptive"] = field_doc("fixed", "How beta moves (the alarm is added on top).")
     kl_beta: float = field_doc(0.02, "Initial KL penalty coefficient beta.")
     kl_target: float = field_doc(6.0, "Adaptive controller: target KL (nats per response, summed over tokens).")
@@ -129,6 +139,7 @@ class PPOConfig:
         check(self.ref_floor is None or self.ref_floor < 0, f"{w}.ref_floor", "must be a log-prob < 0 (or unset)")
         check(self.ref_floor_penalty >= 0, f"{w}.ref_floor_penalty", "must be >= 0")
         check(self.vf_coef >= 0, f"{w}.vf_coef", "must be >= 0")
+        check(self.entropy_coef >= 0, f"{w}.entropy_coef", "must be >= 0")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -244,16 +255,27 @@ def prompt_order(n_prompts: int, step: int, per_step: int, seed: int) -> list[in
 def rewards_and_advantages(old_logprobs: torch.Tensor, old_values: torch.Tensor, *, ref_logprobs: torch.Tensor,
                            rmask: torch.Tensor, scores: torch.Tensor, beta: float, kl_fn, gamma: float, lam: float,
                            whiten: bool, total=None, token_rewards: torch.Tensor | None = None,
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                           state_kl: torch.Tensor | None = None,
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token rewards (-beta * KL_t everywhere, plus ``token_rewards`` where given, the score added at
     the last response token) and GAE.
 
+    ``state_kl`` (B, R): the exact KL of each visited state (``kl_full``). Then token t's penalty is
+    the KL of the state it leads to, KL_{t+1} (0 after the last token), and ``kl_fn`` is not used: the
+    gradient of E[sum_t KL_t] is E[sum_t grad KL_t(s_t)], which the caller adds as a loss, plus
+    E[sum_t grad log pi(a_t|s_t) sum_{t' > t} KL_t'], which these rewards carry.
+
     Shapes (B, R) except ``scores`` (B,). Returns (kl_seq (B,): summed k1, the reported KL; masked
     old values; advantages, whitened if ``whiten`` (over all processes when ``total`` sums over
-    them); returns).
+    them); returns; the std the advantages were divided by (1 without whitening), which puts a loss
+    term in raw reward units on the advantages' scale).
     """
     with torch.no_grad():
-        rewards = -beta * kl_fn(old_logprobs, ref_logprobs) * rmask
+        if state_kl is None:
+            rewards = -beta * kl_fn(old_logprobs, ref_logprobs) * rmask
+        else:
+            rewards = torch.zeros_like(rmask)
+            rewards[:, :-1] = -beta * (state_kl * rmask)[:, 1:]
         if token_rewards is not None:
             rewards = rewards + token_rewards * rmask
         last = (rmask.sum(-1).long() - 1).clamp_min(0)
@@ -261,9 +283,11 @@ def rewards_and_advantages(old_logprobs: torch.Tensor, old_values: torch.Tensor,
         kl_seq = ((old_logprobs - ref_logprobs) * rmask).sum(-1)
         old_values = old_values * rmask
         advantages, returns = gae(rewards, old_values, rmask, gamma=gamma, lam=lam)
+        scale = torch.ones((), device=advantages.device)
         if whiten:
+            scale = (masked_var(advantages, rmask, total=total) + 1e-8).sqrt()  # masked_whiten's own eps
             advantages = masked_whiten(advantages, rmask, total=total)
-    return kl_seq, old_values, advantages, returns
+    return kl_seq, old_values, advantages, returns, scale
 
 
 def train_ppo(
@@ -291,7 +315,7 @@ def train_ppo(
     from rich.progress import Progress
 
     from preflab.models.heads import ValueHead
-    from preflab.models.sampling import sample, sequence_logprobs
+    from preflab.models.sampling import sample, sequence_log_softmax, sequence_logprobs
     from preflab.train.checkpoint import (
         latest_checkpoint,
         load_checkpoint,
@@ -334,7 +358,8 @@ def train_ppo(
     moments = RunningMoments()
     sampler_gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1000 + rank)
     shuffle_gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 1)
-    kl_fn = KL_ESTIMATORS[cfg.kl_estimator]
+    full_kl = cfg.kl_estimator == "full"
+    kl_fn = KL_ESTIMATORS.get(cfg.kl_estimator)
     # DDP: whiten and average losses over the global batch, so a split batch trains like one process
     total = (lambda t: acc.reduce(t, "sum")) if world > 1 else None
 
@@ -380,12 +405,20 @@ def train_ppo(
                 B = ids.shape[0]
                 # one epoch of one minibatch: the update's forward gives the old log-probs and values
                 fused = cfg.fuse_single_update and cfg.ppo_epochs == 1 and cfg.minibatch_size >= B
+                if full_kl:  # the reference's whole next-token distribution (B, R, V)
+                    ref_lsm = sequence_log_softmax(ref, ids, attn, P)
+                    ref_logprobs = ref_lsm.gather(-1, ids[:, P:, None]).squeeze(-1)
+                else:
+                    ref_lsm = None
+                    ref_logprobs = sequence_logprobs(ref, ids, attn, P)  # (B, R), LM head on the response only
+                old_state_kl = None
                 if not fused:
                     logits, old_values = forward(ac, ids, attn, P)
                     old_logprobs = response_logprobs(logits, ids[:, P:])  # (B, R)
                     entropy = masked_mean(entropy_from_logits(logits.float()), rmask, total=total)
+                    if full_kl:
+                        old_state_kl = kl_full(logits, ref_lsm)
                     del logits
-                ref_logprobs = sequence_logprobs(ref, ids, attn, P)  # (B, R), LM head on the response only
             t_rollout = time.perf_counter() - t0
 
             # ---- score + KL ----------------------------------------------------------------
@@ -406,12 +439,14 @@ def train_ppo(
 
             # ---- advantages and updates ----------------------------------------------------
             t1 = time.perf_counter()
-            stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clipfrac", "approx_kl", "vf_clipfrac")}
+            stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clipfrac", "approx_kl", "vf_clipfrac",
+                                                             "kl")}
             shape = dict(ref_logprobs=ref_logprobs, rmask=rmask, scores=scores_used, beta=beta, kl_fn=kl_fn,
                          gamma=cfg.gamma, lam=cfg.lam, whiten=cfg.whiten_advantages, total=total,
                          token_rewards=-cfg.ref_floor_penalty * floor_hits if cfg.ref_floor is not None else None)
             if not fused:
-                kl_seq, old_values, advantages, returns = rewards_and_advantages(old_logprobs, old_values, **shape)
+                kl_seq, old_values, advantages, returns, adv_scale = rewards_and_advantages(
+                    old_logprobs, old_values, state_kl=old_state_kl, **shape)
             for _ in range(cfg.ppo_epochs):
                 perm = torch.randperm(B, generator=shuffle_gen)
                 for mb in [torch.arange(B)] if fused else perm.split(cfg.minibatch_size):
@@ -419,18 +454,27 @@ def train_ppo(
                     logits, values = forward(ac, ids[mb], attn[mb], P)
                     logprobs = response_logprobs(logits, ids[mb][:, P:])
                     n_tokens = None if total is None else total(rmask[mb].sum()) / world
+                    state_kl = kl_full(logits, ref_lsm[mb]) if full_kl else None  # (mb, R), differentiable
                     if fused:  # the only update: its forward is the rollout's (policy unchanged so far)
                         old_logprobs, old_values = logprobs.detach(), values.detach()
                         with torch.no_grad():
                             entropy = masked_mean(entropy_from_logits(logits.detach().float()), rmask,
                                                   total=total)
-                        kl_seq, old_values, advantages, returns = rewards_and_advantages(
-                            old_logprobs, old_values, **shape)
+                        old_state_kl = state_kl.detach() if full_kl else None
+                        kl_seq, old_values, advantages, returns, adv_scale = rewards_and_advantages(
+                            old_logprobs, old_values, state_kl=old_state_kl, **shape)
                     pg = ppo_policy_loss(logprobs, old_logprobs[mb], advantages[mb], rmask[mb],
                                          clip_range=cfg.clip_range, n_tokens=n_tokens)
                     vf = ppo_value_loss(values, old_values[mb], returns[mb], rmask[mb],
                                         clip_range=cfg.value_clip_range, n_tokens=n_tokens)
                     loss = pg.loss + cfg.vf_coef * vf.loss
+                    if cfg.entropy_coef > 0:
+                        loss = loss - cfg.entropy_coef * token_sum_mean(entropy_from_logits(logits.float()), rmask[mb],
+                                                                        n_tokens)
+                    if full_kl:  # grad of beta * sum_t KL_t(s_t) at the visited states, on the advantages' scale
+                        kl_loss = token_sum_mean(state_kl, rmask[mb], n_tokens)
+                        loss = loss + beta / adv_scale * kl_loss
+                        stats["kl"].append(float(kl_loss.detach()))
                     optimizer.zero_grad(set_to_none=True)
                     acc.backward(loss)
                     if cfg.max_grad_norm > 0:
@@ -462,6 +506,8 @@ def train_ppo(
                 "ppo/loss/value": mean_all(sum(stats["vf"]) / len(stats["vf"])),
                 "ppo/clipfrac": mean_all(sum(stats["clipfrac"]) / len(stats["clipfrac"])),
                 "ppo/approx_kl": mean_all(sum(stats["approx_kl"]) / len(stats["approx_kl"])),
+                **({"objective/kl_full": mean_all((old_state_kl * rmask).sum(-1)),
+                    "ppo/loss/kl": mean_all(sum(stats["kl"]) / len(stats["kl"]))} if full_kl else {}),
                 "val/clipfrac": mean_all(sum(stats["vf_clipfrac"]) / len(stats["vf_clipfrac"])),
                 "val/explained_variance": mean_all(explained_variance(old_values, returns, rmask, total=total)),
                 "time/rollout_s": t_rollout,

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,6 +11,7 @@ from preflab.losses.kl import (
     AlarmKLController,
     FixedKLController,
     adaptive_beta,
+    kl_full,
     kl_k1,
     kl_k3,
 )
@@ -24,6 +26,23 @@ def test_estimators_are_unbiased_for_exact_kl():
     assert (q * kl_k1(lq, lp)).sum().item() == pytest.approx(exact, rel=1e-5)
     assert (q * kl_k3(lq, lp)).sum().item() == pytest.approx(exact, rel=1e-5)
     assert (kl_k3(lq, lp) >= 0).all()
+
+
+def test_kl_full_is_the_exact_kl_of_each_state_and_differentiable():
+    g = torch.Generator().manual_seed(0)
+    logits, ref_logits = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
+    q, p = logits.softmax(-1).double().numpy(), ref_logits.softmax(-1).double().numpy()
+    exact = (q * (np.log(q) - np.log(p))).sum(-1)  # independent: probabilities, not log-softmax
+    got = kl_full(logits, ref_logits.log_softmax(-1))
+    np.testing.assert_allclose(got.numpy(), exact, rtol=1e-5, atol=1e-6)
+    assert got.shape == (2, 3) and (got >= 0).all()
+    assert kl_full(ref_logits, ref_logits.log_softmax(-1)).abs().max() < 1e-6  # the reference itself: 0
+    # it is E_q[k1] at that state
+    lq = logits.log_softmax(-1)
+    torch.testing.assert_close((lq.exp() * kl_k1(lq, ref_logits.log_softmax(-1))).sum(-1), got)
+    x = logits.clone().requires_grad_()
+    kl_full(x, ref_logits.log_softmax(-1)).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 def test_k3_elementwise():

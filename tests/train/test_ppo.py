@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 
@@ -29,6 +30,11 @@ def test_config_errors_name_the_field():
         from_dict(PPOConfig, {"kl_controller": "magic"})
     with pytest.raises(ValueError, match="alarm_thresholds"):
         make_kl_controller(PPOConfig(), detector=lambda t: {})
+    for field, bad in (("entropy_coef", -0.1),):
+        with pytest.raises(ConfigError, match=f"PPOConfig.{field}"):
+            PPOConfig(**{field: bad})
+    with pytest.raises(ConfigError, match="PPOConfig.kl_estimator"):
+        from_dict(PPOConfig, {"kl_estimator": "k2"})
 
 
 def test_adaptive_horizon_is_scaled_to_the_run():
@@ -279,7 +285,8 @@ def test_ppo_with_a_separate_value_model(tmp_path, random_policy):
     assert any(not torch.equal(before[k], v) for k, v in critic.state_dict().items())  # the critic was trained
 
 
-def test_fused_single_update_equals_the_separate_rollout_forward(tmp_path, random_policy):
+@pytest.mark.parametrize("kl_estimator", ["k1", "full"])
+def test_fused_single_update_equals_the_separate_rollout_forward(tmp_path, random_policy, kl_estimator):
     """One epoch of one minibatch (the RLOO-like shape): taking the old log-probs and values from the
     update's own forward gives the same run as the separate rollout forward, one forward fewer."""
     from preflab.models.tiny import tiny_gpt2
@@ -291,16 +298,18 @@ def test_fused_single_update_equals_the_separate_rollout_forward(tmp_path, rando
         torch.manual_seed(0)
         policy = tiny_gpt2(mcfg, seed=0)
         cfg = PPOConfig(steps=3, prompts_per_step=4, samples_per_prompt=2, max_new_tokens=8, minibatch_size=8,
-                        ppo_epochs=1, lr=1e-3, progress=False, checkpoint_every=3, fuse_single_update=fuse)
-        res = train_ppo(cfg, policy=policy, ref=tiny_gpt2(mcfg, seed=0), tokenizer=tok,
+                        ppo_epochs=1, lr=1e-3, progress=False, checkpoint_every=3, fuse_single_update=fuse,
+                        kl_estimator=kl_estimator, kl_beta=0.2)
+        res = train_ppo(cfg, policy=policy, ref=tiny_gpt2(mcfg, seed=1), tokenizer=tok,
                         reward_fn=lambda p, t: torch.tensor([len(x) / 20.0 for x in t]), prompts=prompts,
                         run_dir=tmp_path / f"fuse{fuse}")
         return res.metrics, {k: v.clone() for k, v in policy.state_dict().items()}
 
     (m_fused, w_fused), (m_sep, w_sep) = run(True), run(False)
+    extra = ("objective/kl_full", "ppo/loss/kl") if kl_estimator == "full" else ()
     for a, b in zip(m_fused, m_sep, strict=True):
         for key in ("objective/kl", "objective/scores", "objective/entropy", "ppo/loss/policy", "ppo/loss/value",
-                    "ppo/approx_kl", "val/explained_variance"):
+                    "ppo/approx_kl", "val/explained_variance", *extra):
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
     for k in w_fused:
         torch.testing.assert_close(w_fused[k], w_sep[k], atol=1e-5, rtol=1e-4)
@@ -315,11 +324,91 @@ def test_ref_floor_costs_the_token_below_it_not_the_whole_response():
     hits = (ref < -3.0) & (rmask > 0)
     kw = dict(ref_logprobs=ref, rmask=rmask, scores=torch.tensor([1.0]), beta=0.0, kl_fn=lambda a, b: a - b,
               gamma=1.0, lam=1.0, whiten=False)
-    _, _, adv, ret = rewards_and_advantages(ref.clone(), torch.zeros(1, 4), token_rewards=-2.0 * hits.float(), **kw)
+    _, _, adv, ret, _ = rewards_and_advantages(ref.clone(), torch.zeros(1, 4), token_rewards=-2.0 * hits.float(), **kw)
     # rewards [0, -2, 0, +1]: with gamma = lambda = 1 and zero values, the returns are the rewards-to-go
     assert ret.tolist() == [[-1.0, -1.0, 1.0, 1.0]] and adv.tolist() == ret.tolist()
-    _, _, _, plain = rewards_and_advantages(ref.clone(), torch.zeros(1, 4), **kw)
+    _, _, _, plain, _ = rewards_and_advantages(ref.clone(), torch.zeros(1, 4), **kw)
     assert plain.tolist() == [[1.0, 1.0, 1.0, 1.0]]  # without it, only the score
+
+
+def test_entropy_bonus_raises_the_policy_entropy(tmp_path, random_policy):
+    from preflab.models.tiny import tiny_gpt2
+
+    tok, mcfg = random_policy
+    prompts = [format_prompt(q.text) for q in generate_queries(8, seed=2)]
+
+    def entropy_after(coef: float | None) -> float:  # None: untrained
+        policy = tiny_gpt2(mcfg, seed=3)
+        with torch.no_grad():  # sharpen its next-token distributions (a fresh tiny model's are near uniform)
+            policy.transformer.ln_f.weight.mul_(40.0)
+        if coef is not None:
+            cfg = PPOConfig(steps=3, prompts_per_step=8, max_new_tokens=8, minibatch_size=8, ppo_epochs=2, lr=1e-2,
+                            kl_beta=0.0, entropy_coef=coef, progress=False, checkpoint_every=3)
+            train_ppo(cfg, policy=policy, ref=copy.deepcopy(policy), tokenizer=tok,
+                      reward_fn=lambda p, t: torch.zeros(len(t)), prompts=prompts, run_dir=tmp_path / str(coef))
+        ids = tok(prompts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            logits = policy(**ids).logits[:, -1].float()
+        return float(-(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean())
+
+    before, plain, bonus = entropy_after(None), entropy_after(0.0), entropy_after(1.0)
+    assert bonus > plain + 0.1 and bonus > before + 0.1, (before, plain, bonus)
+
+
+def _two_step_problem(seed: int = 0, V: int = 3):
+    """A tabular policy over two tokens (no EOS): first-token logits (V,), second-token logits per first
+    token (V, V), and a reference of the same shape; every one of the V^2 responses enumerated."""
+    g = torch.Generator().manual_seed(seed)
+    th0, th1 = torch.randn(V, generator=g).requires_grad_(), torch.randn(V, V, generator=g).requires_grad_()
+    r0, r1 = torch.randn(V, generator=g).log_softmax(-1), torch.randn(V, V, generator=g).log_softmax(-1)
+    a0, a1 = torch.arange(V).repeat_interleave(V), torch.arange(V).repeat(V)  # (V^2,) each
+    return th0, th1, r0, r1, a0, a1
+
+
+def _kl_gradient_samples(kl_estimator: str):
+    """Per-response gradient of the PPO loss's KL part (beta 1, score 0, gamma = lambda = 1, no values,
+    no whitening) and each response's probability, on ``_two_step_problem``; plus the exact gradient
+    of the sequence KL(pi || ref), from enumerating every response."""
+    from preflab.losses.kl import KL_ESTIMATORS, kl_full
+    from preflab.train.ppo import rewards_and_advantages
+
+    th0, th1, r0, r1, a0, a1 = _two_step_problem()
+    lp0, lp1 = th0.log_softmax(-1), th1.log_softmax(-1)
+    logprobs = torch.stack([lp0[a0], lp1[a0, a1]], -1)  # (N, 2)
+    ref_logprobs = torch.stack([r0[a0], r1[a0, a1]], -1)
+    exact = (logprobs.sum(-1).exp() * (logprobs - ref_logprobs).sum(-1)).sum()  # sequence KL, a function of theta
+    prob = logprobs.sum(-1).exp().detach()
+    exact_grad = torch.cat([x.flatten() for x in torch.autograd.grad(exact, [th0, th1], retain_graph=True)])
+
+    n = len(a0)
+    state_kl = torch.stack([kl_full(th0, r0).expand(n), kl_full(th1, r1)[a0]], -1)  # (N, 2), differentiable
+    _, _, adv, _, scale = rewards_and_advantages(
+        logprobs.detach(), torch.zeros(n, 2), ref_logprobs=ref_logprobs, rmask=torch.ones(n, 2),
+        scores=torch.zeros(n), beta=1.0, kl_fn=KL_ESTIMATORS.get(kl_estimator), gamma=1.0, lam=1.0, whiten=False,
+        state_kl=state_kl.detach() if kl_estimator == "full" else None)
+    assert scale.item() == 1.0
+    grads = []
+    for i in range(n):  # one response's loss: the policy gradient, plus the exact per-state KL in "full"
+        loss = -(adv[i] * logprobs[i]).sum() + (state_kl[i].sum() if kl_estimator == "full" else 0.0)
+        grads.append(torch.cat([x.flatten() for x in torch.autograd.grad(loss, [th0, th1], retain_graph=True)]))
+    return torch.stack(grads), prob, exact_grad
+
+
+@pytest.mark.parametrize("kl_estimator", ["k1", "full"])
+def test_kl_penalty_gradient_is_the_exact_gradient_of_the_sequence_kl(kl_estimator):
+    grads, prob, exact_grad = _kl_gradient_samples(kl_estimator)
+    torch.testing.assert_close((prob[:, None] * grads).sum(0), exact_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_full_kl_gradient_has_less_variance_than_k1():
+    # "full" is k1's gradient averaged over the token at each visited state (Rao-Blackwell): same mean, less spread
+    def spread(kl_estimator):
+        grads, prob, _ = _kl_gradient_samples(kl_estimator)
+        mean = (prob[:, None] * grads).sum(0)
+        return (prob * ((grads - mean) ** 2).sum(-1)).sum().item()
+
+    k1, full = spread("k1"), spread("full")
+    assert full < 0.5 * k1, (full, k1)
 
 
 def test_ref_floor_metric_counts_responses_below_it(tmp_path, random_policy):
