@@ -1323,6 +1323,8 @@ def ppo_cmd(
     kl_target: float = typer.Option(None, help="PPOConfig.kl_target (nats per response)"),
     alarm: str = typer.Option(None, help="Alarm thresholds on the text detectors, e.g. 'formality=0.4,hedging=0.5'; "
                                          "'formality=+0.1' = the reference policy's own rate + 0.1."),
+    alarm_window: int = typer.Option(None, help="PPOConfig.alarm_window: compare the mean of the last N steps' "
+                                                "readings with the threshold (1: each rollout alone)."),
     checkpoint_every: int = typer.Option(None, help="PPOConfig.checkpoint_every"),
     seed: int = typer.Option(None, help="PPOConfig.seed"),
     prompt_format: str = typer.Option("dialogue", help="How the policy sees a query: dialogue ('User: ...\\n"
@@ -1355,7 +1357,7 @@ def ppo_cmd(
         thresholds, shifts = _parse_alarm(alarm)
         cfg = resolve(PPOConfig, config, "ppo", dict(steps=steps, lr=lr, kl_beta=kl_beta, kl_controller=kl_controller,
                                                      kl_target=kl_target, checkpoint_every=checkpoint_every, seed=seed,
-                                                     alarm_thresholds=thresholds or None))
+                                                     alarm_thresholds=thresholds or None, alarm_window=alarm_window))
         queries = _load_prompts(prompts, n_prompts, cfg.seed)
         if eval_prompts is not None:
             held = _load_prompts(eval_prompts, 0, cfg.seed)[:64]

@@ -77,6 +77,9 @@ class DemoConfig:
                                       "Past about 2 nats the extra KL went into malformed text (docs/ppo.md); "
                                       "below it the first pass's pricing failure may not show.")
     formality_alarm: float = field_doc(0.45, "Share of stilted responses in a rollout that raises beta.")
+    formality_alarm_window: int = field_doc(5, "PPOConfig.alarm_window: the alarm reads the mean of the last N "
+                                               "rollouts (the SFT model's own rate, about 0.32, reads 0.16-0.50 "
+                                               "from one rollout of 32 answers).")
     ppo_ref_floor: float = field_doc(-3.0, "PPOConfig.ref_floor: a response token the SFT model gives a log-prob "
                                            "below this costs ppo_ref_floor_penalty (malformed text the reward "
                                            "model overrates; docs/ppo.md).")
@@ -108,7 +111,7 @@ class DemoConfig:
                      "rerate_limit", "ppo_steps", "ppo_prompts_per_step", "ppo_checkpoint_every", "rm_epochs",
                      "dpo_epochs",
                      "ab_conversations", "ab_first_pass", "factual_items", "detector_samples", "production_weeks",
-                     "conversations_per_week", "max_new_tokens", "threads"):
+                     "conversations_per_week", "max_new_tokens", "threads", "formality_alarm_window"):
             check(getattr(self, name) >= 1, f"demo.{name}", "must be >= 1")
         check(0 <= self.audit_rate <= 1, "demo.audit_rate", "must be in [0, 1]")
         check(0 <= self.duplicate_rate <= 1, "demo.duplicate_rate", "must be in [0, 1]")
@@ -480,6 +483,7 @@ def stage_ppo(cfg: DemoConfig, run: Path, name: str, rm_name: str, engine) -> di
                    kl_horizon=2 * cfg.ppo_prompts_per_step,  # beta moves by at most 10% a step
                    checkpoint_every=cfg.ppo_checkpoint_every, minibatch_size=16,
                    ppo_epochs=2, cpu=True, alarm_thresholds={"formality": cfg.formality_alarm},
+                   alarm_window=cfg.formality_alarm_window,
                    ref_floor=cfg.ppo_ref_floor if cfg.ppo_ref_floor_penalty > 0 else None,
                    ref_floor_penalty=cfg.ppo_ref_floor_penalty)
     res = train_ppo(pc, policy=policy, ref=ref, tokenizer=tok, reward_fn=reward_fn,

@@ -118,18 +118,28 @@ class AlarmKLController:
     returns named rates; for every name with a threshold, a value strictly above it is an alarm.
     On an alarm (at most once per ``cooldown`` steps) beta <- max(beta * factor, floor), so a
     run started at beta = 0 still gets a leash. The cause names the detector and its value.
+
+    ``window``: the value compared is the mean of the last ``window`` steps' readings, as one reads a
+    smoothed curve rather than a single rollout (a rate read from 32 answers moves by about +-0.06
+    between rollouts of the same policy, so a threshold a few points above the policy's own rate
+    fires on noise). An alarm needs ``window`` readings since the start or since the last alarm:
+    after beta is raised the window starts afresh, so the next alarm is about the policy at the
+    new beta.
     """
 
     def __init__(self, base, *, detector: Detector, thresholds: dict[str, float], factor: float = 2.0,
-                 floor: float = 0.05, cooldown: int = 1):
+                 floor: float = 0.05, cooldown: int = 1, window: int = 1):
         if factor <= 1.0:
             raise ValueError("AlarmKLController: factor must be > 1")
         if not thresholds:
             raise ValueError("AlarmKLController: thresholds is empty; nothing could ever fire")
+        if window < 1:
+            raise ValueError("AlarmKLController: window must be >= 1")
         self.base, self.detector, self.thresholds = base, detector, dict(thresholds)
-        self.factor, self.floor, self.cooldown = float(factor), float(floor), int(cooldown)
+        self.factor, self.floor, self.cooldown, self.window = float(factor), float(floor), int(cooldown), int(window)
         self.last_alarm_step: int | None = None
         self.last_readings: dict[str, float] = {}
+        self.recent: dict[str, list[float]] = {}  # per watched detector: readings since the last alarm (<= window)
 
     @property
     def beta(self) -> float:
@@ -141,20 +151,27 @@ class AlarmKLController:
             return events
         readings = self.detector(texts)
         self.last_readings = {k: float(v) for k, v in readings.items()}
-        fired = [(k, readings[k]) for k in sorted(self.thresholds) if k in readings
-                 and math.isfinite(readings[k]) and readings[k] > self.thresholds[k]]
+        for k in self.thresholds:
+            if k in readings and math.isfinite(readings[k]):
+                self.recent[k] = (self.recent.get(k, []) + [float(readings[k])])[-self.window:]
+        means = {k: sum(v) / len(v) for k, v in self.recent.items() if len(v) == self.window}
+        fired = [(k, means[k]) for k in sorted(self.thresholds) if k in means and means[k] > self.thresholds[k]]
         cooling = self.last_alarm_step is not None and step - self.last_alarm_step < self.cooldown
         if fired and not cooling:
             old = self.base.beta
             self.base.beta = max(old * self.factor, self.floor)
             self.last_alarm_step = step
-            cause = "alarm: " + ", ".join(f"{k} {v:.3g} > {self.thresholds[k]:.3g}" for k, v in fired)
+            over = f" (mean of {self.window} steps)" if self.window > 1 else ""
+            cause = "alarm: " + ", ".join(f"{k} {v:.3g} > {self.thresholds[k]:.3g}" for k, v in fired) + over
             events.append(_event(step, old, self.base.beta, cause))
+            self.recent = {}
         return events
 
     def state_dict(self) -> dict:
-        return {"base": self.base.state_dict(), "last_alarm_step": self.last_alarm_step}
+        return {"base": self.base.state_dict(), "last_alarm_step": self.last_alarm_step,
+                "recent": {k: list(v) for k, v in self.recent.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.base.load_state_dict(state["base"])
         self.last_alarm_step = state["last_alarm_step"]
+        self.recent = {k: [float(x) for x in v] for k, v in state.get("recent", {}).items()}

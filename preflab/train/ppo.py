@@ -109,6 +109,9 @@ class PPOConfig:
     alarm_factor: float = field_doc(2.0, "Alarm controller: beta multiplier on an alarm.")
     alarm_floor: float = field_doc(0.05, "Alarm controller: beta after an alarm is at least this (a leash from beta = 0).")
     alarm_cooldown: int = field_doc(1, "Alarm controller: steps between two raises.")
+    alarm_window: int = field_doc(1, "Alarm controller: compare the mean of the last N steps' detector readings "
+                                     "with the threshold (a rate read from 32 answers moves by about +-0.06 between "
+                                     "rollouts); the window starts afresh after each alarm.")
     checkpoint_every: int = field_doc(500, "Save a checkpoint (and run the eval hook) every N steps.")
     keep_last: int = field_doc(2, "Checkpoints kept on disk (0: all).")
     mixed_precision: Literal["no", "fp16", "bf16"] = field_doc("no", "accelerate mixed precision.")
@@ -134,6 +137,7 @@ class PPOConfig:
         check(self.kl_beta_min >= 0, f"{w}.kl_beta_min", "must be >= 0")
         check(self.alarm_factor > 1, f"{w}.alarm_factor", "must be > 1")
         check(self.alarm_floor >= 0, f"{w}.alarm_floor", "must be >= 0")
+        check(self.alarm_window >= 1, f"{w}.alarm_window", "must be >= 1")
         check(self.keep_last >= 0, f"{w}.keep_last", "must be >= 0")
         check(self.max_grad_norm >= 0, f"{w}.max_grad_norm", "must be >= 0")
         check(self.ref_floor is None or self.ref_floor < 0, f"{w}.ref_floor", "must be a log-prob < 0 (or unset)")
@@ -232,7 +236,7 @@ def make_kl_controller(cfg: PPOConfig, detector: Detector | None):
     if not cfg.alarm_thresholds:
         raise ValueError("PPOConfig.alarm_thresholds: detectors were given but no thresholds; set at least one")
     return AlarmKLController(base, detector=detector, thresholds=cfg.alarm_thresholds, factor=cfg.alarm_factor,
-                             floor=cfg.alarm_floor, cooldown=cfg.alarm_cooldown)
+                             floor=cfg.alarm_floor, cooldown=cfg.alarm_cooldown, window=cfg.alarm_window)
 
 
 def sample_generators(seed: int, step: int, first: int, n: int, device) -> list[torch.Generator]:

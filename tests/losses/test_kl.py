@@ -109,6 +109,31 @@ def test_alarm_raises_beta_from_zero_with_cause_and_cooldown():
     assert c2.beta == pytest.approx(0.1) and c2.last_alarm_step == 4
 
 
+def test_alarm_window_reads_the_mean_of_the_last_rollouts_and_restarts_after_an_alarm():
+    feed = iter([0.5, 0.2, 0.3,   0.5, 0.5, 0.5,   0.6, 0.6, 0.6, 0.6])
+    c = AlarmKLController(FixedKLController(0.1), detector=lambda texts: {"formality": next(feed)},
+                          thresholds={"formality": 0.45}, window=3)
+
+    def step(i):
+        return c.update(step=i, kl=0.0, n_samples=32, texts=["x"])
+
+    # one noisy rollout above the threshold: with window 1 it would fire, here the window is not full yet
+    assert step(1) == [] and step(2) == [] and step(3) == [] and c.beta == 0.1  # mean 0.33
+    assert step(4) == [] and step(5) == []  # means 0.33, 0.43
+    ev = step(6)  # mean of 0.5, 0.5, 0.5
+    assert c.beta == 0.2 and ev[0]["cause"] == "alarm: formality 0.5 > 0.45 (mean of 3 steps)"
+    assert step(7) == [] and step(8) == []  # the window starts afresh: two readings are not enough
+    # a resumed controller carries the partial window: the third reading fires there
+    again = AlarmKLController(FixedKLController(0.0), detector=lambda texts: {"formality": 0.6},
+                              thresholds={"formality": 0.45}, window=3)
+    again.load_state_dict(c.state_dict())
+    assert again.recent == {"formality": [0.6, 0.6]}
+    assert again.update(step=9, kl=0.0, n_samples=32, texts=["x"])[0]["beta_new"] == 0.4
+    assert step(9)[0]["beta_new"] == 0.4  # the same as the uninterrupted one
+    with pytest.raises(ValueError, match="window"):
+        AlarmKLController(FixedKLController(0.0), detector=lambda t: {}, thresholds={"formality": 0.5}, window=0)
+
+
 def test_controller_validation():
     with pytest.raises(ValueError):
         AdaptiveKLController(0.1, target=0.0, horizon=10)

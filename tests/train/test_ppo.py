@@ -30,7 +30,7 @@ def test_config_errors_name_the_field():
         from_dict(PPOConfig, {"kl_controller": "magic"})
     with pytest.raises(ValueError, match="alarm_thresholds"):
         make_kl_controller(PPOConfig(), detector=lambda t: {})
-    for field, bad in (("entropy_coef", -0.1),):
+    for field, bad in (("alarm_window", 0), ("entropy_coef", -0.1)):
         with pytest.raises(ConfigError, match=f"PPOConfig.{field}"):
             PPOConfig(**{field: bad})
     with pytest.raises(ConfigError, match="PPOConfig.kl_estimator"):
