@@ -375,12 +375,14 @@ def stage_reward_model(cfg: DemoConfig, run: Path, engine, name: str) -> dict:
     return out
 
 
-def stage_dpo(cfg: DemoConfig, run: Path) -> dict:
+def stage_dpo(cfg: DemoConfig, run: Path, engine) -> dict:
     """DPO from the base policy on the judgements rm_v2 trained on (its own train/validation split),
     placed on the oracle frontier beside PPO pass 2 (sandbox comparison; not gated or promoted)."""
+    from preflab.collect.rerate import lineage
     from preflab.models.hf import load_policy
     from preflab.pipeline import reward_fn_from
     from preflab.sandbox.truth import policy_truth, win_rate_truth
+    from preflab.store import db
     from preflab.train.data import load_jsonl
     from preflab.train.dpo import DPOConfig, train_dpo
 
@@ -406,6 +408,12 @@ def stage_dpo(cfg: DemoConfig, run: Path) -> dict:
     win = win_rate_truth("dpo", "sft", ab_q, texts, _policy_texts(run / "base", ab_q, seed=cfg.seed + 42,
                                                                    max_new_tokens=cfg.max_new_tokens))
     write_json(run / "dpo" / "gold.json", {"probe": truth, "win_rate": win})
+    # its lineage: the judgements rm_v2 trained on (the same split), from the base policy
+    with db.session_scope(engine, readonly=True) as s:
+        rm = next(r for r in lineage(s, project_id=_project_id(s)) if r["run"] == "rm_v2")
+    record_run_lineage(engine, project=PROJECT, run="dpo", parent="base", steps=res.steps,
+                       policy_dir=str(res.policy_dir), data="rm_v2's train split",
+                       **{k: rm[k] for k in ("judgements", "pairs", "guidelines", "rounds")})
     last = res.metrics[-1] if res.metrics else {}
     return {"steps": res.steps, "pairs": len(train), "val_accuracy": last.get("val/accuracy"),
             "kl": oracle["kl"], "gold": oracle["gold"], "oracle_share": oracle["share_of_gold_oracle_gain"],
@@ -873,7 +881,7 @@ def run_demo(cfg: DemoConfig, *, quick: bool = False, console: Console | None = 
     st.run("ppo_v2", lambda: stage_ppo(cfg, run, "ppo_v2", "rm_v2", engine))
     st.run("gates_v2", lambda: stage_gates(cfg, run, engine, "ppo_v2", rubric="v2", n_ab=cfg.ab_conversations,
                                            salt=42))
-    st.run("dpo", lambda: stage_dpo(cfg, run))
+    st.run("dpo", lambda: stage_dpo(cfg, run, engine))
     st.run("production", lambda: stage_production(cfg, run, "ppo_v2"))
     st.run("summaries", lambda: stage_summaries(cfg, run, engine, st))
     rep = render_report(run, title="preflab demo: the support-bot story (sandbox)")

@@ -115,9 +115,13 @@ def test_quick_demo_tells_the_pricing_story(demo_run):
     assert fix["rerated_pairs"] > 0 and fix["judgements"] >= fix["rerated_pairs"]
     # the lineage is stored and shown: each reward model's judgements and guidelines, each policy's RM
     lineage = {r["run"]: r for r in json.loads((demo_run / "pricing.json").read_text())["lineage"]}
-    assert list(lineage) == ["rm_v1", "ppo_v1", "rm_v2", "ppo_v2"]
+    assert list(lineage) == ["rm_v1", "ppo_v1", "rm_v2", "ppo_v2", "dpo"]
     assert "v2" not in lineage["rm_v1"]["guidelines"] and "v2" in lineage["rm_v2"]["guidelines"]
     assert lineage["ppo_v1"]["reward_model"] == "rm_v1" and lineage["ppo_v2"]["reward_model"] == "rm_v2"
+    # DPO trained on rm_v2's judgements, from the base policy
+    assert {k: lineage["dpo"][k] for k in ("judgements", "guidelines", "parent")} == {
+        "judgements": lineage["rm_v2"]["judgements"], "guidelines": lineage["rm_v2"]["guidelines"], "parent": "base"}
+    assert lineage["dpo"]["steps"] == stages["dpo"]["out"]["steps"]
     assert "Lineage" in (demo_run / "report.md").read_text()
 
 
