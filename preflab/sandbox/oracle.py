@@ -121,24 +121,29 @@ class Frontier:
 
     def gold_at_kl(self, kl: float) -> float:
         """The oracle's expected gold at KL ``kl`` (linear in KL between grid points; the top beyond)."""
-        order = np.argsort(self.kl)
-        return float(np.interp(kl, self.kl[order], self.gold[order]))
+        return self._at_kl(self.gold, kl)
 
     def reward_at_kl(self, kl: float) -> float:
         """The oracle's expected tilting reward at KL ``kl`` (as ``gold_at_kl``)."""
-        order = np.argsort(self.kl)
-        return float(np.interp(kl, self.kl[order], self.reward_value[order]))
+        return self._at_kl(self.reward_value, kl)
 
     def fraction_of_reward_gain(self, kl: float, reward: float) -> float:
         """The same for the tilting reward itself: a policy's expected score of the reward it was
         trained on, as a share of what the oracle tilted by that reward gets at ``kl``."""
-        base = float(self.reward_value[np.argmin(self.kl)])
-        return (reward - base) / max(self.reward_at_kl(kl) - base, 1e-9)
+        return self._share(self.reward_value, kl, reward)
 
     def fraction_of_gain(self, kl: float, gold: float) -> float:
         """(gold - gold_ref) / (oracle gold at ``kl`` - gold_ref): share of the oracle's gain achieved."""
-        base = float(self.gold[np.argmin(self.kl)])
-        return (gold - base) / max(self.gold_at_kl(kl) - base, 1e-9)
+        return self._share(self.gold, kl, gold)
+
+    def _at_kl(self, values: np.ndarray, kl: float) -> float:
+        order = np.argsort(self.kl)
+        return float(np.interp(kl, self.kl[order], values[order]))
+
+    def _share(self, values: np.ndarray, kl: float, value: float) -> float:
+        """(value - at the reference) / (the oracle's at ``kl`` - at the reference)."""
+        base = float(values[np.argmin(self.kl)])
+        return (value - base) / max(self._at_kl(values, kl) - base, 1e-9)
 
     def to_dict(self) -> dict:
         return {"reward": self.reward, "betas": self.betas.tolist(), "kl": self.kl.tolist(),
