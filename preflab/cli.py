@@ -681,6 +681,78 @@ def rm_eval(
     console.print(f"wrote {run_dir}/eval/preference.json")
 
 
+@rm_app.command("curve")
+def rm_curve(
+    out: str = typer.Option(..., "--out", help="Run directory: n_<pairs>/ per size, curve.json, curve.png."),
+    policy: str = typer.Option(None, "--policy", help="HF dir every reward model starts from (as `rm train`)."),
+    db: str = typer.Option(None, "--db", help="Store URL; with --project, its latest judgements (and the ceiling "
+                                              "from its planted duplicates)."),
+    project: str = typer.Option(None, "--project", help="Project name in the store."),
+    data: str = typer.Option(None, "--data", help="Instead of the store: JSONL with prompt, chosen, rejected."),
+    sizes: str = typer.Option(None, "--sizes", help="Comma-separated training-set sizes, ascending: shares of the "
+                                                    "training split (<= 1) or pair counts (default 0.125,0.25,0.5,1)."),
+    ceiling: float = typer.Option(None, "--ceiling", help="Accuracy ceiling (default: from --db's duplicates)."),
+    within: float = typer.Option(None, "--within", help="CurveConfig.within: the projection aims at ceiling - this "
+                                                        "(default 0.03)."),
+    config: str = typer.Option(None, "--config", help="TOML file; its \\[rm] table sets RewardConfig fields, "
+                                                      "its \\[curve] table CurveConfig fields."),
+    lr: float = typer.Option(None, help="RewardConfig.lr"),
+    batch_size: int = typer.Option(None, help="RewardConfig.batch_size"),
+    epochs: int = typer.Option(None, help="RewardConfig.epochs"),
+    margin: str = typer.Option(None, help="RewardConfig.margin"),
+    seed: int = typer.Option(None, help="RewardConfig.seed (the validation split and training) and CurveConfig.seed"),
+    progress: bool = typer.Option(True, help="Show the trainer's progress bars."),
+) -> None:
+    """Would more judgements help? Reward models on nested shares of the training pairs, each scored on the same
+    validation pairs: accuracy per size, paired gains, gain per doubling, and the pairs projected to near the ceiling."""
+    from preflab.config import resolve
+    from preflab.evaluate.curve import CurveConfig, describe, learning_curve
+    from preflab.evaluate.preference import store_ceiling
+    from preflab.train.data import load_jsonl, load_store_examples, split_by_prompt
+    from preflab.train.reward import RewardConfig
+
+    try:
+        if (data is None) == (db is None):
+            raise ValueError("give either --db URL --project NAME or --data file.jsonl")
+        if policy is None:
+            raise ValueError("--policy: the HF directory to start from is required")
+        if db is not None and not project:
+            raise ValueError("--project: required with --db")
+        size_list = None
+        if sizes is not None:
+            try:
+                size_list = [float(x) for x in sizes.split(",") if x.strip()]
+            except ValueError:
+                raise ValueError(f"--sizes: expected comma-separated numbers, got {sizes!r}") from None
+        rm_cfg = resolve(RewardConfig, config, "rm", dict(lr=lr, batch_size=batch_size, epochs=epochs, margin=margin,
+                                                          seed=seed))
+        cfg = resolve(CurveConfig, config, "curve", dict(sizes=size_list, within=within, seed=seed))
+        examples = load_jsonl(data) if data is not None else load_store_examples(db, project=project)
+        if ceiling is None and db is not None:
+            found = store_ceiling(db, project=project)
+            ceiling = found[0] if found else None
+        train, val = split_by_prompt(examples, val_fraction=rm_cfg.val_fraction, seed=rm_cfg.seed)
+        if not val:
+            raise ValueError("RewardConfig.val_fraction: 0 leaves no validation pairs to score the curve on")
+        console.print(f"learning curve: {len(train):,} training pairs, {len(val):,} validation pairs"
+                      + (f", ceiling {ceiling:.1%}" if ceiling is not None else ", ceiling unknown"))
+        curve = learning_curve(cfg, rm_cfg, start_from=policy, train=train, val=val, run_dir=out, ceiling=ceiling,
+                               show_progress=progress, log=lambda m: console.print(m, markup=False, highlight=False))
+    except (ValueError, OSError) as e:
+        _fail(e)
+    from rich.table import Table
+
+    t = Table(title="reward-model learning curve (held-out accuracy on the same validation pairs)")
+    for col in ("pairs", "steps", "accuracy", "95% CI"):
+        t.add_column(col)
+    for p in curve["points"]:
+        t.add_row(f"{p['pairs']:,}", str(p["steps"]), f"{p['accuracy']:.1%}", f"{p['ci'][0]:.1%}-{p['ci'][1]:.1%}")
+    console.print(t)
+    for line in describe(curve):
+        console.print(line, markup=False, highlight=False)
+    console.print(f"wrote {out}/curve.json and {out}/curve.png")
+
+
 @rm_app.command("score")
 def rm_score(
     model: str = typer.Option(..., "--model", help="Reward-model HF dir (e.g. RUN_DIR/model)."),
@@ -1556,7 +1628,7 @@ def dpo_cmd(
 
 @sandbox_app.command("experiment")
 def sandbox_experiment(
-    name: str = typer.Argument(..., help="consistency-vs-volume, kl-sweep or margin."),
+    name: str = typer.Argument(..., help="consistency-vs-volume, kl-sweep, margin or learning-curve."),
     run: str = typer.Option("runs/experiments", "--run", help="Run directory (e.g. a demo's); the plot goes to "
                                                               "RUN/experiments/NAME.json, work is cached and resumes."),
     base: str = typer.Option("", "--base", help="A built sandbox model dir (default: RUN/base, built if missing)."),
@@ -1576,6 +1648,10 @@ def sandbox_experiment(
     max_new_tokens: int = typer.Option(None, help="Longest sampled response (default: the base build's longest response + 8)."),
     betas: str = typer.Option(None, help="kl-sweep: fixed betas, comma-separated (default 0.005,0.02,0.1,0.5)."),
     margins: str = typer.Option(None, help="margin: presets compared, comma-separated (default none,llama2_small)."),
+    curve_sizes: str = typer.Option(None, help="learning-curve: pair counts, comma-separated, ascending "
+                                               "(default 250,500,1000,2000; --full 750 ... 24,000)."),
+    rm_epochs: int = typer.Option(None, help="Reward-model epochs (default 1; the demo's: 3)."),
+    rm_lr: float = typer.Option(None, help="Reward-model learning rate (default 1e-4; the demo's: 1e-3)."),
     ppo: bool = typer.Option(True, help="consistency-vs-volume: also a short PPO pass on each reward model."),
     progress: bool = typer.Option(True, help="Show the trainers' progress bars."),
 ) -> None:
@@ -1590,12 +1666,17 @@ def sandbox_experiment(
     flags = {"pairs": pairs, "volume_ratio": volume_ratio, "crowd_raters": crowd_raters, "rubric": rubric,
              "eval_pairs": eval_pairs, "ppo_steps": ppo_steps, "ppo_prompts": ppo_prompts,
              "ppo_eval_every": ppo_eval_every, "eval_queries": eval_queries, "oracle_queries": oracle_queries,
-             "max_new_tokens": max_new_tokens}
+             "max_new_tokens": max_new_tokens, "rm_epochs": rm_epochs, "rm_lr": rm_lr}
     try:
         if betas is not None:
             flags["betas"] = [float(b) for b in betas.split(",") if b.strip()]
         if margins is not None:
             flags["margins"] = [m.strip() for m in margins.split(",") if m.strip()]
+        if curve_sizes is not None:
+            try:
+                flags["curve_sizes"] = [int(x) for x in curve_sizes.split(",") if x.strip()]
+            except ValueError:
+                raise ValueError(f"--curve-sizes: expected comma-separated pair counts, got {curve_sizes!r}") from None
         cfg = ExperimentConfig(run=run, base=base, seed=seed, cv_ppo=ppo, progress=progress)
         if full:
             cfg = cfg.full()

@@ -37,8 +37,9 @@ from rich.console import Console
 
 from preflab.config import check, field_doc, to_dict
 from preflab.pipeline import format_prompt, write_json
+from preflab.quality.paired import mean_ci, paired_diff
 
-EXPERIMENTS = ("consistency-vs-volume", "kl-sweep", "margin")
+EXPERIMENTS = ("consistency-vs-volume", "kl-sweep", "margin", "learning-curve")
 
 
 @dataclass
@@ -59,6 +60,8 @@ class ExperimentConfig:
     rm_batch: int = field_doc(16, "Reward-model pairs per step.")
     margin: str = field_doc("llama2_small", "Margin preset of the reward models in consistency-vs-volume and kl-sweep.")
     margins: list[str] = field_doc(["none", "llama2_small"], "margin experiment: presets compared.")
+    curve_sizes: list[int] = field_doc([250, 500, 1000, 2000], "learning-curve: calibrated pairs per reward model, "
+                                                               "ascending (each set contains the smaller ones).")
     ppo_steps: int = field_doc(12, "PPO iterations per run.")
     ppo_prompts: int = field_doc(16, "Prompts per PPO rollout batch.")
     ppo_lr: float = field_doc(1e-4, "PPO policy learning rate (the demo's).")
@@ -93,6 +96,9 @@ class ExperimentConfig:
         for m in (self.margin, *self.margins):
             check(m in MARGIN_PRESETS, f"{w}.margin(s)", f"unknown preset {m!r} (known: {', '.join(MARGIN_PRESETS)})")
         check(len(self.margins) >= 1, f"{w}.margins", "must name at least one preset")
+        check(len(self.curve_sizes) >= 1 and all(n >= 1 for n in self.curve_sizes)
+              and list(self.curve_sizes) == sorted(set(self.curve_sizes)), f"{w}.curve_sizes",
+              f"must be ascending pair counts >= 1, got {self.curve_sizes}")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -100,7 +106,8 @@ class ExperimentConfig:
     def full(self) -> ExperimentConfig:
         """The story's scale: 6,000 calibrated pairs against 60,000 crowd pairs (hours on a CPU)."""
         return replace(self, pairs=6000, volume_ratio=10, crowd_raters=50, eval_pairs=1000, ppo_steps=60,
-                       ppo_prompts=32, ppo_eval_every=20, eval_queries=200)
+                       ppo_prompts=32, ppo_eval_every=20, eval_queries=200,
+                       curve_sizes=[750, 1500, 3000, 6000, 12000, 24000])
 
 
 # ---- small pure helpers -----------------------------------------------------------------------
@@ -111,28 +118,6 @@ def wilson(successes: int, n: int) -> list[float]:
     from preflab.evaluate.ab import wilson_interval
 
     return list(wilson_interval(float(successes), n)) if n else [math.nan, math.nan]
-
-
-def mean_ci(xs: Sequence[float]) -> tuple[float, list[float]]:
-    """Mean with a normal-approximation 95% interval, mean +- 1.96 s / sqrt(n)."""
-    n = len(xs)
-    m = math.fsum(xs) / n
-    if n < 2:
-        return m, [m, m]
-    s = math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (n - 1))
-    return m, [m - 1.96 * s / math.sqrt(n), m + 1.96 * s / math.sqrt(n)]
-
-
-def paired_diff(a: Sequence[float | None], b: Sequence[float | None]) -> dict[str, Any]:
-    """Difference of two accuracies measured on the same items: mean of d_i = a_i - b_i over items
-    both scored, with the normal 95% interval mean +- 1.96 s_d / sqrt(n) (the Wald interval for
-    paired proportions, Agresti 2013 sec. 11.1). Pairing removes the between-item variance that
-    makes two separate Wilson intervals overlap."""
-    d = [x - y for x, y in zip(a, b, strict=True) if x is not None and y is not None]
-    if not d:
-        return {"diff": math.nan, "ci": [math.nan, math.nan], "n": 0}
-    m, ci = mean_ci(d)
-    return {"diff": m, "ci": ci, "n": len(d)}
 
 
 def _verdict(p: dict) -> str:
@@ -558,7 +543,59 @@ def margin(lab: Lab) -> list[Path]:
         "notes": notes, "bars": bars, "rows": rows, "scale": _scale(c, lab), "simulated": True})]
 
 
-RUNNERS = {"consistency-vs-volume": consistency_vs_volume, "kl-sweep": kl_sweep, "margin": margin}
+def learning_curve(lab: Lab) -> list[Path]:
+    """Reward models on nested sets of 250 ... 2,000 calibrated pairs (the story's scale: 750 ... 24,000), each
+    scored on the same held-out labels beside the duplicate ceiling of those raters, and against gold."""
+    from preflab.evaluate.curve import CurveConfig, describe
+    from preflab.evaluate.curve import learning_curve as run_curve
+    from preflab.quality.consistency import self_consistency
+    from preflab.sandbox.truth import label_ceiling
+    from preflab.train.reward import RewardConfig
+
+    c = lab.cfg
+    pairs, ex = lab.labels("calibrated", c.curve_sizes[-1])
+    hp, hl = lab.heldout("calibrated")
+    # planted duplicates: each held-out pair judged again by the same rater, sides swapped, later
+    pool = {r.name: r for r in lab.pool("calibrated")}
+    rng = random.Random(f"experiment-duplicates:{c.seed}")
+    answers = []
+    for (q, first, second), e in zip(hp, hl, strict=True):
+        j = pool[e.rater].judge(q, second, first, rubric=c.rubric, rng=rng)
+        again = "tie" if j.choice == "tie" else (second if j.choice == "a" else first)
+        answers.append(("tie" if e.is_tie else e.chosen, again))
+    dup = self_consistency(answers)
+    best = label_ceiling([(q, e.chosen, e.rejected, pool[e.rater], c.rubric)
+                          for (q, _, _), e in zip(hp, hl, strict=True) if not e.is_tie])
+    rc = RewardConfig(lr=c.rm_lr, batch_size=c.rm_batch, epochs=c.rm_epochs, margin=c.margin, seed=c.seed,
+                      eval_every=0, checkpoint_every=100, keep_checkpoints=1, max_length=lab.max_length)
+
+    def gold(model_dir: Path) -> dict:
+        acc = lab.rm_accuracy(model_dir, hp, hl)
+        return {k: acc[k] for k in ("gold_accuracy", "gold_ci", "n_gold")}
+
+    curve = run_curve(CurveConfig(sizes=[float(n) for n in c.curve_sizes], seed=c.seed), rc, start_from=lab.base,
+                      train=ex, val=hl, run_dir=lab.work / "curve" / _key("calibrated", {
+                          "sizes": c.curve_sizes, "rm": to_dict(rc), "base": str(lab.base.resolve()), "seed": c.seed,
+                          "rubric": c.rubric, "lapse": c.lapse, "eval_pairs": c.eval_pairs}),
+                      ceiling=dup.ceiling, show_progress=c.progress, log=lab.console.print, extra=gold)
+    last = curve["points"][-1]
+    notes = (f"Reward models ({c.rm_epochs} epoch(s), lr {c.rm_lr:g}, margin {c.margin}) on nested sets of "
+             f"{', '.join(f'{n:,}' for n in c.curve_sizes)} pairs labelled once each by the 5 calibrated raters "
+             f"(rubric {c.rubric}, lapse +{c.lapse:g} at volume), scored on the same {curve['n_val']} held-out labels. "
+             + " ".join(f"{s}." for s in describe(curve))
+             + f" The duplicate ceiling comes from the same raters judging each held-out pair again ({dup.n} "
+             f"duplicates, consistency {dup.consistency:.3f}); the best possible model, knowing each rater's "
+             f"noise-free taste, would score {best['expected']:.3f} (expected) / {best['observed']:.3f} (on these "
+             f"labels). Against gold: {last['gold_accuracy']:.1%} [{last['gold_ci'][0]:.1%}, "
+             f"{last['gold_ci'][1]:.1%}] at {last['pairs']:,} pairs.")
+    return [write_json(lab.run / "experiments" / "learning-curve.json", {
+        "title": "Would more judgements help? Reward-model accuracy against the pairs trained on", "kind": "curve",
+        "notes": notes, **{k: v for k, v in curve.items() if k != "config"}, "duplicates": dup.n,
+        "best_possible": best, "scale": _scale(c, lab), "simulated": True})]
+
+
+RUNNERS = {"consistency-vs-volume": consistency_vs_volume, "kl-sweep": kl_sweep, "margin": margin,
+           "learning-curve": learning_curve}
 
 
 def run_experiment(name: str, cfg: ExperimentConfig, *, console: Console | None = None) -> list[Path]:

@@ -180,6 +180,42 @@ def plot_rm(evals: Mapping[str, Mapping]) -> bytes:
     return _png(fig)
 
 
+def plot_curve(curve: Mapping) -> bytes:
+    """A reward model's learning curve (``evaluate.curve``): held-out accuracy (95% CI) against the
+    judged pairs it was trained on, log2 axis, beside the duplicate ceiling; gold accuracy too
+    where the points have it (sandbox)."""
+    fig, ax = _fig(7, 3.6)
+    a = ax[0][0]
+    pts = list(curve.get("points") or [])
+    xs = [p["pairs"] for p in pts]
+    acc = [_num(p.get("accuracy")) for p in pts]
+    if pts:
+        a.errorbar(xs, acc, yerr=list(zip(*[_err(v, p.get("ci")) for v, p in zip(acc, pts, strict=True)], strict=True)),
+                   fmt="o-", color=COLORS[0], capsize=4, label="held-out accuracy (raters' labels)")
+    gold = [p.get("gold_accuracy") for p in pts]
+    if pts and all(g is not None for g in gold):
+        a.errorbar(xs, gold, yerr=list(zip(*[_err(g, p.get("gold_ci")) for g, p in zip(gold, pts, strict=True)],
+                                            strict=True)),
+                   fmt="s--", color=COLORS[2], capsize=4, label="accuracy against gold (sandbox)")
+    c = curve.get("ceiling")
+    if c is not None:
+        a.axhline(c, color="black", lw=1.5, label=f"duplicate ceiling {c:.3f}")
+        if curve.get("within"):
+            a.axhline(c - curve["within"], color="black", lw=1, ls=":",
+                      label=f"ceiling - {curve['within']:.2f}")
+    a.axhline(0.5, color="grey", ls=":", lw=1)
+    a.set_xscale("log", base=2)
+    if xs:
+        a.set_xticks(xs, [f"{x:,}" for x in xs], fontsize=8)
+        a.minorticks_off()
+    a.set_xlabel("judged pairs trained on (log scale)")
+    a.set_ylabel("accuracy (95% CI)")
+    slope = curve.get("per_doubling")
+    a.set_title("Reward-model learning curve" + (f": {slope:+.1%} per doubling" if slope is not None else ""))
+    a.legend(fontsize=8, loc="lower right")
+    return _png(fig)
+
+
 # ---- policy optimisation --------------------------------------------------------------------
 
 PPO_KEYS = (("objective/rlhf_reward", "reward-model reward"), ("objective/kl", "KL to SFT (nats)"),
@@ -359,6 +395,8 @@ def plot_cost(ledger: Mapping) -> bytes:
 
 def plot_experiment(exp: Mapping) -> bytes:
     """A what-if experiment: ``lines`` (series of x/y, optional CI bands) or ``bars`` (value + CI)."""
+    if exp.get("kind") == "curve":
+        return plot_curve(exp)
     fig, ax = _fig(7, 3.6)
     a = ax[0][0]
     if exp.get("kind", "lines") == "bars":

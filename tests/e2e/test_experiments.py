@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from preflab.config import ConfigError
-from preflab.experiments import ExperimentConfig, label_pairs, mean_ci, paired_diff, wilson
+from preflab.experiments import ExperimentConfig, label_pairs, wilson
 from preflab.sandbox.raters import SimRater, sft_style_pairs
 from preflab.sandbox.truth import reward_model_truth
 
@@ -26,22 +26,9 @@ FLAGS = ["--pairs", "24", "--volume-ratio", "2", "--crowd-raters", "6", "--eval-
 # ---- pure pieces --------------------------------------------------------------------------------
 
 
-def test_mean_ci_and_wilson_hand_values():
-    m, ci = mean_ci([1.0, 2.0, 3.0, 4.0])  # s = 1.2910, 1.96 s / 2 = 1.2652
-    assert m == 2.5
-    assert ci == pytest.approx([2.5 - 1.26520, 2.5 + 1.26520], abs=1e-4)
-    assert mean_ci([3.0]) == (3.0, [3.0, 3.0])
+def test_wilson_hand_values():
     assert wilson(8, 10) == pytest.approx([0.4902, 0.9433], abs=1e-3)  # textbook Wilson 95% for 8/10
     assert all(math.isnan(x) for x in wilson(0, 0))
-
-
-def test_paired_diff_hand_values():
-    # items 3 and 4 are unscored on one side; d = [1, 0, 0]: mean 1/3, s = sqrt(1/3), half-width 1.96 s / sqrt(3)
-    p = paired_diff([1, 1, 0, None, 1], [0, 1, 0, 1, None])
-    assert p["n"] == 3 and p["diff"] == pytest.approx(1 / 3)
-    assert p["ci"] == pytest.approx([1 / 3 - 0.65333, 1 / 3 + 0.65333], abs=1e-4)
-    assert paired_diff([1, 0], [1, 0])["ci"] == [0.0, 0.0]
-    assert paired_diff([None], [1])["n"] == 0
 
 
 def test_label_pairs_canonical_and_faithful():
@@ -69,6 +56,12 @@ def test_label_pairs_canonical_and_faithful():
 def test_config_errors_name_the_field(kw, field):
     with pytest.raises(ConfigError, match=field):
         ExperimentConfig(**kw)
+
+
+def test_curve_sizes_must_ascend():
+    for bad in ([], [500, 250], [0, 10]):
+        with pytest.raises(ConfigError, match="curve_sizes"):
+            ExperimentConfig(curve_sizes=bad)
 
 
 def test_full_scale_keeps_the_story_ratio():
@@ -144,10 +137,26 @@ def test_experiments_write_report_plots(lab):
         assert f is None or f == pytest.approx((row["oracle_gold"] - ref[0]["y"][0])
                                                / (row["oracle_gold_at_kl"] - ref[0]["y"][0]), rel=1e-6)
 
+    r = _run(lab, "learning-curve", "--curve-sizes", "12,24")
+    assert r.exit_code == 0, r.output
+    lc = json.loads((out / "learning-curve.json").read_text())
+    assert lc["kind"] == "curve" and [p["asked"] for p in lc["points"]] == [12, 24]
+    small, big = lc["points"]
+    assert 12 <= small["pairs"] < big["pairs"] and big["pairs"] == 24  # the largest set is every labelled pair
+    assert small["n"] == big["n"] == lc["n_val"] == lc["gains"][0]["n"]  # the same held-out labels, paired
+    assert lc["gains"][0]["diff"] == pytest.approx(big["accuracy"] - small["accuracy"])
+    for p in lc["points"]:
+        assert _ci_ok(p["ci"]) and p["ci"][0] <= p["accuracy"] <= p["ci"][1]
+        assert 0 <= p["gold_accuracy"] <= 1 and _ci_ok(p["gold_ci"])
+    # the ceiling from re-judged held-out pairs, and the best possible model, are the raters' (lapse 0.12 + own)
+    assert 0.5 < lc["ceiling"] <= 1 and lc["duplicates"] == lc["n_val"] + lc["n_val_ties"]
+    assert 0.5 < lc["best_possible"]["expected"] < 1 and "duplicate ceiling" in lc["notes"]
+
     rep = render_report(lab / "run")
     assert not rep.problems
     html = rep.html_path.read_text() if hasattr(rep.html_path, "read_text") else open(rep.html_path).read()
     assert html.count("What-if experiments") >= 1 and "KL penalty sweep" in html
+    assert "Would more judgements help?" in html
 
     # a re-run resumes from the cache: nothing is trained again
     r = _run(lab, "kl-sweep")
