@@ -6,6 +6,7 @@ is instant. Sub-command groups: ``sandbox``, ``rm``, ``quality``, ``guidelines``
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -25,6 +26,9 @@ console = Console(soft_wrap=True)  # errors name long paths: never break them
 @app.callback()
 def _root() -> None:
     """preflab: an RLHF workbench."""
+    # our rich bar is the progress of a job; transformers would add a bar per model load (read by
+    # huggingface_hub when transformers is imported, which commands do later). An explicit setting wins.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 @app.command()

@@ -191,3 +191,21 @@ def test_rm_curve_bad_input_is_named_and_writes_nothing(setup, extra, message):
 def test_nan_free_summary_from_store_like_ties():
     s = curve_summary([{"pairs": 10, "hits": [1, 0]}, {"pairs": 20, "hits": [1, 1]}])
     assert not math.isnan(s["gains"][0]["diff"]) and s["ceiling"] is None and s["gap_to_ceiling"] is None
+
+
+def test_cli_shows_our_progress_not_one_bar_per_model_load(setup):
+    """In a fresh process (as users run it) transformers' per-load bars are off; an explicit setting wins."""
+    import os
+    import subprocess
+    import sys
+
+    tmp, policy, data = setup
+    cmd = [sys.executable, "-m", "preflab.cli", "rm", "curve", "--data", str(data), "--policy", str(policy),
+           "--config", str(tmp / "rm.toml"), "--sizes", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    quiet = subprocess.run([*cmd, "--out", str(tmp / "sub1")], capture_output=True, text=True, env=env, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "Loading weights" not in quiet.stdout + quiet.stderr and "rm train" in quiet.stdout
+    loud = subprocess.run([*cmd, "--out", str(tmp / "sub2")], capture_output=True, text=True, timeout=300,
+                          env={**env, "HF_HUB_DISABLE_PROGRESS_BARS": "0"})
+    assert loud.returncode == 0 and "Loading weights" in loud.stdout + loud.stderr
