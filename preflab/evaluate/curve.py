@@ -9,10 +9,15 @@ on nested subsets of the training split and scored on the same validation pairs:
 - every point's accuracy is on the same pairs, so the gain between two sizes is a *paired*
   difference of per-pair hits (``quality.paired``; hit = 1, 0, or 0.5 for a tied reward), far
   tighter than two separate Wilson intervals;
-- the gain per doubling is the least-squares slope of accuracy on log2(pairs);
-- ``pairs_to_target``: the pairs at which that slope would reach ``ceiling - within``. Gains
-  shrink as a model nears its limit, so this is a lower bound on the pairs needed (optimistic),
-  and only an order of magnitude; it is None when the curve is flat or already there.
+- ``per_doubling``: the least-squares slope of accuracy on log2(pairs) over all points, a
+  summary of the whole curve; early points often rise fast and the tail flattens, so the
+  decision rests on the last step instead:
+- ``still_climbing``: the last step's paired gain has a 95% interval above zero;
+- ``pairs_to_target``: only while still climbing, the pairs at which the last step's gain per
+  doubling would reach ``ceiling - within``. Gains shrink as a model nears its limit, so this
+  is a lower bound on the pairs needed (optimistic) and an order of magnitude. It is None when
+  the last step's gain cannot be told from zero (a flat tail: more of the same labels are not
+  shown to help), and the largest size when it is already there.
 
 Each size trains in ``RUN/n_<pairs>/`` (a resumable ``train_reward`` run dir); a finished
 size writes ``hits.json`` and is not trained again, so an interrupted curve resumes where it
@@ -117,16 +122,17 @@ def curve_summary(points: Sequence[dict], *, ceiling: float | None = None, withi
         y = [r["accuracy"] for r in rows]
         mx, my = math.fsum(x) / len(x), math.fsum(y) / len(y)
         slope = math.fsum((u - mx) * (v - my) for u, v in zip(x, y, strict=True)) / math.fsum((u - mx) ** 2 for u in x)
-    last = rows[-1]
-    out: dict[str, Any] = {"points": rows, "gains": gains, "per_doubling": slope, "ceiling": ceiling,
-                           "within": within, "gap_to_ceiling": None, "pairs_to_target": None}
+    last, step = rows[-1], (gains[-1] if gains else None)
+    climbing = step is not None and step["n"] > 0 and step["ci"][0] > 0
+    out: dict[str, Any] = {"points": rows, "gains": gains, "per_doubling": slope, "still_climbing": climbing,
+                           "ceiling": ceiling, "within": within, "gap_to_ceiling": None, "pairs_to_target": None}
     if ceiling is not None:
         out["gap_to_ceiling"] = ceiling - last["accuracy"]
         short = ceiling - within - last["accuracy"]
         if short <= 0:
             out["pairs_to_target"] = last["pairs"]
-        elif slope is not None and slope > 0:
-            out["pairs_to_target"] = round(last["pairs"] * 2 ** (short / slope))
+        elif climbing:
+            out["pairs_to_target"] = round(last["pairs"] * 2 ** (short / step["per_doubling"]))
     return out
 
 
@@ -138,26 +144,33 @@ def data_digest(examples: Sequence) -> str:
     return h.hexdigest()[:16]
 
 
+def _pts(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
 def describe(summary: dict[str, Any]) -> list[str]:
     """The summary as sentences for a console or a report."""
     pts, lines = summary["points"], []
     for g in summary["gains"]:
-        lines.append(f"{g['from']:,} -> {g['to']:,} pairs: {g['diff']:+.1%} [{g['ci'][0]:+.1%}, {g['ci'][1]:+.1%}] "
-                     f"on the same {g['n']} validation pairs")
+        lines.append(f"{g['from']:,} -> {g['to']:,} pairs: {_pts(g['diff'])} points [{_pts(g['ci'][0])}, "
+                     f"{_pts(g['ci'][1])}] on the same {g['n']} validation pairs")
     if summary["per_doubling"] is not None:
-        lines.append(f"fitted gain per doubling of the pairs: {summary['per_doubling']:+.1%}")
+        lines.append(f"fitted gain per doubling over the whole curve: {_pts(summary['per_doubling'])} points; the last step "
+                     + ("still climbs" if summary["still_climbing"] else "cannot be told from zero (a flat tail)"))
     c = summary["ceiling"]
     if c is not None:
-        lines.append(f"at {pts[-1]['pairs']:,} pairs: {pts[-1]['accuracy']:.1%}, {summary['gap_to_ceiling']:.1%} under "
-                     f"the duplicate ceiling {c:.1%}")
+        lines.append(f"at {pts[-1]['pairs']:,} pairs: {pts[-1]['accuracy']:.1%}, {100 * summary['gap_to_ceiling']:.1f} "
+                     f"points under the duplicate ceiling {c:.1%}")
         target, need = c - summary["within"], summary["pairs_to_target"]
         if need == pts[-1]["pairs"]:
-            lines.append(f"already within {summary['within']:.0%} of the ceiling")
+            lines.append(f"already within {100 * summary['within']:g} points of the ceiling")
         elif need is None:
-            lines.append(f"no gain per doubling: more pairs of this kind are not projected to reach {target:.1%}")
+            lines.append(f"no projection to {target:.1%} (the ceiling - {100 * summary['within']:g} points): more pairs "
+                         "of this kind are not shown to help (with a tight interval, the limit is the model or the "
+                         "kind of labels, not their number)")
         else:
-            lines.append(f"{target:.1%} (the ceiling - {summary['within']:.0%}) at the fitted gain: about {need:,} "
-                         "pairs, a lower bound (gains shrink near a model's limit)")
+            lines.append(f"{target:.1%} (the ceiling - {100 * summary['within']:g} points) at the last step's gain per "
+                         f"doubling: about {need:,} pairs, a lower bound (gains shrink near a model's limit)")
     return lines
 
 

@@ -203,6 +203,9 @@ def plot_curve(curve: Mapping) -> bytes:
         if curve.get("within"):
             a.axhline(c - curve["within"], color="black", lw=1, ls=":",
                       label=f"ceiling - {curve['within']:.2f}")
+    best = (curve.get("best_possible") or {}).get("observed")
+    if best is not None:  # sandbox: a model that knew each rater's noise-free taste, on these labels
+        a.axhline(best, color=COLORS[4], lw=1, ls="--", label=f"best possible model (sandbox) {best:.3f}")
     a.axhline(0.5, color="grey", ls=":", lw=1)
     a.set_xscale("log", base=2)
     if xs:
@@ -210,8 +213,11 @@ def plot_curve(curve: Mapping) -> bytes:
         a.minorticks_off()
     a.set_xlabel("judged pairs trained on (log scale)")
     a.set_ylabel("accuracy (95% CI)")
-    slope = curve.get("per_doubling")
-    a.set_title("Reward-model learning curve" + (f": {slope:+.1%} per doubling" if slope is not None else ""))
+    gains = curve.get("gains") or []
+    g = gains[-1] if gains else None
+    a.set_title("Reward-model learning curve" + (
+        f": last step {100 * g['diff']:+.1f} points [{100 * g['ci'][0]:+.1f}, {100 * g['ci'][1]:+.1f}]"
+        if g and g.get("n") else ""), fontsize=10)
     a.legend(fontsize=8, loc="lower right")
     return _png(fig)
 

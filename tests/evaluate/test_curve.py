@@ -77,16 +77,24 @@ def test_curve_summary_hand_values():
     assert g["per_doubling"] == pytest.approx(0.1)
     assert s["per_doubling"] == pytest.approx(0.1)
     assert s["gap_to_ceiling"] == pytest.approx(0.13)
-    assert s["pairs_to_target"] == 800  # 0.90 is one more doubling away at +10 points each
+    # ten pairs cannot tell +10 points from zero: no projection, however steep the fit
+    assert not s["still_climbing"] and s["pairs_to_target"] is None
+    assert any("no projection to 90.0%" in line for line in describe(s))
+    # the same curve on 100 pairs: d has ten 1s, s = 0.3015, half-width 0.0591, so the last step climbs
+    s = curve_summary([{"pairs": 100, "hits": a * 10}, {"pairs": 200, "hits": b * 10}, {"pairs": 400, "hits": c * 10}],
+                      ceiling=0.93, within=0.03)
+    assert s["gains"][1]["ci"] == pytest.approx([0.1 - 0.0591, 0.1 + 0.0591], abs=1e-3)
+    assert s["still_climbing"] and s["pairs_to_target"] == 800  # 0.90 is one more doubling at +10 points
     assert any("about 800 pairs" in line for line in describe(s))
-    # already within reach; flat curve; tie labels (None) are left out, reward ties count a half
+    # a steep start and a flat tail: the fit over all points still rises, the decision follows the tail
+    tail = curve_summary([{"pairs": 100, "hits": a * 10}, {"pairs": 200, "hits": c * 10},
+                          {"pairs": 400, "hits": c * 10}], ceiling=0.93)
+    assert tail["per_doubling"] > 0 and not tail["still_climbing"] and tail["pairs_to_target"] is None
+    # already within reach; tie labels (None) are left out, reward ties count a half
     assert curve_summary([{"pairs": 100, "hits": c}], ceiling=0.82)["pairs_to_target"] == 100
-    flat = curve_summary([{"pairs": 100, "hits": b}, {"pairs": 200, "hits": b}], ceiling=0.9)
-    assert flat["per_doubling"] == 0 and flat["pairs_to_target"] is None
-    assert any("not projected" in line for line in describe(flat))
     t = curve_summary([{"pairs": 5, "hits": [1, None, 0.5, 0]}])
     assert t["points"][0]["accuracy"] == pytest.approx(0.5) and t["points"][0]["n"] == 3
-    assert t["per_doubling"] is None and t["pairs_to_target"] is None
+    assert t["per_doubling"] is None and t["pairs_to_target"] is None and not t["still_climbing"]
     with pytest.raises(ValueError, match="at 5 pairs scored no validation pair"):
         curve_summary([{"pairs": 5, "hits": [None]}])
 
