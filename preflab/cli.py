@@ -603,6 +603,9 @@ def rm_train(
     db: str = typer.Option(None, "--db", help="Store URL; with --project, train on its latest judgements."),
     project: str = typer.Option(None, "--project", help="Project name in the store."),
     data: str = typer.Option(None, "--data", help="Instead of the store: JSONL with prompt, chosen, rejected and optional margin."),
+    rounds: str = typer.Option(None, "--rounds", help="With --db: round kinds to train on, comma-separated "
+                                                      "(default calibration,collection,rerate; the demo: "
+                                                      "collection,rerate)."),
     config: str = typer.Option(None, "--config", help="TOML file; its \\[rm] table sets RewardConfig fields."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's last checkpoint."),
     lr: float = typer.Option(None, help="RewardConfig.lr"),
@@ -632,11 +635,12 @@ def rm_train(
         else:
             if not project:
                 raise ValueError("--project: required with --db")
-            examples = load_store_examples(db, project=project)
+            examples = load_store_examples(db, project=project, round_kinds=_rounds(rounds))
         train, val = split_by_prompt(examples, val_fraction=cfg.val_fraction, seed=cfg.seed)
         model, tok = initial_reward_model(policy, seed=cfg.seed)
         res = train_reward(cfg, model=model, tokenizer=tok, train=train, val=val, run_dir=out, resume=resume)
-        _record_lineage(db, project, out, trained_on_judgements=True, initialised_from=_abs(policy),
+        _record_lineage(db, project, out, trained_on_judgements=True, round_kinds=_rounds(rounds),
+                        initialised_from=_abs(policy),
                         model_dir=_abs(res.model_dir))
     except (ValueError, OSError) as e:
         _fail(e)
@@ -693,6 +697,9 @@ def rm_curve(
                                               "from its planted duplicates)."),
     project: str = typer.Option(None, "--project", help="Project name in the store."),
     data: str = typer.Option(None, "--data", help="Instead of the store: JSONL with prompt, chosen, rejected."),
+    rounds: str = typer.Option(None, "--rounds", help="With --db: round kinds to train on, comma-separated "
+                                                      "(default calibration,collection,rerate; the demo: "
+                                                      "collection,rerate)."),
     sizes: str = typer.Option(None, "--sizes", help="Comma-separated training-set sizes, ascending: shares of the "
                                                     "training split (<= 1) or pair counts (default 0.125,0.25,0.5,1)."),
     ceiling: float = typer.Option(None, "--ceiling", help="Accuracy ceiling (default: from --db's duplicates)."),
@@ -731,7 +738,8 @@ def rm_curve(
         rm_cfg = resolve(RewardConfig, config, "rm", dict(lr=lr, batch_size=batch_size, epochs=epochs, margin=margin,
                                                           seed=seed))
         cfg = resolve(CurveConfig, config, "curve", dict(sizes=size_list, within=within, seed=seed))
-        examples = load_jsonl(data) if data is not None else load_store_examples(db, project=project)
+        examples = (load_jsonl(data) if data is not None
+                    else load_store_examples(db, project=project, round_kinds=_rounds(rounds)))
         if ceiling is None and db is not None:
             found = store_ceiling(db, project=project)
             ceiling = found[0] if found else None
@@ -1311,6 +1319,13 @@ def _abs(path) -> str:  # noqa: ANN001
     return str(Path(path).resolve())
 
 
+def _rounds(spec: str | None) -> tuple[str, ...]:
+    """``--rounds a,b`` as round kinds (train.data.load_store_examples checks them); None: the default."""
+    from preflab.train.data import TRAINING_ROUNDS
+
+    return TRAINING_ROUNDS if spec is None else tuple(k.strip() for k in spec.split(",") if k.strip())
+
+
 def _record_lineage(db: str | None, project: str | None, run: str, **payload) -> None:
     """Record in the store what a CLI run came from (``preflab lineage``); runs without a store record nothing."""
     if db is None or not project:
@@ -1585,6 +1600,9 @@ def dpo_cmd(
     db: str = typer.Option(None, "--db", help="Store URL; with --project, train on its latest judgements."),
     project: str = typer.Option(None, "--project", help="Project name in the store."),
     data: str = typer.Option(None, "--data", help="Instead of the store: JSONL with prompt/chosen/rejected."),
+    rounds: str = typer.Option(None, "--rounds", help="With --db: round kinds to train on, comma-separated "
+                                                      "(default calibration,collection,rerate; the demo: "
+                                                      "collection,rerate)."),
     val_fraction: float = typer.Option(0.1, help="Share of prompts held out for val/accuracy."),
     config: str = typer.Option(None, "--config", help="TOML file; its \\[dpo] table sets DPOConfig fields."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's last checkpoint."),
@@ -1612,12 +1630,13 @@ def dpo_cmd(
         else:
             if not project:
                 raise ValueError("--project: required with --db")
-            examples = load_store_examples(db, project=project)
+            examples = load_store_examples(db, project=project, round_kinds=_rounds(rounds))
         train, val = split_by_prompt(examples, val_fraction=val_fraction, seed=cfg.seed)
         pol, tok = load_policy(policy)
         ref, _ = load_policy(policy)
         res = train_dpo(cfg, policy=pol, ref=ref, tokenizer=tok, train=train, val=val, run_dir=out, resume=resume)
-        _record_lineage(db, project, out, trained_on_judgements=True, parent=_abs(policy), steps=res.steps,
+        _record_lineage(db, project, out, trained_on_judgements=True, round_kinds=_rounds(rounds),
+                        parent=_abs(policy), steps=res.steps,
                         policy_dir=_abs(res.policy_dir))
     except (ValueError, OSError) as e:
         _fail(e)

@@ -180,10 +180,10 @@ def judgements_lineage(rows: Sequence) -> dict[str, Any]:
 
 
 def record_run_lineage(engine, *, project: str, run: str, trained_on_judgements: bool = False,  # noqa: ANN001
-                       **payload: Any) -> bool:
+                       round_kinds: Sequence[str] = ("calibration", "collection", "rerate"), **payload: Any) -> bool:
     """Store where ``run`` came from (``preflab lineage``), once: a resumed run does not record it
     twice (returns False then). ``trained_on_judgements`` adds ``judgements_lineage`` of the rows
-    the trainers read (``ops.preference_examples`` with its defaults)."""
+    the trainers read (``ops.preference_examples`` of ``round_kinds`` rounds)."""
     from preflab.collect.rerate import lineage, record_lineage
     from preflab.store import db, ops
 
@@ -192,7 +192,8 @@ def record_run_lineage(engine, *, project: str, run: str, trained_on_judgements:
         if any(r["run"] == run for r in lineage(s, project_id=pid)):
             return False
         if trained_on_judgements:
-            payload = {**judgements_lineage(ops.preference_examples(s, project_id=pid)), **payload}
+            payload = {**judgements_lineage(ops.preference_examples(s, project_id=pid, round_kinds=tuple(round_kinds))),
+                       **payload}
         record_lineage(s, project_id=pid, run=run, **payload)
     return True
 

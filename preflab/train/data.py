@@ -236,15 +236,25 @@ def collate_pairs(items: Sequence[EncodedPair], *, pad_id: int) -> PairBatch:
                      [x.margin for x in items], torch.tensor([x.is_tie for x in items], dtype=torch.bool))
 
 
-def load_store_examples(db_url: str, *, project: str) -> list[PreferenceExample]:
-    """The training pairs of ``project`` from the store: the latest judgement per (pair, rater)
-    under the newest guideline version, planted duplicates once (``ops.preference_examples``)."""
-    from preflab.store import db, ops
+TRAINING_ROUNDS = ("calibration", "collection", "rerate")
 
+
+def load_store_examples(db_url: str, *, project: str,
+                        round_kinds: Sequence[str] = TRAINING_ROUNDS) -> list[PreferenceExample]:
+    """The training pairs of ``project`` from the store: the latest judgement per (pair, rater)
+    under the newest guideline version, planted duplicates once (``ops.preference_examples``),
+    from rounds of ``round_kinds`` (calibration-workshop rounds too by default; the demo trains
+    on collection and re-rate rounds only)."""
+    from preflab.store import db, ops
+    from preflab.store.schema import ROUND_KINDS
+
+    bad = [k for k in round_kinds if k not in ROUND_KINDS]
+    if bad or not round_kinds:
+        raise ValueError(f"--rounds: {', '.join(bad) or 'nothing'} given; round kinds are {', '.join(ROUND_KINDS)}")
     engine = db.make_engine(db_url)
     with db.session_scope(engine, readonly=True) as s:
         pid = ops.require_project(s, name=project, where=db_url)
-        rows = ops.preference_examples(s, project_id=pid)
+        rows = ops.preference_examples(s, project_id=pid, round_kinds=tuple(round_kinds))
     if not rows:
-        raise ValueError(f"{db_url}: project {project!r} has no judged pairs yet")
+        raise ValueError(f"{db_url}: project {project!r} has no judged pairs in {', '.join(round_kinds)} rounds yet")
     return examples_from_rows(rows)

@@ -103,6 +103,13 @@ def test_own_project_end_to_end(request, tmp_path):
         n_train, n_val = map(int, re.search(r"on (\d+) pairs \((\d+) held out\)", out).groups())
         out = preflab("rm", "eval", run / "rm1", *proj)
         assert "accuracy" in out and (run / "rm1" / "eval" / "preference.json").is_file()
+        # would more judgements help? on the collection round alone (the workshop's rounds left out)
+        out = preflab("rm", "curve", *proj, "--policy", sft, "--out", run / "curve", "--config", tmp_path / "rm.toml",
+                      "--rounds", "collection", "--sizes", "0.5,1", "--no-progress")
+        c_train, c_val = (int(x.replace(",", "")) for x in
+                          re.search(r"([\d,]+) training pairs, ([\d,]+) validation pairs", out).groups())
+        assert c_train + c_val == n_pairs < n_train + n_val, out  # rm train's default also read calibration
+        assert "under the duplicate ceiling" in out and (run / "curve" / "curve.png").is_file()
 
         # PPO on the same prompts file
         (tmp_path / "ppo.toml").write_text("[ppo]\nprompts_per_step = 8\nmax_new_tokens = 48\nminibatch_size = 8\n"

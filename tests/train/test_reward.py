@@ -279,6 +279,12 @@ def test_examples_and_ceiling_from_the_store(sqlite_url):
     assert sum(e.is_tie for e in ex) == 2 and all(e.chosen.startswith("Answer") for e in ex)
     assert all(e.rater in st.raters and e.strength in (0, 2) for e in ex)
     assert store_ceiling(sqlite_url, project="proj") is None  # no planted duplicates in this round
+    # --rounds: only some round kinds (the demo leaves the calibration workshop's rounds out)
+    assert len(load_store_examples(sqlite_url, project="proj", round_kinds=("collection", "rerate"))) == 6
+    with pytest.raises(ValueError, match="no judged pairs in calibration rounds yet"):
+        load_store_examples(sqlite_url, project="proj", round_kinds=("calibration",))
+    with pytest.raises(ValueError, match="--rounds: workshop given; round kinds are calibration, collection"):
+        load_store_examples(sqlite_url, project="proj", round_kinds=("collection", "workshop"))
     with pytest.raises(ValueError, match="no project named 'nope'"):
         load_store_examples(sqlite_url, project="nope")
     engine.dispose()
