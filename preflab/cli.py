@@ -758,7 +758,8 @@ def rm_curve(
     for col in ("pairs", "steps", "accuracy", "95% CI"):
         t.add_column(col)
     for p in curve["points"]:
-        t.add_row(f"{p['pairs']:,}", str(p["steps"]), f"{p['accuracy']:.1%}", f"{p['ci'][0]:.1%}-{p['ci'][1]:.1%}")
+        t.add_row(f"{p['pairs']:,}", "-" if p["steps"] is None else str(p["steps"]), f"{p['accuracy']:.1%}",
+                  f"{p['ci'][0]:.1%}-{p['ci'][1]:.1%}")
     console.print(t)
     for line in describe(curve):
         console.print(line, markup=False, highlight=False)

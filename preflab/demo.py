@@ -90,6 +90,9 @@ class DemoConfig:
     dpo_rpo_alpha: float = field_doc(1.0, "DPOConfig.rpo_alpha: NLL of the chosen answer beside the DPO loss (pure "
                                           "DPO moves this tiny model's mass onto malformed text: docs/dpo.md).")
     rm_epochs: int = field_doc(3, "Reward-model epochs.")
+    rm_curve_sizes: list[float] = field_doc([0.125, 0.25, 0.5, 1.0], "rm_v2's learning curve (preflab rm curve): "
+                                                                      "shares of its training pairs; the full share "
+                                                                      "is rm_v2 itself.")
     rm_lr: float = field_doc(1e-3, "Reward-model learning rate (the sandbox model is tiny).")
     ab_conversations: int = field_doc(200, "Blind A/B conversations for the final candidate.")
     ab_first_pass: int = field_doc(100, "Blind A/B conversations for the first-pass candidate.")
@@ -113,6 +116,9 @@ class DemoConfig:
                      "ab_conversations", "ab_first_pass", "factual_items", "detector_samples", "production_weeks",
                      "conversations_per_week", "max_new_tokens", "threads", "formality_alarm_window"):
             check(getattr(self, name) >= 1, f"demo.{name}", "must be >= 1")
+        check(len(self.rm_curve_sizes) >= 1 and all(0 < x <= 1 for x in self.rm_curve_sizes)
+              and list(self.rm_curve_sizes) == sorted(set(self.rm_curve_sizes)), "demo.rm_curve_sizes",
+              f"must be ascending shares in (0, 1], got {self.rm_curve_sizes}")
         check(0 <= self.audit_rate <= 1, "demo.audit_rate", "must be in [0, 1]")
         check(0 <= self.duplicate_rate <= 1, "demo.duplicate_rate", "must be in [0, 1]")
         check(0 <= self.collection_lapse < 0.5, "demo.collection_lapse", "must be in [0, 0.5)")
@@ -358,17 +364,40 @@ def stage_quality(cfg: DemoConfig, run: Path, engine) -> dict:
     return {"ceiling": quality["ceiling"], "duplicates": quality["n_duplicates"]}
 
 
+def _rm_config(cfg: DemoConfig):
+    from preflab.train.reward import RewardConfig
+
+    return RewardConfig(lr=cfg.rm_lr, epochs=cfg.rm_epochs, seed=cfg.seed, eval_every=0, checkpoint_every=100,
+                        max_length=160)
+
+
+def stage_rm_curve(cfg: DemoConfig, run: Path) -> dict:
+    """Would more judgements help? rm_v2's learning curve (``preflab rm curve``): reward models on nested
+    shares of its training pairs, each scored on its validation pairs; the full share is rm_v2 itself."""
+    from preflab.evaluate.curve import CurveConfig, learning_curve
+    from preflab.train.data import load_jsonl
+
+    train, val = (load_jsonl(run / "rm_v2" / "data" / f"{k}.jsonl") for k in ("train", "val"))
+    quality = json.loads((run / "collection" / "quality.json").read_text())
+    curve = learning_curve(CurveConfig(sizes=list(cfg.rm_curve_sizes), seed=cfg.seed), _rm_config(cfg),
+                           start_from=run / "base", train=train, val=val, run_dir=run / "rm_v2" / "curve",
+                           ceiling=quality.get("ceiling"), full_model=run / "rm_v2" / "model", log=lambda m: None)
+    g = curve["gains"][-1] if curve["gains"] else None
+    return {"pairs": [p["pairs"] for p in curve["points"]],
+            "accuracy": [round(p["accuracy"], 3) for p in curve["points"]],
+            "last_step": None if g is None else [round(g["diff"], 3), [round(x, 3) for x in g["ci"]]],
+            "still_climbing": curve["still_climbing"], "pairs_to_target": curve["pairs_to_target"]}
+
+
 def stage_reward_model(cfg: DemoConfig, run: Path, engine, name: str) -> dict:
     """Reward model on the newest guideline's judgements, from the base policy's weights."""
     from preflab.pipeline import train_reward_stage
     from preflab.store import db, ops
-    from preflab.train.reward import RewardConfig
 
     with db.session_scope(engine, readonly=True) as s:
         examples = ops.preference_examples(s, project_id=_project_id(s), round_kinds=("collection", "rerate"))
     quality = json.loads((run / "collection" / "quality.json").read_text())
-    rc = RewardConfig(lr=cfg.rm_lr, epochs=cfg.rm_epochs, seed=cfg.seed, eval_every=0, checkpoint_every=100, max_length=160)
-    out = train_reward_stage(examples=examples, policy_dir=run / "base", run_dir=run / name, cfg=rc,
+    out = train_reward_stage(examples=examples, policy_dir=run / "base", run_dir=run / name, cfg=_rm_config(cfg),
                              ceiling=quality.get("ceiling"))
     record_run_lineage(engine, project=PROJECT, run=name, **judgements_lineage(examples), initialised_from="base",
                        model_dir=str(run / name / "model"))
@@ -883,6 +912,7 @@ def run_demo(cfg: DemoConfig, *, quick: bool = False, console: Console | None = 
                                            salt=42))
     st.run("dpo", lambda: stage_dpo(cfg, run, engine))
     st.run("production", lambda: stage_production(cfg, run, "ppo_v2"))
+    st.run("rm_curve", lambda: stage_rm_curve(cfg, run))
     st.run("summaries", lambda: stage_summaries(cfg, run, engine, st))
     rep = render_report(run, title="preflab demo: the support-bot story (sandbox)")
     engine.dispose()

@@ -179,11 +179,15 @@ def describe(summary: dict[str, Any]) -> list[str]:
 
 def learning_curve(cfg: CurveConfig, rm_cfg, *, start_from: str | Path, train: Sequence, val: Sequence,
                    run_dir: str | Path, ceiling: float | None = None, show_progress: bool = True,
-                   log: Callable[[str], None] = print, extra: Callable[[Path], dict] | None = None) -> dict[str, Any]:
+                   log: Callable[[str], None] = print, extra: Callable[[Path], dict] | None = None,
+                   full_model: str | Path | None = None) -> dict[str, Any]:
     """Train a reward model (``rm_cfg``, from ``start_from``) per size of ``cfg.sizes`` and score each
     on ``val``; writes ``RUN/curve.json`` and ``RUN/curve.png`` and returns the curve.
 
-    ``extra(model_dir)``: more numbers for a point (the sandbox adds gold accuracy)."""
+    ``extra(model_dir)``: more numbers for a point (the sandbox adds gold accuracy).
+    ``full_model``: a model already trained on all of ``train`` with ``rm_cfg`` from ``start_from``
+    (``rm train``'s, which the full size would reproduce bit for bit); it is scored instead of
+    trained again."""
     import numpy as np
 
     from preflab.evaluate.preference import pair_correct
@@ -218,6 +222,16 @@ def learning_curve(cfg: CurveConfig, rm_cfg, *, start_from: str | Path, train: S
         done = d / "hits.json"
         if done.is_file():
             log(f"  {len(subset):,} pairs: done ({d})")
+        elif full_model is not None and len(subset) == len(train):
+            log(f"  {len(subset):,} pairs (all): the model in {full_model}")
+            model, tok = load_reward_model(full_model)
+            rc, rr = score_pairs(model, tok, scored, max_length=rm_cfg.max_length, prompt_format=rm_cfg.prompt_format,
+                                 batch_size=rm_cfg.eval_batch_size)
+            d.mkdir(parents=True, exist_ok=True)
+            more = extra(Path(full_model)) if extra is not None else {}
+            done.write_text(json.dumps({"pairs": len(subset), "asked": n, "steps": None, "hits":
+                                        pair_correct(np.asarray(rc), np.asarray(rr)).tolist(),
+                                        "model_dir": str(Path(full_model).resolve()), **more}) + "\n")
         else:
             log(f"  {len(subset):,} pairs ({len(subset) / len(train):.0%} of the training split): training in {d}")
             model, tok = initial_reward_model(start_from, seed=rm_cfg.seed)
@@ -231,13 +245,14 @@ def learning_curve(cfg: CurveConfig, rm_cfg, *, start_from: str | Path, train: S
             done.write_text(json.dumps({"pairs": len(subset), "asked": n, "steps": res.steps, "hits": hits,
                                         **more}) + "\n")
         p = json.loads(done.read_text())
-        p["model_dir"] = str(d / "model")
+        p.setdefault("model_dir", str(d / "model"))
         points.append(p)
         h = p["hits"]
         log(f"  {p['pairs']:,} pairs: held-out accuracy {sum(h) / len(h):.1%} on {len(h)} pairs")
     summary = curve_summary(points, ceiling=ceiling, within=cfg.within)
     out = {**summary, "n_train": len(train), "n_val": len(scored), "n_val_ties": len(val) - len(scored),
            "config": key}
+    out["summary_lines"] = describe(out)  # the report shows these as they are
     (run_dir / "curve.json").write_text(json.dumps(out, indent=2) + "\n")
     (run_dir / "curve.png").write_bytes(plot_curve(out))
     return out

@@ -373,24 +373,42 @@ def section_rm(run: Path) -> Section | None:
     for p in sorted([*run.glob("rm*/eval.json"), *run.glob("rm*/eval/preference.json")]):
         name = p.parent.name if p.name == "eval.json" else p.parent.parent.name
         evals.setdefault(name, norm_rm(read_json(p)))
-    if not evals:
+    # learning curves (`preflab rm curve --out RUN/...`, the demo's rm_v2/curve): would more judgements help?
+    curves = sorted({*run.glob("*/curve.json"), *run.glob("*/curve/curve.json")})
+    if not evals and not curves:
         return None
     s = Section("reward", "Reward models")
-    rows, topics = [], {}
-    for name, e in evals.items():
-        rows.append((name, num(e.get("n")), pct(e.get("accuracy")) + ci(e.get("ci"), pct), pct(e.get("ceiling")),
-                     num(e.get("ece"), 3), "; ".join(e.get("warnings") or []) or "none"))
-        s.headline.append(f"{name} held-out accuracy {pct(e.get('accuracy'))} (ceiling {pct(e.get('ceiling'))})")
-        for t in rows_of(e.get("by_topic"), "topic"):
-            topics.setdefault(t["topic"], {})[name] = pct(t.get("accuracy")) + ci(t.get("ci"), pct)
-    th, tm = table(["model", "n", "accuracy (95% CI)", "ceiling", "ECE", "warnings"], rows)
-    s.html = th + img(plots.plot_rm(evals), "reward model accuracy vs ceiling and by strength")
-    s.md = tm
-    s.images = 1
-    if topics:
-        th, tm = table(["topic", *evals], [(t, *(v.get(n, "") for n in evals)) for t, v in topics.items()])
-        s.html += "<h3>Accuracy by topic</h3>" + th
-        s.md += "\n\n### Accuracy by topic\n\n" + tm
+    if evals:
+        rows, topics = [], {}
+        for name, e in evals.items():
+            rows.append((name, num(e.get("n")), pct(e.get("accuracy")) + ci(e.get("ci"), pct), pct(e.get("ceiling")),
+                         num(e.get("ece"), 3), "; ".join(e.get("warnings") or []) or "none"))
+            s.headline.append(f"{name} held-out accuracy {pct(e.get('accuracy'))} (ceiling {pct(e.get('ceiling'))})")
+            for t in rows_of(e.get("by_topic"), "topic"):
+                topics.setdefault(t["topic"], {})[name] = pct(t.get("accuracy")) + ci(t.get("ci"), pct)
+        th, tm = table(["model", "n", "accuracy (95% CI)", "ceiling", "ECE", "warnings"], rows)
+        s.html = th + img(plots.plot_rm(evals), "reward model accuracy vs ceiling and by strength")
+        s.md = tm
+        s.images = 1
+        if topics:
+            th, tm = table(["topic", *evals], [(t, *(v.get(n, "") for n in evals)) for t, v in topics.items()])
+            s.html += "<h3>Accuracy by topic</h3>" + th
+            s.md += "\n\n### Accuracy by topic\n\n" + tm
+    for p in curves:
+        c = read_json(p)
+        where = p.parent.relative_to(run).as_posix()
+        title = f"Would more judgements help? ({where})"
+        th, tm = table(["pairs", "held-out accuracy (95% CI)"],
+                       [(num(pt.get("pairs")), pct(pt.get("accuracy")) + ci(pt.get("ci"), pct))
+                        for pt in c.get("points") or []])
+        lines = c.get("summary_lines") or []
+        s.html += f"<h3>{esc(title)}</h3>" + th + "<ul>" + "".join(f"<li>{esc(x)}</li>" for x in lines) + "</ul>"
+        s.html += img(plots.plot_curve(c), title)
+        s.images += 1
+        s.md += f"\n\n### {title}\n\n{tm}\n" + "".join(f"\n- {x}" for x in lines)
+        last = (c.get("points") or [{}])[-1]
+        s.headline.append(f"{where}: " + ("still climbing at " if c.get("still_climbing") else "flat at ")
+                          + f"{num(last.get('pairs'))} pairs")
     return s
 
 

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ["base", "workshop", "collection", "quality", "rm_v1", "oracle", "ppo_v1", "gates_v1", "fix", "rm_v2", "ppo_v2",
-          "gates_v2", "dpo", "production", "summaries"]
+          "gates_v2", "dpo", "production", "rm_curve", "summaries"]
 
 pytestmark = [pytest.mark.slow]
 
@@ -74,6 +74,14 @@ def test_every_stage_ran_and_wrote_its_files(demo_run):
     assert dpo["kl_needed"] + dpo["kl_excess"] == pytest.approx(dpo["kl"], rel=1e-6)  # against rm_v2
     assert (demo_run / "dpo" / "policy" / "config.json").is_file()
     assert "dpo (DPO, same judgements as the last RM)" in (demo_run / "report.md").read_text()
+    # would more judgements help? rm_v2's learning curve, its full share rm_v2 itself (not trained again)
+    curve = json.loads((demo_run / "rm_v2" / "curve" / "curve.json").read_text())
+    rm2 = json.loads((demo_run / "rm_v2" / "eval.json").read_text())
+    assert len(curve["points"]) == 4 and curve["points"][-1]["pairs"] == curve["n_train"]
+    assert curve["points"][-1]["accuracy"] == pytest.approx(rm2["accuracy"], abs=1e-9)
+    assert not (demo_run / "rm_v2" / "curve" / f"n_{curve['n_train']:06d}" / "model").exists()
+    assert curve["ceiling"] == q["ceiling"] and len(curve["gains"]) == 3 and curve["summary_lines"]
+    assert "Would more judgements help? (rm_v2/curve)" in report
     # the ground truth puts each reward model beside the best any model could score on its labels
     truth = json.loads((demo_run / "truth.json").read_text())
     (dpo_win,) = [r for r in truth["win_rates"] if r["candidate"] == "dpo"]

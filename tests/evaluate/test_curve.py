@@ -165,6 +165,21 @@ def test_rm_curve_cli_trains_each_size_resumes_and_matches_rm_train(setup):
     w_train = load_file(str(rt / "model" / "model.safetensors"))
     assert w_curve.keys() == w_train.keys()
     assert all(torch.equal(w_curve[k], w_train[k]) for k in w_curve)
+    # so a caller holding that model (the demo's rm_v2) passes it in instead of training it again
+    from preflab.config import resolve
+    from preflab.evaluate.curve import learning_curve
+    from preflab.train.data import load_jsonl, split_by_prompt
+    from preflab.train.reward import RewardConfig
+
+    rm_cfg = resolve(RewardConfig, tmp / "rm.toml", "rm", {})
+    train, val = split_by_prompt(load_jsonl(data), val_fraction=rm_cfg.val_fraction, seed=rm_cfg.seed)
+    logs = []
+    reused = learning_curve(CurveConfig(sizes=[1.0]), rm_cfg, start_from=policy, train=train, val=val,
+                            run_dir=tmp / "reused", full_model=rt / "model", show_progress=False, log=logs.append)
+    assert not (tmp / "reused" / f"n_{n_train:06d}" / "model").exists() and "the model in" in logs[0]
+    assert reused["points"][0]["accuracy"] == full["accuracy"]
+    assert json.loads((tmp / "reused" / f"n_{n_train:06d}" / "hits.json").read_text())["hits"] == json.loads(
+        (out / f"n_{n_train:06d}" / "hits.json").read_text())["hits"]
     # a re-run trains nothing and writes the same curve
     before = (out / "curve.json").read_text()
     r = runner.invoke(app, args)
