@@ -222,30 +222,24 @@ def learning_curve(cfg: CurveConfig, rm_cfg, *, start_from: str | Path, train: S
         done = d / "hits.json"
         if done.is_file():
             log(f"  {len(subset):,} pairs: done ({d})")
-        elif full_model is not None and len(subset) == len(train):
-            log(f"  {len(subset):,} pairs (all): the model in {full_model}")
-            model, tok = load_reward_model(full_model)
+        else:
+            if full_model is not None and len(subset) == len(train):
+                log(f"  {len(subset):,} pairs (all): the model in {full_model}")
+                model_dir, steps = Path(full_model).resolve(), None
+            else:
+                log(f"  {len(subset):,} pairs ({len(subset) / len(train):.0%} of the training split): training in {d}")
+                model, tok = initial_reward_model(start_from, seed=rm_cfg.seed)
+                res = train_reward(rm_cfg, model=model, tokenizer=tok, train=subset, val=[], run_dir=d, resume=True,
+                                   show_progress=show_progress)
+                model_dir, steps = res.model_dir, res.steps
+            model, tok = load_reward_model(model_dir)
             rc, rr = score_pairs(model, tok, scored, max_length=rm_cfg.max_length, prompt_format=rm_cfg.prompt_format,
                                  batch_size=rm_cfg.eval_batch_size)
             d.mkdir(parents=True, exist_ok=True)
-            more = extra(Path(full_model)) if extra is not None else {}
-            done.write_text(json.dumps({"pairs": len(subset), "asked": n, "steps": None, "hits":
-                                        pair_correct(np.asarray(rc), np.asarray(rr)).tolist(),
-                                        "model_dir": str(Path(full_model).resolve()), **more}) + "\n")
-        else:
-            log(f"  {len(subset):,} pairs ({len(subset) / len(train):.0%} of the training split): training in {d}")
-            model, tok = initial_reward_model(start_from, seed=rm_cfg.seed)
-            res = train_reward(rm_cfg, model=model, tokenizer=tok, train=subset, val=[], run_dir=d, resume=True,
-                               show_progress=show_progress)
-            model, tok = load_reward_model(res.model_dir)
-            rc, rr = score_pairs(model, tok, scored, max_length=rm_cfg.max_length, prompt_format=rm_cfg.prompt_format,
-                                 batch_size=rm_cfg.eval_batch_size)
-            hits = pair_correct(np.asarray(rc), np.asarray(rr)).tolist()
-            more = extra(res.model_dir) if extra is not None else {}
-            done.write_text(json.dumps({"pairs": len(subset), "asked": n, "steps": res.steps, "hits": hits,
-                                        **more}) + "\n")
+            done.write_text(json.dumps({"pairs": len(subset), "asked": n, "steps": steps, "model_dir": str(model_dir),
+                                        "hits": pair_correct(np.asarray(rc), np.asarray(rr)).tolist(),
+                                        **(extra(Path(model_dir)) if extra is not None else {})}) + "\n")
         p = json.loads(done.read_text())
-        p.setdefault("model_dir", str(d / "model"))
         points.append(p)
         h = p["hits"]
         log(f"  {p['pairs']:,} pairs: held-out accuracy {sum(h) / len(h):.1%} on {len(h)} pairs")
