@@ -115,20 +115,10 @@ def test_plot_curve_draws_a_png():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from tests.train.rm_fixtures import sandbox_pairs, tiny_tokenizer
+    from tests.train.rm_fixtures import tiny_policy_and_pairs, tiny_tokenizer
 
     tmp = tmp_path_factory.mktemp("curve")
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    policy = tmp / "policy"
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=256, n_layer=1, n_head=2, n_embd=32,
-                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).save_pretrained(policy)
-    tok.save_pretrained(policy)
-    data = tmp / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected}) + "\n"
-                            for e in sandbox_pairs(80, seed=9)))
+    policy, data = tiny_policy_and_pairs(tiny_tokenizer(), tmp, n_pairs=80)
     (tmp / "rm.toml").write_text("[rm]\nlr = 1e-3\nval_fraction = 0.25\ncheckpoint_every = 0\nbatch_size = 8\n"
                                  "margin = \"none\"\n")
     return tmp, policy, data

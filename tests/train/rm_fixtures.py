@@ -53,6 +53,24 @@ def tiny_reward_model(tokenizer, *, seed: int = 0, n_layer: int = 2, n_embd: int
     return GPT2ForSequenceClassification(cfg)
 
 
+def tiny_policy_and_pairs(tokenizer, root, *, n_pairs: int) -> tuple:
+    """A seeded 1-layer GPT-2 policy dir (with the tokenizer) and a JSONL of ``n_pairs`` sandbox pairs
+    under ``root``, as a user hands them to ``rm train`` / ``rm curve``: (policy dir, data file)."""
+    import json
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    policy = root / "policy"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_layer=1, n_head=2, n_embd=32,
+                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).save_pretrained(policy)
+    tokenizer.save_pretrained(policy)
+    data = root / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected}) + "\n"
+                            for e in sandbox_pairs(n_pairs, seed=9)))
+    return policy, data
+
+
 def sandbox_pairs(n: int, *, seed: int = 0, flip: float = 0.0) -> list[PreferenceExample]:
     """Pairs whose chosen response states the current fact and rejected the stale one (a learnable
     signal); ``flip`` of them swapped at random (label noise)."""

@@ -210,19 +210,12 @@ def test_encoding_layout_and_truncation(tok):
 
 
 def test_cli_rm_train_eval_score(tok, tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
     from typer.testing import CliRunner
 
     from preflab.cli import app
+    from tests.train.rm_fixtures import tiny_policy_and_pairs
 
-    torch.manual_seed(0)
-    policy = tmp_path / "policy"
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=256, n_layer=1, n_head=2, n_embd=32,
-                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).save_pretrained(policy)
-    tok.save_pretrained(policy)
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected}) + "\n"
-                            for e in sandbox_pairs(60, seed=9)))
+    policy, data = tiny_policy_and_pairs(tok, tmp_path, n_pairs=60)
     (tmp_path / "rm.toml").write_text("[rm]\nlr = 1e-3\nval_fraction = 0.25\ncheckpoint_every = 0\n")
     run = tmp_path / "run"
     runner = CliRunner()
