@@ -41,3 +41,9 @@ def test_a_damaged_run_file_is_an_error_naming_it_and_changes_nothing(tmp_path):
         run_demo(cfg, quick=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "demo_config.json"]
     assert (tmp_path / "demo_config.json").read_text() == "{oops"
+
+
+@pytest.mark.parametrize("sizes", [[], [0.5, 0.25], [0.5, 1.5], [0.0, 1.0]])
+def test_rm_curve_sizes_must_be_ascending_shares(sizes):
+    with pytest.raises(ConfigError, match=r"demo\.rm_curve_sizes: must be ascending shares in \(0, 1\]"):
+        DemoConfig(rm_curve_sizes=sizes)
