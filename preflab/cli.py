@@ -21,6 +21,8 @@ sandbox_app = typer.Typer(help="The simulated support domain and its base model.
 app.add_typer(sandbox_app, name="sandbox")
 
 console = Console(soft_wrap=True)  # errors name long paths: never break them
+ROUNDS_HELP = ("With --db: round kinds to train on, comma-separated (default calibration,collection,rerate; "
+               "the demo: collection,rerate).")
 
 
 @app.callback()
@@ -603,9 +605,7 @@ def rm_train(
     db: str = typer.Option(None, "--db", help="Store URL; with --project, train on its latest judgements."),
     project: str = typer.Option(None, "--project", help="Project name in the store."),
     data: str = typer.Option(None, "--data", help="Instead of the store: JSONL with prompt, chosen, rejected and optional margin."),
-    rounds: str = typer.Option(None, "--rounds", help="With --db: round kinds to train on, comma-separated "
-                                                      "(default calibration,collection,rerate; the demo: "
-                                                      "collection,rerate)."),
+    rounds: str = typer.Option(None, "--rounds", help=ROUNDS_HELP),
     config: str = typer.Option(None, "--config", help="TOML file; its \\[rm] table sets RewardConfig fields."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's last checkpoint."),
     lr: float = typer.Option(None, help="RewardConfig.lr"),
@@ -697,9 +697,7 @@ def rm_curve(
                                               "from its planted duplicates)."),
     project: str = typer.Option(None, "--project", help="Project name in the store."),
     data: str = typer.Option(None, "--data", help="Instead of the store: JSONL with prompt, chosen, rejected."),
-    rounds: str = typer.Option(None, "--rounds", help="With --db: round kinds to train on, comma-separated "
-                                                      "(default calibration,collection,rerate; the demo: "
-                                                      "collection,rerate)."),
+    rounds: str = typer.Option(None, "--rounds", help=ROUNDS_HELP),
     sizes: str = typer.Option(None, "--sizes", help="Comma-separated training-set sizes, ascending: shares of the "
                                                     "training split (<= 1) or pair counts (default 0.125,0.25,0.5,1)."),
     ceiling: float = typer.Option(None, "--ceiling", help="Accuracy ceiling (default: from --db's duplicates)."),
@@ -1601,9 +1599,7 @@ def dpo_cmd(
     db: str = typer.Option(None, "--db", help="Store URL; with --project, train on its latest judgements."),
     project: str = typer.Option(None, "--project", help="Project name in the store."),
     data: str = typer.Option(None, "--data", help="Instead of the store: JSONL with prompt/chosen/rejected."),
-    rounds: str = typer.Option(None, "--rounds", help="With --db: round kinds to train on, comma-separated "
-                                                      "(default calibration,collection,rerate; the demo: "
-                                                      "collection,rerate)."),
+    rounds: str = typer.Option(None, "--rounds", help=ROUNDS_HELP),
     val_fraction: float = typer.Option(0.1, help="Share of prompts held out for val/accuracy."),
     config: str = typer.Option(None, "--config", help="TOML file; its \\[dpo] table sets DPOConfig fields."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's last checkpoint."),

@@ -201,7 +201,7 @@ def test_rm_curve_bad_input_is_named_and_writes_nothing(setup, extra, message):
     assert not out.exists()
 
 
-def test_nan_free_summary_from_store_like_ties():
+def test_summary_without_a_ceiling_has_gains_but_no_gap():
     s = curve_summary([{"pairs": 10, "hits": [1, 0]}, {"pairs": 20, "hits": [1, 1]}])
     assert not math.isnan(s["gains"][0]["diff"]) and s["ceiling"] is None and s["gap_to_ceiling"] is None
 
