@@ -139,6 +139,64 @@ class DemoConfig:
                        detector_samples=2)
 
 
+# The demo's stages, in the order ``run_demo`` runs them.
+STAGES = ("base", "workshop", "collection", "quality", "rm_v1", "oracle", "ppo_v1", "gates_v1", "fix", "rm_v2",
+          "ppo_v2", "gates_v2", "dpo", "production", "rm_curve", "summaries")
+# Stages that run again whenever an earlier stage ran in the same invocation (they read everything).
+REFRESHED = ("summaries",)
+# The first stage that reads each setting (tests/test_demo_resume.py checks this against the code).
+# A run resumes with a setting changed, or missing from an older preflab's demo_config.json, only
+# while no stage from that one on has finished. ``out`` is where the run lives: none reads it.
+FIRST_READ: dict[str, str | None] = {
+    "out": None,
+    **dict.fromkeys(("seed", "threads", "base_from", "base_steps", "base_corpus"), "base"),
+    "workshop_pairs": "workshop",
+    **dict.fromkeys(("collection_pairs", "collection_weeks", "audit_rate", "duplicate_rate", "collection_lapse",
+                     "drift_week", "max_new_tokens"), "collection"),
+    **dict.fromkeys(("rm_epochs", "rm_lr"), "rm_v1"),
+    "oracle_queries": "oracle",
+    **dict.fromkeys(("ppo_steps", "ppo_prompts_per_step", "ppo_checkpoint_every", "ppo_lr", "kl_beta", "kl_target",
+                     "formality_alarm", "formality_alarm_window", "ppo_ref_floor", "ppo_ref_floor_penalty"),
+                    "ppo_v1"),
+    **dict.fromkeys(("ab_first_pass", "factual_items", "detector_samples"), "gates_v1"),
+    "rerate_limit": "fix",
+    "ab_conversations": "gates_v2",
+    **dict.fromkeys(("dpo_beta", "dpo_lr", "dpo_epochs", "dpo_rpo_alpha"), "dpo"),
+    **dict.fromkeys(("production_weeks", "conversations_per_week"), "production"),
+    "rm_curve_sizes": "rm_curve",
+}
+
+
+def resume_changes(saved: dict[str, Any], cfg: DemoConfig, finished: Any, source: Path) -> list[str]:
+    """Before a demo resumes in a directory holding ``saved`` (its ``demo_config.json``) with
+    ``finished`` stages: a ``ConfigError`` naming the first setting that differs (or that ``saved``,
+    written by an older preflab, lacks) although a stage from its first reader on has finished,
+    since those stages were computed without it; else one line per setting that changes, for the
+    console. The run is left untouched either way."""
+    new = json.loads(json.dumps(to_dict(cfg)))  # tuples -> lists, as they were written
+    done = [s for s in STAGES if s in set(finished) and s not in REFRESHED]
+    notes = []
+    gone = sorted(set(saved) - set(new))
+    if gone:
+        raise ConfigError(f"{source}: records the setting {gone[0]!r}, which this preflab no longer has, so its "
+                          "finished stages cannot be continued; use another --out")
+    for name, value in new.items():
+        missing = name not in saved
+        if not missing and saved[name] == value:
+            continue
+        first = FIRST_READ[name]
+        if first is not None:
+            after = [s for s in done if STAGES.index(s) >= STAGES.index(first)]
+            if after:
+                was = "is not recorded there (written by an older preflab)" if missing else f"was {saved[name]!r}"
+                raise ConfigError(f"demo.{name}: {value!r} here, but {was} in {source}, and the finished stage "
+                                  f"{after[0]!r} depends on it; resume with the run's own settings or use another "
+                                  "--out")
+        notes.append(f"demo.{name}: {value!r} " + ("(new setting)" if missing else f"(was {saved[name]!r})")
+                     + (f"; first read by {first}, which has not run yet" if first else ""))
+    return notes
+
+
 # ---- helpers --------------------------------------------------------------------------------------
 
 
@@ -889,13 +947,18 @@ def run_demo(cfg: DemoConfig, *, quick: bool = False, console: Console | None = 
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     cfg_file = run / "demo_config.json"
-    if cfg_file.is_file() and _read_run_json(cfg_file) != to_dict(cfg):
-        raise ConfigError(f"{run}: holds a demo run with other settings ({cfg_file}); use another --out")
+    if cfg_file.is_file():
+        saved = _read_run_json(cfg_file)
+        if not isinstance(saved, dict):
+            raise ConfigError(f"{cfg_file}: must be a JSON object of the demo's settings; restore it, or use "
+                              "another --out")
+        for note in resume_changes(saved, cfg, StageRunner(run, console).done, cfg_file):
+            console.print(f"[yellow]resuming with a changed setting:[/yellow] {note}")
     write_config(cfg, run, "demo_config.json")
     torch.set_num_threads(cfg.threads)
     write_json(run / "config.json", _config_json(run, cfg, quick))
     t0 = time.perf_counter()
-    st = StageRunner(run, console)
+    st = StageRunner(run, console, refresh=REFRESHED)
     st.run("base", lambda: stage_base(cfg, run))
     engine = _engine(run)
     st.run("workshop", lambda: stage_workshop(cfg, run, engine))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,24 +45,31 @@ def query_of(prompt: str) -> str:
 
 
 class StageRunner:
-    """Runs named stages once each; ``RUN/stages.json`` remembers the finished ones."""
+    """Runs named stages once each; ``RUN/stages.json`` remembers the finished ones. A stage named
+    in ``refresh`` (one that reads what every earlier stage wrote, like a summary) runs again when
+    an earlier stage ran in this invocation, so it never describes a run without that stage."""
 
-    def __init__(self, run_dir: str | Path, console: Console | None = None) -> None:
+    def __init__(self, run_dir: str | Path, console: Console | None = None, *, refresh: Iterable[str] = ()) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "stages.json"
         self.console = console or Console()
         self.done: dict[str, dict[str, Any]] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.refresh = set(refresh)
+        self.ran: list[str] = []  # stages run (not skipped) in this invocation
 
     def run(self, name: str, fn: Callable[[], dict[str, Any] | None]) -> dict[str, Any]:
-        if name in self.done:
+        if name in self.done and not (name in self.refresh and self.ran):
             self.console.print(f"[dim]= {name}: done earlier ({self.done[name]['seconds']:.0f} s), skipped[/dim]")
             return self.done[name].get("out", {})
+        if self.done.pop(name, None) is not None:  # a refreshed stage: not counted as done while it runs
+            self.console.print(f"[dim]= {name}: done earlier; runs again after {', '.join(self.ran)}[/dim]")
         self.console.rule(f"[bold]{name}")
         t0 = time.perf_counter()
         out = fn() or {}
         secs = time.perf_counter() - t0
         self.done[name] = {"seconds": round(secs, 2), "out": out}
+        self.ran.append(name)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.done, indent=2, default=str) + "\n")
         tmp.replace(self.path)

@@ -141,6 +141,43 @@ def test_rerun_resumes_without_redoing_stages(demo_run):
     assert json.loads((demo_run / "stages.json").read_text()) == before
 
 
+
+def test_a_moved_run_from_before_a_new_stage_resumes_with_it(demo_run, tmp_path):
+    """A run directory moved elsewhere and made before rm_curve existed (its demo_config.json lacks
+    rm_curve_sizes, its stages.json ends with summaries): only rm_curve runs, then summaries again.
+    A setting a finished stage used is refused by name and changes nothing."""
+    import shutil
+
+    run = tmp_path / "moved"
+    shutil.copytree(demo_run, run)
+    shutil.rmtree(run / "rm_v2" / "curve")
+    (run / "cost.json").unlink()  # the summary writes it again
+    stages = json.loads((run / "stages.json").read_text())
+    del stages["rm_curve"]
+    (run / "stages.json").write_text(json.dumps(stages))
+    saved = json.loads((run / "demo_config.json").read_text())
+    del saved["rm_curve_sizes"]
+    (run / "demo_config.json").write_text(json.dumps(saved))
+    res = _demo(run)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = " ".join(res.stdout.split())
+    assert "demo.rm_curve_sizes: [0.125, 0.25, 0.5, 1.0] (new setting); first read by rm_curve" in out
+    assert "demo.out:" in out and "summaries: done earlier; runs again after rm_curve" in out
+    after = json.loads((run / "stages.json").read_text())
+    assert list(after) == STAGES
+    assert {k: after[k] for k in STAGES[:-2]} == {k: stages[k] for k in STAGES[:-2]}  # nothing else ran
+    assert (run / "rm_v2" / "curve" / "curve.json").is_file()
+    compute = {c["stage"]: c for c in json.loads((run / "cost.json").read_text())["compute"]}
+    assert compute["rm_curve"]["wall_hours"] * 3600 == pytest.approx(after["rm_curve"]["seconds"], abs=0.01)
+
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    res = subprocess.run([sys.executable, "-m", "preflab.cli", "demo", "--quick", "--out", str(run), "--seed", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode != 0
+    assert "demo.seed: 1 here, but was 0" in " ".join((res.stdout + res.stderr).split())
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+
 def test_report_renders_every_plot_in_chromium(demo_run, browser):
     page = browser.new_page(viewport={"width": 1200, "height": 900})
     page.goto((demo_run / "report.html").as_uri())
