@@ -481,9 +481,10 @@ def gates_cmd(
     reference: str = typer.Option(None, help="Reference model for the KL (usually the SFT model)."),
     max_new_tokens: int = typer.Option(64, min=1, help="Longest response when collecting."),
     seed: int = typer.Option(0, help="Seed when collecting."),
-    detector_samples: int = typer.Option(2, min=1, help="Answers sampled per suite item for the detectors and "
-                                                      "the confident-wrong gates (more: tighter CIs on a topic "
-                                                      "with few items)."),
+    detector_samples: int = typer.Option(None, min=1, show_default=False,
+                                         help="Answers sampled per suite item for the detectors and the "
+                                              "confident-wrong gates (more: tighter CIs on a topic with few "
+                                              "items). Default: EvidenceConfig's, 4."),
     prompt_format: str = _PROMPT_FORMAT_OPT,
 ) -> None:
     """Evaluate the promotion gates on a checkpoint (optionally collecting the evidence first)."""
@@ -511,8 +512,9 @@ def gates_cmd(
             collect_evidence(load_policy(checkpoint), load_policy(baseline), load_suite(suite),
                              reference=load_policy(reference) if reference else None,
                              cfg=EvidenceConfig(max_new_tokens=max_new_tokens, seed=seed,
-                                                detector_samples=detector_samples,
-                                                prompt_template=_template(prompt_format)), out_dir=eval_dir,
+                                                prompt_template=_template(prompt_format),
+                                                **({"detector_samples": detector_samples} if detector_samples
+                                                   else {})), out_dir=eval_dir,
                              progress=True)
         report = evaluate_gates(cfg, Evidence.load(eval_dir), subject=checkpoint)
     except (ValueError, OSError) as e:

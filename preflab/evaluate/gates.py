@@ -271,7 +271,9 @@ class EvidenceConfig:
     """How ``collect_evidence`` runs the factual suite and the detectors."""
 
     max_new_tokens: int = field_doc(64, "Longest response generated per item.")
-    detector_samples: int = field_doc(2, "Samples per item at temperature 1 for the detectors and KL.")
+    detector_samples: int = field_doc(4, "Samples per item at temperature 1 for the detectors and KL (with 2, a "
+                                         "19-point rise in confident-wrong pricing answers on 42 items went "
+                                         "unseen: docs/gates.md).")
     batch_size: int = field_doc(64, "Prompts per generation batch.")
     seed: int = field_doc(0, "Seed of the samplers and the bootstrap.")
     prompt_template: str = field_doc("User: {query}\nAssistant:", "Prompt around each query; {query} is replaced "
