@@ -406,9 +406,10 @@ def section_rm(run: Path) -> Section | None:
         s.html += img(plots.plot_curve(c), title)
         s.images += 1
         s.md += f"\n\n### {title}\n\n{tm}\n" + "".join(f"\n- {x}" for x in lines)
-        last = (c.get("points") or [{}])[-1]
-        s.headline.append(f"{where}: " + ("still climbing at " if c.get("still_climbing") else "flat at ")
-                          + f"{num(last.get('pairs'))} pairs")
+        points = c.get("points") or [{}]
+        state = ("still climbing at " if c.get("still_climbing") else "flat at " if len(points) > 1
+                 else "one size only, ")
+        s.headline.append(f"{where}: {state}{num(points[-1].get('pairs'))} pairs")
     return s
 
 

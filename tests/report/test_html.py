@@ -156,3 +156,19 @@ def test_reads_the_native_outputs_of_the_evaluators(tmp_path):
     assert "sft 60.0% -> ppo_v2" not in md and "baseline 60.0% -> candidate 70.0%" in md
     assert "FAIL win_rate 0.450 vs 0.500" in md and "1 checkpoint(s) blocked" in md
     assert "mean pairwise kappa " in md and "| Fleiss' kappa |" in md
+
+
+def test_curve_headlines_say_climbing_flat_or_one_size(tmp_path):
+    from preflab.evaluate.curve import curve_summary
+
+    run = tmp_path / "curves"
+    flat = [{"pairs": 100, "hits": [1, 0] * 50}, {"pairs": 200, "hits": [1, 0] * 50}]
+    climbing = [{"pairs": 100, "hits": [0] * 100}, {"pairs": 200, "hits": [1] * 100}]
+    for name, points in (("a", flat), ("b", climbing), ("c", flat[:1])):
+        (run / name).mkdir(parents=True)
+        (run / name / "curve.json").write_text(json.dumps(curve_summary(points, ceiling=0.9)))
+    rep = render_report(run)
+    assert rep.sections == ["reward"] and rep.problems == []
+    md = rep.md_path.read_text()
+    for needle in ("a: flat at 200 pairs", "b: still climbing at 200 pairs", "c: one size only, 100 pairs"):
+        assert needle in md, needle
