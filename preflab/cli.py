@@ -621,6 +621,7 @@ def rm_train(
 ) -> None:
     """Train a reward model on judged pairs (split by prompt into train/validation)."""
     from preflab.config import resolve
+    from preflab.train.checkpoint import refuse_to_overwrite
     from preflab.train.data import load_jsonl, load_store_examples, split_by_prompt
     from preflab.train.reward import RewardConfig, initial_reward_model, train_reward
 
@@ -632,6 +633,7 @@ def rm_train(
         cfg = resolve(RewardConfig, config, "rm", dict(lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                                                        epochs=epochs, margin=margin, ties=ties,
                                                        mixed_precision=mixed_precision, seed=seed))
+        refuse_to_overwrite(out, resume=resume)  # before loading anything
         if data is not None:
             examples = load_jsonl(data)
         else:
@@ -1432,6 +1434,7 @@ def ppo_cmd(
     from preflab.models.hf import load_policy
     from preflab.models.sampling import sample
     from preflab.pipeline import reward_fn_from
+    from preflab.train.checkpoint import refuse_to_overwrite
     from preflab.train.data import dialogue_prompt
     from preflab.train.ppo import PPOConfig, train_ppo
 
@@ -1450,6 +1453,7 @@ def ppo_cmd(
         cfg = resolve(PPOConfig, config, "ppo", dict(steps=steps, lr=lr, kl_beta=kl_beta, kl_controller=kl_controller,
                                                      kl_target=kl_target, checkpoint_every=checkpoint_every, seed=seed,
                                                      alarm_thresholds=thresholds or None, alarm_window=alarm_window))
+        refuse_to_overwrite(out, resume=resume)  # before loading anything
         queries = _load_prompts(prompts, n_prompts, cfg.seed)
         if eval_prompts is not None:
             held = _load_prompts(eval_prompts, 0, cfg.seed)[:64]
@@ -1616,6 +1620,7 @@ def dpo_cmd(
     """Fit a policy directly to judged pairs with DPO (or IPO) against the frozen SFT policy."""
     from preflab.config import resolve
     from preflab.models.hf import load_policy
+    from preflab.train.checkpoint import refuse_to_overwrite
     from preflab.train.data import load_jsonl, load_store_examples, split_by_prompt
     from preflab.train.dpo import DPOConfig, train_dpo
 
@@ -1624,6 +1629,7 @@ def dpo_cmd(
             raise ValueError("give either --db URL --project NAME or --data file.jsonl")
         cfg = resolve(DPOConfig, config, "dpo", dict(loss=loss, beta=beta, lr=lr, epochs=epochs, batch_size=batch_size,
                                                      rpo_alpha=rpo_alpha, seed=seed))
+        refuse_to_overwrite(out, resume=resume)  # before loading anything
         if data is not None:
             examples = load_jsonl(data)
         else:

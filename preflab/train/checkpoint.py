@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
+from preflab.config import ConfigError
+
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -161,6 +163,21 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of ``run_dir``, or ``None``."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def refuse_to_overwrite(run_dir: str | Path, *, resume: bool) -> None:
+    """A new run (``resume`` false) into a directory that already holds one would train from
+    scratch over its checkpoints, metrics and model: a ``ConfigError`` that names the directory,
+    before anything is written. ``resume`` continues (or, with more steps, extends) that run."""
+    run_dir = Path(run_dir)
+    if resume:
+        return
+    last = latest_checkpoint(run_dir)
+    held = f"checkpoint step {checkpoint_step(last)}" if last else (
+        "metrics.jsonl" if (run_dir / "metrics.jsonl").is_file() else None)
+    if held:
+        raise ConfigError(f"{run_dir}: already holds a run ({held}); continue it with --resume (resume=True), or "
+                          "train into another --out")
 
 
 def load_checkpoint(

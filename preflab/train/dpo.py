@@ -169,11 +169,13 @@ def train_dpo(
     from preflab.train.checkpoint import (
         latest_checkpoint,
         load_checkpoint,
+        refuse_to_overwrite,
         save_checkpoint,
         truncate_jsonl,
     )
 
     run_dir = Path(run_dir)
+    refuse_to_overwrite(run_dir, resume=resume)
     acc = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
     world, rank = acc.num_processes, acc.process_index
     if cfg.batch_size % world:

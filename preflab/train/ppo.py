@@ -323,11 +323,13 @@ def train_ppo(
     from preflab.train.checkpoint import (
         latest_checkpoint,
         load_checkpoint,
+        refuse_to_overwrite,
         save_checkpoint,
         truncate_jsonl,
     )
 
     run_dir = Path(run_dir)
+    refuse_to_overwrite(run_dir, resume=resume)
     if not prompts:
         raise ValueError("train_ppo: prompts is empty")
     acc = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)

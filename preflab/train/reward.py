@@ -373,13 +373,19 @@ def train_reward(
         TimeRemainingColumn,
     )
 
-    from preflab.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from preflab.train.checkpoint import (
+        latest_checkpoint,
+        load_checkpoint,
+        refuse_to_overwrite,
+        save_checkpoint,
+    )
 
     if not train:
         raise ValueError("train: no training pairs")
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer: has no pad token")
     run_dir = Path(run_dir)
+    refuse_to_overwrite(run_dir, resume=resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model.config.pad_token_id = tokenizer.pad_token_id

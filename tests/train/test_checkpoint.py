@@ -12,6 +12,7 @@ from preflab.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    refuse_to_overwrite,
     save_checkpoint,
 )
 
@@ -118,3 +119,17 @@ def test_load_errors_name_the_file(tmp_path):
         load_checkpoint(path, modules={"m": torch.nn.Linear(4, 7)}, optimizers={})
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         load_checkpoint(tmp_path / "ckpt", modules={}, optimizers={})
+
+
+def test_a_new_run_into_a_directory_holding_one_is_refused(tmp_path):
+    from preflab.config import ConfigError
+
+    refuse_to_overwrite(tmp_path / "missing", resume=False)  # nothing there: fine
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ConfigError, match=r"already holds a run \(metrics\.jsonl\); continue it with --resume"):
+        refuse_to_overwrite(tmp_path, resume=False)
+    model, opt, sched = _setup()
+    save_checkpoint(tmp_path, 7, modules={"m": model}, optimizers={"o": opt}, schedulers={"s": sched})
+    with pytest.raises(ConfigError, match=r"already holds a run \(checkpoint step 7\)"):
+        refuse_to_overwrite(tmp_path, resume=False)
+    refuse_to_overwrite(tmp_path, resume=True)

@@ -242,6 +242,16 @@ def test_cli_rm_train_eval_score(tok, tmp_path):
     r = runner.invoke(app, ["rm", "train", "--data", str(data), "--policy", str(policy), "--out", str(run),
                             "--ties", "drop"])
     assert r.exit_code == 2 and "ties" in r.output
+    # training again into a finished run's directory would overwrite it: refused, nothing changed
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    again = ["rm", "train", "--data", str(data), "--policy", str(policy), "--out", str(run), "--config",
+             str(tmp_path / "rm.toml"), "--batch-size", "8", "--margin", "none"]
+    r = runner.invoke(app, again)
+    assert r.exit_code == 2 and "already holds a run (checkpoint step 6); continue it with --resume" in " ".join(
+        r.output.split()), r.output
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+    r = runner.invoke(app, [*again, "--resume"])  # the finished run continues: nothing left to train
+    assert r.exit_code == 0, r.output
 
 
 def test_examples_and_ceiling_from_the_store(sqlite_url):
