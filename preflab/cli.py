@@ -21,6 +21,8 @@ sandbox_app = typer.Typer(help="The simulated support domain and its base model.
 app.add_typer(sandbox_app, name="sandbox")
 
 console = Console(soft_wrap=True)  # errors name long paths: never break them
+# a ceiling from fewer planted duplicates than this is too uncertain to judge a reward model against
+MIN_CEILING_DUPLICATES = 30
 ROUNDS_HELP = ("With --db: round kinds to train on, comma-separated (default calibration,collection,rerate; "
                "the demo: collection,rerate).")
 
@@ -651,7 +653,8 @@ def rm_train(
     m = res.metrics
     console.print(f"trained {res.steps} steps on {len(train)} pairs ({len(val)} held out); "
                   f"val accuracy {m.get('eval/accuracy', float('nan')):.3f}; model in {res.model_dir}")
-    console.print(f"next: preflab rm eval {out}")
+    console.print(f"next: preflab rm eval {out}" + (f" --db {db} --project {project}" if db else " --ceiling C")
+                  + "  (held-out accuracy against the raters' duplicate ceiling)")
 
 
 @rm_app.command("eval")
@@ -667,18 +670,25 @@ def rm_eval(
 
     from preflab.evaluate.preference import evaluate_run, store_ceiling
 
+    found = None
     try:
         if ceiling is None and db is not None:
             if not project:
                 raise ValueError("--project: required with --db")
             found = store_ceiling(db, project=project)
-            ceiling = found[0] if found else None
+            ceiling = found.ceiling if found else None
         rep = evaluate_run(run_dir, ceiling=ceiling, n_boot=n_boot)
     except (ValueError, OSError) as e:
         _fail(e)
     a = rep.accuracy
+    source = (f" (from {found.n} planted duplicates, 95% CI {found.ceiling_low:.1%}-{found.ceiling_high:.1%})"
+              if found else "")
     console.print(f"held-out accuracy {a.value:.1%} (95% CI {a.low:.1%}-{a.high:.1%}, n={a.n}, ties {rep.n_ties})"
-                  + (f"   ceiling {rep.ceiling:.1%}" if rep.ceiling is not None else "   ceiling: unknown"))
+                  + (f"   ceiling {rep.ceiling:.1%}{source}" if rep.ceiling is not None else
+                     "   ceiling: unknown (--db/--project: from the store's planted duplicates; or --ceiling)"))
+    if found and found.n < MIN_CEILING_DUPLICATES:
+        console.print(f"[yellow]warning:[/yellow] the ceiling rests on only {found.n} planted duplicates: too few "
+                      "to judge the model against (plant more: the round's duplicate rate)")
     for title, groups in (("rater", rep.per_rater), ("topic", rep.per_topic), ("strength", rep.per_strength)):
         t = Table(title=f"accuracy by {title}")
         for col in (title, "n", "accuracy", "95% CI"):
@@ -744,7 +754,7 @@ def rm_curve(
                     else load_store_examples(db, project=project, round_kinds=_rounds(rounds)))
         if ceiling is None and db is not None:
             found = store_ceiling(db, project=project)
-            ceiling = found[0] if found else None
+            ceiling = found.ceiling if found else None
         train, val = split_by_prompt(examples, val_fraction=rm_cfg.val_fraction, seed=rm_cfg.seed)
         if not val:
             raise ValueError("RewardConfig.val_fraction: 0 leaves no validation pairs to score the curve on")

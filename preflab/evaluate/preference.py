@@ -242,8 +242,9 @@ def evaluate_run(run_dir: str | Path, *, ceiling: float | None = None, n_boot: i
     return report
 
 
-def store_ceiling(db_url: str, *, project: str) -> tuple[float, int] | None:
-    """(accuracy ceiling, n duplicates) from all raters' planted-duplicate answers, pooled; None if none."""
+def store_ceiling(db_url: str, *, project: str):
+    """The pooled duplicate self-consistency of all raters' planted duplicates
+    (``quality.consistency.Consistency``: ``ceiling``, its interval, ``n``); None if there are none."""
     from preflab.quality.consistency import self_consistency
     from preflab.store import db, ops
 
@@ -253,5 +254,4 @@ def store_ceiling(db_url: str, *, project: str) -> tuple[float, int] | None:
         dups = ops.duplicate_pairs(s, project_id=pid)
     if not dups:
         return None
-    c = self_consistency([(d.first, d.second) for d in dups])
-    return c.ceiling, c.n
+    return self_consistency([(d.first, d.second) for d in dups])

@@ -101,8 +101,12 @@ def test_own_project_end_to_end(request, tmp_path):
         (tmp_path / "rm.toml").write_text("[rm]\nlr = 1e-3\nepochs = 3\nbatch_size = 8\nval_fraction = 0.25\n")
         out = preflab("rm", "train", *proj, "--policy", sft, "--out", run / "rm1", "--config", tmp_path / "rm.toml")
         n_train, n_val = map(int, re.search(r"on (\d+) pairs \((\d+) held out\)", out).groups())
+        assert "next: preflab rm eval " in out and " --project " in out  # the hint keeps the store (the ceiling)
         out = preflab("rm", "eval", run / "rm1", *proj)
         assert "accuracy" in out and (run / "rm1" / "eval" / "preference.json").is_file()
+        n_dup = judged - n_pairs  # the ceiling's source is named; a few duplicates are called too few
+        assert f"from {n_dup} planted duplicates" in " ".join(out.split()), out
+        assert ("too few to judge" in out) == (n_dup < 30)
         # would more judgements help? on the collection round alone (the workshop's rounds left out)
         out = preflab("rm", "curve", *proj, "--policy", sft, "--out", run / "curve", "--config", tmp_path / "rm.toml",
                       "--rounds", "collection", "--sizes", "0.5,1", "--no-progress")
