@@ -51,6 +51,13 @@ def add_rubric(
     prev = ops.latest_guideline(session, project_id=project_id)
     base_text = prev.text if prev else ""
     base_rubric = list(prev.rubric) if prev else []
+    for i, it in enumerate(items):
+        if not it.strip():
+            raise StoreError(f"rubric.items[{i}]: empty")
+        if it in base_rubric or it in items[:i]:
+            where = f"guideline {prev.label}'s rubric" if it in base_rubric else "the items given"
+            raise StoreError(f"rubric.items[{i}]: {it!r} is already in {where} (a new version keeps the newest "
+                             "one's items; give only the new ones)")
     if text is None:
         text = base_text + "".join(f"\n- {it}" for it in items)
     return ops.create_guideline_version(session, project_id=project_id, label=label, text=text,
@@ -111,6 +118,10 @@ def create_rerate_round(
     g = next((g for g in ops.list_guidelines(session, project_id=project_id) if g.label == guideline), None)
     if g is None:
         raise StoreError(f"rerate.guideline: unknown guideline version {guideline!r}", code="not_found")
+    newest = ops.latest_guideline(session, project_id=project_id)
+    if g.id != newest.id:
+        raise StoreError(f"rerate.guideline: {guideline!r} is not the newest guideline version ({newest.label!r}); "
+                         "a re-rate replaces labels under the newest one")
     pair_ids = select_pairs(session, project_id=project_id, where=where, limit=limit, seed=seed)
     if not pair_ids:
         raise StoreError(f"rerate.where: no judged pairs match {dict(where)}", code="not_found")

@@ -63,6 +63,15 @@ def test_rerate_errors_change_nothing(seed):
         with pytest.raises(StoreError, match="no judged pairs"):
             rerate.create_rerate_round(s, project_id=st.project_id, name="x", where={"topic": "pricing"},
                                        limit=5, guideline="v1")
+        rerate.add_rubric(s, project_id=st.project_id, label="v2", items=["Verify every price."])
+        with pytest.raises(StoreError, match="'v1' is not the newest guideline version \\('v2'\\)"):
+            rerate.create_rerate_round(s, project_id=st.project_id, name="x", where={}, limit=5, guideline="v1")
+        for items, message in ((["Verify every price."], "already in guideline v2's rubric"),
+                               (["New.", "New."], r"items\[1\]: 'New\.' is already in the items given"),
+                               (["  "], r"items\[0\]: empty")):
+            with pytest.raises(StoreError, match=message):
+                rerate.add_rubric(s, project_id=st.project_id, label="v3", items=items)
+        assert ops.latest_guideline(s, project_id=st.project_id).label == "v2"
         assert ops.list_rounds(s, project_id=st.project_id) == []
 
 
