@@ -1169,6 +1169,9 @@ def store_sample(
                                                            "label becomes the responses' source); repeat for each."),
     topic: str = typer.Option(None, help="Only the project's prompts with this topic (default: all)."),
     limit: int = typer.Option(0, min=0, help="At most this many prompts, a seeded choice (0: all)."),
+    include_eval_prompts: bool = typer.Option(False, "--include-eval-prompts",
+                                              help="Also the prompts of blind A/B (eval) rounds; by default they "
+                                                   "stay held out of training pairs."),
     n_per_policy: int = typer.Option(2, min=1, help="Responses sampled per prompt from each policy."),
     pairs_per_prompt: int = typer.Option(1, min=1, help="PairsConfig.pairs_per_prompt"),
     strategy: str = typer.Option("cross_source", help="PairsConfig.strategy: cross_source | random"),
@@ -1215,9 +1218,17 @@ def store_sample(
         with store_db.session_scope(engine, readonly=True) as s:
             pid = ops.require_project(s, name=project)
             prompts = ops.list_prompts(s, project_id=pid, topic=topic)
+            held = set() if include_eval_prompts else ops.eval_prompt_ids(s, project_id=pid)
+        n_held = sum(p.id in held for p in prompts)
+        prompts = [p for p in prompts if p.id not in held]
         if not prompts:
-            raise ops.StoreError(f"--project: no prompts{f' with topic {topic!r}' if topic else ''} in {project!r} "
-                                 "(store import FILE --kind prompts)")
+            raise ops.StoreError(f"{'--topic' if topic else '--project'}: no prompts"
+                                 f"{f' with topic {topic!r}' if topic else ''} in {project!r}"
+                                 + (f" besides {n_held} of blind A/B rounds (--include-eval-prompts)" if n_held
+                                    else " (store import FILE --kind prompts)"))
+        if n_held:
+            console.print(f"left out {n_held} prompts of blind A/B rounds (held out; --include-eval-prompts to use "
+                          "them)")
         if limit and limit < len(prompts):
             prompts = sorted(random.Random(f"sample:{seed}").sample(prompts, limit), key=lambda p: p.id)
         policies = {label: load_policy(path) for label, path in dirs.items()}

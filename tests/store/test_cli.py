@@ -106,7 +106,7 @@ def test_store_sample_adds_a_new_checkpoints_answers_as_pairs(tmp_path):
         (["--policy", str(tmp_path / "nowhere")], "nowhere"),
         (["--policy", new, "--n-per-policy", "1"], "one policy with one response per prompt cannot make a pair"),
         (["--policy", new, "--temperature", "0"], "no pairs: no prompt got two distinct usable answers"),
-        (["--policy", new, "--topic", "refunds"], "no prompts with topic 'refunds' in 'bot'"),
+        (["--policy", new, "--topic", "refunds"], "--topic: no prompts with topic 'refunds' in 'bot'"),
         (["--policy", new, "--project", "nobody"], "--project: no project named 'nobody'"),
         (["--policy", new, "--strategy", "best"], "PairsConfig.strategy: must be one of ['random', 'cross_source'], got 'best'"),
     ]:
@@ -118,6 +118,17 @@ def test_store_sample_adds_a_new_checkpoints_answers_as_pairs(tmp_path):
     for cmd in (["lineage"], ["guidelines", "list"]):  # a mistyped project is an error, not an empty table
         r = run(*cmd, "--db", db, "--project", "bot ")
         assert r.exit_code == 2 and "--project: no project named 'bot '" in r.text, (cmd, r.text)
+
+    # a blind A/B round's prompts are held out: later samples leave them out unless asked
+    (tmp_path / "ab.jsonl").write_text(next(line for line in first.splitlines() if '"q0"' in line) + "\n")
+    r = run("store", "round", "ab", "--kind", "eval", "--pairs", str(tmp_path / "ab.jsonl"), "--db", db,
+            "--project", "bot")
+    assert r.exit_code == 0, r.text
+    r = run(*args)
+    assert r.exit_code == 0 and "left out 1 prompts of blind A/B rounds" in r.text and "to 2 prompts" in r.text, r.text
+    assert sorted(json.loads(x)["prompt"]["id"] for x in out.read_text().splitlines()) == ["q1", "q2"]
+    r = run(*args, "--include-eval-prompts")
+    assert r.exit_code == 0 and "left out" not in r.text and "to 3 prompts" in r.text, r.text
 
 
 def test_an_unreachable_or_unmigrated_store_is_a_named_error_not_a_traceback(tmp_path):

@@ -25,6 +25,8 @@ from preflab.store.schema import (
     Pair,
     Prompt,
     Response,
+    Round,
+    RoundItem,
 )
 
 # ---- prompts, responses, pairs ---------------------------------------------------------
@@ -219,6 +221,14 @@ def get_pair(session: Session, *, pair_id: str) -> PairInfo:
     if row is None:
         raise StoreError(f"pair {pair_id!r} not found", code="not_found")
     return _pair_info(*row)
+
+
+def eval_prompt_ids(session: Session, *, project_id: int) -> set[str]:
+    """Ids of the prompts that blind A/B (``eval``) rounds compare checkpoints on: held out, so
+    they should not become training pairs."""
+    q = (select(Pair.prompt_id).join(RoundItem, RoundItem.pair_id == Pair.id).join(Round, Round.id == RoundItem.round_id)
+         .where(Round.project_id == project_id, Round.kind == "eval").distinct())
+    return set(session.scalars(q))
 
 
 def list_prompts(session: Session, *, project_id: int, topic: str | None = None) -> list[PromptIn]:
