@@ -1436,6 +1436,10 @@ def ppo_cmd(
     kl_beta: float = typer.Option(None, help="PPOConfig.kl_beta (initial beta)"),
     kl_controller: str = typer.Option(None, help="PPOConfig.kl_controller: fixed | adaptive"),
     kl_target: float = typer.Option(None, help="PPOConfig.kl_target (nats per response)"),
+    kl_horizon: int = typer.Option(None, help="PPOConfig.kl_horizon: the adaptive controller's horizon in samples "
+                                              "(about two rollout batches holds a target; 0: a tenth of the run)"),
+    kl_beta_min: float = typer.Option(None, help="PPOConfig.kl_beta_min: the adaptive beta's floor (set it to "
+                                                 "--kl-beta so beta does not wind down while KL still rises)"),
     alarm: str = typer.Option(None, help="Alarm thresholds on the text detectors, e.g. 'formality=0.4,hedging=0.5'; "
                                          "'formality=+0.1' = the reference policy's own rate + 0.1."),
     alarm_window: int = typer.Option(None, help="PPOConfig.alarm_window: compare the mean of the last N steps' "
@@ -1472,7 +1476,8 @@ def ppo_cmd(
             engine.dispose()
         thresholds, shifts = _parse_alarm(alarm)
         cfg = resolve(PPOConfig, config, "ppo", dict(steps=steps, lr=lr, kl_beta=kl_beta, kl_controller=kl_controller,
-                                                     kl_target=kl_target, checkpoint_every=checkpoint_every, seed=seed,
+                                                     kl_target=kl_target, kl_horizon=kl_horizon,
+                                                     kl_beta_min=kl_beta_min, checkpoint_every=checkpoint_every, seed=seed,
                                                      alarm_thresholds=thresholds or None, alarm_window=alarm_window))
         refuse_to_overwrite(out, resume=resume)  # before loading anything
         queries = _load_prompts(prompts, n_prompts, cfg.seed)

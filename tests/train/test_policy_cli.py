@@ -37,13 +37,15 @@ def test_ppo_cli_config_flags_resume_and_bad_input(dirs, tmp_path):
     out = tmp_path / "run"
     args = ["ppo", "--policy", str(dirs / "policy"), "--reward", str(dirs / "rm"), "--out", str(out),
             "--config", str(tmp_path / "ppo.toml"), "--n-prompts", "16", "--checkpoint-every", "1",
-            "--kl-controller", "adaptive", "--kl-target", "2", "--alarm", "formality=0.9", "--alarm-window", "3"]
+            "--kl-controller", "adaptive", "--kl-target", "2", "--kl-horizon", "8", "--kl-beta-min", "0.02",
+            "--alarm", "formality=0.9", "--alarm-window", "3"]
     r = runner.invoke(app, [*args, "--steps", "2"])
     assert r.exit_code == 0, r.output
     assert "ppo: 2 steps" in r.output and "events.jsonl" in r.output
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["prompts_per_step"], cfg["steps"], cfg["kl_controller"], cfg["alarm_thresholds"],
-            cfg["alarm_window"]) == (4, 2, "adaptive", {"formality": 0.9}, 3)
+            cfg["alarm_window"], cfg["kl_horizon"], cfg["kl_beta_min"]) == (4, 2, "adaptive", {"formality": 0.9}, 3,
+                                                                            8, 0.02)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2] and "detect/formality" in rows[0]
     assert json.loads((out / "eval" / "step_000002.json").read_text())["step"] == 2
