@@ -602,6 +602,12 @@ rm_app = typer.Typer(help="Reward model: train (Bradley-Terry + margin), evaluat
 app.add_typer(rm_app, name="rm")
 
 
+
+def _judged(examples) -> str:
+    """``N pairs``, or ``N judgements of M pairs`` where raters judged some pairs more than once."""
+    pairs = len({e.pair_id for e in examples})
+    return f"{len(examples)} pairs" if pairs == len(examples) else f"{len(examples)} judgements of {pairs} pairs"
+
 @rm_app.command("train")
 def rm_train(
     out: str = typer.Option(..., "--out", help="Run directory (config.json, metrics.jsonl, ckpt/, model/)."),
@@ -651,7 +657,7 @@ def rm_train(
     except (ValueError, OSError) as e:
         _fail(e)
     m = res.metrics
-    console.print(f"trained {res.steps} steps on {len(train)} pairs ({len(val)} held out); "
+    console.print(f"trained {res.steps} steps on {_judged(train)} ({_judged(val)} held out); "
                   f"val accuracy {m.get('eval/accuracy', float('nan')):.3f}; model in {res.model_dir}")
     console.print(f"next: preflab rm eval {out}" + (f" --db {db} --project {project}" if db else " --ceiling C")
                   + "  (held-out accuracy against the raters' duplicate ceiling)")
@@ -1672,7 +1678,7 @@ def dpo_cmd(
     except (ValueError, OSError) as e:
         _fail(e)
     last = res.metrics[-1] if res.metrics else {}
-    console.print(f"dpo: {res.steps} steps on {len(train)} pairs ({len(val)} held out); "
+    console.print(f"dpo: {res.steps} steps on {_judged(train)} ({_judged(val)} held out); "
                   f"loss {last.get('dpo/loss', float('nan')):.3f}, val accuracy {last.get('val/accuracy', float('nan')):.3f}; "
                   f"policy in {res.policy_dir}")
 

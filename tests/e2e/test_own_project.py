@@ -82,8 +82,9 @@ def test_own_project_end_to_end(request, tmp_path):
             rid = int(re.search(r"\(id (\d+)\)", out).group(1))
             calibration += sum(rate_everything(server, t, rid, f"cal{k}-{i}") for i, t in enumerate(tokens))
             if k == 1:  # what the discussion agreed, as the next guideline version
-                preflab("guidelines", "add-rubric", "--label", "v1.1", "--item", "Answers the question asked",
-                        "--item", "Says it in fewer words when nothing is lost", *proj)
+                out = preflab("guidelines", "add-rubric", "--label", "v1.1", "--item",
+                              "Says it in fewer words when nothing is lost", *proj)
+                assert "v1.1: 2 rubric items" in out  # v1's item and the new one
         preflab("quality", "report", "--out", run / "workshop", *proj)
 
         # pairs from the SFT model's own answers, and a round over exactly those
@@ -100,7 +101,8 @@ def test_own_project_end_to_end(request, tmp_path):
         # reward model on the store's judgements, evaluated against the raters' own consistency
         (tmp_path / "rm.toml").write_text("[rm]\nlr = 1e-3\nepochs = 3\nbatch_size = 8\nval_fraction = 0.25\n")
         out = preflab("rm", "train", *proj, "--policy", sft, "--out", run / "rm1", "--config", tmp_path / "rm.toml")
-        n_train, n_val = map(int, re.search(r"on (\d+) pairs \((\d+) held out\)", out).groups())
+        n_train, n_val = map(int, re.search(r"on (\d+) judgements of \d+ pairs \((\d+) judgements of \d+ pairs "
+                                            r"held out\)", out).groups())  # the calibration rounds overlap
         assert "next: preflab rm eval " in out and " --project " in out  # the hint keeps the store (the ceiling)
         out = preflab("rm", "eval", run / "rm1", *proj)
         assert "accuracy" in out and (run / "rm1" / "eval" / "preference.json").is_file()
