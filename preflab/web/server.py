@@ -48,7 +48,7 @@ def serve(*, db_url: str, host: str, port: int, workers: int, project: str, secr
     from preflab.store.db import normalise_url
 
     generated = secret_key is None
-    settings = WebSettings(database_url=normalise_url(db_url), secret_key=secret_key or secrets.token_urlsafe(32),
+    settings = WebSettings(database_url=normalise_url(db_url), secret_key=secrets.token_urlsafe(32) if generated else secret_key,
                            project=project, cookie_secure=cookie_secure, upgrade_db=False)
     made = bootstrap(settings)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host

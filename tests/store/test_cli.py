@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from preflab.cli import app
@@ -147,7 +148,8 @@ def test_an_unreachable_or_unmigrated_store_is_a_named_error_not_a_traceback(tmp
     assert not (tmp_path / "o.jsonl").exists()
 
 
-def test_serve_names_a_short_secret_key(tmp_path):
-    r = CliRunner().invoke(app, ["serve", "--secret-key", "short", "--db", f"sqlite:///{tmp_path / 's.db'}"])
+@pytest.mark.parametrize("key", ["short", ""])  # "": an unset $KEY in --secret-key "$KEY"
+def test_serve_names_a_short_secret_key(tmp_path, key):
+    r = CliRunner().invoke(app, ["serve", "--secret-key", key, "--db", f"sqlite:///{tmp_path / 's.db'}"])
     assert r.exit_code == 2 and "--secret-key / PREFLAB_SECRET_KEY: String should have at least 16 characters" in \
         " ".join(r.output.split()), r.output
