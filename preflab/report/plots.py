@@ -41,6 +41,14 @@ def _num(x: Any) -> float:
     return float("nan") if x is None else float(x)
 
 
+def _bottom(default: float, rows: Sequence[Mapping], key: str = "accuracy") -> float:
+    """The y-axis' lower end: ``default`` (a zoom on the useful range), lowered to show every value
+    and CI lower end below it (a 12% bucket is a finding, not something to clip away)."""
+    lows = [v for r in rows for v in (r.get(key), *(r.get("ci") or [None])[:1])
+            if isinstance(v, int | float) and v == v]
+    return max(0.0, min([default, *[math.floor((v - 0.05) * 10) / 10 for v in lows]]))
+
+
 def rows_of(obj: Any, key: str) -> list[dict]:
     """Normalise ``[{key: k, ...}, ...]`` or ``{k: {...}}`` to a list of dicts with ``key``."""
     if obj is None:
@@ -110,7 +118,7 @@ def plot_consistency(quality: Mapping) -> bytes:
     a.scatter(xs, [_num(r.get("ceiling")) for r in raters], marker="_", s=600, color="#d62728", zorder=3,
               label="accuracy ceiling 1 - e")
     a.set_xticks(list(xs), [str(r["rater"]) for r in raters])
-    a.set_ylim(0.4, 1.0)
+    a.set_ylim(_bottom(0.4, raters, "consistency"), 1.0)
     a.set_ylabel("share / accuracy")
     a.set_xlabel("rater")
     a.set_title("Rater self-consistency and the ceiling it implies")
@@ -158,7 +166,7 @@ def plot_rm(evals: Mapping[str, Mapping]) -> bytes:
     a.axhline(0.5, color="grey", ls=":", lw=1)
     a.set_xticks(range(len(names)), names)
     a.set_xlim(-0.5, len(names) - 0.3)
-    a.set_ylim(0.45, 1.0)
+    a.set_ylim(_bottom(0.45, list(evals.values())), 1.0)
     a.set_ylabel("held-out accuracy (95% CI)")
     a.set_title("Reward-model accuracy vs ceiling")
     width = 0.8 / max(len(names), 1)
@@ -174,7 +182,7 @@ def plot_rm(evals: Mapping[str, Mapping]) -> bytes:
     b.set_xticks(range(len(labels)), labels)
     b.set_xlabel("rater's stated strength")
     b.set_ylabel("accuracy (95% CI)")
-    b.set_ylim(0.4, 1.0)
+    b.set_ylim(_bottom(0.4, [r for e in evals.values() for r in rows_of(e.get("by_strength"), "strength")]), 1.0)
     b.set_title("Accuracy by preference strength")
     b.legend(fontsize=8)
     return _png(fig)
