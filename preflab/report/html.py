@@ -144,7 +144,9 @@ def norm_workshop(w: dict) -> dict:
     moved = [{"rater": m["rater"], "before": m.get("kappa_before"), "after": m.get("kappa_after"),
               "note": "mean kappa with the others"} for m in (w.get("movers") or [])[:3]
              if m.get("kappa_change") is not None]
-    return {"n_pairs": w.get("n_pairs", b.get("n_items")), "raters": w.get("raters", raters), "before": phase(b),
+    n = (b.get("n_items") if b.get("n_items") == a.get("n_items")
+         else f"{b.get('n_items', '?')} before / {a.get('n_items', '?')} after")
+    return {"n_pairs": w.get("n_pairs", n), "raters": w.get("raters", raters), "before": phase(b),
             "after": phase(a), "per_rater": per, "moved": w.get("moved", moved)}
 
 

@@ -172,3 +172,15 @@ def test_curve_headlines_say_climbing_flat_or_one_size(tmp_path):
     md = rep.md_path.read_text()
     for needle in ("a: flat at 200 pairs", "b: still climbing at 200 pairs", "c: one size only, 100 pairs"):
         assert needle in md, needle
+
+
+def test_workshop_rounds_of_different_sizes_are_both_named():
+    from preflab.report.html import norm_workshop
+
+    stats = {"mean_pairwise_kappa": {"value": 0.5, "ci": [0.4, 0.6]}}
+    w = norm_workshop({"before": {"statistics": stats, "n_items": 40, "raters": {}},
+                       "after": {"statistics": stats, "n_items": 38, "raters": {}}})
+    assert w["n_pairs"] == "40 before / 38 after"
+    w = norm_workshop({"before": {"statistics": stats, "n_items": 40, "raters": {}},
+                       "after": {"statistics": stats, "n_items": 40, "raters": {}}})
+    assert w["n_pairs"] == 40
