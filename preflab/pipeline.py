@@ -280,7 +280,7 @@ def checkpoint_row(evidence_dir: Path, *, run: str, step: int | None) -> dict[st
             "detectors": {k: v.get("value") for k, v in det.items() if isinstance(v, dict)},
             "gates": [{"name": g["name"], "value": g["value"], "threshold": g["threshold"], "pass": g["passed"]}
                       for g in gate["gates"]],
-            "promoted": gate["passed"]}
+            "promoted": gate["passed"], **({"stage": gate["stage"]} if gate.get("stage") else {})}
 
 
 def _checkpoint_label(ckpt: Path, run_dir: Path) -> tuple[str, int | None]:

@@ -81,6 +81,7 @@ class Gate:
 class GateReport:
     gates: list[Gate]
     subject: str = ""
+    stage: str = ""  # set by a promotion decision (staging / production): what the gates decided
 
     @property
     def passed(self) -> bool:
@@ -91,11 +92,12 @@ class GateReport:
         return [g.name for g in self.gates if not g.passed]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"subject": self.subject, "passed": self.passed, "gates": [_clean(asdict(g)) for g in self.gates]}
+        return {"subject": self.subject, "passed": self.passed, "gates": [_clean(asdict(g)) for g in self.gates],
+                **({"stage": self.stage} if self.stage else {})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GateReport:
-        return cls([Gate(**g) for g in d["gates"]], d.get("subject", ""))
+        return cls([Gate(**g) for g in d["gates"]], d.get("subject", ""), d.get("stage", ""))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

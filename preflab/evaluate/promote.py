@@ -56,6 +56,7 @@ def record_decision(session, *, project_id: int, checkpoint: str | Path, stage: 
                      for e in ops.list_events(session, project_id=project_id, kind="promotion"))
         report = GateReport(report.gates + [Gate("staged_first", staged, None, None,
                                                  "promoted to staging before production", {})], report.subject)
+    report = GateReport(report.gates, report.subject, stage)
     promoted = report.passed
     eid = ops.record_event(session, project_id=project_id, kind="gate_decision", subject=subject,
                            payload={"stage": stage, "promoted": promoted, "failed": report.failed,

@@ -482,7 +482,8 @@ def section_checkpoints(run: Path) -> Section | None:
         gtxt, ok = _gates_text(r.get("gates"))
         rows.append((r.get("run"), num(r.get("step")), pct(r.get("win_rate")) + ci(r.get("win_rate_ci"), pct),
                      *(num((r.get("detectors") or {}).get(k), 3) for k in det_keys), gtxt,
-                     "promoted" if r.get("promoted") else ("blocked" if not ok else "")))
+                     ("promoted" if r.get("promoted") else ("blocked" if not ok else ""))
+                     + (f" ({r['stage']})" if r.get("stage") else "")))
         classes.append("pass" if ok else "fail")
     th, tm = table(["run", "step", "held-out win rate", *det_keys, "gates", "decision"], rows, classes=classes)
     s.html, s.md = th, tm

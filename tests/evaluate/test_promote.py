@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from preflab.evaluate.gates import GatesConfig
@@ -51,6 +53,12 @@ def test_passing_checkpoint_is_promoted_and_production_needs_staging(setup):
     assert [d.payload["promoted"] for d in decs] == [False, True, True]
     assert decs[0].payload["failed"] == ["staged_first"]
     assert staged == prod == str(good.resolve())
+    # gate.json says which decision it is (the report's checkpoint table shows it beside the gates)
+    gate = json.loads((good / "eval" / "gate.json").read_text())
+    assert gate["stage"] == "production" and gate["passed"]
+    from preflab.pipeline import checkpoint_row
+
+    assert checkpoint_row(good / "eval", run="good", step=None)["stage"] == "production"
 
 
 def test_missing_evidence_or_checkpoint(setup, tmp_path):
