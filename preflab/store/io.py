@@ -76,7 +76,7 @@ def _lines(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.rstrip("\r\n"))  # a truncated line fails at its end, not "line 2 column 1"
             except json.JSONDecodeError as e:
                 raise StoreError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):

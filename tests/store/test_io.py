@@ -56,6 +56,7 @@ def test_import_pairs_inline_and_by_id(engine, project, tmp_path):
     ({"id": "p9", "prompt_id": "q1", "response_a_id": "r1a", "response_b_id": "r_9"},
      "pairs.jsonl:3: unknown response id 'r_9'"),
     ("{not json", "pairs.jsonl:3: invalid JSON"),
+    ('{"id": "p9", "prompt_id": "q1"', "pairs.jsonl:3: invalid JSON (Expecting ',' delimiter at column 31)"),
     ("[1, 2]", "pairs.jsonl:3: expected a JSON object, got list"),
     ({"id": "p9", "prompt_id": "q1", "response_a_id": "r1a", "response_b_id": "r1b", "colour": 1},
      "pairs.jsonl:3: unknown field 'colour'"),

@@ -97,6 +97,9 @@ def test_reimport_identical_is_skipped_changed_is_conflict(store):
     changed = [{"id": "q000", "text": "Something else", "topic": "pricing"}]
     with pytest.raises(ops.StoreError, match="already exists with different content"):
         one(store.engine, ops.add_prompts, project_id=store.project_id, prompts=changed)
+    other = one(store.engine, ops.create_project, name="other")  # the same prompt into another project
+    with pytest.raises(ops.StoreError, match=r"prompt id 'q000' already belongs to project '.+' \(ids are unique"):
+        one(store.engine, ops.add_prompts, project_id=other, prompts=same)
     with pytest.raises(ops.StoreError, match=r"prompts\[0\]: unknown field 'txt'"):
         one(store.engine, ops.add_prompts, project_id=store.project_id, prompts=[{"id": "a", "txt": "b"}])
 

@@ -23,6 +23,7 @@ from preflab.store.ops.records import (
 )
 from preflab.store.schema import (
     Pair,
+    Project,
     Prompt,
     Response,
     Round,
@@ -92,7 +93,11 @@ def add_prompts(
     for pid, (p, w) in seen.items():
         old = existing.get(pid)
         if old is not None:
-            if (old.project_id, old.text, old.topic) != (project_id, p.text, p.topic):
+            if old.project_id != project_id:
+                other = session.get(Project, old.project_id)
+                raise StoreError(f"{w}: prompt id {pid!r} already belongs to project {other.name!r} (ids are unique "
+                                 "across the store; another --project?)", code="conflict")
+            if (old.text, old.topic) != (p.text, p.topic):
                 raise StoreError(f"{w}: prompt id {pid!r} already exists with different content", code="conflict")
             continue
         session.add(Prompt(id=pid, project_id=project_id, text=p.text, topic=p.topic, meta=_meta(p.meta, w)))
