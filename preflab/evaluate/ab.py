@@ -370,6 +370,9 @@ def ab_result_from_round(session, round_id: int, candidate_source: str | None = 
     rnd = ops.get_round(session, round_id=round_id)
     candidate_source = candidate_source or rnd.meta.get("candidate_source")
     if not candidate_source:
+        if rnd.kind != "eval":
+            raise ValueError(f"round {round_id}: {rnd.name!r} is a {rnd.kind} round, not a blind A/B round (`preflab "
+                             "ab create` makes those)")
         raise ValueError(f"round {round_id}: no candidate_source given or recorded")
     rows = ops.round_judgements(session, round_id=round_id, include_duplicates=False)
     texts = {}

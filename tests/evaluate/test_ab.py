@@ -210,6 +210,12 @@ def test_blind_round_through_the_store_matches_direct_statistics(engine):
     assert sum(w.n for w in res.by_topic.values()) == 40
     with db.session_scope(engine, readonly=True) as s, pytest.raises(ValueError, match="no response from"):
         ab_result_from_round(s, rid, "runs/other")
+    with db.session_scope(engine) as s:  # a collection round over the same pairs is not an A/B round
+        other = ops.create_round(s, project_id=pid, name="week 1", kind="collection", pair_ids=sorted(pairs),
+                                 duplicate_rate=0.0)
+    with db.session_scope(engine, readonly=True) as s, pytest.raises(
+            ValueError, match=f"round {other}: 'week 1' is a collection round, not a blind A/B round"):
+        ab_result_from_round(s, other)
 
 
 def test_create_ab_round_generates_with_the_sampler(engine):
