@@ -109,7 +109,11 @@ def _parse_row(row: dict, where: str) -> OutcomeRecord:
 
 def read_outcomes(path: str | Path) -> list[OutcomeRecord]:
     """Read and validate a whole CSV/JSONL production log (all-or-nothing)."""
-    path = Path(path)
+    return [rec for _, rec in _read_lines(Path(path))]
+
+
+def _read_lines(path: Path) -> list[tuple[int, OutcomeRecord]]:
+    """``read_outcomes`` with each record's line in the file (for errors that name it)."""
     if not path.exists():
         raise OutcomeImportError(f"{path}: no such file")
     rows: list[tuple[int, dict]] = []
@@ -142,7 +146,7 @@ def read_outcomes(path: str | Path) -> list[OutcomeRecord]:
         if rec.conversation_id in seen:
             raise OutcomeImportError(f"{path}:{line}: conversation_id {rec.conversation_id!r} repeats line {seen[rec.conversation_id]}")
         seen[rec.conversation_id] = line
-        out.append(rec)
+        out.append((line, rec))
     if not out:
         raise OutcomeImportError(f"{path}: no rows")
     return out
@@ -161,12 +165,13 @@ def import_outcomes(path: str | Path, run_dir: str | Path) -> dict:
 
     A conversation id already imported is an error (nothing is written). Returns counts.
     """
-    new = read_outcomes(path)
+    lines = _read_lines(Path(path))
+    new = [r for _, r in lines]
     old = load_run_outcomes(run_dir)
     have = {r.conversation_id for r in old}
-    for i, r in enumerate(new):
+    for line, r in lines:
         if r.conversation_id in have:
-            raise OutcomeImportError(f"{path}: row {i + 1}: conversation_id {r.conversation_id!r} already imported")
+            raise OutcomeImportError(f"{path}:{line}: conversation_id {r.conversation_id!r} already imported")
     out = Path(run_dir) / "outcomes" / "logs.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".jsonl.tmp")

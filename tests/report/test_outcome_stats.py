@@ -140,7 +140,7 @@ def test_import_is_all_or_nothing(tmp_path):
     bad.write_text(CSV_HEAD + "c3,sft,1,3,12.5,2026-01-05T10:00:00Z,x\nc4,sft,1,9,1,2026-01-05,x\n")
     with pytest.raises(OutcomeImportError, match="bad.csv:3: csat"):
         import_outcomes(bad, run)
-    with pytest.raises(OutcomeImportError, match="'c1' already imported"):
+    with pytest.raises(OutcomeImportError, match="good.csv:2: conversation_id 'c1' already imported"):
         import_outcomes(good, run)
     assert (run / "outcomes" / "logs.jsonl").read_text() == before
     assert len(load_run_outcomes(run)) == 2
