@@ -50,8 +50,8 @@ def run_store(request: Request, fn: Callable[..., T], *, readonly: bool = False)
             with db.session_scope(engine, readonly=True) as s:
                 return fn(s)
         return db.transact(engine, fn)
-    except StoreError as e:
-        raise WebError(STATUS_OF.get(e.code, 400), e.code, str(e)) from None
+    except StoreError as e:  # the store's "invalid" is the API's "invalid_input", as for a malformed request
+        raise WebError(STATUS_OF.get(e.code, 400), "invalid_input" if e.code == "invalid" else e.code, str(e)) from None
 
 
 def project_id(request: Request) -> int:

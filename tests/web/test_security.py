@@ -192,6 +192,7 @@ def test_bad_input_gets_clear_4xx(world):
     assert admin.post("/api/v1/rounds", json={"name": "z", "pair_ids": ["z1"]}).status_code == 404  # nothing imported
     r = admin.post("/api/v1/import/prompts", content=b'{"id": "zz", "txt": "typo"}\n')
     assert r.status_code == 400 and "prompts.jsonl:1" in r.json()["error"]["message"]
+    assert r.json()["error"]["code"] == "invalid_input"  # the same code as a malformed request's 422
     assert admin.post("/api/v1/import/csv", content=b"a,b").status_code == 422
     r = httpx.get(world["server"].url + "/api/v1/me")
     assert r.status_code == 401 and r.json()["error"]["code"] == "unauthenticated"
