@@ -177,7 +177,7 @@ def report_cmd(
         if not Path(run_dir).is_dir():
             _fail(ValueError(f"RUN_DIR: {run_dir} is not a directory"))
         try:
-            engine = store_db.make_engine(db)
+            engine = store_db.make_engine(db, create=False)
             done = project_summaries(run_dir, engine, project=project)
             engine.dispose()
         except (StoreError, ValueError, KeyError, OSError) as e:
@@ -414,7 +414,7 @@ def ab_create(
                        seed=seed)
         cfg.validate()
         template = _template(prompt_format)
-        engine = store_db.make_engine(db)
+        engine = store_db.make_engine(db, create=False)
         store_db.upgrade(engine)
         with store_db.session_scope(engine, readonly=True) as s:  # a taken name fails before the generation
             pid = ops.project_id(s, name=project)
@@ -451,7 +451,7 @@ def ab_result_cmd(
     from preflab.store import db as store_db
 
     try:
-        engine = store_db.make_engine(db)
+        engine = store_db.make_engine(db, create=False)
         with store_db.session_scope(engine, readonly=True) as s:
             res = ab_result_from_round(s, round_id)
         engine.dispose()
@@ -542,8 +542,10 @@ def promote_cmd(
 
     from preflab.evaluate.gates import render_table
     from preflab.evaluate.promote import promote_checkpoint
+    from preflab.store import db as store_db
 
     try:
+        store_db.make_engine(db, create=False).dispose()  # a mistyped --db records the decision nowhere new
         d = promote_checkpoint(checkpoint, stage=to, db_url=db, project=project, gates=_gates_cfg(config))
     except ValueError as e:
         _fail(e)
@@ -840,7 +842,7 @@ def guidelines_add_rubric(
     from preflab.store import db as store_db
     from preflab.store import ops
 
-    engine = store_db.make_engine(db)
+    engine = store_db.make_engine(db, create=False)
     try:
         with store_db.session_scope(engine) as s:
             pid = ops.ensure_project(s, name=project)
@@ -862,7 +864,7 @@ def guidelines_list(
     from preflab.store import db as store_db
     from preflab.store import ops
 
-    engine = store_db.make_engine(db)
+    engine = store_db.make_engine(db, create=False)
     try:
         with store_db.session_scope(engine, readonly=True) as s:
             gs = ops.list_guidelines(s, project_id=ops.require_project(s, name=project))
@@ -888,7 +890,7 @@ def rerate_cmd(
     from preflab.store import db as store_db
     from preflab.store import ops
 
-    engine = store_db.make_engine(db)
+    engine = store_db.make_engine(db, create=False)
     try:
         with store_db.session_scope(engine) as s:
             pid = ops.ensure_project(s, name=project)
@@ -911,7 +913,7 @@ def lineage_cmd(
     from preflab.store import db as store_db
     from preflab.store import ops
 
-    engine = store_db.make_engine(db)
+    engine = store_db.make_engine(db, create=False)
     try:
         with store_db.session_scope(engine, readonly=True) as s:
             rows = lineage(s, project_id=ops.require_project(s, name=project))
@@ -962,7 +964,7 @@ def quality_report(
 
     embedder = _quality_embedder(embed)
     try:
-        engine = store_db.make_engine(db)
+        engine = store_db.make_engine(db, create=False)
         with store_db.session_scope(engine) as s:
             pid = ops.require_project(s, name=project)
             rep, paths = write_workshop_report(s, project_id=pid, out_dir=out, before_round_id=before,
@@ -1007,7 +1009,7 @@ def quality_status(
 
     embedder = _quality_embedder(embed)
     try:
-        engine = store_db.make_engine(db)
+        engine = store_db.make_engine(db, create=False)
         with store_db.session_scope(engine) as s:
             pid = ops.require_project(s, name=project)
             if check_drift:
@@ -1114,6 +1116,10 @@ def store_import(
 
     if kind not in ("pairs", "prompts"):
         _fail(ValueError(f"--kind: must be 'pairs' or 'prompts', got {kind!r}"))
+    try:
+        store_db.make_engine(db, create=False).dispose()
+    except ConfigError:  # the first import makes the store; say so (a mistyped --db would go unnoticed)
+        console.print(f"[yellow]note:[/yellow] no store at {escape(db)} yet: creating a new one")
     store_db.upgrade(db)
     engine = store_db.make_engine(db)
     try:
@@ -1149,7 +1155,7 @@ def store_round(
 
     cfg = from_dict(AssignConfig, {"overlap": overlap, "duplicate_rate": duplicate_rate,
                                    "duplicate_gap": duplicate_gap, "fallback": fallback, "seed": seed})
-    engine = store_db.make_engine(db)
+    engine = store_db.make_engine(db, create=False)
     try:
         with store_db.session_scope(engine) as s:
             pid = ops.require_project(s, name=project)
@@ -1220,7 +1226,7 @@ def store_sample(
             dirs[label] = path
         if len(dirs) * n_per_policy < 2:
             raise ValueError("--n-per-policy: one policy with one response per prompt cannot make a pair")
-        engine = store_db.make_engine(db)
+        engine = store_db.make_engine(db, create=False)
         with store_db.session_scope(engine, readonly=True) as s:
             pid = ops.require_project(s, name=project)
             prompts = ops.list_prompts(s, project_id=pid, topic=topic)
@@ -1284,7 +1290,7 @@ def store_export(
     from preflab.store import db as store_db
     from preflab.store import io, ops
 
-    engine = store_db.make_engine(db)
+    engine = store_db.make_engine(db, create=False)
     try:
         margins = None
         if margin is not None:
@@ -1327,7 +1333,7 @@ def store_progress(
     from preflab.store import db as store_db
     from preflab.store import ops
 
-    engine = store_db.make_engine(db)
+    engine = store_db.make_engine(db, create=False)
     with store_db.session_scope(engine, readonly=True) as s:
         pid = ops.project_id(s, name=project)
         rnd = ops.round_by_name(s, project_id=pid, name=round_name) if pid else None
@@ -1365,7 +1371,7 @@ def _record_lineage(db: str | None, project: str | None, run: str, **payload) ->
     from preflab.pipeline import record_run_lineage
     from preflab.store import db as store_db
 
-    engine = store_db.make_engine(db)
+    engine = store_db.make_engine(db, create=False)
     try:
         if record_run_lineage(engine, project=project, run=str(Path(run).resolve()), **payload):
             console.print(f"lineage of {run} recorded in {project!r} (preflab lineage)")
@@ -1476,7 +1482,7 @@ def ppo_cmd(
             from preflab.store import db as store_db
             from preflab.store import ops
 
-            engine = store_db.make_engine(db)
+            engine = store_db.make_engine(db, create=False)
             with store_db.session_scope(engine, readonly=True) as s:
                 ops.require_project(s, name=project)
             engine.dispose()

@@ -248,7 +248,7 @@ def store_ceiling(db_url: str, *, project: str):
     from preflab.quality.consistency import self_consistency
     from preflab.store import db, ops
 
-    engine = db.make_engine(db_url)
+    engine = db.make_engine(db_url, create=False)
     with db.session_scope(engine, readonly=True) as s:
         pid = ops.require_project(s, name=project, where=db_url)
         dups = ops.duplicate_pairs(s, project_id=pid)

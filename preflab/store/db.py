@@ -43,12 +43,20 @@ def normalise_url(url: str | Path) -> str:
     return f"sqlite:///{Path(s).expanduser()}"
 
 
-def make_engine(url: str | Path, *, echo: bool = False) -> Engine:
-    """An engine for ``url`` (SQLite file/memory or PostgreSQL), configured as described above."""
+def make_engine(url: str | Path, *, echo: bool = False, create: bool = True) -> Engine:
+    """An engine for ``url`` (SQLite file/memory or PostgreSQL), configured as described above.
+
+    ``create=False``: a SQLite file that does not exist is a ``ConfigError`` naming it (commands
+    that work on an existing store: a mistyped ``--db`` would otherwise make a new, empty one)."""
     s = normalise_url(url)
     u = make_url(s)
     if u.get_backend_name() == "sqlite":
         memory = u.database in (None, "", ":memory:")
+        if not memory and not create and not Path(u.database).is_file():
+            from preflab.config import ConfigError
+
+            raise ConfigError(f"--db: no store at {u.database} (a mistyped path? `preflab store migrate --db {url}` "
+                              "creates one)")
         if not memory:
             Path(u.database).parent.mkdir(parents=True, exist_ok=True)
         kw: dict = {"connect_args": {"check_same_thread": False, "timeout": 30}}

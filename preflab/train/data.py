@@ -251,7 +251,7 @@ def load_store_examples(db_url: str, *, project: str,
     bad = [k for k in round_kinds if k not in ROUND_KINDS]
     if bad or not round_kinds:
         raise ValueError(f"--rounds: {', '.join(bad) or 'nothing'} given; round kinds are {', '.join(ROUND_KINDS)}")
-    engine = db.make_engine(db_url)
+    engine = db.make_engine(db_url, create=False)
     with db.session_scope(engine, readonly=True) as s:
         pid = ops.require_project(s, name=project, where=db_url)
         rows = ops.preference_examples(s, project_id=pid, round_kinds=tuple(round_kinds))

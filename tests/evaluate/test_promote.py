@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -80,6 +81,10 @@ def test_cli_promote_refuses_with_a_table_and_exit_1(setup):
 
     url, good, bad = setup
     runner = CliRunner()
+    res = runner.invoke(app, ["promote", str(bad), "--to", "staging", "--db", url + "x"], terminal_width=200)
+    assert res.exit_code == 2 and "--db: no store at" in res.output  # a mistyped --db records nothing anywhere
+    assert not Path(url.removeprefix("sqlite:///") + "x").exists()
+    assert runner.invoke(app, ["store", "migrate", "--db", url]).exit_code == 0
     res = runner.invoke(app, ["promote", str(bad), "--to", "staging", "--db", url], terminal_width=200)
     assert res.exit_code == 1, res.output
     assert "FAIL" in res.output and "confident_wrong" in res.output and "refused" in res.output

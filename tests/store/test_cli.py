@@ -82,8 +82,8 @@ def test_store_sample_adds_a_new_checkpoints_answers_as_pairs(tmp_path):
         res.text = " ".join(res.output.split())
         return res
 
-    assert run("store", "import", str(tmp_path / "prompts.jsonl"), "--kind", "prompts", "--db", db,
-               "--project", "bot").exit_code == 0
+    r = run("store", "import", str(tmp_path / "prompts.jsonl"), "--kind", "prompts", "--db", db, "--project", "bot")
+    assert r.exit_code == 0 and "no store at" in r.text and "creating a new one" in r.text, r.text
     out = tmp_path / "new_pairs.jsonl"
     args = ["store", "sample", str(out), "--policy", f"ppo1={new}", "--policy", f"sft={old}", "--topic", "pricing",
             "--max-new-tokens", "8", "--seed", "3", "--db", db, "--project", "bot"]
@@ -140,6 +140,11 @@ def test_an_unreachable_or_unmigrated_store_is_a_named_error_not_a_traceback(tmp
         return subprocess.run([sys.executable, "-m", "preflab.cli", *args], capture_output=True, text=True,
                               timeout=120)
 
+    r = preflab("store", "export", "pairs", str(tmp_path / "o.jsonl"), "--db", str(tmp_path / "typo" / "new.db"))
+    assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr
+    assert "--db: no store at" in r.stdout and "preflab store migrate" in r.stdout, r.stdout
+    assert not (tmp_path / "typo").exists()  # a mistyped --db leaves no new, empty store behind
+    (tmp_path / "new.db").touch()  # there, but never migrated
     r = preflab("store", "export", "pairs", str(tmp_path / "o.jsonl"), "--db", str(tmp_path / "new.db"))
     assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr
     assert "the store (--db) failed: no such table" in r.stdout and "preflab store migrate" in r.stdout, r.stdout

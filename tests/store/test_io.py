@@ -151,7 +151,7 @@ def test_exports(engine, tmp_path):
     # the pairs export is importable as is (into a fresh project)
     with db.session_scope(engine) as s:
         other = ops.create_project(s, name="again")
-        with pytest.raises(ops.StoreError, match="already exists"):  # ids are global: same ids, other project
+        with pytest.raises(ops.StoreError, match="already belongs to project 'exp'"):  # ids are global
             io.import_pairs(s, project_id=other, path=tmp_path / "pairs_out.jsonl")
     with db.session_scope(engine) as s:
         assert io.import_pairs(s, project_id=pid, path=tmp_path / "pairs_out.jsonl") == io.ImportResult()
