@@ -403,8 +403,23 @@ def ab_create(
 
     try:
         if queries:
-            rows = [json.loads(line) for line in Path(queries).read_text().splitlines() if line.strip()]
-            qs = [ABQuery(str(r["id"]), r["text"], r.get("topic", "")) for r in rows][:n]
+            qs = []
+            for i, line in enumerate(Path(queries).read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{queries}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(r, dict) or not isinstance(r.get("id"), str | int) or not isinstance(
+                        r.get("text"), str) or not r["text"].strip():
+                    raise ValueError(f"{queries}:{i}: expected an object with 'id' and a non-empty 'text' (and "
+                                     "optional 'topic')")
+                qs.append(ABQuery(str(r["id"]), r["text"], str(r.get("topic") or "")))
+            if len(qs) < n:
+                console.print(f"[yellow]note:[/yellow] {queries} holds {len(qs)} queries: the round has "
+                              f"{len(qs)} pairs, not --n {n}")
+            qs = qs[:n]
         else:
             from preflab.sandbox.domain import generate_queries
 

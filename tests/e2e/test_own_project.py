@@ -137,6 +137,11 @@ def test_own_project_end_to_end(request, tmp_path):
         out = preflab("ab", "create", "--candidate", tmp_path / "nope", "--baseline", sft, "--name", "blind 1",
                       "--queries", prompts, *proj, ok=(2,))
         assert "--name: round 'blind 1' already exists" in out, out
+        bad = tmp_path / "bad_queries.jsonl"  # a bad line is named before any model is loaded
+        bad.write_text('{"id": "a", "text": "How much is Team?"}\n{"text": "no id"}\n')
+        out = preflab("ab", "create", "--candidate", tmp_path / "nope", "--baseline", sft, "--name", "blind 2",
+                      "--queries", bad, *proj, ok=(2,))
+        assert "bad_queries.jsonl:2: expected an object with 'id' and a non-empty 'text'" in out, out
     finally:
         server.stop()
     out = preflab("ab", "result", blind, "--db", db)
