@@ -99,10 +99,10 @@ def listed_pair_ids(path: str | Path, *, stored: Collection[str], qualifier: str
     return list(dict.fromkeys(out))
 
 
-def _check_fields(obj: Mapping[str, Any], allowed: set[str], where: str) -> None:
+def _check_fields(obj: Mapping[str, Any], allowed: set[str], where: str, hint: str = "") -> None:
     unknown = sorted(set(obj) - allowed)
     if unknown:
-        raise StoreError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
+        raise StoreError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(sorted(allowed))}){hint}")
 
 
 def _need(obj: Mapping[str, Any], key: str, where: str) -> Any:
@@ -138,7 +138,8 @@ def import_pairs(session: Session, *, project_id: int, path: str | Path) -> Impo
     pairs: list[PairIn] = []
     pair_locs: list[str] = []
     for where, obj in _lines(path):
-        _check_fields(obj, PAIR_FIELDS, where)
+        _check_fields(obj, PAIR_FIELDS, where, hint="; a prompts file? --kind prompts" if set(obj) <= PROMPT_FIELDS
+                      else "")
         if "prompt" in obj and "prompt_id" in obj:
             raise StoreError(f"{where}: give 'prompt' or 'prompt_id', not both")
         if "prompt" in obj:

@@ -61,6 +61,9 @@ def test_import_pairs_inline_and_by_id(engine, project, tmp_path):
     ({"id": "p9", "prompt_id": "q1", "response_a_id": "r1a", "response_b_id": "r1b", "colour": 1},
      "pairs.jsonl:3: unknown field 'colour'"),
     ({"id": "p9", "prompt_id": "q1", "response_a_id": "r1a"}, "pairs.jsonl:3: missing field 'response_b_id'"),
+    ({"id": "q9", "text": "How much?", "topic": "pricing"}, "unknown field 'text' (known: id, meta, prompt, prompt_id, "
+                                                             "response_a, response_a_id, response_b, response_b_id); "
+                                                             "a prompts file? --kind prompts"),
     ({"id": 9, "prompt_id": "q1", "response_a_id": "r1a", "response_b_id": "r1b"},
      "pairs.jsonl:3.id: expected a string"),
     ({"id": "p9", "prompt_id": "nope", "response_a_id": "r1a", "response_b_id": "r1b"},
