@@ -20,7 +20,9 @@ app = typer.Typer(help="preflab: an RLHF workbench, from calibrated raters to a 
 sandbox_app = typer.Typer(help="The simulated support domain and its base model.", no_args_is_help=True)
 app.add_typer(sandbox_app, name="sandbox")
 
-console = Console(soft_wrap=True)  # errors name long paths: never break them
+# errors name long paths: never break them; piped into a log (no terminal, no $COLUMNS), tables get
+# 160 columns rather than rich's 80, which folds a gate table's every cell
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
 # a ceiling from fewer planted duplicates than this is too uncertain to judge a reward model against
 MIN_CEILING_DUPLICATES = 30
 ROUNDS_HELP = ("With --db: round kinds to train on, comma-separated (default calibration,collection,rerate; "
