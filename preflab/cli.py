@@ -995,6 +995,56 @@ def quality_report(
         console.print(f"wrote {p}")
 
 
+@quality_app.command("review")
+def quality_review(
+    round_ref: str = typer.Argument(..., metavar="ROUND", help="The calibration round: its name or id."),
+    db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
+    project: str = typer.Option("default", help="Project."),
+    limit: int = typer.Option(15, min=1, help="Most split items to show and write."),
+    out: str = typer.Option(None, "--out", help="Also write them, with every side's rationales, as Markdown here "
+                                                "(for the discussion)."),
+) -> None:
+    """The most split items of a round, for the workshop's discussion before the next guideline version."""
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from preflab.collect.workshop import disagreement_review, review_markdown
+    from preflab.store import db as store_db
+    from preflab.store import ops
+
+    try:
+        engine = store_db.make_engine(db, create=False)
+        with store_db.session_scope(engine, readonly=True) as s:
+            pid = ops.require_project(s, name=project)
+            rnd = ops.round_by_name(s, project_id=pid, name=round_ref)
+            if rnd is None and round_ref.isdigit():
+                rnd = ops.get_round(s, round_id=int(round_ref))
+                if rnd.project_id != pid:
+                    rnd = None
+            if rnd is None:
+                raise ValueError(f"ROUND: no round named or numbered {round_ref!r} in project {project!r}")
+            items = disagreement_review(s, round_id=rnd.id)
+        engine.dispose()
+        if not items:
+            raise ValueError(f"ROUND: {rnd.name!r} has no judgements yet")
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(review_markdown(items, limit=limit))
+    except (ValueError, OSError) as e:
+        _fail(e)
+    t = Table(title=f"{rnd.name}: the {min(limit, len(items))} most split of {len(items)} items")
+    for col in ("pair", "a / b / tie", "largest camp", "query"):
+        t.add_column(col)
+    for it in items[:limit]:
+        c = it.counts
+        t.add_row(it.pair_id, f"{c.get('a', 0)} / {c.get('b', 0)} / {c.get('tie', 0)}", f"{it.majority_share:.0%}",
+                  it.prompt_text if len(it.prompt_text) <= 60 else it.prompt_text[:57] + "...")
+    console.print(t)
+    if out:
+        console.print(f"wrote {out} (each side's rationales, in the raters' words)")
+
+
 def _print_workshop(rep: dict) -> None:
     from rich.table import Table
 

@@ -81,7 +81,15 @@ def test_own_project_end_to_end(request, tmp_path):
                           "--duplicate-rate", "0", "--pairs", tmp_path / f"calib{k}.jsonl", *proj)
             rid = int(re.search(r"\(id (\d+)\)", out).group(1))
             calibration += sum(rate_everything(server, t, rid, f"cal{k}-{i}") for i, t in enumerate(tokens))
-            if k == 1:  # what the discussion agreed, as the next guideline version
+            if k == 1:  # the most split items for the discussion, then what it agreed as the next version
+                out = preflab("quality", "review", "calibration 1", "--out", run / "review.md", *proj)
+                assert "calibration 1: the 8 most split of 8 items" in out and "a / b / tie" in out, out
+                review = (run / "review.md").read_text()
+                assert review.startswith("# Disagreement review") and review.count("\n## ") == 8
+                out = preflab("quality", "review", str(rid), *proj)  # by id too
+                assert "calibration 1:" in out, out
+                out = preflab("quality", "review", "calibration 9", *proj, ok=(2,))
+                assert "ROUND: no round named or numbered 'calibration 9' in project 'acme'" in out, out
                 out = preflab("guidelines", "add-rubric", "--label", "v1.1", "--item",
                               "Says it in fewer words when nothing is lost", *proj)
                 assert "v1.1: 2 rubric items" in out  # v1's item and the new one
