@@ -533,7 +533,7 @@ def train_ppo(
                     with events_path.open("a") as f:
                         f.writelines(json.dumps(e) + "\n" for e in new_events)
             progress.update(task, advance=1, description=f"ppo score {row['objective/scores']:.3f} "
-                                                         f"kl {kl_mean:.2f} beta {controller.beta:.3g}")
+                                                         f"kl {kl_mean:.2f} beta {beta:.3g}")  # this step's, as logged
 
             # ---- checkpoint ----------------------------------------------------------------
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
