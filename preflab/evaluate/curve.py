@@ -124,8 +124,12 @@ def curve_summary(points: Sequence[dict], *, ceiling: float | None = None, withi
         slope = math.fsum((u - mx) * (v - my) for u, v in zip(x, y, strict=True)) / math.fsum((u - mx) ** 2 for u in x)
     last, step = rows[-1], (gains[-1] if gains else None)
     climbing = step is not None and step["n"] > 0 and step["ci"][0] > 0
+    # flat: even the optimistic end of the last step's gain is under ``within``; neither climbing nor
+    # flat: the interval is too wide to say (more validation pairs would tell)
+    flat = step is not None and step["n"] > 0 and step["ci"][1] < within
     out: dict[str, Any] = {"points": rows, "gains": gains, "per_doubling": slope, "still_climbing": climbing,
-                           "ceiling": ceiling, "within": within, "gap_to_ceiling": None, "pairs_to_target": None}
+                           "flat": flat, "ceiling": ceiling, "within": within, "gap_to_ceiling": None,
+                           "pairs_to_target": None}
     if ceiling is not None:
         out["gap_to_ceiling"] = ceiling - last["accuracy"]
         short = ceiling - within - last["accuracy"]
@@ -155,8 +159,12 @@ def describe(summary: dict[str, Any]) -> list[str]:
         lines.append(f"{g['from']:,} -> {g['to']:,} pairs: {_pts(g['diff'])} points [{_pts(g['ci'][0])}, "
                      f"{_pts(g['ci'][1])}] on the same {g['n']} validation pairs")
     if summary["per_doubling"] is not None:
+        hi = summary["gains"][-1]["ci"][1]
         lines.append(f"fitted gain per doubling over the whole curve: {_pts(summary['per_doubling'])} points; the last step "
-                     + ("still climbs" if summary["still_climbing"] else "cannot be told from zero (a flat tail)"))
+                     + ("still climbs" if summary["still_climbing"] else
+                        f"is flat (at most {_pts(hi)} points)" if summary.get("flat") else
+                        f"cannot be told from zero, nor called flat (its interval reaches {_pts(hi)} points): more "
+                        "validation pairs would tell"))
     c = summary["ceiling"]
     if c is not None:
         lines.append(f"at {pts[-1]['pairs']:,} pairs: {pts[-1]['accuracy']:.1%}, {100 * summary['gap_to_ceiling']:.1f} "
@@ -164,10 +172,13 @@ def describe(summary: dict[str, Any]) -> list[str]:
         target, need = c - summary["within"], summary["pairs_to_target"]
         if need == pts[-1]["pairs"]:
             lines.append(f"already within {100 * summary['within']:g} points of the ceiling")
-        elif need is None:
+        elif need is None and summary.get("flat"):
             lines.append(f"no projection to {target:.1%} (the ceiling - {100 * summary['within']:g} points): more pairs "
-                         "of this kind are not shown to help (with a tight interval, the limit is the model or the "
-                         "kind of labels, not their number)")
+                         "of this kind are not shown to help (the limit is the model or the kind of labels, not their "
+                         "number)")
+        elif need is None:
+            lines.append(f"no projection to {target:.1%} (the ceiling - {100 * summary['within']:g} points): whether "
+                         "more pairs help is not known from this curve")
         else:
             lines.append(f"{target:.1%} (the ceiling - {100 * summary['within']:g} points) at the last step's gain per "
                          f"doubling: about {need:,} pairs, a lower bound (gains shrink near a model's limit)")

@@ -408,9 +408,10 @@ def section_rm(run: Path) -> Section | None:
         s.html += img(plots.plot_curve(c), title)
         s.images += 1
         s.md += f"\n\n### {title}\n\n{tm}\n" + "".join(f"\n- {x}" for x in lines)
-        points = c.get("points") or [{}]
-        state = ("still climbing at " if c.get("still_climbing") else "flat at " if len(points) > 1
-                 else "one size only, ")
+        points, gains = c.get("points") or [{}], c.get("gains") or []
+        flat = c.get("flat", bool(gains) and gains[-1]["ci"][1] < c.get("within", 0.03))  # older curve.json: no "flat"
+        state = ("still climbing at " if c.get("still_climbing") else "one size only, " if len(points) < 2
+                 else "flat at " if flat else "unclear whether still climbing at ")
         s.headline.append(f"{where}: {state}{num(points[-1].get('pairs'))} pairs")
     return s
 
@@ -443,7 +444,7 @@ def section_ppo(run: Path) -> Section | None:
         gold = read_json(run / name / "gold.json", {}).get("probe", {})
         rows.append((f"{name} (DPO, same judgements as the last RM)", "-", "-", num(pt.get("kl"), 3), "-",
                      num(gold.get("gold_utility"), 3), pct(pt.get("share_of_gold_oracle_gain")), "-", _excess(pt)))
-    th, tm = table(["pass", "last step", "RM reward", "KL", "beta", "gold utility (sandbox)",
+    th, tm = table(["pass", "last step", "objective (RM score - beta KL)", "KL", "beta", "gold utility (sandbox)",
                     "share of the gold oracle's gain", "share of its RM's oracle's gain",
                     "KL beyond what its RM score needs"], rows)
     s.md = tm
@@ -584,12 +585,26 @@ def section_outcomes(run: Path) -> Section | None:
            else "Imported production logs.")
     n = e.get("n", {})
     info = f"{src} {num(n.get('baseline'))} conversations on {c['baseline']}, {num(n.get('candidate'))} on {c['candidate']}."
+    weeks = {v: {w.get("week") for w in c.get("weekly") or [] if w.get("model_version") == v}
+             for v in (c["baseline"], c["candidate"])}
+    if all(weeks.values()) and not weeks[c["baseline"]] & weeks[c["candidate"]]:
+        info += (" The two versions ran in different weeks (before / after, not side by side), so anything else that "
+                 "changed between those weeks would read as an effect of the model.")
     s.html = f"<p>{esc(info)}</p>" + th + img(plots.plot_outcomes(c), "escalation, CSAT and handle time per model version")
     s.md = info + "\n\n" + tm
     s.images = 1
-    s.headline.append(f"escalations {pct(e['baseline'])} -> {pct(e['candidate'])}"
-                      + (f", CSAT {num(cs['baseline'])} -> {num(cs['candidate'])}" if cs else ""))
+    s.headline.append(f"escalations {pct(e['baseline'])} -> {pct(e['candidate'])} ({_significance(e['ci'], 100)})"
+                      + (f", CSAT {num(cs['baseline'])} -> {num(cs['candidate'])} ({_significance(cs['ci'])})"
+                         if cs else ""))
     return s
+
+
+def _significance(interval: Sequence[float] | None, scale: float = 1) -> str:
+    """``difference CI [lo, hi]``, and whether it excludes zero (a headline must not read a draw as a change)."""
+    if not interval or len(interval) != 2 or None in interval:
+        return "no CI"
+    lo, hi = (scale * float(x) for x in interval)
+    return f"CI [{lo:+.1f}, {hi:+.1f}]" + ("" if lo > 0 or hi < 0 else ": includes 0, not a clear change")
 
 
 def section_cost(run: Path) -> Section | None:
@@ -620,12 +635,15 @@ def section_cost(run: Path) -> Section | None:
         line = (f"ROI: escalations {pct(roi['escalation_before'])} -> {pct(roi['escalation_after'])} at "
                 f"{num(c.get('config', {}).get('weekly_conversations'))} conversations/week avoid "
                 f"{num(roi['escalations_avoided_per_week'], 0)} escalations a week, saving {money(roi['weekly_saving'], cur)}"
-                f"/week ({money(roi['annual_saving'], cur)}/year); payback {num(roi['payback_weeks'], 1)} weeks"
+                f"/week at {money(c.get('config', {}).get('cost_per_escalation'), cur)} an escalation "
+                f"(`CostConfig.cost_per_escalation`; {money(roi['annual_saving'], cur)}/year); payback "
+                f"{num(roi['payback_weeks'], 1)} weeks"
                 + (f" (range over the escalation CI: {num(rng[0], 1)} to {num(rng[1], 1)})" if rng else "")
-                + ". A payback of null/never means no saving.")
+                + ". A payback of n/a means no saving (at that end of the CI escalations do not fall).")
         s.html += f"<p>{esc(line)}</p>"
         s.md += "\n\n" + line
-        s.headline.append(f"payback {num(roi['payback_weeks'], 1)} weeks")
+        s.headline.append(f"payback {num(roi['payback_weeks'], 1)} weeks"
+                          + (f" ({num(rng[0], 1)} to {num(rng[1], 1)} over the escalation CI)" if rng else ""))
     return s
 
 

@@ -80,6 +80,9 @@ def test_curve_summary_hand_values():
     # ten pairs cannot tell +10 points from zero: no projection, however steep the fit
     assert not s["still_climbing"] and s["pairs_to_target"] is None
     assert any("no projection to 90.0%" in line for line in describe(s))
+    # nor is that a flat tail: the interval reaches far above the 3 points asked for
+    assert not s["flat"] and any("nor called flat" in line for line in describe(s))
+    assert any("whether more pairs help is not known" in line for line in describe(s))
     # the same curve on 100 pairs: d has ten 1s, s = 0.3015, half-width 0.0591, so the last step climbs
     s = curve_summary([{"pairs": 100, "hits": a * 10}, {"pairs": 200, "hits": b * 10}, {"pairs": 400, "hits": c * 10}],
                       ceiling=0.93, within=0.03)
@@ -90,6 +93,7 @@ def test_curve_summary_hand_values():
     tail = curve_summary([{"pairs": 100, "hits": a * 10}, {"pairs": 200, "hits": c * 10},
                           {"pairs": 400, "hits": c * 10}], ceiling=0.93)
     assert tail["per_doubling"] > 0 and not tail["still_climbing"] and tail["pairs_to_target"] is None
+    assert tail["flat"] and any("is flat (at most +0.0 points)" in line for line in describe(tail))
     # already within reach; tie labels (None) are left out, reward ties count a half
     assert curve_summary([{"pairs": 100, "hits": c}], ceiling=0.82)["pairs_to_target"] == 100
     t = curve_summary([{"pairs": 5, "hits": [1, None, 0.5, 0]}])

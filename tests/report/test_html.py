@@ -164,13 +164,15 @@ def test_curve_headlines_say_climbing_flat_or_one_size(tmp_path):
     run = tmp_path / "curves"
     flat = [{"pairs": 100, "hits": [1, 0] * 50}, {"pairs": 200, "hits": [1, 0] * 50}]
     climbing = [{"pairs": 100, "hits": [0] * 100}, {"pairs": 200, "hits": [1] * 100}]
-    for name, points in (("a", flat), ("b", climbing), ("c", flat[:1])):
+    wide = [{"pairs": 100, "hits": [1, 0] * 50}, {"pairs": 200, "hits": [1, 1, 0, 0] * 25}]  # +0 [-14, +14]
+    for name, points in (("a", flat), ("b", climbing), ("c", flat[:1]), ("d", wide)):
         (run / name).mkdir(parents=True)
         (run / name / "curve.json").write_text(json.dumps(curve_summary(points, ceiling=0.9)))
     rep = render_report(run)
     assert rep.sections == ["reward"] and rep.problems == []
     md = rep.md_path.read_text()
-    for needle in ("a: flat at 200 pairs", "b: still climbing at 200 pairs", "c: one size only, 100 pairs"):
+    for needle in ("a: flat at 200 pairs", "b: still climbing at 200 pairs", "c: one size only, 100 pairs",
+                   "d: unclear whether still climbing at 200 pairs"):
         assert needle in md, needle
 
 
