@@ -883,7 +883,8 @@ def _label_raters(cfg: DemoConfig):
 
 def demo_config_json(cfg: DemoConfig, quick: bool) -> dict:
     pool = _pool(cfg, calibrated=False)
-    return {"demo": to_dict(cfg), "quick": quick, "seed": cfg.seed, "simulated": SIMULATED,
+    simulated = [x for x in SIMULATED if cfg.drift_week or not x.startswith("rater drift")]  # none injected at 0
+    return {"demo": to_dict(cfg), "quick": quick, "seed": cfg.seed, "simulated": simulated,
             "rater_pool": [{"id": r.name, "specialty": r.specialty, "temperature": round(r.temperature, 3),
                             "flip_rate_workshop": r.flip_rate,
                             "flip_rate_collection": min(0.45, r.flip_rate + cfg.collection_lapse),

@@ -47,3 +47,13 @@ def test_a_damaged_run_file_is_an_error_naming_it_and_changes_nothing(tmp_path):
 def test_rm_curve_sizes_must_be_ascending_shares(sizes):
     with pytest.raises(ConfigError, match=r"demo\.rm_curve_sizes: must be ascending shares in \(0, 1\]"):
         DemoConfig(rm_curve_sizes=sizes)
+
+
+def test_the_simulated_parts_listed_are_those_of_this_run():
+    from preflab.demo import demo_config_json
+
+    with_drift = demo_config_json(DemoConfig(drift_week=3), quick=False)["simulated"]
+    assert any(x.startswith("rater drift") for x in with_drift)
+    without = demo_config_json(DemoConfig(drift_week=0), quick=True)  # --quick injects no drift
+    assert without["quick"] and not any(x.startswith("rater drift") for x in without["simulated"])
+    assert len(without["simulated"]) == len(with_drift) - 1

@@ -269,6 +269,11 @@ def section_setup(run: Path) -> Section | None:
     s = Section("setup", "Run setup")
     simulated = cfg.get("simulated") or []
     h, md = [], []
+    if cfg.get("quick"):
+        toy = ("Toy scale (<code>--quick</code>): few pairs, short training and small evaluation samples, so "
+               "intervals are wide and the numbers are not the full story's (docs/demo.md has those).")
+        h.append(f"<p><strong>{toy}</strong></p>")
+        md.append("**" + toy.replace("<code>", "`").replace("</code>", "`") + "**")
     if simulated:
         bh, bm = bullets([str(x) for x in simulated])
         h.append("<p><strong>Simulated in this run:</strong></p>" + bh)

@@ -46,6 +46,7 @@ def test_every_stage_ran_and_wrote_its_files(demo_run):
     (env,) = cfg["numerics"]
     assert env["threads"] == 2 and env["cpu_kernels"] and env["torch"] and env["cpu"]
     assert "CPU kernels " + env["cpu_kernels"] in (demo_run / "report.md").read_text()
+    assert "Toy scale (`--quick`)" in (demo_run / "report.md").read_text()  # the report says what it is
     # the store holds judgements against canonical ids, for every round kind of the story
     q = json.loads((demo_run / "collection" / "quality.json").read_text())
     assert q["n_duplicates"] > 0 and 0.5 < q["ceiling"] <= 1.0
