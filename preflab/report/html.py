@@ -141,9 +141,11 @@ def norm_workshop(w: dict) -> dict:
     raters = sorted(set(b.get("raters", {})) | set(a.get("raters", {})))
     per = [{"rater": r, "before": b.get("raters", {}).get(r, {}).get("agreement_with_majority"),
             "after": a.get("raters", {}).get(r, {}).get("agreement_with_majority")} for r in raters]
+    movers = [m for m in w.get("movers") or [] if m.get("kappa_change") is not None]
+    if len(movers) > 8:  # the three who rose most and the three who fell most; a workshop's few raters all
+        movers = movers[:3] + movers[-3:]
     moved = [{"rater": m["rater"], "before": m.get("kappa_before"), "after": m.get("kappa_after"),
-              "note": "mean kappa with the others"} for m in (w.get("movers") or [])[:3]
-             if m.get("kappa_change") is not None]
+              "note": "mean kappa with the others"} for m in movers]
     n = (b.get("n_items") if b.get("n_items") == a.get("n_items")
          else f"{b.get('n_items', '?')} before / {a.get('n_items', '?')} after")
     return {"n_pairs": w.get("n_pairs", n), "raters": w.get("raters", raters), "before": phase(b),

@@ -186,3 +186,14 @@ def test_workshop_rounds_of_different_sizes_are_both_named():
     w = norm_workshop({"before": {"statistics": stats, "n_items": 40, "raters": {}},
                        "after": {"statistics": stats, "n_items": 40, "raters": {}}})
     assert w["n_pairs"] == 40
+
+
+def test_who_moved_lists_the_raters_who_fell_too():
+    from preflab.report.html import norm_workshop
+
+    stats = {"mean_pairwise_kappa": {"value": 0.5, "ci": [0.4, 0.6]}}
+    movers = [{"rater": r, "kappa_before": 0.5, "kappa_after": 0.5 + d, "kappa_change": d}
+              for r, d in (("ana", 0.2), ("dev", 0.1), ("chloe", 0.05), ("eli", -0.16), ("ben", -0.2))]
+    w = norm_workshop({"before": {"statistics": stats, "n_items": 40, "raters": {}},
+                       "after": {"statistics": stats, "n_items": 40, "raters": {}}, "movers": movers})
+    assert [m["rater"] for m in w["moved"]] == ["ana", "dev", "chloe", "eli", "ben"]
