@@ -495,6 +495,15 @@ def section_checkpoints(run: Path) -> Section | None:
         classes.append("pass" if ok else "fail")
     th, tm = table(["run", "step", "held-out win rate", *det_keys, "gates", "decision"], rows, classes=classes)
     s.html, s.md = th, tm
+    rules = {}  # what each gate's value is: "win_rate 0.711 vs 0.500" is a CI's lower bound, not the rate
+    for r in rows_in:
+        for g in rows_of(r.get("gates"), "name"):
+            if g.get("rule"):
+                rules.setdefault(str(g["name"]).split("[")[0], g["rule"])
+    if rules:
+        bh, bm = bullets([f"{k}: {v}" for k, v in rules.items()])
+        s.html += "<p>How to read a gate (value vs threshold; [topic] = the same gate on one topic's items):</p>" + bh
+        s.md += "\n\nHow to read a gate (value vs threshold; [topic] = the same gate on one topic's items):\n\n" + bm
     blocked = [r for r, cl in zip(rows_in, classes, strict=True) if cl == "fail"]
     promoted = [r for r in rows_in if r.get("promoted")]
     s.headline.append(f"{len(blocked)} checkpoint(s) blocked at the gates; promoted: "

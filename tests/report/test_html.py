@@ -197,3 +197,15 @@ def test_who_moved_lists_the_raters_who_fell_too():
     w = norm_workshop({"before": {"statistics": stats, "n_items": 40, "raters": {}},
                        "after": {"statistics": stats, "n_items": 40, "raters": {}}, "movers": movers})
     assert [m["rater"] for m in w["moved"]] == ["ana", "dev", "chloe", "eli", "ben"]
+
+
+def test_the_checkpoint_table_says_what_each_gate_value_is(tmp_path):
+    run = tmp_path / "gates"
+    run.mkdir()
+    gates = [{"name": "win_rate", "value": 0.71, "threshold": 0.5, "pass": True, "rule": "Wilson lower bound > threshold"},
+             {"name": "factual[pricing]", "value": 0.02, "threshold": 0.01, "pass": True, "rule": "one-sided p"}]
+    (run / "checkpoints.json").write_text(json.dumps({"rows": [{"run": "ppo", "step": 5, "gates": gates,
+                                                                "promoted": True, "stage": "staging"}]}))
+    md = render_report(run).md_path.read_text()
+    assert "- win_rate: Wilson lower bound > threshold" in md and "- factual: one-sided p" in md
+    assert "promoted (staging)" in md
