@@ -451,10 +451,16 @@ def section_ppo(run: Path) -> Section | None:
         gold = read_json(run / name / "gold.json", {}).get("probe", {})
         rows.append((f"{name} (DPO, same judgements as the last RM)", "-", "-", num(pt.get("kl"), 3), "-",
                      num(gold.get("gold_utility"), 3), pct(pt.get("share_of_gold_oracle_gain")), "-", _excess(pt)))
-    th, tm = table(["pass", "last step", "objective (RM score - beta KL)", "KL", "beta", "gold utility (sandbox)",
+    th, tm = table(["pass", "last step", "objective (RM score - beta KL)", "KL (last rollout)", "beta",
+                    "gold utility (sandbox; 64 held-out queries, sampled)",
                     "share of the gold oracle's gain", "share of its RM's oracle's gain",
                     "KL beyond what its RM score needs"], rows)
-    s.md = tm
+    note = ("One policy, three measurements on three samples: this table's KL is the last training rollout's and its "
+            "gold one sampled answer to each of 64 held-out queries; the shares and the frontier plot are exact "
+            "expectations over every answer to the oracle's held-out queries; the ground-truth panel samples 200 "
+            "conversations, with CIs. They differ by sampling noise and by prompt set: compare like with like.")
+    th += f"<p>{esc(note)}</p>"
+    s.md = tm + "\n\n" + note
     curves = ("objective/rlhf_reward", "objective/kl", "objective/beta", "gold/utility")
     if not any(k in r for ms in passes.values() for r in ms for k in curves):
         s.html = th + "<p>No reward, KL or beta logged yet: nothing to plot.</p>"

@@ -270,10 +270,12 @@ def plot_frontier(oracle: Sequence[Mapping], passes: Mapping[str, Sequence[Mappi
         if pts:
             a.plot(*zip(*pts, strict=True), color=("black", "grey")[k % 2], ls=("--", ":")[k % 2], marker="x",
                    label=curve.get("label", "oracle frontier"))
+    exact = True
     for i, (name, rows) in enumerate(passes.items()):
         # exact points on the oracle's own queries when the run has them, else the sampled probe gold
         kl_key, gold_key = (("oracle/kl", "oracle/gold") if any("oracle/gold" in r for r in rows)
                             else ("objective/kl", "gold/utility"))
+        exact = exact and kl_key == "oracle/kl"
         pts = [(math.sqrt(max(r[kl_key], 0.0)), r[gold_key]) for r in rows
                if r.get(kl_key) is not None and r.get(gold_key) is not None]
         if pts:
@@ -282,8 +284,8 @@ def plot_frontier(oracle: Sequence[Mapping], passes: Mapping[str, Sequence[Mappi
         if pt.get("kl") is not None and pt.get("gold") is not None:
             a.plot([math.sqrt(max(pt["kl"], 0.0))], [pt["gold"]], marker="*", ms=12, ls="none",
                    color=COLORS[(len(passes) + j) % len(COLORS)], label=name)
-    a.set_xlabel("sqrt(KL to SFT)")
-    a.set_ylabel("gold utility (sandbox)")
+    a.set_xlabel("sqrt(KL to SFT)" + (", exact on the oracle's queries" if exact else ""))
+    a.set_ylabel("gold utility (sandbox" + (", exact)" if exact else ", sampled)"))
     a.set_title("Gold reward gained per unit of KL")
     a.legend(fontsize=8)
     return _png(fig)
