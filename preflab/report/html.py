@@ -616,17 +616,17 @@ def section_outcomes(run: Path) -> Section | None:
     s.md = info + "\n\n" + tm
     s.images = 1
     s.headline.append(f"escalations {pct(e['baseline'])} -> {pct(e['candidate'])} ({_significance(e['ci'], 100)})"
-                      + (f", CSAT {num(cs['baseline'])} -> {num(cs['candidate'])} ({_significance(cs['ci'])})"
+                      + (f", CSAT {num(cs['baseline'])} -> {num(cs['candidate'])} ({_significance(cs['ci'], digits=2)})"
                          if cs else ""))
     return s
 
 
-def _significance(interval: Sequence[float] | None, scale: float = 1) -> str:
+def _significance(interval: Sequence[float] | None, scale: float = 1, digits: int = 1) -> str:
     """``difference CI [lo, hi]``, and whether it excludes zero (a headline must not read a draw as a change)."""
     if not interval or len(interval) != 2 or None in interval:
         return "no CI"
     lo, hi = (scale * float(x) for x in interval)
-    return f"CI [{lo:+.1f}, {hi:+.1f}]" + ("" if lo > 0 or hi < 0 else ": includes 0, not a clear change")
+    return f"CI [{lo:+.{digits}f}, {hi:+.{digits}f}]" + ("" if lo > 0 or hi < 0 else ": includes 0, not a clear change")
 
 
 def section_cost(run: Path) -> Section | None:

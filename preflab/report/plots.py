@@ -118,11 +118,11 @@ def plot_consistency(quality: Mapping) -> bytes:
     a.scatter(xs, [_num(r.get("ceiling")) for r in raters], marker="_", s=600, color="#d62728", zorder=3,
               label="accuracy ceiling 1 - e")
     a.set_xticks(list(xs), [str(r["rater"]) for r in raters])
-    a.set_ylim(_bottom(0.4, raters, "consistency"), 1.0)
+    a.set_ylim(_bottom(0.4, raters, "consistency"), 1.12)  # the legend sits in the band above 1
     a.set_ylabel("share / accuracy")
     a.set_xlabel("rater")
     a.set_title("Rater self-consistency and the ceiling it implies")
-    a.legend(fontsize=8, loc="lower right")
+    a.legend(fontsize=8, loc="upper left", ncols=2)
     return _png(fig)
 
 
@@ -138,6 +138,9 @@ def plot_agreement_over_time(quality: Mapping) -> bytes:
             a.axvline(al["x"], color="#d62728", ls="--", lw=1)
             a.text(al["x"], 0.02, f" alert: {al.get('rater')}", color="#d62728", fontsize=8, rotation=90,
                    va="bottom", transform=a.get_xaxis_transform())
+    from matplotlib.ticker import MaxNLocator
+
+    a.xaxis.set_major_locator(MaxNLocator(integer=True))  # weeks / windows are whole numbers
     a.set_xlabel(aot.get("x_label", "window"))
     a.set_ylabel("agreement with majority")
     a.set_ylim(0, 1)
@@ -159,14 +162,15 @@ def plot_rm(evals: Mapping[str, Mapping]) -> bytes:
         a.errorbar([i], [acc], yerr=[[v] for v in _err(acc, e.get("ci"))], fmt="o", color=COLORS[i % len(COLORS)],
                    capsize=5, ms=8)
         if e.get("ceiling") is not None:
-            a.hlines(e["ceiling"], i - 0.3, i + 0.3, color="black", lw=2)
-            a.text(i + 0.32, e["ceiling"], "ceiling", color="black", fontsize=8, va="center")
-    a.axhline(0.85, color="#ff7f0e", ls=":", lw=1)
-    a.text(-0.45, 0.855, "0.85: fitting rater quirks?", color="#ff7f0e", fontsize=7)
-    a.axhline(0.5, color="grey", ls=":", lw=1)
+            a.hlines(e["ceiling"], i - 0.3, i + 0.3, color="black", lw=2,
+                     label="duplicate ceiling" if i == next(k for k, n in enumerate(names)
+                                                            if evals[n].get("ceiling") is not None) else None)
+    a.axhline(0.85, color="#ff7f0e", ls=":", lw=1, label="0.85: fitting rater quirks?")
+    a.axhline(0.5, color="grey", ls=":", lw=1, label="0.5: chance")
+    a.legend(fontsize=7, loc="upper left", ncols=2)
     a.set_xticks(range(len(names)), names)
     a.set_xlim(-0.5, len(names) - 0.3)
-    a.set_ylim(_bottom(0.45, list(evals.values())), 1.0)
+    a.set_ylim(_bottom(0.45, list(evals.values())), 1.12)  # the legend sits in the band above 1
     a.set_ylabel("held-out accuracy (95% CI)")
     a.set_title("Reward-model accuracy vs ceiling")
     width = 0.8 / max(len(names), 1)
@@ -340,17 +344,18 @@ def plot_factual(factual: Mapping) -> bytes:
     rows = rows_of(factual.get("by_topic"), "topic")
     fig, ax = _fig(7, 3.4)
     a = ax[0][0]
+    has_ci = any(r.get(k + "_ci") for r in rows for k in ("baseline", "candidate"))
     for j, (key, color) in enumerate((("baseline", BEFORE), ("candidate", AFTER))):
         vals = [_num(r.get(key)) for r in rows]
         a.bar([i + (j - 0.5) * 0.38 for i in range(len(rows))], vals, 0.38, color=color,
               label=f"{key}: {factual.get(key, key)}",
-              yerr=list(zip(*[_err(v, r.get(key + "_ci")) for v, r in zip(vals, rows, strict=True)], strict=True)) if rows else None,
-              capsize=3)
+              yerr=list(zip(*[_err(v, r.get(key + "_ci")) for v, r in zip(vals, rows, strict=True)], strict=True))
+              if rows and has_ci else None, capsize=3)
     a.set_xticks(range(len(rows)), [f"{r['topic']}\n(n={r.get('n', '?')})" for r in rows], fontsize=8)
-    a.set_ylim(0, 1.05)
-    a.set_ylabel("share of spot checks correct\n(95% CI where given)")
+    a.set_ylim(0, 1.2)  # the legend sits in the band above 1
+    a.set_ylabel("share of spot checks correct" + ("\n(95% CI)" if has_ci else ""))
     a.set_title("Factual regression suite")
-    a.legend(fontsize=8, loc="lower right")
+    a.legend(fontsize=8, loc="upper left", ncols=2)
     return _png(fig)
 
 
@@ -373,7 +378,8 @@ def plot_outcomes(comp: Mapping) -> bytes:
               yerr=list(zip(*[_err(v, cis.get(k)) for v, k in zip(vals, ("baseline", "candidate"), strict=True)], strict=True)),
               capsize=4)
         for i, v in enumerate(vals):
-            a.text(i + 0.3, v, f"{v:.2f}" if lab != "share escalated" else f"{v:.1%}", ha="left", va="bottom", fontsize=8)
+            a.text(i, v / 2, f"{v:.2f}" if lab != "share escalated" else f"{v:.1%}", ha="center", va="center",
+                   fontsize=8, color="white", fontweight="bold")
         a.set_ylim(0, max(vals) * 1.25)
         lo, hi = block["ci"]
         a.set_xticks([0, 1], names, fontsize=8)
@@ -384,12 +390,13 @@ def plot_outcomes(comp: Mapping) -> bytes:
         wk = [w for w in comp.get("weekly", []) if w["model_version"] == name]
         a.plot([w["week"] for w in wk], [w["escalation_rate"] for w in wk], marker="o",
                color=[BEFORE, AFTER][i], label=name)
-    a.set_ylim(0, None)
+    rates = [w["escalation_rate"] for w in comp.get("weekly", [])]
+    a.set_ylim(0, 1.35 * max(rates) if rates else None)  # room above the points for the legend
     a.tick_params(axis="x", labelrotation=60, labelsize=7)
     a.set_xlabel("ISO week")
     a.set_ylabel("share escalated")
     a.set_title("Escalation by week", fontsize=9)
-    a.legend(fontsize=7)
+    a.legend(fontsize=7, loc="upper center", ncols=2)
     return _png(fig)
 
 
