@@ -34,6 +34,7 @@ class Section:
     html: str = ""
     md: str = ""
     headline: list[str] = field(default_factory=list)  # one-line key figures for the summary
+    lead: list[str] = field(default_factory=list)  # summary lines that go before every section's (the decision)
     images: int = 0
 
 
@@ -473,11 +474,16 @@ def section_ppo(run: Path) -> Section | None:
     return s
 
 
-def _gates_text(gates: Any) -> tuple[str, bool]:
-    """Gate rows (``pass`` or evaluate.gates' ``passed``; a GateReport dict works too) -> text, all passed."""
+def _gate_rows(gates: Any) -> list[dict]:
+    """Gate rows (``pass`` or evaluate.gates' ``passed``; a GateReport dict works too), each with ``pass``."""
     if isinstance(gates, dict) and isinstance(gates.get("gates"), list):
         gates = gates["gates"]
-    rows = [{**g, "pass": bool(g.get("pass", g.get("passed")))} for g in rows_of(gates, "name")]
+    return [{**g, "pass": bool(g.get("pass", g.get("passed")))} for g in rows_of(gates, "name")]
+
+
+def _gates_text(gates: Any) -> tuple[str, bool]:
+    """Gate rows -> text, all passed."""
+    rows = _gate_rows(gates)
     ok = all(g["pass"] for g in rows)
     return "; ".join(f"{'PASS' if g['pass'] else 'FAIL'} {g['name']} {num(g.get('value'), 3)}"
                      f"{' vs ' + num(g.get('threshold'), 3) if g.get('threshold') is not None else ''}" for g in rows), ok
@@ -503,7 +509,7 @@ def section_checkpoints(run: Path) -> Section | None:
     s.html, s.md = th, tm
     rules = {}  # what each gate's value is: "win_rate 0.711 vs 0.500" is a CI's lower bound, not the rate
     for r in rows_in:
-        for g in rows_of(r.get("gates"), "name"):
+        for g in _gate_rows(r.get("gates")):
             if g.get("rule"):
                 rules.setdefault(str(g["name"]).split("[")[0], g["rule"])
     if rules:
@@ -512,8 +518,13 @@ def section_checkpoints(run: Path) -> Section | None:
         s.md += "\n\nHow to read a gate (value vs threshold; [topic] = the same gate on one topic's items):\n\n" + bm
     blocked = [r for r, cl in zip(rows_in, classes, strict=True) if cl == "fail"]
     promoted = [r for r in rows_in if r.get("promoted")]
-    s.headline.append(f"{len(blocked)} checkpoint(s) blocked at the gates; promoted: "
-                      + (", ".join(f"{r.get('run')}@{r.get('step')}" for r in promoted) or "none"))
+    def at(r: dict) -> str:
+        return f"{r.get('run')}@{r.get('step')}" + (f" ({r['stage']})" if r.get("stage") else "")
+
+    why = {at(r): ", ".join(g["name"] for g in _gate_rows(r.get("gates")) if not g["pass"]) for r in blocked}
+    s.lead.append("Decision: " + ("promoted " + ", ".join(map(at, promoted)) + " (every gate passed)" if promoted
+                                  else "nothing promoted")
+                  + ("; blocked " + "; ".join(f"{k} on {v}" for k, v in why.items()) if why else ""))
     return s
 
 
@@ -781,7 +792,7 @@ def render_report(run_dir: str | Path, *, title: str | None = None) -> Report:
     sandbox = any(s.id == "truth" for s in sections)
     kind = ("Sandbox run: raters, production traffic and outcomes are simulated (see Run setup and the ground-truth panel)."
             if sandbox else "Real project: no simulated ground truth is available.")
-    heads = [h for s in sections for h in s.headline]
+    heads = [h for s in sections for h in s.lead] + [h for s in sections for h in s.headline]
     nav = "".join(f'<a href="#{esc(s.id)}">{esc(s.title)}</a>' for s in sections)
     summary_h, summary_md = bullets(heads) if heads else ("", "")
     body = "".join(f'<section id="{esc(s.id)}"><h2>{esc(s.title)}</h2>{s.html}</section>' for s in sections)

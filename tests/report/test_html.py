@@ -154,7 +154,8 @@ def test_reads_the_native_outputs_of_the_evaluators(tmp_path):
     assert f"blind win rate {100 * ab.overall.rate:.1f}%" in md
     assert "rm_v1 held-out accuracy 80.0% (ceiling 80.0%)" in md
     assert "sft 60.0% -> ppo_v2" not in md and "baseline 60.0% -> candidate 70.0%" in md
-    assert "FAIL win_rate 0.450 vs 0.500" in md and "1 checkpoint(s) blocked" in md
+    assert "FAIL win_rate 0.450 vs 0.500" in md
+    assert "- Decision: nothing promoted; blocked ppo_v1@500 on win_rate\n" in md.split("## Summary")[1]  # the first line
     assert "mean pairwise kappa " in md and "| Fleiss' kappa |" in md
 
 
