@@ -748,6 +748,31 @@ SECTIONS: tuple[Callable[[Path], Section | None], ...] = (
     section_truth,
 )
 
+# The terms the report uses, for a reader who does not train models (docs/ has one page per stage).
+GLOSSARY = [
+    ("kappa (Cohen's, Fleiss')", "agreement between raters beyond chance: 0 = chance, 1 = perfect; about 0.6-0.8 is "
+     "good for preference labels (docs/quality.md)"),
+    ("duplicate ceiling", "the best accuracy any model can reach on these labels: raters judge some pairs twice, and "
+     "how often they agree with themselves bounds how often a model can agree with them"),
+    ("reward model accuracy", "how often the reward model prefers the answer the rater preferred, on pairs it was not "
+     "trained on; 50% is chance"),
+    ("KL (to SFT)", "how far the trained policy's answers have moved from the starting (SFT) model's, in nats; more "
+     "KL buys more reward but risks odd text the reward model overrates"),
+    ("beta", "the price of KL in PPO's objective (score - beta x KL); raised when KL runs above its target or a "
+     "drift alarm fires"),
+    ("gold utility, oracle frontier (sandbox)", "gold is the simulator's hidden true preference, which real projects "
+     "do not have; the frontier is the best gold any policy can reach at each KL"),
+    ("blind win rate", "the share of conversations where raters, not told which model wrote which answer, preferred "
+     "the candidate (a tie counts a half); its 95% CI's lower end must clear 50%"),
+    ("gates", "the checks a checkpoint must pass before promotion: win rate, no factual regression, no rise in "
+     "confident wrong answers per topic, style drift and KL within bounds (docs/gates.md)"),
+    ("95% CI", "the range the true value lies in with 95% confidence; a difference whose CI includes 0 is not shown "
+     "to be real"),
+    ("ECE", "expected calibration error: how far the reward model's confidence is from how often it is right"),
+]
+GLOSSARY_TITLE = "What the terms mean"
+
+
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1050px;margin:2em auto;padding:0 1em;color:#1b1f24}
 h1{margin-bottom:.2em} h2{border-bottom:2px solid #d0d7de;padding-bottom:.2em;margin-top:2em}
@@ -800,6 +825,8 @@ def render_report(run_dir: str | Path, *, title: str | None = None) -> Report:
            f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1><p>{esc(kind)} Generated {esc(when)} from "
            f"<code>{esc(run)}</code>.</p><nav>{nav}</nav>"
            + (f'<section id="summary" class="summary"><h2>Summary</h2>{summary_h}</section>' if heads else "")
+           + f"<details><summary>{esc(GLOSSARY_TITLE)}</summary>"
+           + bullets([f"{k}: {v}" for k, v in GLOSSARY])[0] + "</details>"
            + body + "</body></html>")
     html_path = run / "report.html"
     md_path = run / "report.md"
@@ -807,6 +834,7 @@ def render_report(run_dir: str | Path, *, title: str | None = None) -> Report:
     md = [f"# {title}", "", f"{kind} Generated {when}.", ""]
     if heads:
         md += ["## Summary", "", summary_md, ""]
+    md += [f"## {GLOSSARY_TITLE}", "", bullets([f"{k}: {v}" for k, v in GLOSSARY])[1], ""]
     for s in sections:
         md += [f"## {s.title}", "", s.md.strip(), ""]
     md_path.write_text("\n".join(md))
