@@ -727,6 +727,16 @@ def section_truth(run: Path) -> Section | None:
         h.append("<h3>Reward models</h3>" + th + note)
         md.append("### Reward models\n\n" + tm + "\n\nBest possible: a model that knew every rater's noise-free "
                   "taste (it still misses close calls and lapses).")
+    by_ckpt = [(p.parent.name, r) for p in sorted(run.glob("*/gold_by_checkpoint.json")) for r in read_json(p, [])]
+    if by_ckpt:
+        th, tm = table(["run", "step", "KL (oracle's queries)", "gold, exact (oracle's queries)",
+                        "gold, sampled (64 held-out queries)"],
+                       [(name, num(r.get("step")), num(r.get("oracle/kl"), 2), num(r.get("oracle/gold"), 2),
+                         num(r.get("gold/utility"), 2)) for name, r in by_ckpt])
+        note = ("The gates judge each run's last checkpoint. The exact column is the expectation over every answer "
+                "to the oracle's queries; the sampled one, one answer per query, moves by sampling noise too.")
+        h.append("<h3>Gold by checkpoint</h3>" + th + f"<p>{esc(note)}</p>")
+        md.append("### Gold by checkpoint\n\n" + tm + "\n\n" + note)
     if t.get("win_rates"):
         th, tm = table(["candidate", "baseline", "n", "gold win rate", "expected preference", "measured win rate"],
                        [(r["candidate"], r["baseline"], num(r.get("n")), pct(r.get("gold_win_rate")),

@@ -210,3 +210,14 @@ def test_the_checkpoint_table_says_what_each_gate_value_is(tmp_path):
     md = render_report(run).md_path.read_text()
     assert "- win_rate: Wilson lower bound > threshold" in md and "- factual: one-sided p" in md
     assert "promoted (staging)" in md
+
+
+def test_the_ground_truth_panel_shows_gold_at_every_checkpoint(tmp_path):
+    run = tmp_path / "truth"
+    (run / "ppo_v2").mkdir(parents=True)
+    (run / "truth.json").write_text(json.dumps({"statement": "Simulated.", "policies": []}))
+    (run / "ppo_v2" / "gold_by_checkpoint.json").write_text(json.dumps([
+        {"step": 0, "oracle/kl": 0.0, "oracle/gold": -0.57, "gold/utility": -0.83},
+        {"step": 80, "oracle/kl": 1.19, "oracle/gold": -0.05, "gold/utility": 0.95}]))
+    md = render_report(run).md_path.read_text()
+    assert "### Gold by checkpoint" in md and "| ppo_v2 | 80 | 1.19 | -0.05 | 0.95 |" in md
