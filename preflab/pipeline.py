@@ -277,6 +277,7 @@ def checkpoint_row(evidence_dir: Path, *, run: str, step: int | None) -> dict[st
     return {"run": run, "step": step,
             "win_rate": ab["overall"]["rate"] if ab else None,
             "win_rate_ci": [ab["overall"]["ci_low"], ab["overall"]["ci_high"]] if ab else None,
+            **({"win_rate_n": ab["overall"]["n"]} if ab and "n" in ab["overall"] else {}),
             "detectors": {k: v.get("value") for k, v in det.items() if isinstance(v, dict)},
             "gates": [{"name": g["name"], "value": g["value"], "threshold": g["threshold"], "pass": g["passed"],
                        **({"rule": g["rule"]} if g.get("rule") else {})} for g in gate["gates"]],

@@ -500,7 +500,8 @@ def section_checkpoints(run: Path) -> Section | None:
     rows, classes = [], []
     for r in rows_in:
         gtxt, ok = _gates_text(r.get("gates"))
-        rows.append((r.get("run"), num(r.get("step")), pct(r.get("win_rate")) + ci(r.get("win_rate_ci"), pct),
+        rows.append((r.get("run"), num(r.get("step")), pct(r.get("win_rate")) + ci(r.get("win_rate_ci"), pct)
+                     + (f", n={num(r['win_rate_n'])}" if r.get("win_rate_n") is not None else ""),
                      *(num((r.get("detectors") or {}).get(k), 3) for k in det_keys), gtxt,
                      ("promoted" if r.get("promoted") else ("blocked" if not ok else ""))
                      + (f" ({r['stage']})" if r.get("stage") else "")))

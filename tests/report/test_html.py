@@ -206,10 +206,12 @@ def test_the_checkpoint_table_says_what_each_gate_value_is(tmp_path):
     gates = [{"name": "win_rate", "value": 0.71, "threshold": 0.5, "pass": True, "rule": "Wilson lower bound > threshold"},
              {"name": "factual[pricing]", "value": 0.02, "threshold": 0.01, "pass": True, "rule": "one-sided p"}]
     (run / "checkpoints.json").write_text(json.dumps({"rows": [{"run": "ppo", "step": 5, "gates": gates,
-                                                                "promoted": True, "stage": "staging"}]}))
+                                                                "promoted": True, "stage": "staging",
+                                                                "win_rate": 0.8, "win_rate_ci": [0.7, 0.9],
+                                                                "win_rate_n": 100}]}))
     md = render_report(run).md_path.read_text()
     assert "- win_rate: Wilson lower bound > threshold" in md and "- factual: one-sided p" in md
-    assert "promoted (staging)" in md
+    assert "promoted (staging)" in md and "80.0% [70.0%, 90.0%], n=100" in md
 
 
 def test_the_ground_truth_panel_shows_gold_at_every_checkpoint(tmp_path):
