@@ -80,9 +80,10 @@ def test_admin_creates_round_and_rater_rates_three_items_by_keyboard(browser, tm
         chosen: list[tuple[str, str]] = []  # (text on the chosen side, key pressed)
         for i, (key, strength) in enumerate([("1", "a"), ("2", "d"), ("t", None)]):
             left, right = page.text_content("#left-text"), page.text_content("#right-text")
-            if strength:
+            page.keyboard.press(key)
+            if strength:  # right after choosing: choosing leaves the focus on the page, not in the text box
                 page.keyboard.press(strength)
-            page.keyboard.press(key)  # choosing moves the focus to the rationale box
+            page.keyboard.press("r")  # R: to the rationale box
             page.keyboard.type(f"item {i}: the chosen answer quotes the current fact directly")
             if i == 0:
                 page.screenshot(path=str(tmp_path / "rater.png"))
@@ -92,6 +93,27 @@ def test_admin_creates_round_and_rater_rates_three_items_by_keyboard(browser, tm
             # (the page's CSP forbids eval, so wait with a locator assertion, not wait_for_function)
             expect(page.locator("#progress-text")).to_have_text(f"{i + 1} of 8 done")
         assert page.locator(".response.selected").count() == 0  # the next item starts clean
+        # the same item open in a second tab: the first tab's answer is saved, the second's is not, and the
+        # second tab says so above its next item, with the rationale to copy
+        page2 = page.context.new_page()
+        page2.goto(page.url)
+        page2.wait_for_selector("#task:not([hidden])")
+        assert page2.text_content("#query") == page.text_content("#query")
+        page.keyboard.press("1")
+        page.keyboard.press("r")
+        page.keyboard.type("tab one answers this item first")
+        page.keyboard.press("Enter")
+        expect(page.locator("#progress-text")).to_have_text("4 of 8 done")
+        page2.keyboard.press("2")
+        page2.keyboard.press("r")
+        page2.keyboard.type("tab two answers the same item later")
+        page2.keyboard.press("Enter")
+        expect(page2.locator("#notice")).to_contain_text("Not saved: the previous item had already been answered")
+        expect(page2.locator("#notice")).to_contain_text("tab two answers the same item later")
+        # Enter on a focused link follows the link; it does not submit the item
+        page.focus("a[href='/rate']")
+        page.keyboard.press("Enter")
+        page.wait_for_url(re.compile(r".*/rate$"))
     finally:
         server.kill()
 
@@ -100,8 +122,9 @@ def test_admin_creates_round_and_rater_rates_three_items_by_keyboard(browser, tm
         rows = s.execute(select(schema.Judgement, schema.Rater.name).join(schema.Rater)
                          .order_by(schema.Judgement.id)).all()
     engine.dispose()
-    assert [name for _, name in rows] == ["dana"] * 3
-    for (j, _), (text, key) in zip(rows, chosen, strict=True):
+    assert [name for _, name in rows] == ["dana"] * 4  # three by keyboard, one from the first of two tabs
+    assert rows[3][0].rationale == "tab one answers this item first"
+    for (j, _), (text, key) in zip(rows[:3], chosen, strict=True):
         if key == "t":
             assert j.winner_id is None and j.strength == 0
         else:
@@ -109,3 +132,44 @@ def test_admin_creates_round_and_rater_rates_three_items_by_keyboard(browser, tm
             assert texts[j.pair_id][j.winner_id] == text
         assert j.rationale.startswith("item ") and j.time_on_task_s > 0
     assert [j.strength for j, _ in rows[:2]] == [1, 3]
+
+
+def test_an_open_item_keeps_its_lease_while_the_rater_works_on_it(browser, tmp_path):
+    """A round whose lease is 6 s: the page renews it while the rater is active, so after 10 s another
+    rater still cannot take the item, and the answer is saved."""
+    from tests.web.harness import pairs_jsonl
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    server = Server(db_url=url, log_path=tmp_path / "serve.log").start()
+    try:
+        with server.admin() as admin:
+            assert admin.post("/api/v1/import/pairs", content=pairs_jsonl(1).encode()).status_code == 200
+            rid = admin.post("/api/v1/rounds", json={"name": "slow", "overlap": 1, "duplicate_rate": 0}).json()["id"]
+            users = {n: admin.post("/api/v1/raters", json={"name": n}).json() for n in ("dana", "bob")}
+        engine = db.make_engine(url)
+        with db.session_scope(engine) as s:
+            s.get(schema.Round, rid).lease_s = 6.0
+        engine.dispose()
+
+        page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+        page.goto(server.url + f"/login?next=/rate/{rid}")
+        page.fill("input[name=name]", "dana")
+        page.fill("input[name=password]", users["dana"]["password"])
+        page.click("button[type=submit]")
+        page.wait_for_selector("#task:not([hidden])")
+        page.keyboard.press("1")
+        page.keyboard.press("r")
+        for _ in range(10):  # ten seconds of typing: longer than the lease
+            page.keyboard.type("x")
+            page.wait_for_timeout(1000)
+        import httpx
+
+        bob = httpx.get(server.url + f"/api/v1/rounds/{rid}/next",
+                        headers={"Authorization": f"Bearer {users['bob']['token']}"}, timeout=30)
+        assert bob.status_code == 200 and bob.json()["task"] is None  # dana's item is still hers
+        page.keyboard.type(" - the first answer states the price")
+        page.keyboard.press("Enter")
+        expect(page.locator("#progress-text")).to_have_text("1 of 1 done")
+        assert page.locator("#notice").is_hidden()
+    finally:
+        server.kill()

@@ -116,4 +116,5 @@ def rate_page(request: Request, round_id: RoundId, user: CurrentUser, settings: 
                                          "round": {"id": r.id, "name": r.name, "allow_ties": r.allow_ties,
                                                    "min_rationale_chars": r.min_rationale_chars,
                                                    "guideline_version": r.guideline_version,
+                                                   "lease_s": info.lease_s,  # the page renews it while in use
                                                    "guideline_text": text}})

@@ -7,10 +7,13 @@
   const csrf = root.dataset.csrf;
   const minRationale = parseInt(root.dataset.minRationale, 10) || 0;
   const allowTies = root.dataset.allowTies === "true";
+  const leaseMs = 1000 * (parseFloat(root.dataset.leaseS) || 900);
+  // a phone has no Shift: there Enter in the rationale is a new line and the button submits
+  const touch = window.matchMedia && window.matchMedia("(pointer: coarse)").matches;
   const $ = (id) => document.getElementById(id);
   const rationale = $("rationale");
 
-  let task = null, choice = null, strength = 2, shownAt = 0, key = null, busy = false;
+  let task = null, choice = null, strength = 2, shownAt = 0, key = null, busy = false, lastActive = 0;
 
   function newKey() {
     const b = new Uint8Array(16);
@@ -19,6 +22,9 @@
   }
 
   function say(msg) { $("message").textContent = msg || ""; }
+
+  // a notice that outlives the task it is about (shown above the next one), e.g. an answer not saved
+  function notice(msg) { $("notice").textContent = msg || ""; $("notice").hidden = !msg; }
 
   function render() {
     document.querySelectorAll("[data-choice]").forEach((el) =>
@@ -67,16 +73,15 @@
     $("right-text").textContent = task.right.text;
     rationale.value = ""; say("");
     $("task").hidden = false; $("done").hidden = true;
-    shownAt = performance.now();
+    shownAt = lastActive = performance.now();
     render();
     window.scrollTo(0, 0);
     rationale.blur();
   }
 
-  function choose(c) {
+  function choose(c) {  // the rationale box is not focused: A/S/D still set the strength, R goes there
     if (c === "tie" && !allowTies) return;
     choice = c; say(""); render();
-    rationale.focus();
   }
 
   async function submit() {
@@ -98,10 +103,19 @@
       await new Promise((ok) => setTimeout(ok, 300 * 2 ** attempt));
     }
     busy = false; $("submit").disabled = false;
-    if (r && (r.status === 200 || r.status === 201)) { say(""); await loadNext(); return; }
+    if (r && (r.status === 200 || r.status === 201)) { say(""); notice(""); await loadNext(); return; }
     if (r && (r.status === 404 || r.status === 409)) {
-      // already judged (e.g. sent from another tab) or the lease lapsed: nothing to save here, move on
-      await loadNext(); say(r.data && r.data.error ? r.data.error.message : ""); return;
+      // the lease lapsed (the item went to another rater) or it was answered elsewhere (another tab): this
+      // answer cannot be saved; say so above the next item, with the rationale to copy
+      const why = r.status === 404
+        ? "Not saved: the previous item was open longer than the round allows and went to another rater."
+        : "Not saved: the previous item had already been answered (in another tab?).";
+      notice(`${why} Your rationale was: “${text}”`);
+      await loadNext(); return;
+    }
+    if (r && (r.status === 401 || r.status === 403)) {
+      say("Your session has ended: sign in again in a new tab, then press Submit here again (your answer is kept).");
+      return;
     }
     say(r && r.data && r.data.error ? r.data.error.message : "Could not save; check the connection and press Enter again.");
   }
@@ -113,10 +127,23 @@
   $("submit").addEventListener("click", submit);
   rationale.addEventListener("input", render);
 
+  // while the rater works on an item, keep its lease (the server renews it when asked for the task in hand)
+  ["keydown", "click", "input"].forEach((t) => document.addEventListener(t, () => { lastActive = performance.now(); }));
+  setInterval(async () => {
+    if (!task || busy || $("task").hidden || performance.now() - lastActive > leaseMs) return;
+    let r = null;
+    try { r = await api("GET", `/api/v1/rounds/${roundId}/next`); } catch (e) { return; }
+    if (r.status === 200 && r.data.task && r.data.task.assignment_id !== task.assignment_id) {
+      notice("This item went to another rater while the page was idle; your answer to it cannot be saved.");
+    }
+  }, Math.max(5000, Math.min(60000, leaseMs / 3)));
+
   document.addEventListener("keydown", (ev) => {
     if (ev.ctrlKey || ev.metaKey || ev.altKey || !task) return;
     const typing = document.activeElement === rationale;
-    if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); submit(); return; }
+    const onPage = typing || document.activeElement === document.body || document.activeElement === null;
+    // Enter submits from the rationale box or the page, never from a focused link or button (it is theirs)
+    if (ev.key === "Enter" && !ev.shiftKey && onPage && !(typing && touch)) { ev.preventDefault(); submit(); return; }
     if (typing) { if (ev.key === "Escape") rationale.blur(); return; }
     const k = ev.key.toLowerCase();
     const map = { "1": "left", "2": "right", "3": "tie", "t": "tie" };
