@@ -114,6 +114,10 @@ def test_admin_creates_round_and_rater_rates_three_items_by_keyboard(browser, tm
         page.focus("a[href='/rate']")
         page.keyboard.press("Enter")
         page.wait_for_url(re.compile(r".*/rate$"))
+        # the admin sees the round's items complete, and each rater's judgements and items in hand
+        admin.goto(server.url + f"/admin/rounds/{round_id}")
+        assert "4 of 8 items have all 1 judgement" in " ".join(admin.text_content("#round-progress").split())
+        assert [c.strip() for c in admin.locator("table.grid tbody td").all_text_contents()] == ["dana", "4", "1"]
     finally:
         server.kill()
 

@@ -122,8 +122,12 @@ def admin_add_rater(request: Request, user: AdminUser, name: Annotated[str, Form
 
 @router.get("/rounds/{round_id}")
 def admin_round_page(request: Request, round_id: RoundId, user: AdminUser) -> HTMLResponse:
+    from preflab.store import ops
+
     info = own_round(request, user, round_id)
     rows = round_progress(request, round_id, user)
+    prog = run_store(request, lambda s: ops.round_progress(s, round_id=round_id), readonly=True)
     return render(request, "admin_round.html", {"user": user, "round": {
         "id": info.id, "name": info.name, "kind": info.kind, "overlap": info.overlap,
-        "guideline_version": info.guideline_label}, "progress": rows})
+        "guideline_version": info.guideline_label, "n_items": prog.n_items, "items_complete": prog.items_complete},
+        "progress": rows})
