@@ -40,8 +40,14 @@ def render_error(request: Request, status: int, code: str, message: str) -> Resp
     if status == 401:
         return RedirectResponse("/login?next=" + request.url.path, status_code=303)
     templates = request.app.state.templates
+    # a link back to the page that sent the request (same site only): the browser's back keeps the form's input
+    ref = request.headers.get("referer", "")
+    back = ref if ref.startswith(str(request.base_url)) else None
+    if back and back.split("?")[0] == str(request.url).split("?")[0]:  # a form posted to the page it was shown at
+        parent = request.url.path.rstrip("/").rsplit("/", 1)[0]  # (/admin/raters): its page is the parent (/admin)
+        back = str(request.base_url).rstrip("/") + parent if parent and request.method == "POST" else None
     return templates.TemplateResponse(request, "error.html", {"status": status, "code": code, "message": message,
-                                                              "user": None}, status_code=status)
+                                                              "user": None, "back": back}, status_code=status)
 
 
 def _loc(loc: tuple) -> str:

@@ -63,6 +63,11 @@ def test_admin_creates_round_and_rater_rates_three_items_by_keyboard(browser, tm
         admin.screenshot(path=str(tmp_path / "admin.png"), full_page=True)
         keep(tmp_path / "admin.png")
         round_id = int(re.search(r"/admin/rounds/(\d+)", admin.content()).group(1))
+        admin.fill(f"{form} input[name=name]", "dana")  # a second dana: an error page with a way back
+        admin.click(f"{form} button[type=submit]")
+        assert "dana" in admin.text_content(".error-text")
+        admin.click("text=Back to the page you came from")
+        admin.wait_for_url(re.compile(r".*/admin$"))
 
         # ---- rater: sign in and rate with the keyboard only
         page = browser.new_context(viewport={"width": 1366, "height": 900}).new_page()
