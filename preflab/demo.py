@@ -674,6 +674,7 @@ def stage_gates(cfg: DemoConfig, run: Path, engine, ppo_name: str, *, rubric: st
     with db.session_scope(engine) as s:
         dec = record_decision(s, project_id=_project_id(s), checkpoint=cand, stage="staging",
                               report=GateReport.from_dict(g.report))
+    dec.report.save(out / "gate.json")  # as `preflab promote` leaves it: the gates and the decision's stage
     write_json(out / "truth_win_rate.json", truth)
     return {"passed": g.passed, "failed": g.failed, "promoted": dec.promoted, "win_rate": ab["overall"]["rate"],
             "win_rate_ci": [ab["overall"]["ci_low"], ab["overall"]["ci_high"]]}

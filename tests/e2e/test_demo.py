@@ -51,7 +51,7 @@ def test_every_stage_ran_and_wrote_its_files(demo_run):
     q = json.loads((demo_run / "collection" / "quality.json").read_text())
     assert q["n_duplicates"] > 0 and 0.5 < q["ceiling"] <= 1.0
     gates = json.loads((demo_run / "checkpoints.json").read_text())["rows"]
-    assert [r["run"] for r in gates] == ["ppo_v1", "ppo_v2"]
+    assert [r["run"] for r in gates] == ["ppo_v1", "ppo_v2"] and {r["stage"] for r in gates} == {"staging"}
     for r in gates:  # every decision is backed by numbers
         assert r["gates"] and all(g["name"] for g in r["gates"])
     # each PPO pass sits on the oracle's own queries: exact points per checkpoint, shares of the frontiers
