@@ -141,8 +141,10 @@
   document.addEventListener("keydown", (ev) => {
     if (ev.ctrlKey || ev.metaKey || ev.altKey || !task) return;
     const typing = document.activeElement === rationale;
-    const onPage = typing || document.activeElement === document.body || document.activeElement === null;
-    // Enter submits from the rationale box or the page, never from a focused link or button (it is theirs)
+    const el = document.activeElement;
+    const onPage = typing || el === document.body || el === null || "choice" in el.dataset || "strength" in el.dataset;
+    // Enter submits from the rationale box, the page or a clicked choice; a focused link or other button
+    // (Sign out, Rate) keeps its own Enter
     if (ev.key === "Enter" && !ev.shiftKey && onPage && !(typing && touch)) { ev.preventDefault(); submit(); return; }
     if (typing) { if (ev.key === "Escape") rationale.blur(); return; }
     const k = ev.key.toLowerCase();
