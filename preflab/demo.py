@@ -19,6 +19,7 @@ import json
 import random
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -167,14 +168,15 @@ FIRST_READ: dict[str, str | None] = {
 }
 
 
-def resume_changes(saved: dict[str, Any], cfg: DemoConfig, finished: Any, source: Path) -> list[str]:
+def resume_changes(saved: dict[str, Any], cfg: DemoConfig, finished: Iterable[str], source: Path) -> list[str]:
     """Before a demo resumes in a directory holding ``saved`` (its ``demo_config.json``) with
     ``finished`` stages: a ``ConfigError`` naming the first setting that differs (or that ``saved``,
     written by an older preflab, lacks) although a stage from its first reader on has finished,
     since those stages were computed without it; else one line per setting that changes, for the
     console. The run is left untouched either way."""
     new = json.loads(json.dumps(to_dict(cfg)))  # tuples -> lists, as they were written
-    done = [s for s in STAGES if s in set(finished) and s not in REFRESHED]
+    finished = set(finished)
+    done = [s for s in STAGES if s in finished and s not in REFRESHED]
     notes = []
     gone = sorted(set(saved) - set(new))
     if gone:
