@@ -29,6 +29,8 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
+from preflab.config import ConfigError
+
 T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -53,8 +55,6 @@ def make_engine(url: str | Path, *, echo: bool = False, create: bool = True) -> 
     if u.get_backend_name() == "sqlite":
         memory = u.database in (None, "", ":memory:")
         if not memory and not create and not Path(u.database).is_file():
-            from preflab.config import ConfigError
-
             raise ConfigError(f"--db: no store at {u.database} (a mistyped path? `preflab store migrate --db {url}` "
                               "creates one)")
         if not memory:
