@@ -460,8 +460,10 @@ def section_ppo(run: Path) -> Section | None:
             "gold one sampled answer to each of 64 held-out queries; the shares and the frontier plot are exact "
             "expectations over every answer to the oracle's held-out queries; the ground-truth panel samples 200 "
             "conversations, with CIs. They differ by sampling noise and by prompt set: compare like with like.")
-    th += f"<p>{esc(note)}</p>"
-    s.md = tm + "\n\n" + note
+    sandbox = points or any("gold/utility" in r for ms in passes.values() for r in ms)
+    if sandbox:  # a real project has no gold: nothing to reconcile
+        th += f"<p>{esc(note)}</p>"
+    s.md = tm + ("\n\n" + note if sandbox else "")
     curves = ("objective/rlhf_reward", "objective/kl", "objective/beta", "gold/utility")
     if not any(k in r for ms in passes.values() for r in ms for k in curves):
         s.html = th + "<p>No reward, KL or beta logged yet: nothing to plot.</p>"

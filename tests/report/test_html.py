@@ -33,7 +33,8 @@ def test_full_sandbox_report(sandbox_run):
     for needle in ("mean pairwise kappa 0.54 -> 0.71", "blind win rate 68.0% [61.3%, 74.0%]", "## Cost ledger",
                    "rm.seed | 1", "collection.seed | 3", "## Ground truth (sandbox only)", "payback",
                    "- torch 2.13.0, numpy 2.4.6, CPU kernels AVX512 on Test CPU, 2 threads",
-                   "resumed under more than one", "## What the terms mean", "- duplicate ceiling: the best accuracy"):
+                   "resumed under more than one", "## What the terms mean", "- duplicate ceiling: the best accuracy",
+                   "One policy, three measurements on three samples"):
         assert needle in md, needle
 
 
