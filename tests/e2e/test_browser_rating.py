@@ -181,5 +181,7 @@ def test_an_open_item_keeps_its_lease_while_the_rater_works_on_it(browser, tmp_p
         page.keyboard.press("Enter")
         expect(page.locator("#progress-text")).to_have_text("1 of 1 done")
         assert page.locator("#notice").is_hidden()
+        page.goto(server.url + "/rate")  # a round with nothing left for this rater does not say "Start"
+        assert "Done so far: check for more" in page.text_content("table.grid")
     finally:
         server.kill()

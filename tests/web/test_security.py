@@ -140,6 +140,7 @@ def test_session_cookie_flags_and_tampering(world):
     assert r.status_code == 401
     r = c.post("/login", data={"name": "alice", "password": "wrong", "csrf_token": csrf_of(c.get("/login").text)})
     assert r.status_code == 401 and "wrong password" in r.text
+    assert 'value="alice"' in r.text and "wrong" not in r.text.split("wrong password")[1]  # the name stays, not the password
 
 
 def test_csrf_required_on_form_posts_and_cookie_api_calls(world):

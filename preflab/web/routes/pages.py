@@ -75,8 +75,8 @@ def login(request: Request, settings: Settings, name: Annotated[str, Form(max_le
 
     info = run_store(request, check, readonly=True)
     if info is None:
-        return render(request, "login.html", {"next": safe_next(next), "error": "Unknown name or wrong password."},
-                      status=401)
+        return render(request, "login.html", {"next": safe_next(next), "error": "Unknown name or wrong password.",
+                                              "name": name}, status=401)  # the name stays; the password does not
     resp = RedirectResponse(safe_next(next), status_code=303)
     set_session_cookie(resp, sec.new_session(info.id, settings.session_max_age_s), settings)
     return resp
