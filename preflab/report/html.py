@@ -432,6 +432,36 @@ def _excess(pt: dict) -> str:
     return f"{num(ex, 2)} ({pct(ex / kl)})"
 
 
+def _ppo_reading(name: str, rows: Sequence[dict], cfg: dict) -> str:
+    """One pass's curves in a sentence: score, KL against its target, beta, gold; and what looks wrong."""
+    train = [r for r in rows if isinstance(r.get("objective/scores"), int | float)]
+    if not train:
+        return f"{name}: no training steps logged yet."
+
+    def mean(rs: Sequence[dict], k: str) -> float:
+        v = [r[k] for r in rs if isinstance(r.get(k), int | float)]
+        return sum(v) / len(v) if v else float("nan")
+
+    w = max(1, min(10, len(train) // 5))  # the first and last tenth-ish of the run, at most 10 steps
+    s0, s1 = mean(train[:w], "objective/scores"), mean(train[-w:], "objective/scores")
+    kl, target = mean(train[-w:], "objective/kl"), cfg.get("kl_target") if cfg.get("kl_controller") == "adaptive" else None
+    b0, b1 = train[0].get("objective/beta"), train[-1].get("objective/beta")
+    parts = [f"{name}: over {num(train[-1].get('step'))} steps its reward model's score went {s0:+.2f} -> {s1:+.2f}",
+             f"KL {kl:.2f} nats" + (f" (target {num(target)})" if target else "")]
+    if isinstance(b0, int | float) and isinstance(b1, int | float):
+        parts.append(f"beta {b0:.3g} -> {b1:.3g}")
+    gold = [r for r in rows if isinstance(r.get("gold/utility"), int | float)]
+    flags = []
+    if len(gold) >= 2:
+        g0, g1 = gold[0]["gold/utility"], gold[-1]["gold/utility"]
+        parts.append(f"gold (sandbox, sampled) {g0:+.2f} -> {g1:+.2f}")
+        if s1 > s0 and g1 < g0:
+            flags.append("the score rose while gold fell: reward hacking (docs/ppo.md, Failure signs)")
+    if target and kl == kl and abs(kl / target - 1) > 0.3:
+        flags.append(f"KL ended {100 * (kl / target - 1):+.0f}% off its target")
+    return "; ".join(parts) + "." + "".join(f" Watch: {f}." for f in flags)
+
+
 def section_ppo(run: Path) -> Section | None:
     passes = {p.parent.name: read_metrics(p) for p in sorted(run.glob("ppo*/metrics.jsonl"))}
     oracle = norm_oracle(read_json(run / "oracle.json", {}))
@@ -464,6 +494,9 @@ def section_ppo(run: Path) -> Section | None:
     if sandbox:  # a real project has no gold: nothing to reconcile
         th += f"<p>{esc(note)}</p>"
     s.md = tm + ("\n\n" + note if sandbox else "")
+    bh, bm = bullets([_ppo_reading(name, ms, read_json(run / name / "config.json", {})) for name, ms in passes.items()])
+    th += "<h3>Reading the curves</h3>" + bh
+    s.md += "\n\n### Reading the curves\n\n" + bm
     curves = ("objective/rlhf_reward", "objective/kl", "objective/beta", "gold/utility")
     if not any(k in r for ms in passes.values() for r in ms for k in curves):
         s.html = th + "<p>No reward, KL or beta logged yet: nothing to plot.</p>"

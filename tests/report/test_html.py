@@ -224,3 +224,18 @@ def test_the_ground_truth_panel_shows_gold_at_every_checkpoint(tmp_path):
         {"step": 80, "oracle/kl": 1.19, "oracle/gold": -0.05, "gold/utility": 0.95}]))
     md = render_report(run).md_path.read_text()
     assert "### Gold by checkpoint" in md and "| ppo_v2 | 80 | 1.19 | -0.05 | 0.95 |" in md
+
+
+def test_each_ppo_pass_is_read_in_a_sentence_with_what_looks_wrong():
+    from preflab.report.html import _ppo_reading
+
+    steps = [{"step": i, "objective/scores": 0.1 * i, "objective/kl": 0.3 * i, "objective/beta": 0.02}
+             for i in range(1, 11)]
+    gold = [{"step": 0, "gold/utility": 1.0}, {"step": 10, "gold/utility": 0.2}]
+    line = _ppo_reading("ppo_x", gold[:1] + steps + gold[1:], {"kl_controller": "adaptive", "kl_target": 1.0})
+    assert line.startswith("ppo_x: over 10 steps its reward model's score went +0.15 -> +0.95; KL 2.85 nats (target 1.00)")
+    assert "gold (sandbox, sampled) +1.00 -> +0.20" in line
+    assert "Watch: the score rose while gold fell: reward hacking" in line and "Watch: KL ended +185% off its target" in line
+    calm = _ppo_reading("ppo_y", steps, {"kl_controller": "fixed"})  # no target, no gold: nothing to watch
+    assert "Watch" not in calm and "target" not in calm
+    assert _ppo_reading("ppo_z", [{"step": 0, "gold/utility": 1.0}], {}) == "ppo_z: no training steps logged yet."
