@@ -33,13 +33,13 @@ def _dashboard(request: Request, user, *, flash: str | None = None, created: dic
 
     def load(s):  # noqa: ANN001, ANN202
         return ([g.label for g in ops.list_guidelines(s, project_id=user.project_id)],
-                len(ops.list_pairs(s, project_id=user.project_id)))
+                len(ops.list_pairs(s, project_id=user.project_id)), ops.list_raters(s, project_id=user.project_id))
 
-    guidelines, n_pairs = run_store(request, load, readonly=True)
+    guidelines, n_pairs, raters = run_store(request, load, readonly=True)
     return render(request, "admin.html", {
         "user": user, "project": request.app.state.settings.project, "rounds": admin_rounds(request, user),
         "alerts": alerts(request, user), "guidelines": guidelines[::-1], "n_pairs": n_pairs, "kinds": ROUND_KINDS,
-        "flash": flash, "created": created}, status=status)
+        "raters": raters, "flash": flash, "created": created}, status=status)
 
 
 @router.get("")
@@ -131,3 +131,31 @@ def admin_round_page(request: Request, round_id: RoundId, user: AdminUser) -> HT
         "id": info.id, "name": info.name, "kind": info.kind, "overlap": info.overlap,
         "guideline_version": info.guideline_label, "n_items": prog.n_items, "items_complete": prog.items_complete},
         "progress": rows})
+
+
+@router.post("/rounds/{round_id}/status")
+def admin_round_status(request: Request, round_id: RoundId, user: AdminUser,
+                       status: Annotated[str, Form()]) -> HTMLResponse:
+    """Close a round (it hands out no more tasks and takes no judgements) or open it again."""
+    from preflab.store import ops
+
+    info = own_round(request, user, round_id)
+    run_store(request, lambda s: ops.set_round_status(s, round_id=round_id, status=status))
+    return _dashboard(request, user, flash=f"Round “{info.name}” is {status}.")
+
+
+@router.post("/raters/{rater_id}/active")
+def admin_rater_active(request: Request, rater_id: int, user: AdminUser, active: Annotated[str, Form()]) -> HTMLResponse:
+    """Deactivate a rater (they can no longer sign in or take tasks; their judgements stay) or reactivate."""
+    from preflab.store import ops
+
+    def change(s):  # noqa: ANN001, ANN202
+        r = ops.get_rater(s, rater_id=rater_id)
+        if r.project_id != user.project_id:
+            raise ops.StoreError(f"rater {rater_id} not found", code="not_found")
+        if r.id == user.id and active != "1":
+            raise ops.StoreError("you cannot deactivate yourself", code="conflict")
+        return ops.update_rater(s, rater_id=rater_id, active=active == "1")
+
+    r = run_store(request, change)
+    return _dashboard(request, user, flash=f"Rater “{r.name}” is {'active' if r.active else 'deactivated'}.")
