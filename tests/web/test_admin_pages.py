@@ -45,5 +45,7 @@ def test_admin_closes_a_round_and_deactivates_a_rater(tmp_path):
         r = admin.post(f"/admin/raters/{me}/active", data={"active": "0", "csrf_token": _csrf(page)})
         assert r.status_code == 409 and "you cannot deactivate yourself" in r.text
         assert admin.post("/admin/raters/99999/active", data={"active": "0", "csrf_token": _csrf(page)}).status_code == 404
+        r = admin.post(f"/admin/raters/{rater_id}/active", data={"active": "yes", "csrf_token": _csrf(page)})
+        assert r.status_code == 422 and "active: must be 0 or 1" in r.text
     finally:
         server.kill()

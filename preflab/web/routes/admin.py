@@ -149,6 +149,9 @@ def admin_rater_active(request: Request, rater_id: int, user: AdminUser, active:
     """Deactivate a rater (they can no longer sign in or take tasks; their judgements stay) or reactivate."""
     from preflab.store import ops
 
+    if active not in ("0", "1"):
+        raise WebError(422, "invalid_input", f"active: must be 0 or 1, got {active!r}")
+
     def change(s):  # noqa: ANN001, ANN202
         r = ops.get_rater(s, rater_id=rater_id)
         if r.project_id != user.project_id:
