@@ -401,22 +401,15 @@ def ab_create(
     from preflab.evaluate.ab import ABConfig, ABQuery, generate_responses, store_ab_round
     from preflab.models.hf import load_policy
     from preflab.store import db as store_db
-    from preflab.store import ops
+    from preflab.store import io, ops
 
     try:
         if queries:
             qs = []
-            for i, line in enumerate(Path(queries).read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{queries}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(r, dict) or not isinstance(r.get("id"), str | int) or not isinstance(
-                        r.get("text"), str) or not r["text"].strip():
-                    raise ValueError(f"{queries}:{i}: expected an object with 'id' and a non-empty 'text' (and "
-                                     "optional 'topic')")
+            for where, r in io.jsonl_objects(queries):
+                if not isinstance(r.get("id"), str | int) or not isinstance(r.get("text"), str) or not r["text"].strip():
+                    raise ValueError(f"{where}: expected an object with 'id' and a non-empty 'text' (and optional "
+                                     "'topic')")
                 qs.append(ABQuery(str(r["id"]), r["text"], str(r.get("topic") or "")))
             if len(qs) < n:
                 console.print(f"[yellow]note:[/yellow] {queries} holds {len(qs)} queries: the round has "
@@ -816,19 +809,14 @@ def rm_score(
     from pathlib import Path
 
     from preflab.models.hf import load_reward_model
+    from preflab.store import io
     from preflab.train.reward import score_responses
 
     try:
         rows = []
-        for n, line in enumerate(Path(input).read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{input}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "response")):
-                raise ValueError(f"{input}:{n}: expected an object with string fields 'prompt' and 'response'")
+        for where, row in io.jsonl_objects(input):
+            if not all(isinstance(row.get(k), str) for k in ("prompt", "response")):
+                raise ValueError(f"{where}: expected an object with string fields 'prompt' and 'response'")
             rows.append(row)
         rm, tok = load_reward_model(model)
         scores = score_responses(rm, tok, [r["prompt"] for r in rows], [r["response"] for r in rows],
@@ -1184,11 +1172,11 @@ def store_import(
     if kind not in ("pairs", "prompts"):
         _fail(ValueError(f"--kind: must be 'pairs' or 'prompts', got {kind!r}"))
     try:
-        store_db.make_engine(db, create=False).dispose()
+        engine = store_db.make_engine(db, create=False)
     except ConfigError:  # the first import makes the store; say so (a mistyped --db would go unnoticed)
         console.print(f"[yellow]note:[/yellow] no store at {escape(db)} yet: creating a new one")
-    store_db.upgrade(db)
-    engine = store_db.make_engine(db)
+        engine = store_db.make_engine(db)
+    store_db.upgrade(engine)
     try:
         with store_db.session_scope(engine) as s:
             pid = ops.ensure_project(s, name=project)

@@ -950,19 +950,19 @@ def run_demo(cfg: DemoConfig, *, quick: bool = False, console: Console | None = 
         cfg = cfg.quick()
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
+    st = StageRunner(run, console, refresh=REFRESHED)  # reads stages.json: what has finished
     cfg_file = run / "demo_config.json"
     if cfg_file.is_file():
         saved = _read_run_json(cfg_file)
         if not isinstance(saved, dict):
             raise ConfigError(f"{cfg_file}: must be a JSON object of the demo's settings; restore it, or use "
                               "another --out")
-        for note in resume_changes(saved, cfg, StageRunner(run, console).done, cfg_file):
+        for note in resume_changes(saved, cfg, st.done, cfg_file):
             console.print(f"[yellow]resuming with a changed setting:[/yellow] {note}")
     write_config(cfg, run, "demo_config.json")
     torch.set_num_threads(cfg.threads)
     write_json(run / "config.json", _config_json(run, cfg, quick))
     t0 = time.perf_counter()
-    st = StageRunner(run, console, refresh=REFRESHED)
     st.run("base", lambda: stage_base(cfg, run))
     engine = _engine(run)
     st.run("workshop", lambda: stage_workshop(cfg, run, engine))

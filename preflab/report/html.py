@@ -416,8 +416,8 @@ def section_rm(run: Path) -> Section | None:
         s.html += img(plots.plot_curve(c), title)
         s.images += 1
         s.md += f"\n\n### {title}\n\n{tm}\n" + "".join(f"\n- {x}" for x in lines)
-        points, gains = c.get("points") or [{}], c.get("gains") or []
-        flat = c.get("flat", bool(gains) and gains[-1]["ci"][1] < c.get("within", 0.03))  # older curve.json: no "flat"
+        points = c.get("points") or [{}]
+        flat = c.get("flat", False)  # a curve.json from before `flat` existed reads "unclear"
         state = ("still climbing at " if c.get("still_climbing") else "one size only, " if len(points) < 2
                  else "flat at " if flat else "unclear whether still climbing at ")
         s.headline.append(f"{where}: {state}{num(points[-1].get('pairs'))} pairs")
@@ -866,13 +866,14 @@ def render_report(run_dir: str | Path, *, title: str | None = None) -> Report:
     heads = [h for s in sections for h in s.lead] + [h for s in sections for h in s.headline]
     nav = "".join(f'<a href="#{esc(s.id)}">{esc(s.title)}</a>' for s in sections)
     summary_h, summary_md = bullets(heads) if heads else ("", "")
+    glossary_h, glossary_md = bullets([f"{k}: {v}" for k, v in GLOSSARY])
     body = "".join(f'<section id="{esc(s.id)}"><h2>{esc(s.title)}</h2>{s.html}</section>' for s in sections)
     doc = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title>"
            f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1><p>{esc(kind)} Generated {esc(when)} from "
            f"<code>{esc(run)}</code>.</p><nav>{nav}</nav>"
            + (f'<section id="summary" class="summary"><h2>Summary</h2>{summary_h}</section>' if heads else "")
            + f"<details><summary>{esc(GLOSSARY_TITLE)}</summary>"
-           + bullets([f"{k}: {v}" for k, v in GLOSSARY])[0] + "</details>"
+           + glossary_h + "</details>"
            + body + "</body></html>")
     html_path = run / "report.html"
     md_path = run / "report.md"
@@ -880,7 +881,7 @@ def render_report(run_dir: str | Path, *, title: str | None = None) -> Report:
     md = [f"# {title}", "", f"{kind} Generated {when}.", ""]
     if heads:
         md += ["## Summary", "", summary_md, ""]
-    md += [f"## {GLOSSARY_TITLE}", "", bullets([f"{k}: {v}" for k, v in GLOSSARY])[1], ""]
+    md += [f"## {GLOSSARY_TITLE}", "", glossary_md, ""]
     for s in sections:
         md += [f"## {s.title}", "", s.md.strip(), ""]
     md_path.write_text("\n".join(md))

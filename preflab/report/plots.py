@@ -156,15 +156,15 @@ def plot_rm(evals: Mapping[str, Mapping]) -> bytes:
     fig, ax = _fig(9, 3.5, ncols=2)
     a, b = ax[0]
     names = list(evals)
+    ceiling_label = "duplicate ceiling"  # in the legend once (matplotlib leaves out labels starting with "_")
     for i, name in enumerate(names):
         e = evals[name]
         acc = _num(e.get("accuracy"))
         a.errorbar([i], [acc], yerr=[[v] for v in _err(acc, e.get("ci"))], fmt="o", color=COLORS[i % len(COLORS)],
                    capsize=5, ms=8)
         if e.get("ceiling") is not None:
-            a.hlines(e["ceiling"], i - 0.3, i + 0.3, color="black", lw=2,
-                     label="duplicate ceiling" if i == next(k for k, n in enumerate(names)
-                                                            if evals[n].get("ceiling") is not None) else None)
+            a.hlines(e["ceiling"], i - 0.3, i + 0.3, color="black", lw=2, label=ceiling_label)
+            ceiling_label = "_" + ceiling_label
     a.axhline(0.85, color="#ff7f0e", ls=":", lw=1, label="0.85: fitting rater quirks?")
     a.axhline(0.5, color="grey", ls=":", lw=1, label="0.5: chance")
     a.legend(fontsize=7, loc="upper left", ncols=2)

@@ -57,8 +57,9 @@ class ImportResult:
     pairs: int = 0
 
 
-def _lines(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(``file:line``, object) for each non-blank line; bad JSON names the line."""
+def jsonl_objects(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(``file:line``, object) for each non-blank line of a JSONL file; a line that is not UTF-8,
+    not JSON or not an object is a ``StoreError`` (a ValueError) naming it."""
     path = Path(path)
     try:
         fh = path.open("rb")
@@ -89,7 +90,7 @@ def listed_pair_ids(path: str | Path, *, stored: Collection[str], qualifier: str
     each; an id not in ``stored`` is an error naming its line (``qualifier`` says which pairs, e.g.
     "with topic 'pricing'")."""
     out: list[str] = []
-    for where, obj in _lines(path):
+    for where, obj in jsonl_objects(path):
         pid = _need(obj, "id", where)
         if pid not in stored:
             raise StoreError(f"{where}: no pair {pid!r}{qualifier} in the project (import it first)", code="not_found")
@@ -122,7 +123,7 @@ def _prompt(obj: Any, where: str) -> PromptIn:
 def import_prompts(session: Session, *, project_id: int, path: str | Path) -> ImportResult:
     """Import ``prompts.jsonl`` into the project (see the module docstring for the format)."""
     items, locs = [], []
-    for where, obj in _lines(path):
+    for where, obj in jsonl_objects(path):
         items.append(_prompt(obj, where))
         locs.append(where)
     n = ops.add_prompts(session, project_id=project_id, prompts=items, where=locs)
@@ -137,7 +138,7 @@ def import_pairs(session: Session, *, project_id: int, path: str | Path) -> Impo
     r_locs: list[str] = []
     pairs: list[PairIn] = []
     pair_locs: list[str] = []
-    for where, obj in _lines(path):
+    for where, obj in jsonl_objects(path):
         _check_fields(obj, PAIR_FIELDS, where, hint="; a prompts file? --kind prompts" if set(obj) <= PROMPT_FIELDS
                       else "")
         if "prompt" in obj and "prompt_id" in obj:

@@ -18,7 +18,7 @@ from preflab.web.routes.api import (
     create_rater,
     create_round_op,
     own_round,
-    round_progress,
+    progress_rows,
 )
 from preflab.web.routes.pages import render
 from preflab.web.transfer import pair_ids_of
@@ -125,8 +125,8 @@ def admin_round_page(request: Request, round_id: RoundId, user: AdminUser) -> HT
     from preflab.store import ops
 
     info = own_round(request, user, round_id)
-    rows = round_progress(request, round_id, user)
     prog = run_store(request, lambda s: ops.round_progress(s, round_id=round_id), readonly=True)
+    rows = progress_rows(prog)  # one read of the store for the round's and the raters' figures
     return render(request, "admin_round.html", {"user": user, "round": {
         "id": info.id, "name": info.name, "kind": info.kind, "overlap": info.overlap,
         "guideline_version": info.guideline_label, "n_items": prog.n_items, "items_complete": prog.items_complete},

@@ -176,7 +176,11 @@ def round_progress(request: Request, round_id: RoundId, user: AdminUser) -> list
     """Judgements done and tasks in hand per rater (admin)."""
     ops = _ops()
     own_round(request, user, round_id)
-    prog = run_store(request, lambda s: ops.round_progress(s, round_id=round_id), readonly=True)
+    return progress_rows(run_store(request, lambda s: ops.round_progress(s, round_id=round_id), readonly=True))
+
+
+def progress_rows(prog) -> list[w.ProgressRow]:  # noqa: ANN001
+    """A round's ``ops.RoundProgress`` as the rows the API and the admin round page show."""
     return [w.ProgressRow(rater=r.rater_name, rater_id=r.rater_id, done=r.done, total=r.done + r.leased)
             for r in prog.raters]
 
