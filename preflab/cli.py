@@ -1401,6 +1401,43 @@ def store_progress(
                       f"{r.time_on_task_s / 60:.1f} min")
 
 
+@store_app.command("reset-password")
+def store_reset_password(
+    name: str = typer.Argument(..., help="Rater (or admin) name."),
+    db: str = _DB_OPT,
+    project: str = typer.Option("default", help="Project."),
+) -> None:
+    """A new password and API token for a rater, printed once (the old ones stop working).
+
+    For an admin locked out of the web app; admins reset raters from the admin page."""
+    import secrets
+
+    from preflab.store import db as store_db
+    from preflab.store import ops
+
+    password = secrets.token_urlsafe(12)
+
+    def reset(s):  # noqa: ANN001, ANN202
+        r = ops.rater_by_name(s, project_id=ops.require_project(s, name=project), name=name)
+        if r is None:
+            raise ops.StoreError(f"no rater {name!r} in project {project!r}")
+        ops.set_password(s, rater_id=r.id, password=password)
+        return r, ops.issue_api_token(s, rater_id=r.id)
+
+    try:
+        engine = store_db.make_engine(db, create=False)
+        try:
+            r, token = store_db.transact(engine, reset)
+        finally:
+            engine.dispose()
+    except ValueError as e:
+        _fail(e)
+    console.print(f"new credentials for {r.role} {r.name!r} (shown once; the old password and token no longer work)"
+                  + ("" if r.active else " [yellow]note: this account is deactivated[/yellow]"))
+    console.print(f"  password: {password}", markup=False)
+    console.print(f"  API token: {token}", markup=False)
+
+
 # ---- ppo / dpo: policy optimisation (train/ppo.py, train/dpo.py) ------------------------
 
 

@@ -46,8 +46,24 @@ def render_error(request: Request, status: int, code: str, message: str) -> Resp
     if back and back.split("?")[0] == str(request.url).split("?")[0]:  # a form posted to the page it was shown at
         parent = request.url.path.rstrip("/").rsplit("/", 1)[0]  # (/admin/raters): its page is the parent (/admin)
         back = str(request.base_url).rstrip("/") + parent if parent and request.method == "POST" else None
+    user, csrf = _signed_in(request) if status != 500 else (None, None)
     return templates.TemplateResponse(request, "error.html", {"status": status, "code": code, "message": message,
-                                                              "user": None, "back": back}, status_code=status)
+                                                              "user": user, "csrf_token": csrf, "back": back},
+                                      status_code=status)
+
+
+def _signed_in(request: Request):  # noqa: ANN202
+    """The signed-in user and CSRF token for the error page's navigation, or (None, None) if not known."""
+    from preflab.web import security as sec
+    from preflab.web.deps import current_user, read_cookie_session
+
+    try:
+        sess = read_cookie_session(request)
+        if sess is None or sess.rater_id is None:
+            return None, None
+        return current_user(request), sec.csrf_token(sess, request.app.state.settings.secret_key)
+    except Exception:  # an error page must render even when the store cannot be read  # noqa: BLE001
+        return None, None
 
 
 def _loc(loc: tuple) -> str:

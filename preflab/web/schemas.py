@@ -138,3 +138,38 @@ class RaterCreated(BaseModel):
     role: str
     password: str = Field(description="Shown once; only its argon2 hash is stored.")
     token: str = Field(description="API token, shown once; only its SHA-256 is stored.")
+
+
+class RaterOut(BaseModel):
+    id: int
+    name: str
+    role: Literal["rater", "admin"]
+    specialties: list[str]
+    hourly_rate: float
+    active: bool
+
+
+class RaterUpdate(Strict):
+    """Fields to change (omitted = unchanged)."""
+
+    role: Literal["rater", "admin"] | None = None
+    specialties: list[str] | None = Field(None, max_length=20)
+    hourly_rate: float | None = Field(None, ge=0.0, le=10_000.0)
+    active: bool | None = None
+
+
+class CredentialsReset(Strict):
+    password: str | None = Field(None, min_length=8, max_length=500, description="Omitted = a random one, shown once.")
+
+
+class GuidelineIn(Strict):
+    label: str = Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f]+$")
+    text: str = Field("", max_length=200_000, description="The guideline as raters read it.")
+    rubric: list[str] = Field(default_factory=list, max_length=200, description="Rubric items, one rule each.")
+
+
+class GuidelineOut(BaseModel):
+    label: str
+    text: str
+    rubric: list[str]
+    created_at: dt.datetime

@@ -112,3 +112,23 @@ def check_csrf(session: Session | None, secret: str, supplied: str | None) -> bo
     if session is None or not supplied:
         return False
     return hmac.compare_digest(csrf_token(session, secret), supplied)
+
+
+def sign_flash(message: str, secret: str) -> str:
+    """A one-time message carried by a cookie across a post's redirect (signed, so it cannot be forged)."""
+    payload = message.encode()
+    return _b64(payload) + "." + _b64(_mac(secret, b"flash:" + payload))
+
+
+def read_flash(cookie: str | None, secret: str) -> str | None:
+    """The message of a signed flash cookie, or None if absent or tampered with."""
+    if not cookie or "." not in cookie or len(cookie) > 4096:
+        return None
+    body, sig = cookie.rsplit(".", 1)
+    try:
+        payload = _unb64(body)
+        if not hmac.compare_digest(_unb64(sig), _mac(secret, b"flash:" + payload)):
+            return None
+        return payload.decode()
+    except (ValueError, UnicodeDecodeError):
+        return None

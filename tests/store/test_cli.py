@@ -158,3 +158,29 @@ def test_serve_names_a_short_secret_key(tmp_path, key):
     r = CliRunner().invoke(app, ["serve", "--secret-key", key, "--db", f"sqlite:///{tmp_path / 's.db'}"])
     assert r.exit_code == 2 and "--secret-key / PREFLAB_SECRET_KEY: String should have at least 16 characters" in \
         " ".join(r.output.split()), r.output
+
+
+def test_reset_password_gives_a_locked_out_admin_new_credentials(tmp_path):
+    from preflab.store import db as store_db
+    from preflab.store import ops
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    store_db.upgrade(url)
+    engine = store_db.make_engine(url)
+    with store_db.session_scope(engine) as s:
+        pid = ops.ensure_project(s, name="acme")
+        rid = ops.create_rater(s, project_id=pid, name="boss", password="forgotten-long-ago", role="admin")
+        old_token = ops.issue_api_token(s, rater_id=rid)
+    r = CliRunner().invoke(app, ["store", "reset-password", "boss", "--db", url, "--project", "acme"])
+    assert r.exit_code == 0, r.output
+    password = r.output.split("password: ")[1].split()[0]
+    token = r.output.split("API token: ")[1].split()[0]
+    with store_db.session_scope(engine, readonly=True) as s:
+        assert ops.check_password(s, project_id=pid, name="boss", password=password).id == rid
+        assert ops.check_password(s, project_id=pid, name="boss", password="forgotten-long-ago") is None
+        assert ops.rater_by_token(s, token=token).id == rid and ops.rater_by_token(s, token=old_token) is None
+    r = CliRunner().invoke(app, ["store", "reset-password", "bos", "--db", url, "--project", "acme"])
+    assert r.exit_code == 2 and "no rater 'bos' in project 'acme'" in r.output
+    r = CliRunner().invoke(app, ["store", "reset-password", "boss", "--db", f"sqlite:///{tmp_path / 'typo.db'}"])
+    assert r.exit_code == 2 and "no store at" in " ".join(r.output.split())
+    assert not (tmp_path / "typo.db").exists()

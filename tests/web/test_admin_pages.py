@@ -1,10 +1,12 @@
-"""The admin pages over real HTTP: close and reopen a round, deactivate and reactivate a rater."""
+"""The admin pages and the admin API over real HTTP: rounds (close, reopen), raters (edit, new
+credentials, deactivate), guideline versions, post/redirect/get, and the error page's navigation."""
 
 from __future__ import annotations
 
 import re
 
 import httpx
+import pytest
 
 from tests.web.conftest import make_round
 from tests.web.harness import Server
@@ -14,38 +16,134 @@ def _csrf(html: str) -> str:
     return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
 
 
-def test_admin_closes_a_round_and_deactivates_a_rater(tmp_path):
+def _signed_in(server: Server) -> tuple[httpx.Client, str]:
+    admin = httpx.Client(base_url=server.url, timeout=30)
+    r = admin.post("/login", data={"name": "admin", "password": server.admin_password,
+                                   "csrf_token": _csrf(admin.get("/login").text)})
+    assert r.status_code == 303
+    return admin, _csrf(admin.get("/admin").text)
+
+
+@pytest.fixture
+def served(tmp_path):
     server = Server(db_url=f"sqlite:///{tmp_path / 'store.db'}", log_path=tmp_path / "serve.log").start()
     try:
         with server.admin() as api:
             rid, raters = make_round(api, n_pairs=3, n_raters=2, overlap=1, name="week 1")
-        (rater_id, token), _ = raters
-        rater = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
-        admin = httpx.Client(base_url=server.url, timeout=30)
-        r = admin.post("/login", data={"name": "admin", "password": server.admin_password,
-                                       "csrf_token": _csrf(admin.get("/login").text)})
-        assert r.status_code == 303
-        page = admin.get("/admin").text
-        assert 'id="raters"' in page and "Deactivate" in page and "Close</button>" in page
-
-        r = admin.post(f"/admin/rounds/{rid}/status", data={"status": "closed", "csrf_token": _csrf(page)})
-        assert r.status_code == 200 and "is closed" in r.text and "Reopen</button>" in r.text
-        assert rater.get(f"/api/v1/rounds/{rid}/next").json()["task"] is None  # a closed round hands out nothing
-        r = admin.post(f"/admin/rounds/{rid}/status", data={"status": "open", "csrf_token": _csrf(page)})
-        assert r.status_code == 200 and rater.get(f"/api/v1/rounds/{rid}/next").json()["task"] is not None
-        r = admin.post(f"/admin/rounds/{rid}/status", data={"status": "paused", "csrf_token": _csrf(page)})
-        assert r.status_code == 400 and "round.status: must be one of" in r.text and "got &#39;paused&#39;" in r.text
-
-        r = admin.post(f"/admin/raters/{rater_id}/active", data={"active": "0", "csrf_token": _csrf(page)})
-        assert r.status_code == 200 and "is deactivated" in r.text and "Reactivate" in r.text
-        assert rater.get("/api/v1/me").status_code == 401  # a deactivated rater is signed out everywhere
-        r = admin.post(f"/admin/raters/{rater_id}/active", data={"active": "1", "csrf_token": _csrf(page)})
-        assert r.status_code == 200 and rater.get("/api/v1/me").status_code == 200
-        me = admin.get("/api/v1/me").json()["id"]
-        r = admin.post(f"/admin/raters/{me}/active", data={"active": "0", "csrf_token": _csrf(page)})
-        assert r.status_code == 409 and "you cannot deactivate yourself" in r.text
-        assert admin.post("/admin/raters/99999/active", data={"active": "0", "csrf_token": _csrf(page)}).status_code == 404
-        r = admin.post(f"/admin/raters/{rater_id}/active", data={"active": "yes", "csrf_token": _csrf(page)})
-        assert r.status_code == 422 and "active: must be 0 or 1" in r.text
+        yield server, rid, raters
     finally:
         server.kill()
+
+
+def test_admin_closes_a_round_and_deactivates_a_rater(served):
+    server, rid, raters = served
+    (rater_id, token), _ = raters
+    rater = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    admin, csrf = _signed_in(server)
+    page = admin.get("/admin").text
+    assert 'id="raters"' in page and "Deactivate" in page and "Close</button>" in page
+
+    # post/redirect/get: the post answers 303 to the dashboard, which says what happened once
+    r = admin.post(f"/admin/rounds/{rid}/status", data={"status": "closed", "csrf_token": csrf})
+    assert r.status_code == 303 and r.headers["location"] == "/admin"
+    page = admin.get("/admin").text
+    assert "Round “week 1” is closed." in page and "Reopen</button>" in page
+    assert "is closed." not in admin.get("/admin").text  # a reload shows the page, not the message again
+    assert rater.get(f"/api/v1/rounds/{rid}/next").json()["task"] is None  # a closed round hands out nothing
+    r = admin.post(f"/admin/rounds/{rid}/status", data={"status": "open", "csrf_token": csrf}, follow_redirects=True)
+    assert r.status_code == 200 and "is open." in r.text
+    assert rater.get(f"/api/v1/rounds/{rid}/next").json()["task"] is not None
+    r = admin.post(f"/admin/rounds/{rid}/status", data={"status": "paused", "csrf_token": csrf})
+    assert r.status_code == 400 and "round.status: must be one of" in r.text and "got &#39;paused&#39;" in r.text
+
+    r = admin.post(f"/admin/raters/{rater_id}/active", data={"active": "0", "csrf_token": csrf}, follow_redirects=True)
+    assert r.status_code == 200 and "is deactivated." in r.text and "Reactivate" in r.text
+    assert rater.get("/api/v1/me").status_code == 401  # a deactivated rater is signed out everywhere
+    r = admin.post(f"/admin/raters/{rater_id}/active", data={"active": "1", "csrf_token": csrf}, follow_redirects=True)
+    assert r.status_code == 200 and rater.get("/api/v1/me").status_code == 200
+    me = admin.get("/api/v1/me").json()["id"]
+    r = admin.post(f"/admin/raters/{me}/active", data={"active": "0", "csrf_token": csrf})
+    assert r.status_code == 409 and "you cannot deactivate or demote yourself" in r.text
+    assert admin.post("/admin/raters/99999/active", data={"active": "0", "csrf_token": csrf}).status_code == 404
+    r = admin.post(f"/admin/raters/{rater_id}/active", data={"active": "yes", "csrf_token": csrf})
+    assert r.status_code == 422 and "active: must be 0 or 1" in r.text
+
+
+def test_admin_edits_a_rater_and_gives_new_credentials(served):
+    server, _, raters = served
+    (rater_id, token), _ = raters
+    admin, csrf = _signed_in(server)
+    r = admin.post(f"/admin/raters/{rater_id}", data={"specialties": "pricing,  refunds ,", "hourly_rate": "31.5",
+                                                      "role": "rater", "csrf_token": csrf}, follow_redirects=True)
+    assert r.status_code == 200 and "specialties pricing, refunds, 31.5 per hour" in r.text
+    api = server.admin()
+    row = next(x for x in api.get("/api/v1/raters").json() if x["id"] == rater_id)
+    assert row["specialties"] == ["pricing", "refunds"] and row["hourly_rate"] == 31.5 and row["active"]
+    r = admin.post(f"/admin/raters/{rater_id}", data={"hourly_rate": "-1", "role": "rater", "csrf_token": csrf})
+    assert r.status_code == 422 and "hourly_rate" in r.text
+    assert next(x for x in api.get("/api/v1/raters").json() if x["id"] == rater_id)["hourly_rate"] == 31.5
+
+    # new credentials: shown once on the response; the old token and password stop working at once
+    old = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert old.get("/api/v1/me").status_code == 200
+    r = admin.post(f"/admin/raters/{rater_id}/credentials", data={"csrf_token": csrf})
+    assert r.status_code == 200 and "given new credentials" in r.text
+    password = re.search(r'password <code class="secret">([^<]+)</code>', r.text).group(1)
+    new_token = re.search(r'API token <code class="secret">([^<]+)</code>', r.text).group(1)
+    assert old.get("/api/v1/me").status_code == 401
+    new = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {new_token}"}, timeout=30)
+    assert new.get("/api/v1/me").json()["id"] == rater_id
+    browser = httpx.Client(base_url=server.url, timeout=30)
+    r = browser.post("/login", data={"name": "week 1-rater0", "password": password,
+                                     "csrf_token": _csrf(browser.get("/login").text)})
+    assert r.status_code == 303
+    assert "given new credentials" not in admin.get("/admin").text  # never shown again
+
+    # the API: a chosen password, a rater of no project, demoting oneself
+    r = api.post(f"/api/v1/raters/{rater_id}/credentials", json={"password": "correct horse battery"})
+    assert r.status_code == 200 and r.json()["password"] == "correct horse battery"
+    assert api.post("/api/v1/raters/424242/credentials").status_code == 404
+    me = api.get("/api/v1/me").json()["id"]
+    r = api.patch(f"/api/v1/raters/{me}", json={"role": "rater"})
+    assert r.status_code == 409 and "demote yourself" in r.json()["error"]["message"]
+    r = api.patch(f"/api/v1/raters/{rater_id}", json={"specialties": ["pricing", " "]})
+    assert r.status_code == 422 and "specialties: an empty domain name" in r.json()["error"]["message"]
+
+
+def test_admin_writes_guideline_versions(served):
+    server, _, _ = served
+    admin, csrf = _signed_in(server)
+    page = admin.get("/admin").text
+    assert "No guideline yet" in page and 'name="label" required maxlength="64" value="v1"' in page
+    r = admin.post("/admin/guidelines", data={
+        "label": "v1", "text": "Answer the question asked.\r\nQuote prices from the price list.",
+        "rubric": "Answers the question asked\r\n\r\n  Quotes the current price list  \r\n", "csrf_token": csrf})
+    assert r.status_code == 303
+    page = admin.get("/admin").text
+    assert "Guideline v1 saved with 2 rubric items" in page
+    assert "<li>Quotes the current price list</li>" in page and 'value="v2"' in page  # the next label suggested
+    assert "Quote prices from the price list.</textarea>" in page  # the form starts from the newest version
+
+    api = server.admin()
+    r = api.post("/api/v1/guidelines", json={"label": "v2", "text": "v2 text", "rubric": ["A", "B", "A"]})
+    assert r.status_code == 422 and "rubric[2]: 'A' is listed twice" in r.json()["error"]["message"]
+    r = admin.post("/admin/guidelines", data={"label": "v1", "text": "", "rubric": "", "csrf_token": csrf})
+    assert r.status_code == 409 and "guideline.label: &#39;v1&#39; already exists" in r.text
+    r = api.post("/api/v1/guidelines", json={"label": "v2", "text": "v2 text", "rubric": ["A", "B"]})
+    assert r.status_code == 201 and r.json()["rubric"] == ["A", "B"]
+    gs = api.get("/api/v1/guidelines").json()
+    assert [g["label"] for g in gs] == ["v1", "v2"]
+    assert gs[0]["text"] == "Answer the question asked.\nQuote prices from the price list."
+    # a round created without a version takes the newest
+    r = api.post("/api/v1/rounds", json={"name": "week 2", "pair_ids": ["p0"], "overlap": 1})
+    assert r.status_code == 201 and r.json()["guideline_version"] == "v2"
+
+
+def test_error_pages_keep_the_signed_in_navigation(served):
+    server, _, _ = served
+    admin, _ = _signed_in(server)
+    r = admin.get("/admin/rounds/999")
+    assert r.status_code == 404 and 'href="/admin">Admin</a>' in r.text and "Sign out" in r.text
+    anonymous = httpx.Client(base_url=server.url, timeout=30)
+    r = anonymous.get("/no/such/page")
+    assert r.status_code == 404 and "Sign out" not in r.text

@@ -44,8 +44,10 @@ def test_openapi_fuzz_yields_no_5xx(fuzz_target):
     app, auth = fuzz_target
     schema = schemathesis.openapi.from_asgi("/api/v1/openapi.json", app)
     seen = []
-    for result in schema.get_all_operations():
-        op = result.ok()
+    ops = [result.ok() for result in schema.get_all_operations()]
+    # new credentials for rater 1 (the admin) revoke the token the fuzzer uses: fuzz that operation last
+    ops.sort(key=lambda op: op.path.endswith("/credentials"))
+    for op in ops:
         seen.append(f"{op.method.upper()} {op.path}")
 
         @settings(max_examples=25, deadline=None, database=None, derandomize=True,

@@ -1,24 +1,36 @@
-"""Admin pages: dashboard (rounds, import, create round, add rater, alerts) and round progress."""
+"""Admin pages: dashboard (rounds, raters, guidelines, import, create round, add rater, alerts) and
+round progress.
+
+Forms follow post/redirect/get: a post that succeeds redirects to the dashboard, which shows its
+message once (a signed cookie carries it across the redirect), so reloading the page never posts
+again. Creating a rater or giving one new credentials is the exception: the password and token
+are shown once on the response itself and never stored anywhere.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Form, Request, UploadFile
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import ValidationError
 
 from preflab.web import schemas as w
+from preflab.web import security as sec
 from preflab.web.deps import AdminUser, csrf_guard, run_store
 from preflab.web.errors import WebError
 from preflab.web.routes.api import (
+    RaterId,
     RoundId,
     admin_rounds,
     alerts,
+    create_guideline,
     create_rater,
     create_round_op,
     own_round,
     progress_rows,
+    reset_credentials,
+    update_rater,
 )
 from preflab.web.routes.pages import render
 from preflab.web.transfer import pair_ids_of
@@ -26,20 +38,64 @@ from preflab.web.transfer import pair_ids_of
 router = APIRouter(prefix="/admin", include_in_schema=False, dependencies=[Depends(csrf_guard)])
 
 
-def _dashboard(request: Request, user, *, flash: str | None = None, created: dict | None = None,  # noqa: ANN001
-               status: int = 200) -> HTMLResponse:
+def _flash_cookie(request: Request) -> str:
+    return request.app.state.settings.cookie_name + "_flash"
+
+
+def _done(request: Request, message: str, to: str = "/admin") -> RedirectResponse:
+    """Post/redirect/get: ``to`` shows ``message`` once; a reload does not post the form again."""
+    settings = request.app.state.settings
+    resp = RedirectResponse(to, status_code=303)
+    resp.set_cookie(_flash_cookie(request), sec.sign_flash(message, settings.secret_key), max_age=60,
+                    httponly=True, samesite="lax", secure=settings.cookie_secure, path="/admin")
+    return resp
+
+
+def _take_flash(request: Request, resp: HTMLResponse) -> None:
+    """Move the one-time message of a redirected post into the page (and forget it)."""
+    name = _flash_cookie(request)
+    if name in request.cookies:
+        resp.delete_cookie(name, path="/admin")
+
+
+def _read_flash(request: Request) -> str | None:
+    return sec.read_flash(request.cookies.get(_flash_cookie(request)), request.app.state.settings.secret_key)
+
+
+def _form_error(e: ValidationError) -> WebError:
+    err = e.errors()[0]
+    return WebError(422, "invalid_input", f"{'.'.join(map(str, err['loc']))}: {err['msg']}")
+
+
+def _dashboard(request: Request, user, *, created: dict | None = None) -> HTMLResponse:  # noqa: ANN001
     from preflab.store import ops
     from preflab.store.schema import ROUND_KINDS
 
     def load(s):  # noqa: ANN001, ANN202
-        return ([g.label for g in ops.list_guidelines(s, project_id=user.project_id)],
+        return (ops.list_guidelines(s, project_id=user.project_id),
                 len(ops.list_pairs(s, project_id=user.project_id)), ops.list_raters(s, project_id=user.project_id))
 
     guidelines, n_pairs, raters = run_store(request, load, readonly=True)
-    return render(request, "admin.html", {
+    resp = render(request, "admin.html", {
         "user": user, "project": request.app.state.settings.project, "rounds": admin_rounds(request, user),
         "alerts": alerts(request, user), "guidelines": guidelines[::-1], "n_pairs": n_pairs, "kinds": ROUND_KINDS,
-        "raters": raters, "flash": flash, "created": created}, status=status)
+        "raters": raters, "flash": _read_flash(request), "created": created,
+        "next_label": _next_label([g.label for g in guidelines])})
+    _take_flash(request, resp)
+    return resp
+
+
+def _next_label(labels: list[str]) -> str:
+    """A suggestion for the next guideline label: v1 after none, v3 after v2, else the newest + ".1"."""
+    import re
+
+    if not labels:
+        return "v1"
+    m = re.fullmatch(r"v(\d+)", labels[-1])
+    nxt = f"v{int(m.group(1)) + 1}" if m else labels[-1] + ".1"
+    while nxt in labels:
+        nxt += ".1"
+    return nxt
 
 
 @router.get("")
@@ -70,8 +126,7 @@ async def admin_import(request: Request, user: AdminUser, kind: Annotated[str, F
     counts = await run_in_threadpool(
         lambda: run_store(request, lambda s: import_jsonl(s, project_id=user.project_id, kind=kind, text=text,
                                                         filename=file.filename)))
-    msg = "Imported " + ", ".join(f"{v} new {k}" for k, v in counts.items()) + "."
-    return await run_in_threadpool(lambda: _dashboard(request, user, flash=msg))
+    return _done(request, "Imported " + ", ".join(f"{v} new {k}" for k, v in counts.items()) + ".")
 
 
 @router.post("/rounds")
@@ -101,10 +156,9 @@ async def admin_create_round(
                              overlap=overlap, duplicate_rate=duplicate_rate, min_rationale_chars=min_rationale_chars,
                              allow_ties=bool(allow_ties))
     except ValidationError as e:
-        err = e.errors()[0]
-        raise WebError(422, "invalid_input", f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        raise _form_error(e) from None
     r = await run_in_threadpool(lambda: create_round_op(request, user, body))
-    return await run_in_threadpool(lambda: _dashboard(request, user, flash=f"Round “{r.name}” created with {r.n_items} items."))
+    return _done(request, f"Round “{r.name}” created with {r.n_items} items.")
 
 
 @router.post("/raters")
@@ -114,10 +168,10 @@ def admin_add_rater(request: Request, user: AdminUser, name: Annotated[str, Form
         body = w.RaterCreate(name=name, role=role, hourly_rate=hourly_rate,
                              specialties=[x.strip() for x in specialties.split(",") if x.strip()])
     except ValidationError as e:
-        err = e.errors()[0]
-        raise WebError(422, "invalid_input", f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        raise _form_error(e) from None
     made = create_rater(request, body, user)
-    return _dashboard(request, user, created={"name": made.name, "password": made.password, "token": made.token})
+    return _dashboard(request, user, created={"name": made.name, "password": made.password, "token": made.token,
+                                              "what": "created"})
 
 
 @router.get("/rounds/{round_id}")
@@ -141,24 +195,50 @@ def admin_round_status(request: Request, round_id: RoundId, user: AdminUser,
 
     info = own_round(request, user, round_id)
     run_store(request, lambda s: ops.set_round_status(s, round_id=round_id, status=status))
-    return _dashboard(request, user, flash=f"Round “{info.name}” is {status}.")
+    return _done(request, f"Round “{info.name}” is {status}.")
 
 
 @router.post("/raters/{rater_id}/active")
-def admin_rater_active(request: Request, rater_id: int, user: AdminUser, active: Annotated[str, Form()]) -> HTMLResponse:
+def admin_rater_active(request: Request, rater_id: RaterId, user: AdminUser, active: Annotated[str, Form()]) -> RedirectResponse:
     """Deactivate a rater (they can no longer sign in or take tasks; their judgements stay) or reactivate."""
-    from preflab.store import ops
-
     if active not in ("0", "1"):
         raise WebError(422, "invalid_input", f"active: must be 0 or 1, got {active!r}")
+    r = update_rater(request, rater_id, w.RaterUpdate(active=active == "1"), user)
+    return _done(request, f"Rater “{r.name}” is {'active' if r.active else 'deactivated'}.")
 
-    def change(s):  # noqa: ANN001, ANN202
-        r = ops.get_rater(s, rater_id=rater_id)
-        if r.project_id != user.project_id:
-            raise ops.StoreError(f"rater {rater_id} not found", code="not_found")
-        if r.id == user.id and active != "1":
-            raise ops.StoreError("you cannot deactivate yourself", code="conflict")
-        return ops.update_rater(s, rater_id=rater_id, active=active == "1")
 
-    r = run_store(request, change)
-    return _dashboard(request, user, flash=f"Rater “{r.name}” is {'active' if r.active else 'deactivated'}.")
+@router.post("/raters/{rater_id}")
+def admin_rater_edit(request: Request, rater_id: RaterId, user: AdminUser, specialties: Annotated[str, Form()] = "",
+                     hourly_rate: Annotated[float, Form()] = 0.0,
+                     role: Annotated[str, Form()] = "rater") -> RedirectResponse:
+    """Change a rater's specialties (task routing), hourly rate (the cost ledger) and role."""
+    try:
+        body = w.RaterUpdate(specialties=[x.strip() for x in specialties.split(",") if x.strip()],
+                             hourly_rate=hourly_rate, role=role)
+    except ValidationError as e:
+        raise _form_error(e) from None
+    r = update_rater(request, rater_id, body, user)
+    return _done(request, f"Rater “{r.name}” saved: {r.role}, specialties {', '.join(r.specialties) or 'none'}, "
+                          f"{r.hourly_rate:g} per hour.")
+
+
+@router.post("/raters/{rater_id}/credentials")
+def admin_rater_credentials(request: Request, rater_id: RaterId, user: AdminUser) -> HTMLResponse:
+    """A new password and API token for a rater, shown once on this page (the old ones stop working)."""
+    made = reset_credentials(request, rater_id, user)
+    return _dashboard(request, user, created={"name": made.name, "password": made.password, "token": made.token,
+                                              "what": "given new credentials (the old password and token no longer work)"})
+
+
+@router.post("/guidelines")
+def admin_guideline(request: Request, user: AdminUser, label: Annotated[str, Form()],
+                    text: Annotated[str, Form()] = "", rubric: Annotated[str, Form()] = "") -> RedirectResponse:
+    """A new guideline version from the form: label, text, one rubric item per line."""
+    try:
+        body = w.GuidelineIn(label=label.strip(), text=text.replace("\r\n", "\n"),
+                             rubric=[x.strip() for x in rubric.splitlines() if x.strip()])
+    except ValidationError as e:
+        raise _form_error(e) from None
+    g = create_guideline(request, body, user)
+    return _done(request, f"Guideline {g.label} saved with {len(g.rubric)} rubric items; it is now the newest "
+                          "(new rounds use it; re-rate what it changes).")

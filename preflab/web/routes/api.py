@@ -17,6 +17,7 @@ from preflab.web.errors import WebError
 
 # ids beyond 2**62 would overflow a database integer: reject them as bad input
 RoundId = Annotated[int, Path(ge=1, le=2**62, description="Round id")]
+RaterId = Annotated[int, Path(ge=1, le=2**62, description="Rater id")]
 
 router = APIRouter(prefix="/api/v1", tags=["api"], dependencies=[Depends(csrf_guard)])
 
@@ -200,6 +201,104 @@ def create_rater(request: Request, body: w.RaterCreate, user: AdminUser) -> w.Ra
 
     rid, token = run_store(request, create)
     return w.RaterCreated(id=rid, name=body.name, role=body.role, password=password, token=token)
+
+
+def _rater_out(r) -> w.RaterOut:  # noqa: ANN001
+    return w.RaterOut(id=r.id, name=r.name, role=r.role, specialties=list(r.specialties), hourly_rate=r.hourly_rate,
+                      active=r.active)
+
+
+def _own_rater(s, user, rater_id: int):  # noqa: ANN001, ANN202
+    """The rater if they belong to the user's project (else not found, never a hint that they exist)."""
+    ops = _ops()
+    try:
+        r = ops.get_rater(s, rater_id=rater_id)
+    except ops.StoreError:
+        r = None
+    if r is None or r.project_id != user.project_id:
+        raise ops.StoreError(f"rater {rater_id} not found", code="not_found")
+    return r
+
+
+@router.get("/raters", response_model=list[w.RaterOut])
+def list_raters(request: Request, user: AdminUser) -> list[w.RaterOut]:
+    """Every rater of the project, active or not (admin)."""
+    ops = _ops()
+    return [_rater_out(r) for r in run_store(request, lambda s: ops.list_raters(s, project_id=user.project_id),
+                                             readonly=True)]
+
+
+@router.patch("/raters/{rater_id}", response_model=w.RaterOut)
+def update_rater(request: Request, rater_id: RaterId, body: w.RaterUpdate, user: AdminUser) -> w.RaterOut:
+    """Change a rater's role, specialties, hourly rate or active flag (admin). A deactivated rater is
+    signed out everywhere at once; their judgements stay. An admin cannot deactivate or demote themself."""
+    ops = _ops()
+    specialties = None
+    if body.specialties is not None:
+        specialties = [x.strip() for x in body.specialties]
+        if not all(specialties):
+            raise WebError(422, "invalid_input", "specialties: an empty domain name")
+
+    def change(s):  # noqa: ANN001, ANN202
+        r = _own_rater(s, user, rater_id)
+        if r.id == user.id and (body.active is False or body.role == "rater"):
+            raise ops.StoreError("you cannot deactivate or demote yourself (another admin can)", code="conflict")
+        return ops.update_rater(s, rater_id=rater_id, active=body.active, role=body.role, specialties=specialties,
+                                hourly_rate=body.hourly_rate)
+
+    return _rater_out(run_store(request, change))
+
+
+@router.post("/raters/{rater_id}/credentials", response_model=w.RaterCreated)
+def reset_credentials(request: Request, rater_id: RaterId, user: AdminUser,
+                      body: w.CredentialsReset | None = None) -> w.RaterCreated:
+    """A new password and API token for a rater (admin), returned once: the old password and token stop
+    working at once. Pages the rater has open stay signed in until their session ends; deactivate the
+    rater to end those too."""
+    import secrets
+
+    ops = _ops()
+    password = (body.password if body else None) or secrets.token_urlsafe(12)
+
+    def reset(s):  # noqa: ANN001, ANN202
+        r = _own_rater(s, user, rater_id)
+        ops.set_password(s, rater_id=r.id, password=password)
+        return r, ops.issue_api_token(s, rater_id=r.id)
+
+    r, token = run_store(request, reset)
+    return w.RaterCreated(id=r.id, name=r.name, role=r.role, password=password, token=token)
+
+
+def _guideline_out(g) -> w.GuidelineOut:  # noqa: ANN001
+    return w.GuidelineOut(label=g.label, text=g.text, rubric=list(g.rubric), created_at=g.created_at)
+
+
+@router.get("/guidelines", response_model=list[w.GuidelineOut])
+def list_guidelines(request: Request, user: AdminUser) -> list[w.GuidelineOut]:
+    """Guideline versions of the project, oldest first; the last is the newest (admin)."""
+    ops = _ops()
+    return [_guideline_out(g) for g in run_store(
+        request, lambda s: ops.list_guidelines(s, project_id=user.project_id), readonly=True)]
+
+
+@router.post("/guidelines", response_model=w.GuidelineOut, status_code=201)
+def create_guideline(request: Request, body: w.GuidelineIn, user: AdminUser) -> w.GuidelineOut:
+    """Add a guideline version (admin). It becomes the newest: rounds created without a version use it,
+    and the reward model trains on judgements made under it (re-rate what it changes)."""
+    ops = _ops()
+    rubric = [x.strip() for x in body.rubric]
+    for i, item in enumerate(rubric):
+        if not item:
+            raise WebError(422, "invalid_input", f"rubric[{i}]: empty")
+        if item in rubric[:i]:
+            raise WebError(422, "invalid_input", f"rubric[{i}]: {item!r} is listed twice")
+
+    def create(s):  # noqa: ANN001, ANN202
+        gid = ops.create_guideline_version(s, project_id=user.project_id, label=body.label.strip(),
+                                           text=body.text, rubric=rubric)
+        return ops.get_guideline(s, guideline_id=gid)
+
+    return _guideline_out(run_store(request, create))
 
 
 @router.get("/alerts", response_model=list[w.AlertOut])
