@@ -109,7 +109,9 @@ def create_app(settings: WebSettings) -> FastAPI:
     app.state.settings = settings
     app.state.engine = db.make_engine(settings.database_url)
     app.state.project_id = _project_id(app.state.engine, settings.project)
+    # templates are read once: a package upgraded under a running server must not pair new templates with old code
     app.state.templates = Jinja2Templates(directory=str(HERE / "templates"))
+    app.state.templates.env.auto_reload = False
     install_handlers(app)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.include_router(api.router)

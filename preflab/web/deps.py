@@ -84,6 +84,9 @@ async def csrf_guard(request: Request) -> None:
     if request.method not in UNSAFE or "authorization" in request.headers:
         return
     settings: WebSettings = request.app.state.settings
+    session = read_cookie_session(request)
+    if session is None:  # no session (or an expired one) to forge a request for: say so, as a GET would
+        raise WebError(401, "unauthenticated", "sign in first (session cookie missing or expired)")
     supplied = request.headers.get("x-csrf-token")
     ctype = request.headers.get("content-type", "")
     if supplied is None and (ctype.startswith("application/x-www-form-urlencoded")
@@ -94,7 +97,7 @@ async def csrf_guard(request: Request) -> None:
             raise WebError(400, "invalid_input", "form: could not parse the request body") from None
         value = form.get("csrf_token")
         supplied = value if isinstance(value, str) else None
-    if not sec.check_csrf(read_cookie_session(request), settings.secret_key, supplied):
+    if not sec.check_csrf(session, settings.secret_key, supplied):
         raise WebError(403, "csrf", "csrf_token: missing or invalid (reload the page and try again)")
 
 

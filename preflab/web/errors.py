@@ -71,6 +71,18 @@ def _loc(loc: tuple) -> str:
     return ".".join(parts) or str(loc[0] if loc else "request")
 
 
+def _message(request: Request, e: dict) -> str:
+    """One validation error as "place: what is wrong", with the JSON position or the missing header said."""
+    loc = tuple(e.get("loc", ()))
+    if e.get("type") == "json_invalid":  # loc is ("body", character offset)
+        at = loc[1] if len(loc) > 1 else "?"
+        return f"body: invalid JSON at character {at} ({(e.get('ctx') or {}).get('error', 'decode error')})"
+    msg = f"{_loc(loc)}: {e.get('msg', 'invalid')}"
+    if loc == ("body",) and "json" not in request.headers.get("content-type", ""):
+        msg += " (send the body as JSON with Content-Type: application/json)"
+    return msg
+
+
 def install_handlers(app: FastAPI) -> None:
     """Register the single handler for WebError, validation errors, HTTP errors and the rest."""
 
@@ -81,7 +93,7 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
         errs = exc.errors()
-        msgs = [f"{_loc(tuple(e.get('loc', ())))}: {e.get('msg', 'invalid')}" for e in errs[:5]]
+        msgs = [_message(request, e) for e in errs[:5]]
         return render_error(request, 422, "invalid_input", "; ".join(msgs) or "invalid input")
 
     @app.exception_handler(StarletteHTTPException)

@@ -86,6 +86,8 @@ class TaskOut(BaseModel):
 class NextOut(BaseModel):
     task: TaskOut | None
     progress: Progress
+    closed: bool = Field(False, description="True when an admin closed the round: task is null although items may "
+                                            "be left, and answers are refused until it is reopened.")
 
 
 class JudgementIn(Strict):
@@ -93,7 +95,8 @@ class JudgementIn(Strict):
     choice: Literal["left", "right", "tie"]
     strength: int = Field(2, ge=0, le=3, description="0 negligible/tie, 1 slightly, 2 clearly, 3 much better")
     rationale: str = Field(max_length=20_000)
-    time_on_task_s: float = Field(0.0, ge=0.0, le=1e7, description="Client-measured; clipped server side.")
+    time_on_task_s: float = Field(0.0, ge=0.0, le=1e7, allow_inf_nan=False,
+                                  description="Client-measured; clipped server side.")
     idempotency_key: str = Field(pattern=IDEM_PATTERN, description="One per task; resend it on retry.")
 
 

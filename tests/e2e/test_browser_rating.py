@@ -185,3 +185,41 @@ def test_an_open_item_keeps_its_lease_while_the_rater_works_on_it(browser, tmp_p
         assert "Done so far: check for more" in page.text_content("table.grid")
     finally:
         server.kill()
+
+
+def test_a_round_closed_under_the_rater_says_so(browser, tmp_path):
+    """An admin closes the round while a rater is on an item: the answer is refused with that reason
+    (not "answered in another tab"), and the page says the round is closed (not "all done")."""
+    from tests.web.harness import pairs_jsonl
+
+    server = Server(db_url=f"sqlite:///{tmp_path / 'store.db'}", log_path=tmp_path / "serve.log").start()
+    try:
+        with server.admin() as admin:
+            assert admin.post("/api/v1/import/pairs", content=pairs_jsonl(3).encode()).status_code == 200
+            rid = admin.post("/api/v1/rounds", json={"name": "week", "overlap": 1, "duplicate_rate": 0,
+                                                     "min_rationale_chars": 5}).json()["id"]
+            dana = admin.post("/api/v1/raters", json={"name": "dana"}).json()
+            page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+            page.goto(server.url + f"/login?next=/rate/{rid}")
+            page.fill("input[name=name]", "dana")
+            page.fill("input[name=password]", dana["password"])
+            page.click("button[type=submit]")
+            page.wait_for_selector("#task:not([hidden])")
+            page.keyboard.press("1")
+            page.fill("#rationale", "the first one is right")
+            import httpx
+
+            from preflab.store import ops
+
+            engine = db.make_engine(server.db_url)
+            with db.session_scope(engine) as s:
+                ops.set_round_status(s, round_id=rid, status="closed")
+            engine.dispose()
+            page.click("#submit")
+            expect(page.locator("#notice")).to_contain_text("an admin closed this round")
+            expect(page.locator("#closed")).to_be_visible()
+            assert page.locator("#done").is_hidden()
+            r = httpx.get(server.url + f"/api/v1/rounds/{rid}/next", headers={"Authorization": f"Bearer {dana['token']}"})
+            assert r.json()["task"] is None and r.json()["closed"] is True
+    finally:
+        server.kill()

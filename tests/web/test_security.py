@@ -159,6 +159,9 @@ def test_csrf_required_on_form_posts_and_cookie_api_calls(world):
     assert r.status_code == 403 and r.json()["error"]["code"] == "csrf"
     r = admin.post("/api/v1/raters", json={"name": "eve2"}, headers={"X-CSRF-Token": csrf_of(html)})
     assert r.status_code == 201
+    # no session at all (never signed in, or expired): 401 as for a GET, not a CSRF complaint
+    r = httpx.post(world["server"].url + f"/api/v1/rounds/{world['round']}/judgements", json={}, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthenticated"
 
 
 def test_bad_input_gets_clear_4xx(world):
@@ -175,6 +178,7 @@ def test_bad_input_gets_clear_4xx(world):
         (dict(ok, idempotency_key="bad key!"), 422, "idempotency_key"),
         (dict(ok, assignment_id=999999), 404, "assignment 999999"),
         (dict(ok, extra=1), 422, "extra"),
+        (dict(ok, time_on_task_s="NaN"), 422, "time_on_task_s: Input should be a finite number"),
     ]
     for body, status, needle in cases:
         r = c.post(f"/api/v1/rounds/{rid}/judgements", json=body)
@@ -182,6 +186,9 @@ def test_bad_input_gets_clear_4xx(world):
         assert needle in r.json()["error"]["message"], r.text
     r = c.post(f"/api/v1/rounds/{rid}/judgements", content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_input"
+    assert r.json()["error"]["message"].startswith("body: invalid JSON at character 1 (Expecting property name")
+    r = c.post(f"/api/v1/rounds/{rid}/judgements", content=b'{"choice": "left"}')  # no Content-Type
+    assert "Content-Type: application/json" in r.json()["error"]["message"]
     admin = world["server"].admin()
     big = b"x" * (8 * 1024 * 1024 + 10)
     r = admin.post("/api/v1/import/pairs", content=big)

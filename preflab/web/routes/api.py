@@ -64,17 +64,20 @@ def rounds(request: Request, user: CurrentUser) -> list[w.RoundOut]:
 
 @router.get("/rounds/{round_id}/next", response_model=w.NextOut)
 def next_task(request: Request, round_id: RoundId, user: CurrentUser) -> w.NextOut:
-    """Lease the caller's next comparison (the same one again until it is judged); task null = done."""
+    """Lease the caller's next comparison (the same one again until it is judged); task null = nothing left
+    for the caller now, or the round is closed (``closed``)."""
     ops = _ops()
     # no separate round lookup: next_task itself refuses a round of another project (403) or an unknown one (404)
 
     def lease(s):  # noqa: ANN001, ANN202
         t = ops.next_task(s, round_id=round_id, rater_id=user.id)
-        return t, (None if t else ops.progress(s, round_id=round_id, rater_id=user.id))
+        if t is not None:
+            return t, None, False
+        return None, ops.progress(s, round_id=round_id, rater_id=user.id), ops.get_round(s, round_id=round_id).status
 
-    task, prog = run_store(request, lease)
+    task, prog, status = run_store(request, lease)
     if task is None:
-        return w.NextOut(task=None, progress=w.Progress(done=prog.done, total=prog.total))
+        return w.NextOut(task=None, progress=w.Progress(done=prog.done, total=prog.total), closed=status == "closed")
     return w.NextOut(task=w.TaskOut(assignment_id=task.assignment_id, prompt=task.prompt_text,
                                     left=w.Side(text=task.left_text), right=w.Side(text=task.right_text)),
                      progress=w.Progress(done=task.done, total=task.total))

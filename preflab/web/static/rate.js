@@ -66,7 +66,7 @@
     if (r.status === 401) { location.href = "/login?next=" + encodeURIComponent(location.pathname); return; }
     if (r.status !== 200) { say((r.data && r.data.error && r.data.error.message) || `error ${r.status}`); return; }
     progress(r.data.progress);
-    if (!r.data.task) { $("task").hidden = true; $("done").hidden = false; return; }
+    if (!r.data.task) { $("task").hidden = true; $(r.data.closed ? "closed" : "done").hidden = false; return; }
     task = r.data.task; choice = null; strength = 2; key = newKey();
     $("query").textContent = task.prompt;
     $("left-text").textContent = task.left.text;
@@ -107,8 +107,10 @@
     if (r && (r.status === 404 || r.status === 409)) {
       // the lease lapsed (the item went to another rater) or it was answered elsewhere (another tab): this
       // answer cannot be saved; say so above the next item, with the rationale to copy
+      const message = (r.data && r.data.error && r.data.error.message) || "";
       const why = r.status === 404
         ? "Not saved: the previous item was open longer than the round allows and went to another rater."
+        : / is closed$/.test(message) ? "Not saved: an admin closed this round while you were on the item."
         : "Not saved: the previous item had already been answered (in another tab?).";
       notice(`${why} Your rationale was: “${text}”`);
       await loadNext(); return;
