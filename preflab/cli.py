@@ -1864,11 +1864,24 @@ def main() -> None:
         detail = text.splitlines()[0] if text else type(e).__name__
         kind = type(e).__name__ if type(e).__module__.startswith("sqlalchemy") else ""
         if kind == "OperationalError" or (kind == "ProgrammingError" and "does not exist" in detail):
-            hint = (" (a new database? run `preflab store migrate --db URL` first)"
-                    if "no such table" in detail or "does not exist" in detail else "")
-            console.print(f"[red]error:[/red] the store (--db) failed: {escape(detail)}{hint}")
+            console.print(f"[red]error:[/red] the store (--db) failed: {escape(detail)}{_db_hint(detail)}")
             sys.exit(2)
         raise
+
+
+def _db_hint(detail: str) -> str:
+    """What to do about a store that failed to open, from the driver's message (SQLite or PostgreSQL)."""
+    import re
+
+    if m := re.search(r'database "([^"]+)" does not exist', detail):
+        return f" (create the database first: `createdb {m.group(1)}`, then `preflab store migrate --db URL`)"
+    if re.search(r'role "[^"]+" does not exist|password authentication failed|no password supplied', detail):
+        return " (check the user name and password in --db)"
+    if "connection refused" in detail.lower() or "could not translate host name" in detail:
+        return " (is PostgreSQL running at the host and port in --db?)"
+    if "no such table" in detail or re.search(r'relation "[^"]+" does not exist', detail):
+        return " (a new database? run `preflab store migrate --db URL` first)"
+    return ""
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
@@ -38,11 +38,25 @@ _READONLY = "preflab_readonly"
 
 
 def normalise_url(url: str | Path) -> str:
-    """A SQLAlchemy URL for ``url``; a bare path becomes ``sqlite:///<path>``."""
+    """A SQLAlchemy URL for ``url``; a bare path becomes ``sqlite:///<path>``.
+
+    ``postgres://`` and ``postgresql://`` (libpq style, as hosting providers print them) name the
+    psycopg 3 driver that preflab installs (SQLAlchemy 2.0 would otherwise look for psycopg2)."""
     s = str(url)
+    for scheme in ("postgres://", "postgresql://"):
+        if s.startswith(scheme):
+            return "postgresql+psycopg://" + s[len(scheme):]
     if "://" in s:
         return s
     return f"sqlite:///{Path(s).expanduser()}"
+
+
+def _shown(url: str) -> str:
+    """``url`` without its password, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return repr(url)
 
 
 def make_engine(url: str | Path, *, echo: bool = False, create: bool = True) -> Engine:
@@ -51,7 +65,12 @@ def make_engine(url: str | Path, *, echo: bool = False, create: bool = True) -> 
     ``create=False``: a SQLite file that does not exist is a ``ConfigError`` naming it (commands
     that work on an existing store: a mistyped ``--db`` would otherwise make a new, empty one)."""
     s = normalise_url(url)
-    u = make_url(s)
+    try:
+        u = make_url(s)
+        u.get_dialect().import_dbapi()  # an unknown database or a driver not installed: named, not a traceback
+    except (ArgumentError, NoSuchModuleError, ImportError) as e:
+        raise ConfigError(f"--db: cannot use {_shown(s)}: {e} (expected sqlite:///PATH or "
+                          "postgresql+psycopg://USER@HOST:PORT/DATABASE)") from None
     if u.get_backend_name() == "sqlite":
         memory = u.database in (None, "", ":memory:")
         if not memory and not create and not Path(u.database).is_file():

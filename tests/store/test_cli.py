@@ -150,7 +150,24 @@ def test_an_unreachable_or_unmigrated_store_is_a_named_error_not_a_traceback(tmp
     assert "the store (--db) failed: no such table" in r.stdout and "preflab store migrate" in r.stdout, r.stdout
     r = preflab("store", "round", "r1", "--db", "postgresql+psycopg://nobody@127.0.0.1:1/none")
     assert r.returncode == 2 and "the store (--db) failed: connection" in r.stdout, r.stdout + r.stderr
+    assert "is PostgreSQL running at the host and port" in r.stdout
+    r = preflab("store", "round", "r1", "--db", "postgresql+psycopg2://nobody:hunter2@127.0.0.1/none")
+    assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr
+    assert "--db: cannot use postgresql+psycopg2://nobody:***@127.0.0.1/none: No module named" in r.stdout, r.stdout
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_postgres_errors_say_what_to_fix():
+    from preflab.cli import _db_hint
+    from preflab.store.db import normalise_url
+
+    assert normalise_url("postgres://u@h:5432/d") == "postgresql+psycopg://u@h:5432/d"  # as hosting providers print it
+    assert normalise_url("postgresql://u@h/d") == "postgresql+psycopg://u@h/d"
+    assert "createdb acme" in _db_hint('connection failed: FATAL:  database "acme" does not exist')
+    assert "user name and password" in _db_hint('FATAL:  role "bob" does not exist')
+    assert "user name and password" in _db_hint('FATAL:  password authentication failed for user "bob"')
+    assert "store migrate" in _db_hint('relation "projects" does not exist')
+    assert "store migrate" in _db_hint("no such table: projects")
 
 
 @pytest.mark.parametrize("key", ["short", ""])  # "": an unset $KEY in --secret-key "$KEY"
