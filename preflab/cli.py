@@ -427,14 +427,14 @@ def ab_create(
         engine = store_db.make_engine(db, create=False)
         store_db.upgrade(engine)
         with store_db.session_scope(engine, readonly=True) as s:  # a taken name fails before the generation
-            pid = ops.project_id(s, name=project)
-            if pid is not None and ops.round_by_name(s, project_id=pid, name=name) is not None:
+            pid = ops.require_project(s, name=project)
+            if ops.round_by_name(s, project_id=pid, name=name) is not None:
                 raise ops.StoreError(f"--name: round {name!r} already exists in project {project!r}")
         cand, base = load_policy(candidate), load_policy(baseline)
         # generate before the transaction: a running `preflab serve` keeps taking judgements meanwhile
         texts = [generate_responses(*m, qs, cfg, prompt_template=template) for m in (cand, base)]
         with store_db.session_scope(engine) as s:
-            pid = ops.ensure_project(s, name=project)
+            pid = ops.require_project(s, name=project)
             rid = store_ab_round(s, project_id=pid, name=name, queries=qs,
                                  candidate_source=str(Path(candidate).resolve()),
                                  baseline_source=str(Path(baseline).resolve()), candidate_texts=texts[0],
@@ -553,9 +553,16 @@ def promote_cmd(
     from preflab.evaluate.gates import render_table
     from preflab.evaluate.promote import promote_checkpoint
     from preflab.store import db as store_db
+    from preflab.store import ops
 
     try:
-        store_db.make_engine(db, create=False).dispose()  # a mistyped --db records the decision nowhere new
+        engine = store_db.make_engine(db, create=False)  # a mistyped --db or --project records the decision nowhere new
+        try:
+            with store_db.session_scope(engine, readonly=True) as s:
+                if ops.list_projects(s):  # a store's first project may be made by its first promotion
+                    ops.require_project(s, name=project)
+        finally:
+            engine.dispose()
         d = promote_checkpoint(checkpoint, stage=to, db_url=db, project=project, gates=_gates_cfg(config))
     except ValueError as e:
         _fail(e)
@@ -850,7 +857,7 @@ def guidelines_add_rubric(
     engine = store_db.make_engine(db, create=False)
     try:
         with store_db.session_scope(engine) as s:
-            pid = ops.ensure_project(s, name=project)
+            pid = ops.require_project(s, name=project)
             add_rubric(s, project_id=pid, label=label, items=item)
             g = ops.latest_guideline(s, project_id=pid)
     except ValueError as e:
@@ -898,7 +905,7 @@ def rerate_cmd(
     engine = store_db.make_engine(db, create=False)
     try:
         with store_db.session_scope(engine) as s:
-            pid = ops.ensure_project(s, name=project)
+            pid = ops.require_project(s, name=project)
             rr = create_rerate_round(s, project_id=pid, name=name or f"rerate-{guideline}", where=parse_where(where),
                                      limit=limit, guideline=guideline, overlap=overlap, seed=seed)
     except ValueError as e:

@@ -201,3 +201,33 @@ def test_reset_password_gives_a_locked_out_admin_new_credentials(tmp_path):
     r = CliRunner().invoke(app, ["store", "reset-password", "boss", "--db", f"sqlite:///{tmp_path / 'typo.db'}"])
     assert r.exit_code == 2 and "no store at" in " ".join(r.output.split())
     assert not (tmp_path / "typo.db").exists()
+
+
+def test_a_mistyped_project_is_refused_not_created(tmp_path):
+    from preflab.store import db as store_db
+    from preflab.store import ops
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    store_db.upgrade(url)
+    engine = store_db.make_engine(url)
+    with store_db.session_scope(engine) as s:
+        ops.ensure_project(s, name="support")
+    for args in (["guidelines", "add-rubric", "--label", "v9", "--item", "x"],
+                 ["rerate", "--where", "topic=pricing", "--guideline", "v9"],
+                 ["promote", str(tmp_path), "--to", "staging"]):
+        r = CliRunner().invoke(app, [*args, "--db", url, "--project", "suport"], terminal_width=200)
+        assert r.exit_code == 2, (args, r.output)
+        assert "--project: no project named 'suport' in the store (it has 'support')" in " ".join(r.output.split())
+    with store_db.session_scope(engine, readonly=True) as s:
+        assert ops.list_projects(s) == ["support"]  # nothing was created
+    # an import into the mistyped project names where its prompt ids are, and creates nothing either
+    (tmp_path / "q.jsonl").write_text('{"id": "q1", "text": "How much is the plan?", "topic": "pricing"}\n')
+    assert CliRunner().invoke(app, ["store", "import", str(tmp_path / "q.jsonl"), "--kind", "prompts", "--db", url,
+                                    "--project", "support"]).exit_code == 0
+    (tmp_path / "p.jsonl").write_text('{"id": "p1", "prompt_id": "q1", "response_a": {"id": "a1", "text": "10"}, '
+                                      '"response_b": {"id": "b1", "text": "20"}}\n')
+    r = CliRunner().invoke(app, ["store", "import", str(tmp_path / "p.jsonl"), "--db", url, "--project", "suport"],
+                           terminal_width=200)
+    assert r.exit_code == 2 and "unknown prompt id 'q1' in this project (it is in project 'support'" in r.output
+    with store_db.session_scope(engine, readonly=True) as s:
+        assert ops.list_projects(s) == ["support"]

@@ -70,6 +70,14 @@ def _unique_by_id(items: list, locs: list[str], kind: str) -> dict[str, tuple[An
     return seen
 
 
+def _elsewhere(session: Session, prompt: Prompt | None) -> str:
+    """For a prompt id known only in another project: say which (ids are unique across the store)."""
+    if prompt is None:
+        return ""
+    name = session.scalar(select(Project.name).where(Project.id == prompt.project_id))
+    return f" in this project (it is in project {name!r}: a mistyped --project?)"
+
+
 def add_prompts(
     session: Session, *, project_id: int, prompts: Iterable[PromptIn | Mapping[str, Any]],
     where: str | Sequence[str] = "prompts",
@@ -136,7 +144,7 @@ def add_responses(
     for rid, (r, w) in seen.items():
         p = prompts.get(r.prompt_id)
         if p is None or p.project_id != project_id:
-            raise StoreError(f"{w}: unknown prompt id {r.prompt_id!r}", code="not_found")
+            raise StoreError(f"{w}: unknown prompt id {r.prompt_id!r}{_elsewhere(session, p)}", code="not_found")
         old = existing.get(rid)
         if old is not None:
             if (old.prompt_id, old.text, old.source) != (r.prompt_id, r.text, r.source):
@@ -173,7 +181,7 @@ def add_pairs(
     for pid, (p, w) in seen.items():
         pr = prompts.get(p.prompt_id)
         if pr is None or pr.project_id != project_id:
-            raise StoreError(f"{w}: unknown prompt id {p.prompt_id!r}", code="not_found")
+            raise StoreError(f"{w}: unknown prompt id {p.prompt_id!r}{_elsewhere(session, pr)}", code="not_found")
         for side in (p.response_a_id, p.response_b_id):
             r = responses.get(side)
             if r is None:

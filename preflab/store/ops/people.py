@@ -47,12 +47,19 @@ def project_id(session: Session, *, name: str) -> int | None:
     return session.scalar(select(Project.id).where(Project.name == name))
 
 
+def list_projects(session: Session) -> list[str]:
+    """Names of the store's projects, oldest first."""
+    return list(session.scalars(select(Project.name).order_by(Project.id)))
+
+
 def require_project(session: Session, *, name: str, where: str = "--project") -> int:
     """The id of the project called ``name``; a missing one is a ``not_found`` StoreError naming
     ``where`` (the flag or field the name came from)."""
     pid = project_id(session, name=name)
     if pid is None:
-        raise StoreError(f"{where}: no project named {name!r} in the store", code="not_found")
+        names = list_projects(session)
+        have = f"it has {', '.join(map(repr, names))}" if names else "it has none yet; `preflab store import` makes one"
+        raise StoreError(f"{where}: no project named {name!r} in the store ({have})", code="not_found")
     return pid
 
 
