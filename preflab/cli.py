@@ -238,6 +238,8 @@ def outcomes_compare(
         raise typer.Exit(2)
     try:
         records = read_outcomes(file) if file else load_run_outcomes(run)
+        if run and not records:
+            raise ValueError(f"--run: no outcomes imported in {run} (`preflab outcomes import LOG --run {run}` first)")
         comp = compare_versions(records, baseline, candidate, method=method)
     except (OutcomeImportError, ValueError) as e:
         console.print(f"[red]error:[/red] {escape(str(e))}")
@@ -1222,6 +1224,10 @@ def store_round(
         with store_db.session_scope(engine) as s:
             pid = ops.require_project(s, name=project)
             pairs = [p.id for p in ops.list_pairs(s, project_id=pid, topic=topic)]
+            if topic and not pairs:
+                topics = sorted({p.topic for p in ops.list_pairs(s, project_id=pid) if p.topic})
+                raise ops.StoreError(f"--topic: no pairs with topic {topic!r} in project {project!r} "
+                                     f"(topics there: {', '.join(topics) or 'none'})")
             if pairs_from:
                 from preflab.store.io import listed_pair_ids
 

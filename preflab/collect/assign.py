@@ -128,5 +128,9 @@ def round_routing_gaps(session: Session, *, round_id: int) -> list[str]:
     topics = {p.id: p.topic for p in ops.list_pairs(session, project_id=rnd.project_id,
                                                       pair_ids=ops.round_pair_ids(session, round_id=round_id))}
     raters = ops.list_raters(session, project_id=rnd.project_id, active_only=True)
-    return routing_gaps(domains=list(topics.values()), specialties=[r.specialties for r in raters],
+    gaps = routing_gaps(domains=list(topics.values()), specialties=[r.specialties for r in raters],
                         overlap=rnd.overlap, routing=rnd.routing, fallback=rnd.fallback)
+    n_admins = sum(r.role == "admin" for r in raters)
+    if n_admins:  # admins may rate too, so they count; say so, as a team may not mean them to
+        gaps = [g.replace(" active raters ", f" active raters ({n_admins} of them admin) ", 1) for g in gaps]
+    return gaps

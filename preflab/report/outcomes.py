@@ -5,7 +5,7 @@ Log format (CSV with a header, or JSON lines), one conversation per row:
     conversation_id   unique string
     model_version     string (e.g. ``sft``, ``ppo_v2``)
     escalated         0/1 (also true/false, yes/no)
-    csat              integer 1..5, or empty / null when the customer gave no rating
+    csat              integer 1..5, or empty / null / N/A / NA / none / - when the customer gave no rating
     handle_time_min   number >= 0
     timestamp         ISO 8601 (``2026-01-05T09:13:22Z``)
 
@@ -37,6 +37,8 @@ from pathlib import Path
 
 from preflab.quality.consistency import wilson_interval
 
+# what survey exports write where the customer gave no rating
+NO_RATING = ("", "na", "n/a", "none", "null", "-")
 REQUIRED = ("conversation_id", "model_version", "escalated", "csat", "handle_time_min", "timestamp")
 _TRUE = {"1", "true", "yes", "y", "t"}
 _FALSE = {"0", "false", "no", "n", "f"}
@@ -81,7 +83,7 @@ def _parse_row(row: dict, where: str) -> OutcomeRecord:
     else:
         raise OutcomeImportError(f"{where}: escalated: expected 0/1 or true/false, got {esc!r}")
     raw = row["csat"]
-    if raw is None or (isinstance(raw, str) and raw.strip() == ""):
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() in NO_RATING):
         csat = None
     else:
         try:

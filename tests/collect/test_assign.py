@@ -65,3 +65,13 @@ def test_open_round_applies_the_policy_and_gaps_match_reality(seed):
     with db.session_scope(st.engine) as s:
         prog = ops.round_progress(s, round_id=rid)
     assert prog.items_complete == 3  # the pricing items; billing ones stay short, as warned
+
+
+def test_the_too_few_raters_warning_says_admins_were_counted(seed):
+    st = seed(n_pairs=2, raters={"p1": ["pricing"]})
+    cfg = from_dict(AssignConfig, {"overlap": 3, "duplicate_rate": 0.0})
+    with db.session_scope(st.engine) as s:
+        ops.create_rater(s, project_id=st.project_id, name="lead", role="admin")
+        rid = open_round(s, cfg, project_id=st.project_id, name="r", kind="collection", pair_ids=st.pair_ids)
+        gaps = round_routing_gaps(s, round_id=rid)
+    assert gaps == ["only 2 active raters (1 of them admin) for overlap 3: no item can be completed"]

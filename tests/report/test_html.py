@@ -101,6 +101,8 @@ def test_cli_report_and_outcomes(sandbox_run, tmp_path):
     out = cli("outcomes", "import", str(bad), "--run", str(tmp_path / "r"))
     assert out.returncode == 2 and "bad.csv:2: csat" in out.stdout.replace("\n", "")
     assert not (tmp_path / "r" / "outcomes").exists()
+    out = cli("outcomes", "compare", "--run", str(tmp_path / "r"), "--baseline", "sft", "--candidate", "ppo_v2")
+    assert out.returncode == 2 and "--run: no outcomes imported in" in out.stdout.replace("\n", "")
     out = cli("report", str(tmp_path / "nothing-here"))
     assert out.returncode == 2 and "not a directory" in out.stdout
 

@@ -84,10 +84,12 @@ CSV_HEAD = "conversation_id,model_version,escalated,csat,handle_time_min,timesta
 
 def test_import_reads_csv_and_jsonl(tmp_path):
     (tmp_path / "a.csv").write_text(CSV_HEAD + "c1,sft,1,3,12.5,2026-01-05T10:00:00Z,pricing\n"
-                                    "c2,sft,false,,4,2026-01-05T11:00:00+01:00,billing\n")
+                                    "c2,sft,false,,4,2026-01-05T11:00:00+01:00,billing\n"
+                                    "c3,sft,0,N/A,4,2026-01-05,billing\nc4,sft,0,-,4,2026-01-05,billing\n")
     recs = read_outcomes(tmp_path / "a.csv")
     assert recs[0].escalated is True and recs[0].csat == 3 and recs[0].handle_time_min == 12.5
     assert recs[1].escalated is False and recs[1].csat is None
+    assert recs[2].csat is None and recs[3].csat is None  # survey exports' "no rating"
     assert recs[1].timestamp == "2026-01-05T10:00:00Z"  # normalised to UTC
     (tmp_path / "b.jsonl").write_text(json.dumps({"conversation_id": "c3", "model_version": "v2", "escalated": 0,
                                                   "csat": 5, "handle_time_min": 3, "timestamp": "2026-01-12"}) + "\n\n")

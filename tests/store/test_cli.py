@@ -42,6 +42,8 @@ def test_store_commands_end_to_end(tmp_path):
     (tmp_path / "typo.jsonl").write_text('{"id": "p3"}\n{"id": "p99"}\n')
     r = run(app, ["store", "round", "typo", "--pairs", str(tmp_path / "typo.jsonl"), "--db", db, "--project", "cli"])
     assert r.exit_code == 2 and "typo.jsonl:2: no pair 'p99' in the project" in r.text, r.text
+    r = run(app, ["store", "round", "t", "--topic", "billing", "--db", db, "--project", "cli"])
+    assert r.exit_code == 2 and "--topic: no pairs with topic 'billing' in project 'cli' (topics there: pricing)" in r.text
     r = run(app, ["store", "progress", "typo", "--db", db, "--project", "cli"])
     assert r.exit_code == 2 and "no round 'typo'" in r.text  # nothing was created
     r = run(app, ["store", "progress", "first", "--db", db, "--project", "cli"])
