@@ -165,22 +165,29 @@ def report_cmd(
     db: str = typer.Option(None, "--db", help="A real project's store: first write the rater quality, cost, "
                                               "checkpoint, A/B and factual summaries into RUN_DIR from it."),
     project: str = typer.Option("default", help="Project in --db."),
+    config: str = typer.Option(None, help="With --db: project TOML whose \\[cost] table sets prices and, for the "
+                                          "ROI, weekly_conversations and cost_per_escalation (docs/cost.md)."),
 ) -> None:
     """Write RUN_DIR/report.html (self-contained, plots embedded) and RUN_DIR/report.md."""
     from pathlib import Path
 
     from preflab.report.html import ReportError, render_report
 
+    if config is not None and db is None:
+        _fail(ValueError("--config: give --db too (the cost ledger is written from a project's store)"))
     if db is not None:
+        from preflab.config import load_toml
         from preflab.pipeline import project_summaries
+        from preflab.report.cost import CostConfig
         from preflab.store import db as store_db
         from preflab.store.ops import StoreError
 
         if not Path(run_dir).is_dir():
             _fail(ValueError(f"RUN_DIR: {run_dir} is not a directory"))
         try:
+            cost = load_toml(CostConfig, config, "cost") if config else None
             engine = store_db.make_engine(db, create=False)
-            done = project_summaries(run_dir, engine, project=project)
+            done = project_summaries(run_dir, engine, project=project, cost=cost)
             engine.dispose()
         except (StoreError, ValueError, KeyError, OSError) as e:
             _fail(e)

@@ -301,7 +301,9 @@ def project_summaries(run_dir: str | Path, engine, *, project: str, cost=None) -
     - ``collection/quality.json``: ``store_quality`` over calibration, collection and re-rate rounds,
       with the project's open drift alerts;
     - ``cost.json``: annotator cost = time on task x each rater's hourly rate from the store
-      (``cost.default_hourly_rate`` where none is set), no compute (``report.cost``);
+      (``cost.default_hourly_rate`` where none is set), no compute (``report.cost``); with
+      ``outcomes/comparison.json`` (``preflab outcomes compare --run``) also the ROI: escalations
+      avoided per week at ``cost.weekly_conversations`` x ``cost.cost_per_escalation``, and the payback;
     - ``checkpoints.json``: a row per ``*/eval/gate.json`` under ``run_dir`` (``preflab gates``), win
       rate from the ``ab.json`` beside it;
     - ``ab/result.json``, ``factual/result.json``: the newest ``*/eval/ab.json`` / ``factual_compare.json``.
@@ -326,8 +328,13 @@ def project_summaries(run_dir: str | Path, engine, *, project: str, cost=None) -
     cost = cost or CostConfig()
     rates = {r.name: r.hourly_rate for r in raters if r.hourly_rate > 0}
     cfg = dataclasses.replace(cost, hourly_rates={**rates, **cost.hourly_rates})  # the config's rates win
+    roi = {}
+    comparison = run_dir / "outcomes" / "comparison.json"  # `preflab outcomes compare --run`: the ROI's rates
+    if comparison.is_file() and (esc := json.loads(comparison.read_text()).get("escalation")):
+        roi = {"escalation_before": esc["baseline"], "escalation_after": esc["candidate"],
+               "escalation_diff_ci": tuple(esc["ci"])}
     files: dict[str, Any] = {"collection/quality.json": quality,
-                             "cost.json": build_ledger(cfg, judgement_times=times)}
+                             "cost.json": build_ledger(cfg, judgement_times=times, **roi)}
 
     rows = []
     for gate_file in _evidence_files(run_dir, "gate.json"):

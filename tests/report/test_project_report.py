@@ -74,3 +74,35 @@ def test_report_from_a_real_projects_store(seed, db_url, tmp_path):
 
     r = CliRunner().invoke(app, ["report", str(run), "--db", db_url, "--project", "nobody"])
     assert r.exit_code == 2 and "no project named 'nobody'" in r.output
+
+
+def test_a_real_projects_report_has_the_roi_once_outcomes_are_compared(seed, db_url, tmp_path):
+    """Outcomes imported and compared (`outcomes compare --run`) give the ledger its escalation rates;
+    the project's [cost] table prices an escalation and the weekly volume."""
+    st = seed(n_pairs=4, raters={"ann": []}, project="acme")
+    with db.session_scope(st.engine) as s:
+        rid = ops.create_round(s, project_id=st.project_id, name="w1", kind="collection", pair_ids=st.pair_ids,
+                               overlap=1, duplicate_rate=0.0, routing="any")
+    judge_all(st.engine, rid, st.raters["ann"], lambda t: "left", seconds=3600.0)  # 4 hours at 60/h = 240
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = ["conversation_id,model_version,escalated,csat,handle_time_min,timestamp"]
+    rows += [f"a{i},sft,{int(i < 40)},3,5,2026-01-05" for i in range(100)]  # 40% escalated
+    rows += [f"b{i},ppo,{int(i < 20)},4,5,2026-01-12" for i in range(100)]  # 20%
+    (tmp_path / "logs.csv").write_text("\n".join(rows) + "\n")
+    runner = CliRunner()
+    assert runner.invoke(app, ["outcomes", "import", str(tmp_path / "logs.csv"), "--run", str(run)]).exit_code == 0
+    r = runner.invoke(app, ["outcomes", "compare", "--run", str(run), "--baseline", "sft", "--candidate", "ppo"])
+    assert r.exit_code == 0, r.output
+    (tmp_path / "project.toml").write_text("[cost]\nweekly_conversations = 1000\ncost_per_escalation = 12.0\n")
+    r = runner.invoke(app, ["report", str(run), "--db", db_url, "--project", "acme",
+                            "--config", str(tmp_path / "project.toml")])
+    assert r.exit_code == 0, r.output
+    roi = json.loads((run / "cost.json").read_text())["roi"]
+    # 0.20 fewer escalations x 1000 conversations a week x 12 = 2400 a week; the 240 spent pays back in 0.1 week
+    assert math.isclose(roi["escalation_before"], 0.4) and math.isclose(roi["escalation_after"], 0.2)
+    assert math.isclose(roi["weekly_saving"], 2400.0) and math.isclose(roi["payback_weeks"], 0.1)
+    assert len(roi["payback_weeks_range"]) == 2
+    assert "payback" in (run / "report.md").read_text().lower()
+    r = runner.invoke(app, ["report", str(run), "--config", str(tmp_path / "project.toml")])
+    assert r.exit_code == 2 and "--config: give --db too" in r.output
