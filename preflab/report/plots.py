@@ -380,21 +380,30 @@ def plot_outcomes(comp: Mapping) -> bytes:
         for i, v in enumerate(vals):
             a.text(i, v / 2, f"{v:.2f}" if lab != "share escalated" else f"{v:.1%}", ha="center", va="center",
                    fontsize=8, color="white", fontweight="bold")
-        a.set_ylim(0, max(vals) * 1.25)
+        uppers = [ci[1] for ci in cis.values() if ci]
+        a.set_ylim(0, max([*vals, *uppers]) * 1.15)  # the whole CI shows, not only the bar
         lo, hi = block["ci"]
         a.set_xticks([0, 1], names, fontsize=8)
         a.set_ylabel(lab + " (95% CI)")
         a.set_title(f"{title}\ndiff {block['diff']:+.3g} [{lo:+.3g}, {hi:+.3g}]", fontsize=9)
+    from preflab.quality.consistency import wilson_interval
+
     a = ax[0][3]
+    tops = []
     for i, name in enumerate(names):
         wk = [w for w in comp.get("weekly", []) if w["model_version"] == name]
-        a.plot([w["week"] for w in wk], [w["escalation_rate"] for w in wk], marker="o",
-               color=[BEFORE, AFTER][i], label=name)
-    rates = [w["escalation_rate"] for w in comp.get("weekly", [])]
-    a.set_ylim(0, 1.35 * max(rates) if rates else None)  # room above the points for the legend
+        rates = [w["escalation_rate"] for w in wk]
+        cis = [wilson_interval(round(w["escalation_rate"] * w["n"]), w["n"]) if w.get("n") else None for w in wk]
+        tops += [ci[1] if ci else r for r, ci in zip(rates, cis, strict=True)]
+        a.errorbar([w["week"] for w in wk], rates, capsize=3, marker="o", color=[BEFORE, AFTER][i], label=name,
+                   yerr=list(zip(*[_err(r, ci) for r, ci in zip(rates, cis, strict=True)], strict=True)) if wk else None)
+        for w in wk:  # a week's n: a rate from a handful of conversations is not a trend
+            a.annotate(f"n={w['n']}", (w["week"], w["escalation_rate"]), textcoords="offset points", xytext=(4, 4),
+                       fontsize=6, color=[BEFORE, AFTER][i])
+    a.set_ylim(0, min(1.0, max(tops)) * 1.35 if tops else None)  # room above the bars for the legend
     a.tick_params(axis="x", labelrotation=60, labelsize=7)
     a.set_xlabel("ISO week")
-    a.set_ylabel("share escalated")
+    a.set_ylabel("share escalated (95% CI)")
     a.set_title("Escalation by week", fontsize=9)
     a.legend(fontsize=7, loc="upper center", ncols=2)
     return _png(fig)
@@ -405,11 +414,14 @@ def plot_cost(ledger: Mapping) -> bytes:
     cur = ledger.get("currency", "USD")
     ann = ledger.get("annotators") or []
     comp = ledger.get("compute") or []
-    fig, ax = _fig(9, 3.2, ncols=2)
-    a, b = ax[0]
+    fig, ax = _fig(9 if comp else 5, 3.2, ncols=2 if comp else 1)  # no compute measured (a real project): one panel
+    a = ax[0][0]
     a.barh([r["rater"] for r in ann], [r["cost"] for r in ann], color=AFTER)
     a.set_xlabel(f"annotation cost ({cur})")
     a.set_title("Annotators: time on task x hourly rate", fontsize=9)
+    if not comp:
+        return _png(fig)
+    b = ax[0][1]
     b.barh([s["stage"] for s in comp], [s["cost"] for s in comp], color="#ff7f0e")
     b.set_xlabel(f"compute cost ({cur})")
     b.set_title("Compute: wall time x device-hour price", fontsize=9)
