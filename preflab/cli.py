@@ -950,7 +950,8 @@ def lineage_cmd(
 
 # ---- quality: agreement report, rater status, calibration workshop (quality/, collect/workshop.py) ----
 
-quality_app = typer.Typer(help="Rater quality: calibration workshop report, rater status, drift alerts.",
+quality_app = typer.Typer(help="Rater quality: a round's agreement, calibration workshop report, disagreement "
+                               "review, rater status, drift alerts.",
                           no_args_is_help=True)
 app.add_typer(quality_app, name="quality")
 
@@ -1015,19 +1016,11 @@ def quality_review(
 
     from preflab.collect.workshop import disagreement_review, review_markdown
     from preflab.store import db as store_db
-    from preflab.store import ops
 
     try:
         engine = store_db.make_engine(db, create=False)
         with store_db.session_scope(engine, readonly=True) as s:
-            pid = ops.require_project(s, name=project)
-            rnd = ops.round_by_name(s, project_id=pid, name=round_ref)
-            if rnd is None and round_ref.isdigit():
-                rnd = ops.get_round(s, round_id=int(round_ref))
-                if rnd.project_id != pid:
-                    rnd = None
-            if rnd is None:
-                raise ValueError(f"ROUND: no round named or numbered {round_ref!r} in project {project!r}")
+            rnd = _round_ref(s, project, round_ref)
             items = disagreement_review(s, round_id=rnd.id)
         engine.dispose()
         if not items:
@@ -1047,6 +1040,73 @@ def quality_review(
     console.print(t)
     if out:
         console.print(f"wrote {out} (each side's rationales, in the raters' words)")
+
+
+def _round_ref(s, project: str, ref: str):  # noqa: ANN001, ANN202
+    """The round of ``project`` named ``ref`` (or numbered, when no round has that name)."""
+    from preflab.store import ops
+
+    pid = ops.require_project(s, name=project)
+    rnd = ops.round_by_name(s, project_id=pid, name=ref)
+    if rnd is None and ref.isdigit():
+        try:
+            rnd = ops.get_round(s, round_id=int(ref))
+        except ops.StoreError:
+            rnd = None
+        if rnd is not None and rnd.project_id != pid:
+            rnd = None
+    if rnd is None:
+        raise ValueError(f"ROUND: no round named or numbered {ref!r} in project {project!r}")
+    return rnd
+
+
+@quality_app.command("agreement")
+def quality_agreement(
+    round_ref: str = typer.Argument(..., metavar="ROUND", help="A round with overlap >= 2 (any kind): name or id."),
+    db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
+    project: str = typer.Option("default", help="Project."),
+    n_boot: int = typer.Option(1000, min=50, help="Bootstrap resamples of items for the CIs."),
+    seed: int = typer.Option(0, help="Bootstrap seed."),
+    out: str = typer.Option(None, "--out", help="Also write the figures as JSON here."),
+) -> None:
+    """How far a round's raters agree: kappa (pairwise, Fleiss), alpha, raw agreement with 95% CIs; per rater."""
+    import json as _json
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from preflab.collect.workshop import round_agreement
+    from preflab.store import db as store_db
+
+    try:
+        engine = store_db.make_engine(db, create=False)
+        with store_db.session_scope(engine, readonly=True) as s:
+            rnd = _round_ref(s, project, round_ref)
+            a = round_agreement(s, round_id=rnd.id, n_boot=n_boot, seed=seed)
+        engine.dispose()
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(_json.dumps(a, indent=2) + "\n")
+    except (ValueError, OSError) as e:
+        _fail(e)
+    t = Table(title=f"{rnd.name}: {a['n_items']} items judged by 2+ of {a['n_raters']} raters")
+    for col in ("statistic", "value", "95% CI"):
+        t.add_column(col)
+    for name, st in a["statistics"].items():
+        ci = f"[{st['low']:.2f}, {st['high']:.2f}]" if st.get("low") is not None else "-"
+        t.add_row(name.replace("_", " "), f"{st['value']:.2f}", ci)
+    console.print(t)
+    r = Table(title="per rater (lowest agreement first)")
+    for col in ("rater", "agreement with the others' majority", "items compared", "mean kappa with each other"):
+        r.add_column(col)
+    rows = sorted(a["raters"].items(), key=lambda kv: (kv[1]["agreement_with_majority"] is None,
+                                                        kv[1]["agreement_with_majority"] or 0.0))
+    for name, x in rows:
+        agree, k = x["agreement_with_majority"], x["mean_kappa_with_others"]
+        r.add_row(name, "-" if agree is None else f"{agree:.0%}", str(x["n_compared"]), "-" if k is None else f"{k:.2f}")
+    console.print(r)
+    if out:
+        console.print(f"wrote {out}")
 
 
 def _print_workshop(rep: dict) -> None:

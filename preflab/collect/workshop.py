@@ -29,6 +29,7 @@ from preflab.quality.agreement import agreement_with_reference, majority_labels
 from preflab.quality.calibration import (
     before_after,
     report_markdown,
+    round_stats,
     style_guide_excerpts,
     style_guide_markdown,
 )
@@ -85,6 +86,23 @@ def round_labels(s: Session, *, round_id: int) -> dict[str, dict[str, str]]:
     for j in ops.round_judgements(s, round_id=round_id, include_duplicates=False):
         out.setdefault(j.pair_id, {})[j.rater_name] = j.choice
     return out
+
+
+def round_agreement(s: Session, *, round_id: int, n_boot: int = 500, seed: int = 0) -> dict:
+    """Agreement between a round's raters (any kind of round with overlap >= 2): mean pairwise
+    Cohen's kappa, Fleiss' kappa, Krippendorff's alpha and raw agreement with bootstrap CIs over
+    items, and per rater agreement with the others' majority (``quality.calibration.round_stats``).
+    Planted duplicates are left out; items judged once carry no agreement and are not counted."""
+    rnd = ops.get_round(s, round_id=round_id)
+    labels = round_labels(s, round_id=round_id)
+    shared = {pid: lab for pid, lab in labels.items() if len(lab) >= 2}
+    if not shared:
+        raise ops.StoreError(f"round {rnd.name!r}: no item has two raters' judgements yet (overlap {rnd.overlap})",
+                             code="conflict")
+    stats = round_stats(shared, n_boot=n_boot, seed=seed)
+    return {"round": {"id": rnd.id, "name": rnd.name, "kind": rnd.kind, "overlap": rnd.overlap,
+                      "guideline": rnd.guideline_label},
+            "n_items_judged": len(labels), **stats}
 
 
 @dataclass(frozen=True)

@@ -147,3 +147,32 @@ def test_error_pages_keep_the_signed_in_navigation(served):
     anonymous = httpx.Client(base_url=server.url, timeout=30)
     r = anonymous.get("/no/such/page")
     assert r.status_code == 404 and "Sign out" not in r.text
+
+
+def test_admin_sees_a_rounds_agreement_with_cis(tmp_path):
+    import uuid
+
+    server = Server(db_url=f"sqlite:///{tmp_path / 'store.db'}", log_path=tmp_path / "serve.log").start()
+    try:
+        with server.admin() as api:
+            rid, raters = make_round(api, n_pairs=4, n_raters=2, overlap=2, name="week 1")
+            r = api.get(f"/api/v1/rounds/{rid}/agreement")
+            assert r.status_code == 409 and "no item has two raters' judgements yet" in r.json()["error"]["message"]
+            for _, token in raters:  # both raters pick the left side on all four items
+                c = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+                while (task := c.get(f"/api/v1/rounds/{rid}/next").json()["task"]) is not None:
+                    assert c.post(f"/api/v1/rounds/{rid}/judgements", json={
+                        "assignment_id": task["assignment_id"], "choice": "left", "strength": 2,
+                        "rationale": "reads better", "idempotency_key": uuid.uuid4().hex}).status_code == 201
+            a = api.get(f"/api/v1/rounds/{rid}/agreement").json()
+            assert a["n_items"] == 4 and a["n_raters"] == 2
+            assert set(a["statistics"]) == {"mean_pairwise_kappa", "fleiss_kappa", "krippendorff_alpha",
+                                            "percent_agreement"}
+            assert all(-1 <= st["low"] <= st["high"] <= 1 for st in a["statistics"].values() if st["low"] is not None)
+        admin, _ = _signed_in(server)
+        assert f'href="/admin/rounds/{rid}/agreement"' in admin.get(f"/admin/rounds/{rid}").text
+        page = admin.get(f"/admin/rounds/{rid}/agreement")
+        assert page.status_code == 200 and "Fleiss&#39; kappa" in page.text and 'id="per-rater"' in page.text
+        assert "week 1-rater0" in page.text and "4 items judged by two or more of 2 raters" in page.text
+    finally:
+        server.kill()

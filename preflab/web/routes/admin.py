@@ -187,6 +187,17 @@ def admin_round_page(request: Request, round_id: RoundId, user: AdminUser) -> HT
         "progress": rows})
 
 
+@router.get("/rounds/{round_id}/agreement")
+def admin_round_agreement(request: Request, round_id: RoundId, user: AdminUser) -> HTMLResponse:
+    """How far the round's raters agree, with 95% CIs (computed on request: a bootstrap over items)."""
+    from preflab.web.routes.api import round_agreement
+
+    a = round_agreement(request, round_id, user)
+    worst_first = sorted(a["raters"].items(), key=lambda kv: (kv[1]["agreement_with_majority"] is None,
+                                                              kv[1]["agreement_with_majority"] or 0.0))
+    return render(request, "admin_agreement.html", {"user": user, "a": a, "raters": worst_first})
+
+
 @router.post("/rounds/{round_id}/status")
 def admin_round_status(request: Request, round_id: RoundId, user: AdminUser,
                        status: Annotated[str, Form()]) -> HTMLResponse:

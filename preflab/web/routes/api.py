@@ -183,6 +183,16 @@ def round_progress(request: Request, round_id: RoundId, user: AdminUser) -> list
     return progress_rows(run_store(request, lambda s: ops.round_progress(s, round_id=round_id), readonly=True))
 
 
+@router.get("/rounds/{round_id}/agreement")
+def round_agreement(request: Request, round_id: RoundId, user: AdminUser) -> dict:
+    """Agreement between the round's raters with 95% bootstrap CIs (admin): mean pairwise Cohen's kappa,
+    Fleiss' kappa, Krippendorff's alpha, raw agreement; per rater, agreement with the others' majority."""
+    from preflab.collect.workshop import round_agreement as agreement
+
+    own_round(request, user, round_id)
+    return run_store(request, lambda s: agreement(s, round_id=round_id), readonly=True)
+
+
 def progress_rows(prog) -> list[w.ProgressRow]:  # noqa: ANN001
     """A round's ``ops.RoundProgress`` as the rows the API and the admin round page show."""
     return [w.ProgressRow(rater=r.rater_name, rater_id=r.rater_id, done=r.done, total=r.done + r.leased)
