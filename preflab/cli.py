@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from preflab.config import ConfigError
+from preflab.quality.consistency import MIN_CEILING_DUPLICATES
 
 app = typer.Typer(help="preflab: an RLHF workbench, from calibrated raters to a promoted policy.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -23,8 +24,6 @@ app.add_typer(sandbox_app, name="sandbox")
 # errors name long paths: never break them; piped into a log (no terminal, no $COLUMNS), tables get
 # 160 columns rather than rich's 80, which folds a gate table's every cell
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
-# a ceiling from fewer planted duplicates than this is too uncertain to judge a reward model against
-MIN_CEILING_DUPLICATES = 30
 ROUNDS_HELP = ("With --db: round kinds to train on, comma-separated (default calibration,collection,rerate; "
                "the demo: collection,rerate).")
 

@@ -257,6 +257,7 @@ def store_quality(session, *, project_id: int, round_kinds: Sequence[str] = ("co
     return {
         "n_pairs": len({j.pair_id for j in rows}), "n_judgements": len(rows) + len(dups), "n_duplicates": len(dups),
         "ceiling": pooled.ceiling if pooled else None, "consistency": pooled.consistency if pooled else None,
+        "ceiling_ci": [pooled.ceiling_low, pooled.ceiling_high] if pooled else None,
         "raters": [{"rater": r, "n_duplicates": c.n, "consistency": c.consistency, "ci": [c.low, c.high],
                     "flip_rate": c.flip_rate, "ceiling": c.ceiling} for r, c in sorted(cons.items())],
     }

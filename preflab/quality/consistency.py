@@ -18,6 +18,9 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
+# a ceiling from fewer planted duplicates than this is too uncertain to judge a reward model against
+MIN_CEILING_DUPLICATES = 30
+
 
 def flip_rate_from_consistency(c: float) -> float:
     """e = (1 - sqrt(2c - 1)) / 2 for c in [0.5, 1]; c < 0.5 -> 0.5 (documented clamp)."""

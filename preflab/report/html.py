@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from preflab.quality.consistency import MIN_CEILING_DUPLICATES
 from preflab.report import plots
 from preflab.report.plots import rows_of, stat
 
@@ -352,9 +353,12 @@ def section_quality(run: Path) -> Section | None:
     th, tm = table(["rater", "duplicates", "self-consistency (95% CI)", "flip rate e", "accuracy ceiling 1-e"],
                    [(r["rater"], num(r.get("n_duplicates")), pct(r.get("consistency")) + ci(r.get("ci"), pct),
                      pct(r.get("flip_rate")), pct(r.get("ceiling"))) for r in raters])
+    n_dup = q.get("n_duplicates") or 0
+    few = " (few duplicates: a rough figure)" if 0 < n_dup < MIN_CEILING_DUPLICATES else ""
+    ceiling = pct(q.get("ceiling")) + ci(q.get("ceiling_ci"), pct)
     info = (f"{num(q.get('n_judgements'))} judgements on {num(q.get('n_pairs'))} pairs, "
-            f"{num(q.get('n_duplicates'))} planted duplicates; pool ceiling {pct(q.get('ceiling'))}.")
-    s.headline.append(f"pool accuracy ceiling {pct(q.get('ceiling'))}")
+            f"{num(n_dup)} planted duplicates; pool ceiling {ceiling}{few}.")
+    s.headline.append(f"pool accuracy ceiling {ceiling} from {num(n_dup)} planted duplicates{few}")
     s.html = f"<p>{esc(info)}</p>" + th + img(plots.plot_consistency(q), "rater self-consistency and ceiling")
     s.md = info + "\n\n" + tm
     s.images = 1
@@ -795,27 +799,36 @@ SECTIONS: tuple[Callable[[Path], Section | None], ...] = (
 )
 
 # The terms the report uses, for a reader who does not train models (docs/ has one page per stage).
+# (term, meaning, the sections that use it): a report lists only the terms its sections use
 GLOSSARY = [
     ("kappa (Cohen's, Fleiss')", "agreement between raters beyond chance: 0 = chance, 1 = perfect; about 0.6-0.8 is "
-     "good for preference labels (docs/quality.md)"),
+     "good for preference labels (docs/quality.md)", ("workshop", "quality")),
     ("duplicate ceiling", "the best accuracy any model can reach on these labels: raters judge some pairs twice, and "
-     "how often they agree with themselves bounds how often a model can agree with them"),
+     "how often they agree with themselves bounds how often a model can agree with them", ("quality", "reward")),
     ("reward model accuracy", "how often the reward model prefers the answer the rater preferred, on pairs it was not "
-     "trained on; 50% is chance"),
+     "trained on; 50% is chance", ("reward",)),
     ("KL (to SFT)", "how far the trained policy's answers have moved from the starting (SFT) model's, in nats; more "
-     "KL buys more reward but risks odd text the reward model overrates"),
+     "KL buys more reward but risks odd text the reward model overrates", ("ppo", "checkpoints", "experiments")),
     ("beta", "the price of KL in PPO's objective (score - beta x KL); raised when KL runs above its target or a "
-     "drift alarm fires"),
+     "drift alarm fires", ("ppo", "experiments")),
     ("gold utility, oracle frontier (sandbox)", "gold is the simulator's hidden true preference, which real projects "
-     "do not have; the frontier is the best gold any policy can reach at each KL"),
+     "do not have; the frontier is the best gold any policy can reach at each KL", ("truth",)),
     ("blind win rate", "the share of conversations where raters, not told which model wrote which answer, preferred "
-     "the candidate (a tie counts a half); its 95% CI's lower end must clear 50%"),
+     "the candidate (a tie counts a half); its 95% CI's lower end must clear 50%", ("ab", "checkpoints")),
     ("gates", "the checks a checkpoint must pass before promotion: win rate, no factual regression, no rise in "
-     "confident wrong answers per topic, style drift and KL within bounds (docs/gates.md)"),
+     "confident wrong answers per topic, style drift and KL within bounds (docs/gates.md)", ("checkpoints",)),
     ("95% CI", "the range the true value lies in with 95% confidence; a difference whose CI includes 0 is not shown "
-     "to be real"),
-    ("ECE", "expected calibration error: how far the reward model's confidence is from how often it is right"),
+     "to be real", None),
+    ("ECE", "expected calibration error: how far the reward model's confidence is from how often it is right",
+     ("reward",)),
 ]
+
+
+def glossary(section_ids: set[str]) -> list[tuple[str, str]]:
+    """The glossary terms the report's sections use (every report has CIs)."""
+    return [(k, v) for k, v, used in GLOSSARY if used is None or section_ids & set(used)]
+
+
 GLOSSARY_TITLE = "What the terms mean"
 
 
@@ -866,7 +879,7 @@ def render_report(run_dir: str | Path, *, title: str | None = None) -> Report:
     heads = [h for s in sections for h in s.lead] + [h for s in sections for h in s.headline]
     nav = "".join(f'<a href="#{esc(s.id)}">{esc(s.title)}</a>' for s in sections)
     summary_h, summary_md = bullets(heads) if heads else ("", "")
-    glossary_h, glossary_md = bullets([f"{k}: {v}" for k, v in GLOSSARY])
+    glossary_h, glossary_md = bullets([f"{k}: {v}" for k, v in glossary({s.id for s in sections})])
     body = "".join(f'<section id="{esc(s.id)}"><h2>{esc(s.title)}</h2>{s.html}</section>' for s in sections)
     doc = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title>"
            f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1><p>{esc(kind)} Generated {esc(when)} from "

@@ -50,6 +50,9 @@ def test_report_from_a_real_projects_store(seed, db_url, tmp_path):
     c = raters["ann"]["n_duplicates"] / n_dup  # pooled: only ann's duplicates agree
     assert math.isclose(q["consistency"], c)
     assert math.isclose(q["ceiling"], 1 - (1 - math.sqrt(max(2 * c - 1, 0))) / 2)  # DESIGN.md: 1 - e
+    lo, hi = q["ceiling_ci"]  # the Wilson interval of the pooled consistency, through the same formula
+    assert lo <= q["ceiling"] <= hi
+    assert f"from {n_dup} planted duplicates (few duplicates: a rough figure)" in (run / "report.md").read_text()
 
     cost = json.loads((run / "cost.json").read_text())
     people = {a["rater"]: a for a in cost["annotators"]}
@@ -64,6 +67,8 @@ def test_report_from_a_real_projects_store(seed, db_url, tmp_path):
     assert ab["candidate"] == "ppo1/policy" and ab["baseline"] == "sft"
     html = (run / "report.html").read_text()
     assert "Real project" in (run / "report.md").read_text() and "Ground truth" not in html
+    md = (run / "report.md").read_text()
+    assert "- blind win rate:" in md and "- gold utility" not in md  # the glossary: only the terms used here
 
     # again: its own files are rewritten; a file it did not write (e.g. the demo's) is kept as it is
     (run / "cost.json").write_text('{"currency": "EUR", "annotators": [], "compute": [], "totals": {}}')
@@ -103,6 +108,7 @@ def test_a_real_projects_report_has_the_roi_once_outcomes_are_compared(seed, db_
     assert math.isclose(roi["escalation_before"], 0.4) and math.isclose(roi["escalation_after"], 0.2)
     assert math.isclose(roi["weekly_saving"], 2400.0) and math.isclose(roi["payback_weeks"], 0.1)
     assert len(roi["payback_weeks_range"]) == 2
-    assert "payback" in (run / "report.md").read_text().lower()
+    md = (run / "report.md").read_text()
+    assert "payback" in md.lower() and "- KL (to SFT)" not in md and "- duplicate ceiling" in md
     r = runner.invoke(app, ["report", str(run), "--config", str(tmp_path / "project.toml")])
     assert r.exit_code == 2 and "--config: give --db too" in r.output
