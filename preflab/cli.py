@@ -669,6 +669,7 @@ def rm_train(
                                                        epochs=epochs, margin=margin, ties=ties,
                                                        mixed_precision=mixed_precision, seed=seed))
         refuse_to_overwrite(out, resume=resume)  # before loading anything
+        _resumable(out, resume)
         if data is not None:
             examples = load_jsonl(data)
         else:
@@ -677,7 +678,8 @@ def rm_train(
             examples = load_store_examples(db, project=project, round_kinds=_rounds(rounds))
         train, val = split_by_prompt(examples, val_fraction=cfg.val_fraction, seed=cfg.seed)
         model, tok = initial_reward_model(policy, seed=cfg.seed)
-        res = train_reward(cfg, model=model, tokenizer=tok, train=train, val=val, run_dir=out, resume=resume)
+        res = train_reward(cfg, model=model, tokenizer=tok, train=train, val=val, run_dir=out, resume=resume,
+                           inputs={"initialised_from": _abs(policy)})
         _record_lineage(db, project, out, trained_on_judgements=True, round_kinds=_rounds(rounds),
                         initialised_from=_abs(policy),
                         model_dir=_abs(res.model_dir))
@@ -696,7 +698,7 @@ def rm_eval(
     ceiling: float = typer.Option(None, help="Accuracy ceiling from the raters' duplicate consistency."),
     db: str = typer.Option(None, "--db", help="Store URL: compute the ceiling from its planted duplicates."),
     project: str = typer.Option(None, "--project", help="Project name in the store (with --db)."),
-    n_boot: int = typer.Option(1000, help="Bootstrap replicates for the CIs."),
+    n_boot: int = typer.Option(1000, min=50, help="Bootstrap replicates for the CIs."),
 ) -> None:
     """Held-out accuracy (overall, per rater/topic/strength, with CIs), calibration, length bias, warnings."""
     from rich.table import Table
@@ -816,18 +818,24 @@ def rm_score(
     model: str = typer.Option(..., "--model", help="Reward-model HF dir (e.g. RUN_DIR/model)."),
     input: str = typer.Option(..., "--input", help="JSONL with prompt/response per line."),
     output: str = typer.Option(None, "--output", help="JSONL out (default: stdout): each row plus 'score'."),
-    prompt_format: str = typer.Option("dialogue", help="dialogue (format_prompt) | raw | chat (the model's chat template)"),
-    batch_size: int = typer.Option(32, help="Responses per forward pass."),
+    prompt_format: str = typer.Option(None, show_default=False,
+                                      help="dialogue (format_prompt) | raw | chat (the model's chat template). "
+                                           "Default: the format the model was trained with (its run's config.json)."),
+    batch_size: int = typer.Option(32, min=1, help="Responses per forward pass."),
 ) -> None:
     """Score prompt/response pairs with a reward model."""
     import json
     from pathlib import Path
 
     from preflab.models.hf import load_reward_model
+    from preflab.pipeline import trained_prompt_format
     from preflab.store import io
     from preflab.train.reward import score_responses
 
     try:
+        prompt_format = prompt_format or trained_prompt_format(model)
+        if output:
+            Path(output).parent.mkdir(parents=True, exist_ok=True)  # before the scoring, not after it
         rows = []
         for where, row in io.jsonl_objects(input):
             if not all(isinstance(row.get(k), str) for k in ("prompt", "response")):
@@ -1520,6 +1528,14 @@ def store_reset_password(
 # ---- ppo / dpo: policy optimisation (train/ppo.py, train/dpo.py) ------------------------
 
 
+def _resumable(out: str, resume: bool) -> None:
+    """``--resume`` into a directory that does not exist is a typo, not a fresh start."""
+    from pathlib import Path
+
+    if resume and not Path(out).is_dir():
+        raise ValueError(f"--resume: nothing to resume in {out} (no such directory); drop --resume to start a new run")
+
+
 def _abs(path) -> str:  # noqa: ANN001
     from pathlib import Path
 
@@ -1608,7 +1624,7 @@ def ppo_cmd(
     reward: str = typer.Option(..., "--reward", help="HF dir of the reward model (e.g. an `rm train` run's model/)."),
     out: str = typer.Option(..., "--out", help="Run directory (config.json, metrics.jsonl, events.jsonl, ckpt/, eval/, policy/)."),
     prompts: str = typer.Option(None, "--prompts", help="Query texts: JSONL with 'prompt' (TRL) or 'text' (a store prompts.jsonl), or one per line (default: sandbox train queries)."),
-    n_prompts: int = typer.Option(512, help="Sandbox queries to use when --prompts is not given."),
+    n_prompts: int = typer.Option(512, min=1, help="Sandbox queries to use when --prompts is not given."),
     eval_prompts: str = typer.Option(None, "--eval-prompts", help="Held-out queries the checkpoint evaluation samples "
                                      "(first 64; same formats as --prompts). Default: the sandbox's held-out queries, "
                                      "or with --prompts its first 64 (training queries, then not held out)."),
@@ -1663,6 +1679,7 @@ def ppo_cmd(
                                                      kl_beta_min=kl_beta_min, checkpoint_every=checkpoint_every, seed=seed,
                                                      alarm_thresholds=thresholds or None, alarm_window=alarm_window))
         refuse_to_overwrite(out, resume=resume)  # before loading anything
+        _resumable(out, resume)
         queries = _load_prompts(prompts, n_prompts, cfg.seed)
         if eval_prompts is not None:
             held = _load_prompts(eval_prompts, 0, cfg.seed)[:64]
@@ -1697,10 +1714,11 @@ def ppo_cmd(
         scores = reward_fn(heldout, s.texts)
         return {"eval/reward": float(scores.mean()), **{f"eval/{k}": v for k, v in text_rates(s.texts).items()}}
 
-    res = train_ppo(cfg, policy=pol, ref=ref, tokenizer=tok, reward_fn=reward_fn, prompts=train_prompts,
-                    run_dir=out, eval_hook=eval_hook, detectors=text_rates if cfg.alarm_thresholds else None,
-                    resume=resume)
     try:
+        res = train_ppo(cfg, policy=pol, ref=ref, tokenizer=tok, reward_fn=reward_fn, prompts=train_prompts,
+                        run_dir=out, eval_hook=eval_hook, detectors=text_rates if cfg.alarm_thresholds else None,
+                        resume=resume, inputs={"policy": _abs(policy), "reward_model": _abs(reward),
+                                               "prompt_format": prompt_format})
         _record_lineage(db, project, out, reward_model=_abs(reward), parent=_abs(policy), steps=res.steps,
                         policy_dir=_abs(res.policy_dir))
     except ValueError as e:
@@ -1839,6 +1857,7 @@ def dpo_cmd(
         cfg = resolve(DPOConfig, config, "dpo", dict(loss=loss, beta=beta, lr=lr, epochs=epochs, batch_size=batch_size,
                                                      rpo_alpha=rpo_alpha, seed=seed))
         refuse_to_overwrite(out, resume=resume)  # before loading anything
+        _resumable(out, resume)
         if data is not None:
             examples = load_jsonl(data)
         else:
@@ -1848,7 +1867,8 @@ def dpo_cmd(
         train, val = split_by_prompt(examples, val_fraction=val_fraction, seed=cfg.seed)
         pol, tok = load_policy(policy)
         ref, _ = load_policy(policy)
-        res = train_dpo(cfg, policy=pol, ref=ref, tokenizer=tok, train=train, val=val, run_dir=out, resume=resume)
+        res = train_dpo(cfg, policy=pol, ref=ref, tokenizer=tok, train=train, val=val, run_dir=out, resume=resume,
+                        inputs={"policy": _abs(policy)})
         _record_lineage(db, project, out, trained_on_judgements=True, round_kinds=_rounds(rounds),
                         parent=_abs(policy), steps=res.steps,
                         policy_dir=_abs(res.policy_dir))

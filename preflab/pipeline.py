@@ -139,6 +139,22 @@ def train_reward_stage(*, examples: Sequence, policy_dir: str | Path, run_dir: s
             "accuracy": ev["accuracy"], "ci": ev["ci"], "ceiling": ceiling, "warnings": ev["warnings"]}
 
 
+def trained_prompt_format(rm_dir: str | Path) -> str:
+    """The prompt format a reward model was trained with: its ``rm train`` run's ``config.json``
+    beside ``model/``; "dialogue" (the default) when there is none."""
+    from preflab.train.data import PROMPT_FORMATS
+
+    run_cfg = Path(rm_dir).parent / "config.json"
+    if run_cfg.is_file():  # an `rm train` run dir; anything else beside the model leaves the default
+        try:
+            saved = json.loads(run_cfg.read_text())
+        except ValueError:
+            saved = None
+        if isinstance(saved, dict) and saved.get("prompt_format") in PROMPT_FORMATS:
+            return saved["prompt_format"]
+    return "dialogue"
+
+
 def reward_fn_from(rm_dir: str | Path, *, batch_size: int = 64, max_length: int = 256,
                    to_query: Callable[[str], str] = query_of):
     """``(prompts, texts) -> (B,) tensor`` scoring with a trained reward model (for PPO).
@@ -150,20 +166,12 @@ def reward_fn_from(rm_dir: str | Path, *, batch_size: int = 64, max_length: int 
     import torch
 
     from preflab.models.hf import fuse_gelu, load_reward_model
-    from preflab.train.data import PROMPT_FORMATS
     from preflab.train.reward import score_responses
 
     model, tok = load_reward_model(rm_dir)
     fuse_gelu(model)
     model.eval()
-    run_cfg, fmt = Path(rm_dir).parent / "config.json", "dialogue"
-    if run_cfg.is_file():  # an `rm train` run dir; anything else beside the model leaves the default
-        try:
-            saved = json.loads(run_cfg.read_text())
-        except ValueError:
-            saved = None
-        if isinstance(saved, dict) and saved.get("prompt_format") in PROMPT_FORMATS:
-            fmt = saved["prompt_format"]
+    fmt = trained_prompt_format(rm_dir)
 
     def reward_fn(prompts: list[str], texts: list[str]) -> torch.Tensor:
         scores = score_responses(model, tok, [to_query(p) for p in prompts], texts, batch_size=batch_size,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import torch
@@ -15,6 +16,9 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+# the directory a preflab run keeps its model in: rm train -> model/, ppo and dpo -> policy/
+RUN_MODEL_DIRS = ("model", "policy")
+
 
 def _check_dir(path: str | Path, what: str) -> Path:
     path = Path(path)
@@ -22,7 +26,22 @@ def _check_dir(path: str | Path, what: str) -> Path:
         raise FileNotFoundError(f"{path}: no such {what} directory")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
+    if "model_type" not in json.loads((path / "config.json").read_text()):  # a training run's own config.json
+        inner = [d for d in RUN_MODEL_DIRS if (path / d / "config.json").is_file()]
+        hint = f"; did you mean {path / inner[0]}?" if inner else ""
+        raise FileNotFoundError(f"{path}: a training run directory, not a model{hint}")
     return path
+
+
+def architecture(path: str | Path) -> str:
+    """The model class a Hugging Face directory was saved from (``config.architectures[0]``), or ""."""
+    archs = json.loads((Path(path) / "config.json").read_text()).get("architectures") or [""]
+    return str(archs[0])
+
+
+def is_reward_model(path: str | Path) -> bool:
+    """True for a sequence classifier (a reward model's scalar head), False for a causal LM."""
+    return architecture(path).endswith("ForSequenceClassification")
 
 
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
@@ -77,6 +96,8 @@ def load_policy(path: str | Path, *, dtype: torch.dtype | None = None):
     config carries its id.
     """
     path = _check_dir(path, "policy")
+    if is_reward_model(path):
+        raise ValueError(f"{path}: a reward model ({architecture(path)}), not a policy (a causal LM that generates)")
     tok = _load_tokenizer(path)
     kw = {"dtype": dtype} if dtype is not None else {}
     model = AutoModelForCausalLM.from_pretrained(path, **kw)
@@ -87,6 +108,9 @@ def load_policy(path: str | Path, *, dtype: torch.dtype | None = None):
 def load_reward_model(path: str | Path, *, dtype: torch.dtype | None = None):
     """``(model, tokenizer)`` of a scalar reward model (sequence classifier, ``num_labels=1``)."""
     path = _check_dir(path, "reward model")
+    if architecture(path) and not is_reward_model(path):  # its score head would be random numbers
+        raise ValueError(f"{path}: a {architecture(path)}, not a trained reward model (no score head; "
+                         f"`preflab rm train --policy {path}` trains one from it)")
     tok = _load_tokenizer(path)
     kw = {"dtype": dtype} if dtype is not None else {}
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kw)

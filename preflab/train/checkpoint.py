@@ -180,6 +180,35 @@ def refuse_to_overwrite(run_dir: str | Path, *, resume: bool) -> None:
                           "train into another --out")
 
 
+def fingerprint(rows: Any) -> str:
+    """SHA-256 (first 16 hex digits) of training data: dataclasses, dicts or strings, in order."""
+    import dataclasses
+    import hashlib
+
+    h = hashlib.sha256()
+    for r in rows:
+        obj = dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r
+        h.update(json.dumps(obj, sort_keys=True, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+def check_inputs(run_dir: str | Path, inputs: dict[str, Any], *, resuming: bool, write: bool = True) -> None:
+    """What a run trains on beyond its config (data fingerprints, the models it started from): a
+    fresh run writes them to ``run_dir/inputs.json``; a resumed one must match them, else a
+    ``ConfigError`` names the input, before anything is written (``config.check_resume`` does the
+    same for the config). An input the file does not hold yet (an older run) is added."""
+    path = Path(run_dir) / "inputs.json"
+    old = json.loads(path.read_text()) if resuming and path.is_file() else {}
+    for k, v in inputs.items():
+        if k in old and old[k] != v:
+            raise ConfigError(f"{k}: {v!r} differs from {old[k]!r}, which {run_dir} started with ({path}); a "
+                              "resumed run must train on the same inputs (train into another --out for new ones)")
+    if write:  # (the main process only, under DDP)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**old, **inputs}, indent=2, sort_keys=True) + "\n")
+
+
 def load_checkpoint(
     path: str | Path,
     *,

@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -161,12 +161,17 @@ def train_dpo(
     val: Sequence[PreferenceExample] | None = None,
     run_dir: str | Path,
     resume: bool = False,
+    inputs: dict[str, Any] | None = None,
 ) -> RunResult:
-    """Fit ``policy`` to the preference pairs ``train`` with DPO/IPO against the frozen ``ref``."""
+    """Fit ``policy`` to the preference pairs ``train`` with DPO/IPO against the frozen ``ref``.
+
+    A resumed run must train on the same pairs and ``inputs`` (e.g. the policy's path; ``inputs.json``)."""
     from accelerate import Accelerator
     from rich.progress import Progress
 
     from preflab.train.checkpoint import (
+        check_inputs,
+        fingerprint,
         latest_checkpoint,
         load_checkpoint,
         refuse_to_overwrite,
@@ -182,8 +187,12 @@ def train_dpo(
         raise ValueError(f"DPOConfig.batch_size: {cfg.batch_size} is not divisible by {world} processes")
     seed_everything(cfg.seed)
     fuse_gelu(policy, ref)  # the same activation in one kernel (models.hf.fuse_gelu)
-    if resume and latest_checkpoint(run_dir) is not None:
+    resuming = resume and latest_checkpoint(run_dir) is not None
+    if resuming:
         check_resume(cfg, run_dir, may_change=("checkpoint_every", "keep_last", "eval_batch_size", "progress"))
+    data_fp = fingerprint(train)
+    check_inputs(run_dir, {"train_data": data_fp, "val_data": fingerprint(val or []), **(inputs or {})},
+                 resuming=resuming, write=acc.is_main_process)
     if acc.is_main_process:
         write_config(cfg, run_dir)
     pad_id = tokenizer.pad_token_id
@@ -198,13 +207,13 @@ def train_dpo(
     ref = ref.to(acc.device).eval().requires_grad_(False)
     ref_path = run_dir / "ref_logprobs.pt"
     cached = torch.load(ref_path, weights_only=True) if resume and ref_path.exists() else None
-    if cached is not None and cached["chosen"].shape[0] == len(encoded):
+    if cached is not None and cached.get("data") == data_fp and cached["chosen"].shape[0] == len(encoded):
         ref_c, ref_r = cached["chosen"], cached["rejected"]
     else:
         with acc.autocast():
             ref_c, ref_r = _all_logprobs(ref, encoded, pad_id, cfg.eval_batch_size, acc.device)
         if acc.is_main_process:
-            torch.save({"chosen": ref_c, "rejected": ref_r}, ref_path)
+            torch.save({"chosen": ref_c, "rejected": ref_r, "data": data_fp}, ref_path)
     val_enc = [encode_example(tokenizer, ex, max_length=cfg.max_length, prompt_format=cfg.prompt_format)
                for ex in (val or []) if not ex.is_tie]
     val_ref = None

@@ -307,13 +307,15 @@ def train_ppo(
     eval_hook: Callable[[int, torch.nn.Module], dict] | None = None,
     detectors: Detector | None = None,
     resume: bool = False,
+    inputs: dict[str, Any] | None = None,
 ) -> RunResult:
     """Optimise ``policy`` against ``reward_fn(prompts, texts) -> (B,) scores`` with a KL leash to ``ref``.
 
     ``prompts`` are full prompt strings (e.g. ``domain.format_prompt(query)``). ``value_model``:
     a separate critic ``(input_ids, attention_mask, position_ids) -> (B, T)``; by default a
     ``ValueHead`` on the policy. ``detectors``: texts -> named rates for the alarm controller.
-    ``resume``: continue from the newest checkpoint in ``run_dir``.
+    ``resume``: continue from the newest checkpoint in ``run_dir``; it must train on the same prompts
+    and ``inputs`` (what else it depends on, e.g. the policy and reward model paths; ``inputs.json``).
     """
     from accelerate import Accelerator
     from rich.progress import Progress
@@ -321,6 +323,8 @@ def train_ppo(
     from preflab.models.heads import ValueHead
     from preflab.models.sampling import sample, sequence_log_softmax, sequence_logprobs
     from preflab.train.checkpoint import (
+        check_inputs,
+        fingerprint,
         latest_checkpoint,
         load_checkpoint,
         refuse_to_overwrite,
@@ -337,9 +341,12 @@ def train_ppo(
     if cfg.prompts_per_step % world:
         raise ValueError(f"PPOConfig.prompts_per_step: {cfg.prompts_per_step} is not divisible by {world} processes")
     seed_everything(cfg.seed + rank)
-    if resume and latest_checkpoint(run_dir) is not None:
+    resuming = resume and latest_checkpoint(run_dir) is not None
+    if resuming:
         # ``steps`` may grow to train on (the linear schedule is then recomputed for the new total)
         check_resume(cfg, run_dir, may_change=("steps", "checkpoint_every", "keep_last", "progress"))
+    check_inputs(run_dir, {"prompts": fingerprint(prompts), **(inputs or {})}, resuming=resuming,
+                 write=acc.is_main_process)
     if acc.is_main_process:
         write_config(cfg, run_dir)
     eos_id = tokenizer.eos_token_id

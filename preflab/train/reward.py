@@ -362,8 +362,12 @@ def train_reward(
     resume: bool = False,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     show_progress: bool = True,
+    inputs: dict[str, Any] | None = None,
 ) -> RunResult:
-    """Train ``model`` (one-label sequence classifier) on ``train`` pairs; see the module docstring."""
+    """Train ``model`` (one-label sequence classifier) on ``train`` pairs; see the module docstring.
+
+    ``inputs``: what else the run depends on (e.g. the model it started from), recorded beside the
+    data's fingerprints in ``inputs.json``; a resumed run must match them (``checkpoint.check_inputs``)."""
     from accelerate import Accelerator
     from rich.progress import (
         BarColumn,
@@ -374,6 +378,8 @@ def train_reward(
     )
 
     from preflab.train.checkpoint import (
+        check_inputs,
+        fingerprint,
         latest_checkpoint,
         load_checkpoint,
         refuse_to_overwrite,
@@ -419,6 +425,9 @@ def train_reward(
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
         check_resume(cfg, run_dir, may_change=_RESUMABLE_CHANGES)
+    check_inputs(run_dir, {"train_data": fingerprint(train), "val_data": fingerprint(val), **(inputs or {})},
+                 resuming=ckpt is not None)
+    if ckpt is not None:
         state = load_checkpoint(ckpt, modules={"model": model}, optimizers={"optimizer": optimizer},
                                 schedulers={"scheduler": scheduler})
         start = int(state["step"])
@@ -524,10 +533,8 @@ def train_reward(
 def initial_reward_model(path: str | Path, *, seed: int = 0):
     """(model, tokenizer) to start training from: a reward-model dir (``*ForSequenceClassification``)
     loads as is (adapting an existing RM); any other HF dir (a policy) gets a fresh seeded head."""
-    from preflab.models.hf import load_reward_model, reward_model_from_policy
+    from preflab.models.hf import is_reward_model, load_reward_model, reward_model_from_policy
 
-    cfg_file = Path(path) / "config.json"
-    archs = (json.loads(cfg_file.read_text()).get("architectures") if cfg_file.is_file() else None) or [""]
-    if archs[0].endswith("ForSequenceClassification"):
+    if (Path(path) / "config.json").is_file() and is_reward_model(path):
         return load_reward_model(path)
     return reward_model_from_policy(path, seed=seed)

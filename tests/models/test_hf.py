@@ -57,6 +57,20 @@ def test_missing_dir_names_the_path(tmp_path):
         load_reward_model(tmp_path)
 
 
+def test_the_wrong_kind_of_model_or_a_run_directory_is_refused_by_name(policy_dir, tmp_path):
+    rm, tok = reward_model_from_policy(policy_dir, seed=1)
+    rm_dir = tmp_path / "rm1" / "model"
+    rm.save_pretrained(rm_dir)
+    tok.save_pretrained(rm_dir)
+    with pytest.raises(ValueError, match=r"rm1/model: a reward model \(GPT2ForSequenceClassification\), not a policy"):
+        load_policy(rm_dir)
+    with pytest.raises(ValueError, match=r"a GPT2LMHeadModel, not a trained reward model \(no score head"):
+        load_reward_model(policy_dir)  # a policy's "scores" would come from a random head
+    (tmp_path / "rm1" / "config.json").write_text(json.dumps({"lr": 1e-5, "epochs": 1}))  # rm train's run config
+    with pytest.raises(FileNotFoundError, match=r"rm1: a training run directory, not a model; did you mean .*rm1/model\?"):
+        load_reward_model(tmp_path / "rm1")
+
+
 def test_fuse_gelu_keeps_outputs_gradients_and_saved_model(policy_dir, tmp_path, tok):
     from preflab.models.hf import FusedTanhGELU, fuse_gelu
 

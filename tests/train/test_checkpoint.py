@@ -133,3 +133,26 @@ def test_a_new_run_into_a_directory_holding_one_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"already holds a run \(checkpoint step 7\)"):
         refuse_to_overwrite(tmp_path, resume=False)
     refuse_to_overwrite(tmp_path, resume=True)
+
+
+def test_inputs_of_a_run_are_recorded_and_a_resume_must_match(tmp_path):
+    import json
+    from dataclasses import dataclass
+
+    from preflab.config import ConfigError
+    from preflab.train.checkpoint import check_inputs, fingerprint
+
+    @dataclass
+    class Row:
+        prompt: str
+        chosen: str
+
+    rows = [Row("q1", "a"), Row("q2", "b")]
+    assert fingerprint(rows) == fingerprint([Row("q1", "a"), Row("q2", "b")])
+    assert fingerprint(rows) != fingerprint(rows[::-1])  # order is part of the data (it sets the schedule)
+    check_inputs(tmp_path, {"train_data": fingerprint(rows), "policy": "/m/sft"}, resuming=False)
+    check_inputs(tmp_path, {"train_data": fingerprint(rows), "policy": "/m/sft", "new": 1}, resuming=True)
+    with pytest.raises(ConfigError, match=r"policy: '/m/other' differs from '/m/sft', which .* started with"):
+        check_inputs(tmp_path, {"train_data": fingerprint(rows), "policy": "/m/other"}, resuming=True)
+    check_inputs(tmp_path, {"policy": "/m/other"}, resuming=False)  # a fresh start records anew
+    assert json.loads((tmp_path / "inputs.json").read_text()) == {"policy": "/m/other"}

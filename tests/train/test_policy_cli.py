@@ -55,6 +55,14 @@ def test_ppo_cli_config_flags_resume_and_bad_input(dirs, tmp_path):
     assert r.exit_code == 0, r.output
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3]
+    inputs = json.loads((out / "inputs.json").read_text())  # what the run trained on, for a reader and a resume
+    assert inputs["policy"] == str((dirs / "policy").resolve()) and inputs["prompt_format"] == "dialogue"
+    for extra, words in ((["--prompt-format", "raw"], "prompts:"), (["--n-prompts", "12"], "prompts:"),
+                         (["--reward", str(dirs / "policy")], "not a trained reward model"),
+                         (["--policy", str(dirs / "rm")], "a reward model (GPT2ForSequenceClassification), not a policy")):
+        r = runner.invoke(app, [*args, "--steps", "4", "--resume", *extra], terminal_width=200)
+        assert r.exit_code == 2 and words in r.output, (extra, r.output)
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
     bad = tmp_path / "bad"
     for extra, words in ((["--alarm", "formality"], "--alarm: 'formality' is not name=number"),
@@ -81,6 +89,16 @@ def test_dpo_cli_from_a_jsonl_file(dirs, tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows and all("dpo/loss" in row for row in rows)
     assert (out / "policy" / "model.safetensors").is_file()
+    # resuming with chosen and rejected swapped (same rows), or another split: refused, not trained on stale
+    # reference log-probs
+    swapped = tmp_path / "swapped.jsonl"
+    swapped.write_text("".join(json.dumps({"prompt": e.prompt, "chosen": e.rejected, "rejected": e.chosen}) + "\n"
+                               for e in sandbox_pairs(40, seed=4)))
+    base = ["dpo", "--policy", str(dirs / "policy"), "--out", str(out), "--batch-size", "8", "--lr", "1e-3",
+            "--loss", "ipo", "--resume"]
+    for extra in (["--data", str(swapped), "--val-fraction", "0.2"], ["--data", str(data), "--val-fraction", "0.5"]):
+        r = runner.invoke(app, [*base, *extra], terminal_width=200)
+        assert r.exit_code == 2 and "a resumed run must train on the same inputs" in r.output, r.output
 
     data.write_text('{"prompt": "x", "chosen": "y"}\n')
     r = runner.invoke(app, ["dpo", "--policy", str(dirs / "policy"), "--data", str(data), "--out",

@@ -252,6 +252,22 @@ def test_cli_rm_train_eval_score(tok, tmp_path):
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
     r = runner.invoke(app, [*again, "--resume"])  # the finished run continues: nothing left to train
     assert r.exit_code == 0, r.output
+    assert json.loads((run / "inputs.json").read_text())["initialised_from"] == str(policy.resolve())
+    # resuming on other data (or from another model) would not end where the run would have: refused by name
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(reversed(data.read_text().splitlines(keepends=True))))
+    r = runner.invoke(app, [*again, "--resume", "--data", str(other)], terminal_width=200)
+    assert r.exit_code == 2 and "train_data:" in r.output and "a resumed run must train on the same inputs" in r.output
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files  # data/train.jsonl included
+    r = runner.invoke(app, [*again[:-4], "--out", str(tmp_path / "typo"), "--resume"], terminal_width=200)
+    assert r.exit_code == 2 and "--resume: nothing to resume in" in r.output and not (tmp_path / "typo").exists()
+    # the wrong kind of model: a policy is no reward model (its score head would be random)
+    inp.write_text(json.dumps({"prompt": "How much is the Team plan?", "response": "Hello."}) + "\n")
+    r = runner.invoke(app, ["rm", "score", "--model", str(policy), "--input", str(inp)], terminal_width=200)
+    assert r.exit_code == 2 and "not a trained reward model" in r.output
+    r = runner.invoke(app, ["rm", "score", "--model", str(run), "--input", str(inp)], terminal_width=200)
+    assert r.exit_code == 2 and "a training run directory, not a model; did you mean" in r.output
 
 
 def test_examples_and_ceiling_from_the_store(sqlite_url):
