@@ -126,12 +126,26 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return {k: conv(v) for k, v in dataclasses.asdict(obj).items()}
 
 
+# the tables a project TOML may hold (one file can carry them all): anything else is a typo
+SECTIONS = ("build", "cost", "curve", "dpo", "gates", "ppo", "rm")
+
+
 def _read_toml(path: str | Path) -> dict[str, Any]:
-    """A TOML file as a dict; a syntax error is a ConfigError naming the file."""
+    """A TOML file as a dict; a missing file, a syntax error, a value outside any table or an
+    unknown table (``[rmm]`` would silently leave every setting at its default) is a ConfigError."""
+    if not Path(path).is_file():
+        raise ConfigError(f"--config: no such file {path}")
     try:
-        return tomllib.loads(Path(path).read_text())
+        data = tomllib.loads(Path(path).read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}") from None
+    known = ", ".join(f"[{s}]" for s in SECTIONS)
+    for key, value in data.items():
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: {key!r} is outside any table (put it under one of {known})")
+        if key not in SECTIONS:
+            raise ConfigError(f"{path}: unknown table [{key}] (preflab reads {known})")
+    return data
 
 
 def load_toml(cls: type[T], path: str | Path, section: str | None = None) -> T:
