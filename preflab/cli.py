@@ -1730,8 +1730,8 @@ def ppo_cmd(
 
 
 _TRAIN_KEYS = ("objective/kl", "objective/scores", "objective/beta",  # ppo
-               "dpo/loss", "dpo/accuracy", "val/accuracy",  # dpo, rm
-               "train/loss", "train/accuracy")
+               "dpo/loss", "dpo/accuracy", "val/accuracy",  # dpo
+               "train/loss", "train/accuracy", "eval/accuracy")  # rm (its held-out accuracy is eval/accuracy)
 
 
 @app.command("checkpoints")
@@ -1773,8 +1773,8 @@ def checkpoints_cmd(
                 raise ValueError("--out: --export needs the new model directory")
             if export not in kept:
                 raise ValueError(f"--export: no checkpoint of step {export} on disk in {root / 'ckpt'} "
-                                 f"(kept: {', '.join(map(str, kept)) or 'none'}; PPOConfig/DPOConfig.keep_last "
-                                 "= 0 keeps all)")
+                                 f"(kept: {', '.join(map(str, kept)) or 'none'}; keep_last = 0 in [ppo] / [dpo], "
+                                 "keep_checkpoints = 0 in [rm], keeps all)")
             if like is None:
                 like = next((str(root / d) for d in ("policy", "model") if (root / d / "config.json").is_file()), None)
                 if like is None:
@@ -1833,7 +1833,7 @@ def dpo_cmd(
     project: str = typer.Option(None, "--project", help="Project name in the store."),
     data: str = typer.Option(None, "--data", help="Instead of the store: JSONL with prompt/chosen/rejected."),
     rounds: str = typer.Option(None, "--rounds", help=ROUNDS_HELP),
-    val_fraction: float = typer.Option(0.1, help="Share of prompts held out for val/accuracy."),
+    val_fraction: float = typer.Option(0.1, min=0.0, max=0.9, help="Share of prompts held out for val/accuracy."),
     config: str = typer.Option(None, "--config", help="TOML file; its \\[dpo] table sets DPOConfig fields."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's last checkpoint."),
     loss: str = typer.Option(None, help="DPOConfig.loss: sigmoid | ipo"),
@@ -1951,9 +1951,24 @@ def sandbox_experiment(
 # ---- end of commands -------------------------------------------------------------------
 
 
+def _interrupted_hint(argv: list[str]) -> str:
+    """What to do after Ctrl-C, for the command that was running."""
+    cmd = " ".join(a for a in argv[1:3] if not a.startswith("-"))
+    if cmd.startswith(("rm train", "ppo", "dpo", "rm curve")):
+        return ("; the run directory keeps everything up to its last checkpoint: the same command with --resume "
+                "continues from there")
+    if cmd.startswith(("demo", "sandbox build", "sandbox experiment")):
+        return "; finished stages are kept: the same command again continues where it stopped"
+    return ""
+
+
 def main() -> None:
     try:
         app()
+    except SystemExit as e:  # Typer turns Ctrl-C into exit status 130, silently
+        if e.code == 130:
+            console.print(f"[yellow]interrupted[/yellow]{_interrupted_hint(sys.argv)}")
+        raise
     except ConfigError as e:
         console.print(f"[red]error:[/red] {escape(str(e))}")
         sys.exit(2)

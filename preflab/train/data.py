@@ -54,8 +54,9 @@ def example_from_row(row: Mapping[str, Any] | Any, *, where: str = "row") -> Pre
         if not isinstance(row.get(key), str):
             raise ValueError(f"{where}: field {key!r} must be a string, got {type(row.get(key)).__name__}")
     strength = row.get("strength")
-    if strength is not None and (isinstance(strength, bool) or not isinstance(strength, int)):
-        raise ValueError(f"{where}: field 'strength' must be an integer or null, got {strength!r}")
+    if strength is not None and (isinstance(strength, bool) or not isinstance(strength, int) or not 0 <= strength <= 3):
+        raise ValueError(f"{where}: field 'strength' must be 0-3 (negligible, slightly, clearly, much better) or "
+                         f"null, got {strength!r}")
     margin = row.get("margin")
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
         raise ValueError(f"{where}: field 'margin' must be a number or null, got {margin!r}")

@@ -390,6 +390,8 @@ def train_ppo(
     elif acc.is_main_process:
         for p in (metrics_path, events_path):
             p.unlink(missing_ok=True)
+    if acc.is_main_process:
+        events_path.touch()  # there even when beta never changed (an empty file says so)
 
     def forward(model, ids, mask, prompt_len):
         """(B, R, V) logits predicting each response token and V(s_t) before it (B, R)."""

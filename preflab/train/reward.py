@@ -69,7 +69,7 @@ class RewardConfig:
     eval_every: int = field_doc(50, "evaluate on the validation pairs every N steps (0: only at the end)")
     eval_batch_size: int = field_doc(32, "pairs per validation batch")
     checkpoint_every: int = field_doc(50, "save a resumable checkpoint every N steps (0: only at the end)")
-    keep_checkpoints: int = field_doc(2, "how many checkpoints to keep")
+    keep_checkpoints: int = field_doc(2, "how many checkpoints keep their weights (0 = all, as PPO's keep_last)")
     mixed_precision: Literal["no", "fp16", "bf16"] = field_doc("no", "accelerate mixed precision")
     seed: int = field_doc(0, "seed for data order, head init and RNG")
 
@@ -82,7 +82,7 @@ class RewardConfig:
         check(self.epochs >= 1, f"{w}.epochs", "must be >= 1")
         for name in ("max_steps", "warmup_steps", "eval_every", "checkpoint_every"):
             check(getattr(self, name) >= 0, f"{w}.{name}", "must be >= 0")
-        check(self.keep_checkpoints >= 1, f"{w}.keep_checkpoints", "must be >= 1")
+        check(self.keep_checkpoints >= 0, f"{w}.keep_checkpoints", "must be >= 0 (0 keeps all)")
         check(self.weight_decay >= 0 and self.max_grad_norm >= 0, f"{w}.weight_decay/max_grad_norm", "must be >= 0")
         check(self.margin in MARGIN_PRESETS or self.margin == "constant", f"{w}.margin",
               f"must be one of {[*MARGIN_PRESETS, 'constant']}, got {self.margin!r}")

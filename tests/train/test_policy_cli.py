@@ -41,7 +41,7 @@ def test_ppo_cli_config_flags_resume_and_bad_input(dirs, tmp_path):
             "--alarm", "formality=0.9", "--alarm-window", "3"]
     r = runner.invoke(app, [*args, "--steps", "2"])
     assert r.exit_code == 0, r.output
-    assert "ppo: 2 steps" in r.output and "events.jsonl" in r.output
+    assert "ppo: 2 steps" in r.output and "events.jsonl" in r.output and (out / "events.jsonl").is_file()
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["prompts_per_step"], cfg["steps"], cfg["kl_controller"], cfg["alarm_thresholds"],
             cfg["alarm_window"], cfg["kl_horizon"], cfg["kl_beta_min"]) == (4, 2, "adaptive", {"formality": 0.9}, 3,
@@ -144,3 +144,12 @@ def test_ppo_alarm_relative_to_the_reference(dirs, tmp_path):
     r = runner.invoke(app, [*base, "--out", str(tmp_path / "bad"), "--alarm", "formalty=+0.1"])
     assert r.exit_code == 2 and "--alarm: unknown detector 'formalty' (known: confidence, formality" in r.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_ctrl_c_says_how_to_continue():
+    from preflab.cli import _interrupted_hint
+
+    assert "with --resume continues" in _interrupted_hint(["preflab", "ppo", "--policy", "p"])
+    assert "with --resume continues" in _interrupted_hint(["preflab", "rm", "train", "--out", "r"])
+    assert "same command again" in _interrupted_hint(["preflab", "demo", "--quick"])
+    assert _interrupted_hint(["preflab", "store", "export", "pairs"]) == ""

@@ -174,6 +174,9 @@ def test_load_jsonl_names_file_and_line(tmp_path):
     p.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b", "margin": 1.5}\nnot json\n')
     with pytest.raises(ValueError, match=r"pairs.jsonl:2: not valid JSON"):
         load_jsonl(p)
+    p.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b", "strength": 7}\n')  # before training, not in it
+    with pytest.raises(ValueError, match=r"pairs.jsonl:1: field 'strength' must be 0-3 .* got 7"):
+        load_jsonl(p)
     p.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b", "margin": 1.5, "extra": 1}\n')
     (e,) = load_jsonl(p)
     assert (e.prompt, e.chosen, e.rejected, e.margin, e.pair_id) == ("hi", "a", "b", 1.5, "pairs.jsonl:1")
