@@ -1575,10 +1575,16 @@ def _load_prompts(path: str | None, n: int, seed: int) -> list[str]:
 
         return [q.text for q in generate_queries(n, seed=seed)]
     out = []
-    for i, line in enumerate(open(path), 1):
+    lines = open(path).read().splitlines()
+    first = next((ln.strip() for ln in lines if ln.strip()), "")
+    try:  # JSONL by its name or by its content (a .txt of JSON objects is not prompt text)
+        jsonl = path.endswith((".jsonl", ".json", ".ndjson")) or isinstance(_json.loads(first), dict)
+    except _json.JSONDecodeError:
+        jsonl = False
+    for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        if path.endswith(".jsonl"):
+        if jsonl:
             try:
                 row = _json.loads(line)
             except _json.JSONDecodeError as e:
@@ -1589,7 +1595,7 @@ def _load_prompts(path: str | None, n: int, seed: int) -> list[str]:
                                  "format) or 'text' (the store's prompts.jsonl)")
             out.append(row[key])
         else:
-            out.append(line.rstrip("\n"))
+            out.append(line)
     if not out:
         raise ValueError(f"{path}: no prompts")
     return out
@@ -1875,7 +1881,9 @@ def dpo_cmd(
     except (ValueError, OSError) as e:
         _fail(e)
     last = res.metrics[-1] if res.metrics else {}
-    console.print(f"dpo: {res.steps} steps on {_judged(train)} ({_judged(val)} held out); "
+    ties = sum(e.is_tie for e in train)
+    console.print(f"dpo: {res.steps} steps on {_judged(train)} ({_judged(val)} held out"
+                  + (f"; {ties} ties left out: no preference to learn" if ties else "") + "); "
                   f"loss {last.get('dpo/loss', float('nan')):.3f}, val accuracy {last.get('val/accuracy', float('nan')):.3f}; "
                   f"policy in {res.policy_dir}")
 

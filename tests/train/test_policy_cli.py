@@ -118,6 +118,11 @@ def test_ppo_prompts_file_takes_trl_and_store_formats(tmp_path):
     p.write_text('{"id": "q3", "query": "hm"}\n')
     with pytest.raises(ValueError, match=r"prompts.jsonl:1: expected an object with a string 'prompt' .* or 'text'"):
         _load_prompts(str(p), 0, 0)
+    t = tmp_path / "prompts.txt"
+    t.write_text('{"prompt": "How much is Team?"}\n')  # JSON lines under another name: still read as JSONL
+    assert _load_prompts(str(t), 0, 0) == ["How much is Team?"]
+    t.write_text("How much is Team?\nCan I get a refund?\n")  # plain text: one prompt per line
+    assert _load_prompts(str(t), 0, 0) == ["How much is Team?", "Can I get a refund?"]
 
 
 def test_ppo_alarm_relative_to_the_reference(dirs, tmp_path):
