@@ -653,8 +653,11 @@ def rm_train(
     ties: str = typer.Option(None, help="RewardConfig.ties: exclude | half"),
     mixed_precision: str = typer.Option(None, help="RewardConfig.mixed_precision: no | fp16 | bf16"),
     seed: int = typer.Option(None, help="RewardConfig.seed"),
+    threads: int = typer.Option(None, min=1, show_default=False,
+                                help="torch CPU threads (default: torch's choice, all cores; 1 or 2 on a shared machine)."),
 ) -> None:
     """Train a reward model on judged pairs (split by prompt into train/validation)."""
+    _set_threads(threads)
     from preflab.config import resolve
     from preflab.train.checkpoint import refuse_to_overwrite
     from preflab.train.data import load_jsonl, load_store_examples, split_by_prompt
@@ -760,9 +763,12 @@ def rm_curve(
     margin: str = typer.Option(None, help="RewardConfig.margin"),
     seed: int = typer.Option(None, help="RewardConfig.seed (the validation split and training) and CurveConfig.seed"),
     progress: bool = typer.Option(True, help="Show the trainer's progress bars."),
+    threads: int = typer.Option(None, min=1, show_default=False,
+                                help="torch CPU threads (default: torch's choice, all cores; 1 or 2 on a shared machine)."),
 ) -> None:
     """Would more judgements help? Reward models on nested shares of the training pairs, each scored on the same
     validation pairs: accuracy per size, paired gains, gain per doubling, and the pairs projected to near the ceiling."""
+    _set_threads(threads)
     from preflab.config import resolve
     from preflab.evaluate.curve import CurveConfig, describe, learning_curve
     from preflab.evaluate.preference import store_ceiling
@@ -1528,6 +1534,13 @@ def store_reset_password(
 # ---- ppo / dpo: policy optimisation (train/ppo.py, train/dpo.py) ------------------------
 
 
+def _set_threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
 def _resumable(out: str, resume: bool) -> None:
     """``--resume`` into a directory that does not exist is a typo, not a fresh start."""
     from pathlib import Path
@@ -1655,8 +1668,11 @@ def ppo_cmd(
                                                         "Assistant:') | raw | chat (its tokenizer's chat template)."),
     db: str = typer.Option(None, "--db", help="Store to record the run's lineage in (policy, reward model, steps)."),
     project: str = typer.Option(None, "--project", help="Project in --db."),
+    threads: int = typer.Option(None, min=1, show_default=False,
+                                help="torch CPU threads (default: torch's choice, all cores; 1 or 2 on a shared machine)."),
 ) -> None:
     """Optimise a policy against a reward model with PPO and a KL leash (fixed, adaptive, alarm-driven)."""
+    _set_threads(threads)
     import torch
 
     from preflab.config import resolve
@@ -1849,8 +1865,11 @@ def dpo_cmd(
     batch_size: int = typer.Option(None, help="DPOConfig.batch_size"),
     rpo_alpha: float = typer.Option(None, help="DPOConfig.rpo_alpha"),
     seed: int = typer.Option(None, help="DPOConfig.seed"),
+    threads: int = typer.Option(None, min=1, show_default=False,
+                                help="torch CPU threads (default: torch's choice, all cores; 1 or 2 on a shared machine)."),
 ) -> None:
     """Fit a policy directly to judged pairs with DPO (or IPO) against the frozen SFT policy."""
+    _set_threads(threads)
     from preflab.config import resolve
     from preflab.models.hf import load_policy
     from preflab.train.checkpoint import refuse_to_overwrite

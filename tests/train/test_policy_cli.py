@@ -38,7 +38,7 @@ def test_ppo_cli_config_flags_resume_and_bad_input(dirs, tmp_path):
     args = ["ppo", "--policy", str(dirs / "policy"), "--reward", str(dirs / "rm"), "--out", str(out),
             "--config", str(tmp_path / "ppo.toml"), "--n-prompts", "16", "--checkpoint-every", "1",
             "--kl-controller", "adaptive", "--kl-target", "2", "--kl-horizon", "8", "--kl-beta-min", "0.02",
-            "--alarm", "formality=0.9", "--alarm-window", "3"]
+            "--alarm", "formality=0.9", "--alarm-window", "3", "--threads", "1"]
     r = runner.invoke(app, [*args, "--steps", "2"])
     assert r.exit_code == 0, r.output
     assert "ppo: 2 steps" in r.output and "events.jsonl" in r.output and (out / "events.jsonl").is_file()
