@@ -630,6 +630,17 @@ app.add_typer(rm_app, name="rm")
 
 
 
+def _warn_data(train, val) -> None:  # noqa: ANN001
+    """Say what would make the run's numbers meaningless before training on it."""
+    same = sum(e.chosen == e.rejected for e in train)
+    if same:
+        console.print(f"[yellow]warning:[/yellow] {same} training pairs have the same chosen and rejected text "
+                      "(they teach nothing)")
+    if not val:
+        console.print("[yellow]warning:[/yellow] no validation pairs (too few prompts for the split): held-out "
+                      "accuracy cannot be measured; add pairs or raise the validation fraction")
+
+
 def _judged(examples) -> str:
     """``N pairs``, or ``N judgements of M pairs`` where raters judged some pairs more than once."""
     pairs = len({e.pair_id for e in examples})
@@ -680,6 +691,7 @@ def rm_train(
                 raise ValueError("--project: required with --db")
             examples = load_store_examples(db, project=project, round_kinds=_rounds(rounds))
         train, val = split_by_prompt(examples, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        _warn_data(train, val)
         model, tok = initial_reward_model(policy, seed=cfg.seed)
         res = train_reward(cfg, model=model, tokenizer=tok, train=train, val=val, run_dir=out, resume=resume,
                            inputs={"initialised_from": _abs(policy)})
@@ -734,8 +746,13 @@ def rm_eval(
         for k, g in groups.items():
             t.add_row(k, str(g.n), f"{g.value:.1%}", f"{g.low:.1%}-{g.high:.1%}")
         console.print(t)
+    mono = {True: "yes (clearer preferences are predicted more often, as they should be)",
+            False: "no (accuracy does not rise with the raters' stated strength: look at the strength table's CIs; "
+                   "with few pairs per strength this is noise, with many the model misses what raters find clear)",
+            None: "n/a (fewer than two strengths)"}[rep.strength_monotonic]
     console.print(f"ECE {rep.ece:.3f}   corr(reward, length) {rep.length_corr:+.2f}   "
-                  f"corr(gap, length gap) {rep.length_gap_corr:+.2f}   strength monotonic: {rep.strength_monotonic}")
+                  f"corr(gap, length gap) {rep.length_gap_corr:+.2f}")
+    console.print(f"accuracy rises with strength: {mono}")
     for w in rep.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
     console.print(f"wrote {run_dir}/eval/preference.json")
@@ -1890,6 +1907,7 @@ def dpo_cmd(
                 raise ValueError("--project: required with --db")
             examples = load_store_examples(db, project=project, round_kinds=_rounds(rounds))
         train, val = split_by_prompt(examples, val_fraction=val_fraction, seed=cfg.seed)
+        _warn_data(train, val)
         pol, tok = load_policy(policy)
         ref, _ = load_policy(policy)
         res = train_dpo(cfg, policy=pol, ref=ref, tokenizer=tok, train=train, val=val, run_dir=out, resume=resume,

@@ -50,6 +50,12 @@ def example_from_row(row: Mapping[str, Any] | Any, *, where: str = "row") -> Pre
     if not isinstance(row, Mapping):
         row = {k: getattr(row, k) for k in (*_FIELDS, *_ALIASES) if hasattr(row, k)}
     row = {_ALIASES.get(k, k): v for k, v in row.items()}
+    if isinstance(row.get("chosen"), list) or isinstance(row.get("prompt"), list):
+        raise ValueError(f"{where}: TRL's conversational format (lists of messages) is not read here: give "
+                         "'prompt', 'chosen' and 'rejected' as strings (the user's turn, and each answer)")
+    if row.get("prompt") is None and isinstance(row.get("chosen"), str):
+        raise ValueError(f"{where}: no 'prompt' (TRL's implicit-prompt format, the prompt inside chosen and "
+                         "rejected, is not read here): give the prompt apart, and chosen / rejected as the answers")
     for key in ("prompt", "chosen", "rejected"):
         if not isinstance(row.get(key), str):
             raise ValueError(f"{where}: field {key!r} must be a string, got {type(row.get(key)).__name__}")

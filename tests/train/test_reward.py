@@ -174,6 +174,12 @@ def test_load_jsonl_names_file_and_line(tmp_path):
     p.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b", "margin": 1.5}\nnot json\n')
     with pytest.raises(ValueError, match=r"pairs.jsonl:2: not valid JSON"):
         load_jsonl(p)
+    p.write_text('{"chosen": [{"role": "user", "content": "hi"}], "rejected": []}\n')
+    with pytest.raises(ValueError, match=r"pairs.jsonl:1: TRL's conversational format .* is not read here"):
+        load_jsonl(p)
+    p.write_text('{"chosen": "Q: hi A: yes", "rejected": "Q: hi A: no"}\n')
+    with pytest.raises(ValueError, match=r"pairs.jsonl:1: no 'prompt' \(TRL's implicit-prompt format"):
+        load_jsonl(p)
     p.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b", "strength": 7}\n')  # before training, not in it
     with pytest.raises(ValueError, match=r"pairs.jsonl:1: field 'strength' must be 0-3 .* got 7"):
         load_jsonl(p)
