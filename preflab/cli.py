@@ -630,6 +630,10 @@ app.add_typer(rm_app, name="rm")
 
 
 
+def _resumed(res) -> str:  # noqa: ANN001
+    return f" (resumed at step {res.resumed_from})" if getattr(res, "resumed_from", 0) else ""
+
+
 def _warn_data(train, val) -> None:  # noqa: ANN001
     """Say what would make the run's numbers meaningless before training on it."""
     same = sum(e.chosen == e.rejected for e in train)
@@ -701,7 +705,7 @@ def rm_train(
     except (ValueError, OSError) as e:
         _fail(e)
     m = res.metrics
-    console.print(f"trained {res.steps} steps on {_judged(train)} ({_judged(val)} held out); "
+    console.print(f"trained {res.steps} steps{_resumed(res)} on {_judged(train)} ({_judged(val)} held out); "
                   f"val accuracy {m.get('eval/accuracy', float('nan')):.3f}; model in {res.model_dir}")
     console.print(f"next: preflab rm eval {out}" + (f" --db {db} --project {project}" if db else " --ceiling C")
                   + "  (held-out accuracy against the raters' duplicate ceiling)")
@@ -1763,7 +1767,7 @@ def ppo_cmd(
     except ValueError as e:
         _fail(e)
     last = res.metrics[-1] if res.metrics else {}
-    console.print(f"ppo: {res.steps} steps; score {last.get('objective/scores', float('nan')):.3f}, "
+    console.print(f"ppo: {res.steps} steps{_resumed(res)}; score {last.get('objective/scores', float('nan')):.3f}, "
                   f"kl {last.get('objective/kl', float('nan')):.3f}, beta {last.get('objective/beta', float('nan')):.4g}; "
                   f"{len(res.events)} beta changes (events.jsonl); policy in {res.policy_dir}")
 
@@ -1919,7 +1923,7 @@ def dpo_cmd(
         _fail(e)
     last = res.metrics[-1] if res.metrics else {}
     ties = sum(e.is_tie for e in train)
-    console.print(f"dpo: {res.steps} steps on {_judged(train)} ({_judged(val)} held out"
+    console.print(f"dpo: {res.steps} steps{_resumed(res)} on {_judged(train)} ({_judged(val)} held out"
                   + (f"; {ties} ties left out: no preference to learn" if ties else "") + "); "
                   f"loss {last.get('dpo/loss', float('nan')):.3f}, val accuracy {last.get('val/accuracy', float('nan')):.3f}; "
                   f"policy in {res.policy_dir}")

@@ -315,4 +315,4 @@ def train_dpo(
         acc.unwrap_model(scorer).model.save_pretrained(policy_dir)
         tokenizer.save_pretrained(policy_dir)
     acc.wait_for_everyone()
-    return RunResult(run_dir, total, history, [], last_ckpt, policy_dir)
+    return RunResult(run_dir, total, history, [], last_ckpt, policy_dir, resumed_from=start)

@@ -161,6 +161,7 @@ class RunResult:
     events: list[dict[str, Any]]  # beta changes with their cause
     last_checkpoint: Path | None
     policy_dir: Path | None  # the final policy as a Hugging Face directory
+    resumed_from: int = 0  # the checkpoint step this invocation continued from (0: a fresh run)
 
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
@@ -567,7 +568,7 @@ def train_ppo(
         acc.unwrap_model(ac).policy.save_pretrained(policy_dir)
         tokenizer.save_pretrained(policy_dir)
     acc.wait_for_everyone()
-    return RunResult(run_dir, cfg.steps, history, events, last_ckpt, policy_dir)
+    return RunResult(run_dir, cfg.steps, history, events, last_ckpt, policy_dir, resumed_from=start)
 
 
 def _gather_texts(acc, texts: list[str]) -> list[list[str]]:

@@ -107,6 +107,7 @@ class RunResult:
     model_dir: Path
     steps: int
     metrics: dict[str, float]  # the last train/* and eval/* values
+    resumed_from: int = 0  # the checkpoint step this invocation continued from (0: a fresh run)
 
 
 # ---- model ----------------------------------------------------------------------------
@@ -526,7 +527,7 @@ def train_reward(
         unwrapped = acc.unwrap_model(scorer).model
         unwrapped.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
-    return RunResult(run_dir=run_dir, model_dir=model_dir, steps=total, metrics=last)
+    return RunResult(run_dir=run_dir, model_dir=model_dir, steps=total, metrics=last, resumed_from=start)
 
 
 

@@ -53,6 +53,7 @@ def test_ppo_cli_config_flags_resume_and_bad_input(dirs, tmp_path):
 
     r = runner.invoke(app, [*args, "--steps", "3", "--resume"])  # continues from step 2
     assert r.exit_code == 0, r.output
+    assert "ppo: 3 steps (resumed at step 2)" in r.output
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3]
     inputs = json.loads((out / "inputs.json").read_text())  # what the run trained on, for a reader and a resume
