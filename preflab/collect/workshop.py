@@ -96,6 +96,10 @@ def round_agreement(s: Session, *, round_id: int, n_boot: int = 500, seed: int =
     rnd = ops.get_round(s, round_id=round_id)
     labels = round_labels(s, round_id=round_id)
     shared = {pid: lab for pid, lab in labels.items() if len(lab) >= 2}
+    if rnd.overlap < 2:
+        raise ops.StoreError(f"round {rnd.name!r}: overlap 1, each item goes to one rater, so there is no agreement "
+                             "to measure (raters' consistency comes from planted duplicates: preflab quality status)",
+                             code="conflict")
     if not shared:
         raise ops.StoreError(f"round {rnd.name!r}: no item has two raters' judgements yet (overlap {rnd.overlap})",
                              code="conflict")

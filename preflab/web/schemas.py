@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 RoundKind = Literal["calibration", "collection", "rerate", "eval"]
 IDEM_PATTERN = r"^[A-Za-z0-9_.:\-]{8,128}$"
@@ -129,6 +129,14 @@ class AlertOut(BaseModel):
 
 class RaterCreate(Strict):
     name: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f]+$")
+
+    @field_validator("name")
+    @classmethod
+    def _trimmed(cls, v: str) -> str:  # "  dave  " would be a name nobody can type at the sign-in
+        v = v.strip()
+        if not v:
+            raise ValueError("a name needs a visible character")
+        return v
     role: Literal["rater", "admin"] = "rater"
     specialties: list[str] = Field(default_factory=list, max_length=20)
     hourly_rate: float = Field(0.0, ge=0.0, le=10_000.0)

@@ -9,6 +9,9 @@
 - CSRF: synchroniser token ``HMAC(secret, "csrf:" + nonce)`` bound to the session nonce; every form
   post and every cookie-authenticated unsafe API call must carry it (form field ``csrf_token`` or
   header ``X-CSRF-Token``). Bearer-token calls carry no cookie and need none.
+- Flash: the admin pages' one-time message after a post (post/redirect/get), a new rater's
+  password included: encrypted with an HMAC-SHA256 pad under a random nonce and signed, in a
+  60-second HttpOnly cookie scoped to /admin, deleted when shown.
 """
 
 from __future__ import annotations
@@ -114,21 +117,31 @@ def check_csrf(session: Session | None, secret: str, supplied: str | None) -> bo
     return hmac.compare_digest(csrf_token(session, secret), supplied)
 
 
+def _keystream(secret: str, nonce: bytes, n: int) -> bytes:
+    """HMAC-SHA256 in counter mode: a pseudorandom pad of ``n`` bytes for this nonce."""
+    out = b"".join(_mac(secret, b"flash-pad:" + nonce + i.to_bytes(4, "big")) for i in range(n // 32 + 1))
+    return out[:n]
+
+
 def sign_flash(message: str, secret: str) -> str:
-    """A one-time message carried by a cookie across a post's redirect (signed, so it cannot be forged)."""
-    payload = message.encode()
-    return _b64(payload) + "." + _b64(_mac(secret, b"flash:" + payload))
+    """A one-time message carried by a cookie across a post's redirect: encrypted (a new password
+    can ride in it) with an HMAC-SHA256 pad under a random nonce, then signed (encrypt-then-MAC)."""
+    nonce = secrets.token_bytes(16)
+    plain = message.encode()
+    sealed = nonce + bytes(a ^ b for a, b in zip(plain, _keystream(secret, nonce, len(plain)), strict=True))
+    return _b64(sealed) + "." + _b64(_mac(secret, b"flash:" + sealed))
 
 
 def read_flash(cookie: str | None, secret: str) -> str | None:
-    """The message of a signed flash cookie, or None if absent or tampered with."""
+    """The message of a flash cookie, or None if absent, tampered with or malformed."""
     if not cookie or "." not in cookie or len(cookie) > 4096:
         return None
     body, sig = cookie.rsplit(".", 1)
     try:
-        payload = _unb64(body)
-        if not hmac.compare_digest(_unb64(sig), _mac(secret, b"flash:" + payload)):
+        sealed = _unb64(body)
+        if len(sealed) < 16 or not hmac.compare_digest(_unb64(sig), _mac(secret, b"flash:" + sealed)):
             return None
-        return payload.decode()
+        nonce, cipher = sealed[:16], sealed[16:]
+        return bytes(a ^ b for a, b in zip(cipher, _keystream(secret, nonce, len(cipher)), strict=True)).decode()
     except (ValueError, UnicodeDecodeError):
         return None

@@ -42,6 +42,16 @@ def test_admin_closes_a_round_and_deactivates_a_rater(served):
     admin, csrf = _signed_in(server)
     page = admin.get("/admin").text
     assert 'id="raters"' in page and "Deactivate" in page and "Close</button>" in page
+    for leftover in ("/admin/raters", "/admin/guidelines", f"/admin/raters/{rater_id}/credentials",
+                     f"/admin/rounds/{rid}/status", "/admin/import"):  # a form's address from the history
+        r = admin.get(leftover)
+        assert r.status_code == 303 and r.headers["location"] == "/admin", leftover
+    # the round's own page says whether it is open and closes it, coming back to itself
+    r = admin.post(f"/admin/rounds/{rid}/status", data={"status": "closed", "back": "round", "csrf_token": csrf},
+                   follow_redirects=True)
+    assert str(r.url).endswith(f"/admin/rounds/{rid}") and "This round is <strong>closed</strong>" in r.text
+    assert "Round “week 1” is closed." in r.text and "Reopen the round" in r.text
+    admin.post(f"/admin/rounds/{rid}/status", data={"status": "open", "back": "round", "csrf_token": csrf})
 
     # post/redirect/get: the post answers 303 to the dashboard, which says what happened once
     r = admin.post(f"/admin/rounds/{rid}/status", data={"status": "closed", "csrf_token": csrf})
@@ -81,15 +91,27 @@ def test_admin_edits_a_rater_and_gives_new_credentials(served):
     assert row["specialties"] == ["pricing", "refunds"] and row["hourly_rate"] == 31.5 and row["active"]
     r = admin.post(f"/admin/raters/{rater_id}", data={"hourly_rate": "-1", "role": "rater", "csrf_token": csrf})
     assert r.status_code == 422 and "hourly_rate" in r.text
+    r = admin.post(f"/admin/raters/{rater_id}", data={"hourly_rate": "", "role": "rater", "csrf_token": csrf})
+    assert r.status_code == 422 and "hourly_rate: enter a number" in r.text  # not a silent 0
     assert next(x for x in api.get("/api/v1/raters").json() if x["id"] == rater_id)["hourly_rate"] == 31.5
+    r = admin.post(f"/admin/raters/{rater_id}", data={"specialties": "Billing, billing , ,shipping", "hourly_rate": "31.5",
+                                                      "role": "rater", "csrf_token": csrf}, follow_redirects=True)
+    assert "specialties Billing, shipping" in r.text  # each once
+    assert "Note: no prompt has the topic &#39;Billing&#39;, &#39;shipping&#39;" in r.text  # the pairs' topics differ
+    r = admin.post("/admin/raters", data={"name": "  dave  ", "hourly_rate": "20", "csrf_token": csrf},
+                   follow_redirects=True)
+    assert "Rater “dave” created" in r.text  # trimmed: the name a rater types at the sign-in
 
     # new credentials: shown once on the response; the old token and password stop working at once
     old = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
     assert old.get("/api/v1/me").status_code == 200
     r = admin.post(f"/admin/raters/{rater_id}/credentials", data={"csrf_token": csrf})
-    assert r.status_code == 200 and "given new credentials" in r.text
+    assert r.status_code == 303 and r.headers["location"] == "/admin"  # a reload cannot reset them again
+    r = admin.get("/admin")
+    assert "given new credentials" in r.text
     password = re.search(r'password <code class="secret">([^<]+)</code>', r.text).group(1)
     new_token = re.search(r'API token <code class="secret">([^<]+)</code>', r.text).group(1)
+    assert password not in str(admin.cookies.jar)  # the cookie that carried it is encrypted, and now gone
     assert old.get("/api/v1/me").status_code == 401
     new = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {new_token}"}, timeout=30)
     assert new.get("/api/v1/me").json()["id"] == rater_id
@@ -176,3 +198,16 @@ def test_admin_sees_a_rounds_agreement_with_cis(tmp_path):
         assert "week 1-rater0" in page.text and "4 items judged by two or more of 2 raters" in page.text
     finally:
         server.kill()
+
+
+def test_a_round_from_an_uploaded_pairs_file_takes_only_those_pairs(served):
+    server, _, _ = served
+    admin, csrf = _signed_in(server)
+    files = {"pairs_file": ("two.jsonl", b'{"id": "p0"}\n{"id": "p2"}\n', "application/json")}
+    r = admin.post("/admin/rounds", data={"name": "two only", "overlap": "1", "duplicate_rate": "0",
+                                          "min_rationale_chars": "5", "csrf_token": csrf}, files=files,
+                   follow_redirects=True)
+    assert r.status_code == 200 and "Round “two only” created with 2 items." in r.text
+    r = admin.post("/admin/rounds", data={"name": "all of them", "overlap": "1", "duplicate_rate": "0",
+                                          "min_rationale_chars": "5", "csrf_token": csrf}, follow_redirects=True)
+    assert "Round “all of them” created with 3 items." in r.text  # no file: every imported pair

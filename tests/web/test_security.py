@@ -153,7 +153,7 @@ def test_csrf_required_on_form_posts_and_cookie_api_calls(world):
     admin = sign_in(world, "admin", world["server"].admin_password)
     html = admin.get("/admin").text
     assert admin.post("/admin/raters", data={"name": "eve"}).status_code == 403
-    assert admin.post("/admin/raters", data={"name": "eve", "csrf_token": csrf_of(html)}).status_code == 200
+    assert admin.post("/admin/raters", data={"name": "eve", "csrf_token": csrf_of(html)}).status_code == 303
     # the JSON API with the session cookie needs the header too
     r = admin.post("/api/v1/raters", json={"name": "eve2"})
     assert r.status_code == 403 and r.json()["error"]["code"] == "csrf"

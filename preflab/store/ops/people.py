@@ -94,7 +94,7 @@ def create_rater(
     if password is not None and password_hash is not None:
         raise StoreError("rater: give password or password_hash, not both")
     if session.scalar(select(Rater.id).where(Rater.project_id == project_id, Rater.name == name)):
-        raise StoreError(f"rater.name: {name!r} already exists in project {project_id}", code="conflict")
+        raise StoreError(f"rater.name: {name!r} already exists in this project", code="conflict")
     if password is not None:
         password_hash = _hash_password(_text(password, "rater.password", max_len=1000))
     r = Rater(project_id=project_id, name=name, role=role, specialties=list(specialties),

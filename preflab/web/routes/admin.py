@@ -1,10 +1,10 @@
-"""Admin pages: dashboard (rounds, raters, guidelines, import, create round, add rater, alerts) and
-round progress.
+"""Admin pages: dashboard (rounds, raters, guidelines, import, create round, add rater, alerts),
+round progress and agreement.
 
-Forms follow post/redirect/get: a post that succeeds redirects to the dashboard, which shows its
-message once (a signed cookie carries it across the redirect), so reloading the page never posts
-again. Creating a rater or giving one new credentials is the exception: the password and token
-are shown once on the response itself and never stored anywhere.
+Forms follow post/redirect/get: a post that succeeds redirects to the page, which shows its
+message once (an encrypted, signed 60-second cookie carries it across the redirect; a new
+rater's password and token too), so reloading never posts again and a secret is shown once.
+A GET on a form's address (a bookmark, the browser's history) lands on the dashboard.
 """
 
 from __future__ import annotations
@@ -42,11 +42,15 @@ def _flash_cookie(request: Request) -> str:
     return request.app.state.settings.cookie_name + "_flash"
 
 
-def _done(request: Request, message: str, to: str = "/admin") -> RedirectResponse:
-    """Post/redirect/get: ``to`` shows ``message`` once; a reload does not post the form again."""
+def _done(request: Request, message: str, to: str = "/admin", *, created: dict | None = None) -> RedirectResponse:
+    """Post/redirect/get: ``to`` shows ``message`` (and ``created``: a rater's new password and token)
+    once; a reload does not post the form again."""
+    import json
+
     settings = request.app.state.settings
     resp = RedirectResponse(to, status_code=303)
-    resp.set_cookie(_flash_cookie(request), sec.sign_flash(message, settings.secret_key), max_age=60,
+    payload = json.dumps({"message": message, "created": created})
+    resp.set_cookie(_flash_cookie(request), sec.sign_flash(payload, settings.secret_key), max_age=60,
                     httponly=True, samesite="lax", secure=settings.cookie_secure, path="/admin")
     return resp
 
@@ -58,8 +62,16 @@ def _take_flash(request: Request, resp: HTMLResponse) -> None:
         resp.delete_cookie(name, path="/admin")
 
 
-def _read_flash(request: Request) -> str | None:
-    return sec.read_flash(request.cookies.get(_flash_cookie(request)), request.app.state.settings.secret_key)
+def _read_flash(request: Request) -> dict:
+    """``{"message", "created"}`` of a redirected post, or {} (none, expired or tampered with)."""
+    import json
+
+    text = sec.read_flash(request.cookies.get(_flash_cookie(request)), request.app.state.settings.secret_key)
+    try:
+        data = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _form_error(e: ValidationError) -> WebError:
@@ -67,7 +79,7 @@ def _form_error(e: ValidationError) -> WebError:
     return WebError(422, "invalid_input", f"{'.'.join(map(str, err['loc']))}: {err['msg']}")
 
 
-def _dashboard(request: Request, user, *, created: dict | None = None) -> HTMLResponse:  # noqa: ANN001
+def _dashboard(request: Request, user) -> HTMLResponse:  # noqa: ANN001
     from preflab.store import ops
     from preflab.store.schema import ROUND_KINDS
 
@@ -76,10 +88,11 @@ def _dashboard(request: Request, user, *, created: dict | None = None) -> HTMLRe
                 len(ops.list_pairs(s, project_id=user.project_id)), ops.list_raters(s, project_id=user.project_id))
 
     guidelines, n_pairs, raters = run_store(request, load, readonly=True)
+    flash = _read_flash(request)
     resp = render(request, "admin.html", {
         "user": user, "project": request.app.state.settings.project, "rounds": admin_rounds(request, user),
         "alerts": alerts(request, user), "guidelines": guidelines[::-1], "n_pairs": n_pairs, "kinds": ROUND_KINDS,
-        "raters": raters, "flash": _read_flash(request), "created": created,
+        "raters": raters, "flash": flash.get("message"), "created": flash.get("created"),
         "next_label": _next_label([g.label for g in guidelines])})
     _take_flash(request, resp)
     return resp
@@ -101,6 +114,18 @@ def _next_label(labels: list[str]) -> str:
 @router.get("")
 def admin_home(request: Request, user: AdminUser) -> HTMLResponse:
     return _dashboard(request, user)
+
+
+@router.get("/import")
+@router.get("/rounds")
+@router.get("/raters")
+@router.get("/guidelines")
+@router.get("/raters/{rater_id}")
+@router.get("/raters/{rater_id}/{action}")
+@router.get("/rounds/{round_id}/status")
+def admin_form_address(user: AdminUser) -> RedirectResponse:
+    """A form's address opened with GET (history, a bookmark, a reload's leftover URL): the dashboard."""
+    return RedirectResponse("/admin", status_code=303)
 
 
 async def _upload_text(f: UploadFile, limit: int, what: str) -> str:
@@ -132,18 +157,17 @@ async def admin_import(request: Request, user: AdminUser, kind: Annotated[str, F
 @router.post("/rounds")
 async def admin_create_round(
     request: Request, user: AdminUser, name: Annotated[str, Form()], kind: Annotated[str, Form()] = "collection",
-    guideline_version: Annotated[str, Form()] = "", pair_source: Annotated[str, Form()] = "all",
-    pairs_file: UploadFile | None = None, overlap: Annotated[int, Form()] = 3,
+    guideline_version: Annotated[str, Form()] = "", pairs_file: UploadFile | None = None,
+    overlap: Annotated[int, Form()] = 3,
     duplicate_rate: Annotated[float, Form()] = 0.1, min_rationale_chars: Annotated[int, Form()] = 20,
     allow_ties: Annotated[str, Form()] = "",
 ) -> HTMLResponse:
-    """Create a round from all imported pairs, or from the pair ids in an uploaded JSONL file."""
+    """Create a round from the pair ids in an uploaded JSONL file, or, with no file chosen, from every
+    imported pair."""
     from starlette.concurrency import run_in_threadpool
 
     pair_ids = None
-    if pair_source == "upload":
-        if pairs_file is None or not pairs_file.filename:
-            raise WebError(422, "invalid_input", "pairs_file: choose a JSONL file with a pair_id per line")
+    if pairs_file is not None and pairs_file.filename:
         text = await _upload_text(pairs_file, request.app.state.settings.max_body_bytes, pairs_file.filename)
         from preflab.store.ops import StoreError
 
@@ -163,15 +187,15 @@ async def admin_create_round(
 
 @router.post("/raters")
 def admin_add_rater(request: Request, user: AdminUser, name: Annotated[str, Form()], role: Annotated[str, Form()] = "rater",
-                    specialties: Annotated[str, Form()] = "", hourly_rate: Annotated[float, Form()] = 0.0) -> HTMLResponse:
+                    specialties: Annotated[str, Form()] = "",
+                    hourly_rate: Annotated[str, Form()] = "0") -> RedirectResponse:
     try:
-        body = w.RaterCreate(name=name, role=role, hourly_rate=hourly_rate,
-                             specialties=[x.strip() for x in specialties.split(",") if x.strip()])
+        body = w.RaterCreate(name=name, role=role, hourly_rate=_rate(hourly_rate), specialties=_specialties(specialties))
     except ValidationError as e:
         raise _form_error(e) from None
     made = create_rater(request, body, user)
-    return _dashboard(request, user, created={"name": made.name, "password": made.password, "token": made.token,
-                                              "what": "created"})
+    return _done(request, f"Rater “{made.name}” added.", created={"name": made.name, "password": made.password,
+                                                                  "token": made.token, "what": "created"})
 
 
 @router.get("/rounds/{round_id}")
@@ -181,10 +205,12 @@ def admin_round_page(request: Request, round_id: RoundId, user: AdminUser) -> HT
     info = own_round(request, user, round_id)
     prog = run_store(request, lambda s: ops.round_progress(s, round_id=round_id), readonly=True)
     rows = progress_rows(prog)  # one read of the store for the round's and the raters' figures
-    return render(request, "admin_round.html", {"user": user, "round": {
-        "id": info.id, "name": info.name, "kind": info.kind, "overlap": info.overlap,
+    resp = render(request, "admin_round.html", {"user": user, "flash": _read_flash(request).get("message"), "round": {
+        "id": info.id, "name": info.name, "kind": info.kind, "overlap": info.overlap, "status": info.status,
         "guideline_version": info.guideline_label, "n_items": prog.n_items, "items_complete": prog.items_complete},
         "progress": rows})
+    _take_flash(request, resp)
+    return resp
 
 
 @router.get("/rounds/{round_id}/agreement")
@@ -199,14 +225,16 @@ def admin_round_agreement(request: Request, round_id: RoundId, user: AdminUser) 
 
 
 @router.post("/rounds/{round_id}/status")
-def admin_round_status(request: Request, round_id: RoundId, user: AdminUser,
-                       status: Annotated[str, Form()]) -> HTMLResponse:
-    """Close a round (it hands out no more tasks and takes no judgements) or open it again."""
+def admin_round_status(request: Request, round_id: RoundId, user: AdminUser, status: Annotated[str, Form()],
+                       back: Annotated[str, Form()] = "") -> RedirectResponse:
+    """Close a round (it hands out no more tasks and takes no judgements) or open it again; ``back``
+    "round" returns to the round's page, anything else to the dashboard."""
     from preflab.store import ops
 
     info = own_round(request, user, round_id)
     run_store(request, lambda s: ops.set_round_status(s, round_id=round_id, status=status))
-    return _done(request, f"Round “{info.name}” is {status}.")
+    return _done(request, f"Round “{info.name}” is {status}.",
+                 to=f"/admin/rounds/{round_id}" if back == "round" else "/admin")
 
 
 @router.post("/raters/{rater_id}/active")
@@ -220,25 +248,57 @@ def admin_rater_active(request: Request, rater_id: RaterId, user: AdminUser, act
 
 @router.post("/raters/{rater_id}")
 def admin_rater_edit(request: Request, rater_id: RaterId, user: AdminUser, specialties: Annotated[str, Form()] = "",
-                     hourly_rate: Annotated[float, Form()] = 0.0,
+                     hourly_rate: Annotated[str, Form()] = "",
                      role: Annotated[str, Form()] = "rater") -> RedirectResponse:
     """Change a rater's specialties (task routing), hourly rate (the cost ledger) and role."""
     try:
-        body = w.RaterUpdate(specialties=[x.strip() for x in specialties.split(",") if x.strip()],
-                             hourly_rate=hourly_rate, role=role)
+        body = w.RaterUpdate(specialties=_specialties(specialties), hourly_rate=_rate(hourly_rate), role=role)
     except ValidationError as e:
         raise _form_error(e) from None
     r = update_rater(request, rater_id, body, user)
     return _done(request, f"Rater “{r.name}” saved: {r.role}, specialties {', '.join(r.specialties) or 'none'}, "
-                          f"{r.hourly_rate:g} per hour.")
+                          f"{r.hourly_rate:g} per hour." + _unknown_topics(request, user, r.specialties))
+
+
+def _rate(text: str) -> float:
+    """An hourly rate from a form field: a number >= 0; empty is refused (it would silently mean 0)."""
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise WebError(422, "invalid_input", f"hourly_rate: enter a number (0 for none), got {text!r}") from None
+
+
+def _specialties(text: str) -> list[str]:
+    """Comma-separated topics, trimmed, each once (case-insensitively: "Billing, billing" is one)."""
+    seen: dict[str, str] = {}
+    for x in (x.strip() for x in text.split(",")):
+        if x and x.lower() not in seen:
+            seen[x.lower()] = x
+    return list(seen.values())
+
+
+def _unknown_topics(request: Request, user, specialties) -> str:  # noqa: ANN001
+    """A note when a specialty names no topic of the project's prompts (routing matches topics exactly)."""
+    from preflab.store import ops
+
+    if not specialties:
+        return ""
+    topics = run_store(request, lambda s: {p.topic for p in ops.list_prompts(s, project_id=user.project_id)},
+                       readonly=True)
+    unknown = [x for x in specialties if x not in topics]
+    if not unknown or not topics:
+        return ""
+    return (f" Note: no prompt has the topic {', '.join(map(repr, unknown))} (topics: {', '.join(sorted(topics))}); "
+            "routing matches topics exactly.")
 
 
 @router.post("/raters/{rater_id}/credentials")
-def admin_rater_credentials(request: Request, rater_id: RaterId, user: AdminUser) -> HTMLResponse:
+def admin_rater_credentials(request: Request, rater_id: RaterId, user: AdminUser) -> RedirectResponse:
     """A new password and API token for a rater, shown once on this page (the old ones stop working)."""
     made = reset_credentials(request, rater_id, user)
-    return _dashboard(request, user, created={"name": made.name, "password": made.password, "token": made.token,
-                                              "what": "given new credentials (the old password and token no longer work)"})
+    return _done(request, f"Rater “{made.name}” has new credentials.", created={
+        "name": made.name, "password": made.password, "token": made.token,
+        "what": "given new credentials (the old password and token no longer work)"})
 
 
 @router.post("/guidelines")

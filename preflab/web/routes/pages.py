@@ -65,6 +65,7 @@ def login(request: Request, settings: Settings, name: Annotated[str, Form(max_le
     from preflab.store import ops
 
     pid = request.app.state.project_id
+    name = name.strip()  # a name typed with a stray space still signs in
 
     def check(s):  # noqa: ANN001, ANN202
         info = ops.check_password(s, project_id=pid, name=name, password=password)

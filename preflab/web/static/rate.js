@@ -105,6 +105,7 @@
     busy = false; $("submit").disabled = false;
     if (r && (r.status === 200 || r.status === 201)) { say(""); notice(""); await loadNext(); return; }
     if (r && (r.status === 404 || r.status === 409)) {
+      say("");
       // the lease lapsed (the item went to another rater) or it was answered elsewhere (another tab): this
       // answer cannot be saved; say so above the next item, with the rationale to copy
       const message = (r.data && r.data.error && r.data.error.message) || "";
