@@ -19,7 +19,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -162,10 +162,13 @@ def train_dpo(
     run_dir: str | Path,
     resume: bool = False,
     inputs: dict[str, Any] | None = None,
+    eval_hook: Callable[[int, torch.nn.Module], dict] | None = None,
 ) -> RunResult:
     """Fit ``policy`` to the preference pairs ``train`` with DPO/IPO against the frozen ``ref``.
 
-    A resumed run must train on the same pairs and ``inputs`` (e.g. the policy's path; ``inputs.json``)."""
+    A resumed run must train on the same pairs and ``inputs`` (e.g. the policy's path; ``inputs.json``).
+    ``eval_hook(step, policy) -> dict`` runs at every checkpoint, as in ``train_ppo``; its numbers go to
+    ``run_dir/eval/step_NNNNNN.json`` (``preflab checkpoints`` lists them)."""
     from accelerate import Accelerator
     from rich.progress import Progress
 
@@ -307,6 +310,14 @@ def train_dpo(
                                                 optimizers={"optimizer": optimizer},
                                                 schedulers={"scheduler": scheduler},
                                                 keep_last=cfg.keep_last or None)
+                    if eval_hook is not None:
+                        model = acc.unwrap_model(scorer).model
+                        was_training = model.training
+                        result = eval_hook(step + 1, model.eval())
+                        model.train(was_training)
+                        (run_dir / "eval").mkdir(exist_ok=True)
+                        (run_dir / "eval" / f"step_{step + 1:06d}.json").write_text(
+                            json.dumps({"step": step + 1, **result}, indent=2, default=float) + "\n")
             progress.update(task, advance=1, description=f"dpo loss {row['dpo/loss']:.3f} acc {row['dpo/accuracy']:.2f}")
 
     policy_dir = None

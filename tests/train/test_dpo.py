@@ -111,6 +111,21 @@ def test_resume_refuses_a_changed_config_and_changes_nothing(tmp_path, tiny):
     assert res.steps == 2
 
 
+def test_the_evaluation_hook_runs_at_every_checkpoint(tmp_path, tiny):
+    tok, make = tiny
+    seen = []
+
+    def hook(step, policy):
+        seen.append((step, policy.training))
+        return {"eval/n_params": sum(p.numel() for p in policy.parameters())}
+
+    train_dpo(DPOConfig(batch_size=8, lr=1e-3, checkpoint_every=1, progress=False, max_length=512), policy=make(0),
+              ref=make(0), tokenizer=tok, train=_pairs(16), run_dir=tmp_path, eval_hook=hook)
+    assert seen == [(1, False), (2, False)]  # evaluated in eval mode
+    rows = [json.loads((tmp_path / "eval" / f"step_{s:06d}.json").read_text()) for s in (1, 2)]
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["eval/n_params"] > 0
+
+
 def test_all_ties_is_a_clear_error(tmp_path, tiny):
     tok, make = tiny
     with pytest.raises(ValueError, match="no non-tie pairs"):
