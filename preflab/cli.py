@@ -1308,6 +1308,11 @@ def store_round(
     duplicate_rate: float = typer.Option(0.1, help="Share of judged items planted again, sides swapped."),
     duplicate_gap: int = typer.Option(5, help="At least this many other tasks between an item and its duplicate."),
     fallback: str = typer.Option("always", help="Specialists may take other domains: always | after | never."),
+    fallback_after_s: float = typer.Option(0.0, help="With --fallback after: seconds after the round opens."),
+    routing: str = typer.Option("specialty", help="specialty (raters get their topics first) | any."),
+    allow_ties: bool = typer.Option(True, "--allow-ties/--no-ties", help="Offer 'tie' as an answer."),
+    min_rationale_chars: int = typer.Option(10, help="Rationale required, at least this long after trimming."),
+    lease_s: float = typer.Option(900.0, help="Seconds a rater holds a task before it returns to the pool."),
     seed: int = typer.Option(0, help="Seed of order, sides and duplicates."),
     db: str = _DB_OPT,
     project: str = _PROJECT_OPT,
@@ -1318,8 +1323,15 @@ def store_round(
     from preflab.store import db as store_db
     from preflab.store import ops
 
-    cfg = from_dict(AssignConfig, {"overlap": overlap, "duplicate_rate": duplicate_rate,
-                                   "duplicate_gap": duplicate_gap, "fallback": fallback, "seed": seed})
+    try:
+        cfg = from_dict(AssignConfig, {"overlap": overlap, "duplicate_rate": duplicate_rate,
+                                       "duplicate_gap": duplicate_gap, "fallback": fallback,
+                                       "fallback_after_s": fallback_after_s, "routing": routing,
+                                       "allow_ties": allow_ties, "min_rationale_chars": min_rationale_chars,
+                                       "lease_s": lease_s, "seed": seed})
+        cfg.validate()
+    except ValueError as e:
+        _fail(e)
     engine = store_db.make_engine(db, create=False)
     try:
         with store_db.session_scope(engine) as s:

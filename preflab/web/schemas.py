@@ -69,6 +69,8 @@ class RoundCreate(Strict):
     allow_ties: bool = True
     routing: Literal["specialty", "any"] = "specialty"
     fallback: Literal["always", "after", "never"] = "always"
+    fallback_after_s: float = Field(0.0, ge=0.0, le=365 * 86400.0, allow_inf_nan=False,
+                                    description="With fallback 'after': seconds after the round opens.")
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
 

@@ -233,3 +233,25 @@ def test_a_mistyped_project_is_refused_not_created(tmp_path):
     assert r.exit_code == 2 and "unknown prompt id 'q1' in this project (it is in project 'support'" in r.output
     with store_db.session_scope(engine, readonly=True) as s:
         assert ops.list_projects(s) == ["support"]
+
+
+def test_store_round_takes_every_assignment_setting(tmp_path):
+    from preflab.store import db as store_db
+    from preflab.store import ops
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    rows = [{"id": f"p{i}", "prompt": {"id": f"q{i}", "text": f"question {i}", "topic": "pricing"},
+             "response_a": {"id": f"r{i}a", "text": f"A{i}"}, "response_b": {"id": f"r{i}b", "text": f"B{i}"}}
+            for i in range(2)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert CliRunner().invoke(app, ["store", "import", str(tmp_path / "pairs.jsonl"), "--db", url]).exit_code == 0
+    r = CliRunner().invoke(app, ["store", "round", "r", "--db", url, "--no-ties", "--min-rationale-chars", "30",
+                                 "--routing", "any", "--fallback", "after", "--fallback-after-s", "3600",
+                                 "--lease-s", "120"])
+    assert r.exit_code == 0, r.output
+    with store_db.session_scope(store_db.make_engine(url), readonly=True) as s:
+        info = ops.round_by_name(s, project_id=ops.require_project(s, name="default"), name="r")
+    assert (info.allow_ties, info.min_rationale_chars, info.routing, info.fallback, info.fallback_after_s,
+            info.lease_s) == (False, 30, "any", "after", 3600.0, 120.0)
+    r = CliRunner().invoke(app, ["store", "round", "bad", "--db", url, "--routing", "topic"])
+    assert r.exit_code == 2 and "routing" in r.output

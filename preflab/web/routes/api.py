@@ -154,8 +154,8 @@ def create_round_op(request: Request, user, body: w.RoundCreate) -> w.RoundAdmin
         rid = ops.create_round(s, project_id=user.project_id, name=body.name, kind=body.kind, pair_ids=pair_ids,
                                guideline_version_id=gid, overlap=body.overlap, duplicate_rate=body.duplicate_rate,
                                allow_ties=body.allow_ties, min_rationale_chars=body.min_rationale_chars,
-                               routing=body.routing, fallback=body.fallback, seed=body.seed,
-                               lease_s=float(request.app.state.settings.lease_s))
+                               routing=body.routing, fallback=body.fallback, fallback_after_s=body.fallback_after_s,
+                               seed=body.seed, lease_s=float(request.app.state.settings.lease_s))
         return ops.get_round(s, round_id=rid)
 
     return admin_round(request, run_store(request, create))
