@@ -1,9 +1,9 @@
-"""Benchmark: preflab ``train_dpo`` / ``train_ppo`` vs TRL ``DPOTrainer`` / ``RLOOTrainer`` (DESIGN.md workload).
+"""Benchmark: preflab ``train_dpo`` / ``train_ppo`` vs TRL ``DPOTrainer`` / ``RLOOTrainer`` (the benchmark workload below).
 
     .venv-bench/bin/python bench/policy.py [--repeats 3] [--only dpo,rl,ppo] [--out bench/results/policy.json]
     .venv/bin/python bench/policy.py --sandbox runs/base [--steps 60 --kl-target 4] --out bench/results/policy_sandbox.json
 
-Workload (DESIGN.md "Performance"): GPT-2 4 layers / 4 heads / width 256 / 256 positions /
+Workload: GPT-2 4 layers / 4 heads / width 256 / 256 positions /
 vocab 4096, seeded random init; reference = a frozen copy; reward model = the same config
 with a seeded scalar head; byte-level BPE (4096) on sandbox text; the 512 preference pairs
 of ``bench/rm.py`` (prompts >= 48 tokens, responses >= 48 tokens + EOS). float32, 2 threads,
@@ -399,7 +399,7 @@ def main() -> None:
         ratio["rl_prompts_per_s_ours_over_rloo"] = med["rl_ours"]["prompts_per_s"] / med["rl_trl"]["prompts_per_s"]
     if "ppo_defaults" in med and "rl_ours" in med:
         ratio["ppo_defaults_wall_over_rl_shape"] = med["ppo_defaults"]["wall_s"] / med["rl_ours"]["wall_s"]
-    out = {"benchmark": "policy optimisation (DPO, online RL), DESIGN.md workload",
+    out = {"benchmark": "policy optimisation (DPO, online RL), benchmark workload",
            "settings": {**SETTINGS, "peer_fused_gelu": a.peer_fused_gelu},
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
                         "python": platform.python_version()},

@@ -1,8 +1,8 @@
-"""Benchmark: preflab ``train_reward`` vs TRL ``RewardTrainer`` on the DESIGN.md RM workload.
+"""Benchmark: preflab ``train_reward`` vs TRL ``RewardTrainer`` on the product's reward-model benchmark workload.
 
     .venv-bench/bin/python bench/rm.py [--repeats 3] [--out bench/results/rm.json]
 
-Workload (DESIGN.md "Performance"): GPT-2 4 layers / 4 heads / width 256 / 256 positions /
+Workload: GPT-2 4 layers / 4 heads / width 256 / 256 positions /
 vocab 4096, seeded random init, scalar head; byte-level BPE (4096) trained on sandbox
 text; 512 preference pairs with prompts >= 48 tokens and responses >= 48 tokens + EOS;
 Bradley-Terry loss (no margin), batch 16 pairs, lr 1e-4, 1 epoch (32 steps), float32,
@@ -214,7 +214,7 @@ def worker(kind: str, d: Path, result: Path, threads: int = 2, steps: int = 0) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads per run (DESIGN.md: 2)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per run (the workload: 2)")
     ap.add_argument("--steps", type=int, default=0, help="optimizer steps per run (0: the full epoch, 32)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "rm.json"))
     ap.add_argument("--peer-fused-gelu", action="store_true", help="give TRL's model the fused activation too")
@@ -256,7 +256,7 @@ def main() -> None:
                          "wall_s", "cpu_s")}
            for k in ("trl", "ours")}
     out = {
-        "benchmark": "reward model (Bradley-Terry), DESIGN.md workload", "workload": stats,
+        "benchmark": "reward model (Bradley-Terry), benchmark workload", "workload": stats,
         "settings": {**SETTINGS, "threads": a.threads, "steps": a.steps or SETTINGS["steps"],
                      "peer_fused_gelu": a.peer_fused_gelu},
         "memory_metric": "VmHWM of the run's own process (peak RSS, incl. imports); delta = VmHWM - VmRSS before train",

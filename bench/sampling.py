@@ -1,6 +1,6 @@
 """Our batched KV-cache sampler vs a bare KV-cache decode loop of the same model (writes JSON).
 
-Workload (DESIGN.md "online RL" rollout shape): GPT-2, 4 layers, 4 heads, width 256,
+Workload (the product's online-RL rollout shape): GPT-2, 4 layers, 4 heads, width 256,
 256 positions, vocab 4096, seeded random init, float32, 2 threads; 16 prompts x 2 samples
 (prompts of >= 48 tokens, sandbox text), exactly 48 new tokens at temperature 1.
 

@@ -809,9 +809,13 @@ def rm_curve(
                 size_list = [float(x) for x in sizes.split(",") if x.strip()]
             except ValueError:
                 raise ValueError(f"--sizes: expected comma-separated numbers, got {sizes!r}") from None
+        from preflab.config import toml_table
+
         rm_cfg = resolve(RewardConfig, config, "rm", dict(lr=lr, batch_size=batch_size, epochs=epochs, margin=margin,
                                                           seed=seed))
         cfg = resolve(CurveConfig, config, "curve", dict(sizes=size_list, within=within, seed=seed))
+        if seed is None and config is not None and "seed" not in toml_table(config, "curve"):
+            cfg.seed = rm_cfg.seed  # as documented: the curve's split and subsets follow the [rm] seed
         examples = (load_jsonl(data) if data is not None
                     else load_store_examples(db, project=project, round_kinds=_rounds(rounds)))
         if ceiling is None and db is not None:
@@ -819,7 +823,8 @@ def rm_curve(
             ceiling = found.ceiling if found else None
         train, val = split_by_prompt(examples, val_fraction=rm_cfg.val_fraction, seed=rm_cfg.seed)
         if not val:
-            raise ValueError("RewardConfig.val_fraction: 0 leaves no validation pairs to score the curve on")
+            raise ValueError(f"no validation pairs to score the curve on ({len({e.prompt for e in examples})} prompts, "
+                             f"RewardConfig.val_fraction {rm_cfg.val_fraction}): more pairs, or a larger val_fraction")
         console.print(f"learning curve: {len(train):,} training pairs, {len(val):,} validation pairs"
                       + (f", ceiling {ceiling:.1%}" if ceiling is not None else ", ceiling unknown"))
         curve = learning_curve(cfg, rm_cfg, start_from=policy, train=train, val=val, run_dir=out, ceiling=ceiling,

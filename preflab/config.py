@@ -148,6 +148,11 @@ def _read_toml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def toml_table(path: str | Path, section: str) -> dict[str, Any]:
+    """The ``[section]`` table of a project TOML as a dict ({} when the file has none)."""
+    return dict(_read_toml(path).get(section, {}))
+
+
 def load_toml(cls: type[T], path: str | Path, section: str | None = None) -> T:
     """Load ``cls`` from a TOML file (optionally one ``[section]`` of it)."""
     data = _read_toml(path)

@@ -246,7 +246,7 @@ RATED_KINDS = ("calibration", "collection", "rerate")
 
 def store_quality(session, *, project_id: int, round_kinds: Sequence[str] = ("collection",)) -> dict[str, Any]:
     """Planted-duplicate self-consistency per rater and pooled, and the accuracy ceiling it implies
-    (``quality.consistency``; DESIGN.md): the core of ``collection/quality.json``.
+    (``quality.consistency``; docs/quality.md): the core of ``collection/quality.json``.
 
     ``n_pairs`` counts the distinct pairs judged in ``round_kinds`` rounds, ``n_judgements`` their
     judgements plus every duplicate answer.

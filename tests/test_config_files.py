@@ -39,3 +39,23 @@ def test_cli_names_a_missing_or_mistyped_config(tmp_path):
                                      "--out", str(tmp_path / "run"), "--config", str(path)], terminal_width=200)
         assert r.exit_code == 2 and words in r.output, r.output
     assert not (tmp_path / "run").exists()
+
+
+def test_rm_curve_follows_the_rm_seed_unless_told_otherwise(tmp_path, monkeypatch):
+    import preflab.evaluate.curve as curve
+
+    seen = {}
+
+    def fake_curve(cfg, rm_cfg, **kw):  # noqa: ANN001, ANN003
+        seen["curve"], seen["rm"] = cfg.seed, rm_cfg.seed
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(curve, "learning_curve", fake_curve, raising=False)
+    (tmp_path / "d.jsonl").write_text("".join(f'{{"prompt": "q{i}", "chosen": "a", "rejected": "b"}}\n'
+                                              for i in range(20)))
+    for toml, want in (("[rm]\nseed = 5\n", 5), ("[rm]\nseed = 5\n[curve]\nseed = 2\n", 2)):
+        (tmp_path / "p.toml").write_text(toml)
+        r = CliRunner().invoke(app, ["rm", "curve", "--data", str(tmp_path / "d.jsonl"), "--policy", str(tmp_path),
+                                     "--out", str(tmp_path / "c"), "--config", str(tmp_path / "p.toml"),
+                                     "--ceiling", "0.8"])
+        assert seen.get("curve") == want, r.output

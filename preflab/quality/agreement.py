@@ -136,7 +136,7 @@ def pairwise_kappa(labels: LabelTable | LabelMatrix) -> PairwiseKappa:
 
 
 def mean_pairwise_kappa(labels: LabelTable | LabelMatrix) -> float:
-    """Mean of Cohen's kappa over all rater pairs that share an item (DESIGN.md)."""
+    """Mean of Cohen's kappa over all rater pairs that share an item (docs/quality.md)."""
     return pairwise_kappa(labels).mean
 
 

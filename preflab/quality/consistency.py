@@ -1,4 +1,4 @@
-"""Self-consistency on planted duplicates and the accuracy ceiling it implies (DESIGN.md).
+"""Self-consistency on planted duplicates and the accuracy ceiling it implies (docs/quality.md).
 
 A planted duplicate is an item shown to the same rater twice (sides swapped); both answers are
 recorded as canonical labels, so a swap cannot masquerade as a flip.

@@ -49,7 +49,7 @@ def test_report_from_a_real_projects_store(seed, db_url, tmp_path):
     assert n_dup == q["n_duplicates"] > 0 and q["n_pairs"] == 12 and q["n_judgements"] == n_ann + n_bob
     c = raters["ann"]["n_duplicates"] / n_dup  # pooled: only ann's duplicates agree
     assert math.isclose(q["consistency"], c)
-    assert math.isclose(q["ceiling"], 1 - (1 - math.sqrt(max(2 * c - 1, 0))) / 2)  # DESIGN.md: 1 - e
+    assert math.isclose(q["ceiling"], 1 - (1 - math.sqrt(max(2 * c - 1, 0))) / 2)  # docs/quality.md: 1 - e
     lo, hi = q["ceiling_ci"]  # the Wilson interval of the pooled consistency, through the same formula
     assert lo <= q["ceiling"] <= hi
     assert f"from {n_dup} planted duplicates (few duplicates: a rough figure)" in (run / "report.md").read_text()

@@ -1,6 +1,6 @@
 """20 rater clients pulling and submitting in parallel over real HTTP against ``preflab serve``.
 
-Promises checked (DESIGN.md, reliability): no item past its overlap, no rater served a
+Promises checked (the store's reliability targets, docs/web.md): no item past its overlap, no rater served a
 non-duplicate item twice, every 2xx submission stored exactly once, and a resubmission with
 the same idempotency key does not duplicate. SQLite with one worker; PostgreSQL with four.
 """
