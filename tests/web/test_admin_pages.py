@@ -120,6 +120,14 @@ def test_admin_edits_a_rater_and_gives_new_credentials(served):
                                      "csrf_token": _csrf(browser.get("/login").text)})
     assert r.status_code == 303
     assert "given new credentials" not in admin.get("/admin").text  # never shown again
+    # deactivated: the right password learns why it cannot sign in; a wrong one learns nothing
+    admin.post(f"/admin/raters/{rater_id}/active", data={"active": "0", "csrf_token": csrf})
+    for pw, words in ((password, "This account is deactivated"), ("guess-guess", "Unknown name or wrong password")):
+        browser = httpx.Client(base_url=server.url, timeout=30)
+        r = browser.post("/login", data={"name": "week 1-rater0", "password": pw,
+                                         "csrf_token": _csrf(browser.get("/login").text)})
+        assert r.status_code == 401 and words in r.text
+    admin.post(f"/admin/raters/{rater_id}/active", data={"active": "1", "csrf_token": csrf})
 
     # the API: a chosen password, a rater of no project, demoting oneself
     r = api.post(f"/api/v1/raters/{rater_id}/credentials", json={"password": "correct horse battery"})

@@ -72,11 +72,17 @@ def login(request: Request, settings: Settings, name: Annotated[str, Form(max_le
         if info is None:
             tok = ops.rater_by_token(s, token=password)
             info = tok if tok is not None and tok.name == name and tok.project_id == pid else None
+        if info is None:  # the right password of a deactivated account: say so (it reveals nothing new)
+            r = ops.rater_by_name(s, project_id=pid, name=name)
+            if r is not None and not r.active and sec.verify_password(ops.password_hash_of(s, rater_id=r.id), password):
+                return "inactive"
         return info
 
     info = run_store(request, check, readonly=True)
-    if info is None:
-        return render(request, "login.html", {"next": safe_next(next), "error": "Unknown name or wrong password.",
+    if info is None or info == "inactive":
+        error = ("This account is deactivated: ask an admin to reactivate it." if info == "inactive"
+                 else "Unknown name or wrong password.")
+        return render(request, "login.html", {"next": safe_next(next), "error": error,
                                               "name": name}, status=401)  # the name stays; the password does not
     resp = RedirectResponse(safe_next(next), status_code=303)
     set_session_cookie(resp, sec.new_session(info.id, settings.session_max_age_s), settings)
