@@ -204,9 +204,11 @@ def check_inputs(run_dir: str | Path, inputs: dict[str, Any], *, resuming: bool,
         if k in old and old[k] != v:
             raise ConfigError(f"{k}: {v!r} differs from {old[k]!r}, which {run_dir} started with ({path}); a "
                               "resumed run must train on the same inputs (train into another --out for new ones)")
-    if write:  # (the main process only, under DDP)
+    if write:  # (the main process only, under DDP; atomically, as other processes may be reading it)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**old, **inputs}, indent=2, sort_keys=True) + "\n")
+        tmp = path.with_name(f".inputs.{uuid.uuid4().hex}.tmp")
+        tmp.write_text(json.dumps({**old, **inputs}, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
 
 
 def load_checkpoint(
