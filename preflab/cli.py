@@ -460,6 +460,7 @@ def ab_result_cmd(
     out: str = typer.Option(None, help="JSON file (default: CANDIDATE/eval/ab.json when that directory exists)."),
 ) -> None:
     """Win rate (ties half), Wilson CI, sign test, n needed, length-controlled rate, per topic."""
+    import dataclasses
     import json
     from pathlib import Path
 
@@ -485,8 +486,24 @@ def ab_result_cmd(
     lc = res.length_controlled
     console.print(f"length-controlled win rate {lc.rate:.1%} [{lc.ci_low:.1%}, {lc.ci_high:.1%}]; "
                   f"n needed to tell {res.overall.rate:.1%} from 50%: {res.overall.n_needed}")
+    rnd = res.round or {}
+    if rnd.get("status") == "open" and rnd.get("pairs_judged", 0) < rnd.get("n_pairs", 0):
+        console.print(f"[yellow]warning:[/yellow] round {round_id} is open with {rnd['pairs_judged']} of "
+                      f"{rnd['n_pairs']} pairs judged: a result read while it runs (and acted on when it looks "
+                      "good) overstates the evidence; close the round first")
     target = Path(out) if out else (Path(res.candidate) / "eval" / "ab.json" if Path(res.candidate).is_dir() else None)
     if target is not None:
+        from preflab.models.hf import weights_fingerprint
+
+        if Path(res.candidate).is_dir():  # the gates check these weights against the checkpoint they judge
+            res = dataclasses.replace(res, candidate_weights=weights_fingerprint(res.candidate))
+        if target.is_file():
+            try:
+                before = (json.loads(target.read_text()).get("round") or {}).get("id")
+            except ValueError:
+                before = None
+            if before is not None and before != round_id:
+                console.print(f"[yellow]note:[/yellow] replacing {target}, the result of round {before}")
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(res.to_dict(), indent=2) + "\n")
         console.print(f"wrote {target}")
@@ -522,21 +539,40 @@ def gates_cmd(
 
     try:
         cfg = _gates_cfg(config)
+        if not Path(checkpoint).is_dir():
+            raise ValueError(f"CHECKPOINT: no such model directory {checkpoint}")
         eval_dir = Path(checkpoint) / "eval"
         if (baseline is None) != (suite is None):
             raise ValueError("give --baseline and --suite together to collect evidence")
+        if reference is not None and baseline is None:
+            raise ValueError("--reference: only used when collecting evidence (with --baseline and --suite)")
         if baseline is not None:
-            from preflab.evaluate.factual import load_suite
-            from preflab.models.hf import load_policy
+            import hashlib
 
-            collect_evidence(load_policy(checkpoint), load_policy(baseline), load_suite(suite),
-                             reference=load_policy(reference) if reference else None,
-                             cfg=EvidenceConfig(max_new_tokens=max_new_tokens, seed=seed,
-                                                prompt_template=_template(prompt_format),
-                                                **({"detector_samples": detector_samples} if detector_samples
-                                                   else {})), out_dir=eval_dir,
-                             progress=True)
-        report = evaluate_gates(cfg, Evidence.load(eval_dir), subject=checkpoint)
+            from preflab.evaluate.factual import load_suite
+            from preflab.models.hf import load_policy, weights_fingerprint
+
+            mine = weights_fingerprint(checkpoint)
+            for flag, other in (("--baseline", baseline), ("--reference", reference)):
+                if other is not None and (Path(other).resolve() == Path(checkpoint).resolve()
+                                          or (mine is not None and weights_fingerprint(other) == mine)):
+                    raise ValueError(f"{flag}: {other} is the candidate itself (same weights): every comparison "
+                                     "would come out even")
+            items = load_suite(suite)
+            ev = collect_evidence(load_policy(checkpoint), load_policy(baseline), items,
+                                  reference=load_policy(reference) if reference else None,
+                                  cfg=EvidenceConfig(max_new_tokens=max_new_tokens, seed=seed,
+                                                     prompt_template=_template(prompt_format),
+                                                     **({"detector_samples": detector_samples} if detector_samples
+                                                        else {})), out_dir=eval_dir,
+                                  progress=True)
+            ev.provenance = {"candidate": _abs(checkpoint), "candidate_weights": mine, "baseline": _abs(baseline),
+                             "baseline_weights": weights_fingerprint(baseline),
+                             "reference": _abs(reference) if reference else None, "suite": _abs(suite),
+                             "suite_sha256": hashlib.sha256(Path(suite).read_bytes()).hexdigest()[:16],
+                             "items": len(items)}
+            ev.save(eval_dir)
+        report = evaluate_gates(cfg, Evidence.load(eval_dir), subject=checkpoint, checkpoint=checkpoint)
     except (ValueError, OSError) as e:
         _fail(e)
     report.save(eval_dir / "gate.json")
@@ -1248,6 +1284,9 @@ def demo(
     """The whole story on the embedded sandbox: raters, reward model, PPO, gates, fix, A/B, outcomes, report."""
     from preflab.demo import DemoConfig, run_demo
 
+    if threads != 2:
+        console.print(f"[yellow]note:[/yellow] the documented numbers were measured at 2 threads; with {threads} "
+                      "float rounding differs, and at toy scale (--quick) a gate can come out the other way")
     try:
         run_demo(DemoConfig(out=out, seed=seed, base_from=base, threads=threads), quick=quick, console=console)
     except (FileNotFoundError, ValueError) as e:

@@ -12,6 +12,7 @@ The statistics are pure functions (numpy/scipy); the round flow at the bottom
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -231,17 +232,24 @@ class ABResult:
     by_topic: dict[str, WinRate]
     candidate: str
     baseline: str
+    # where it came from: the round (id, name, status, pairs judged) and the candidate's weights
+    # (models.hf.weights_fingerprint) when they were read; the gates check them against the checkpoint
+    round: dict[str, Any] | None = None
+    candidate_weights: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"candidate": self.candidate, "baseline": self.baseline, "overall": self.overall.to_dict(),
                 "length_controlled": self.length_controlled.to_dict(),
-                "by_topic": {k: v.to_dict() for k, v in self.by_topic.items()}}
+                "by_topic": {k: v.to_dict() for k, v in self.by_topic.items()},
+                **({"round": self.round} if self.round else {}),
+                **({"candidate_weights": self.candidate_weights} if self.candidate_weights else {})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ABResult:
         return cls(overall=WinRate(**d["overall"]), length_controlled=LengthControlled(**d["length_controlled"]),
                    by_topic={k: WinRate(**v) for k, v in d["by_topic"].items()},
-                   candidate=d["candidate"], baseline=d["baseline"])
+                   candidate=d["candidate"], baseline=d["baseline"], round=d.get("round"),
+                   candidate_weights=d.get("candidate_weights"))
 
 
 def ab_result(outcomes: Sequence[float], *, topics: Sequence[str], candidate_texts: Sequence[str],
@@ -395,5 +403,8 @@ def ab_result_from_round(session, round_id: int, candidate_source: str | None = 
         topics.append(r.topic)
         ct.append(texts[cand])
         bt.append(texts[base])
-    return ab_result(outcomes, topics=topics, candidate_texts=ct, baseline_texts=bt, candidate=candidate_source,
-                     baseline=baseline_source, cfg=cfg)
+    res = ab_result(outcomes, topics=topics, candidate_texts=ct, baseline_texts=bt, candidate=candidate_source,
+                    baseline=baseline_source, cfg=cfg)
+    prog = ops.round_progress(session, round_id=round_id)
+    return dataclasses.replace(res, round={"id": rnd.id, "name": rnd.name, "status": rnd.status,
+                                           "pairs_judged": len({r.pair_id for r in rows}), "n_pairs": prog.n_items})

@@ -221,7 +221,8 @@ class SuiteRun:
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "accuracy": self.accuracy, "per_topic": self.per_topic(),
-                "items": [it.to_dict() for it in self.items], "texts": self.texts, "kl": self.kl}
+                "items": [it.to_dict() for it in self.items], "texts": self.texts,
+                "correct": self.correct.tolist(), "kl": self.kl}  # correct: recomputed on load, kept for readers
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SuiteRun:

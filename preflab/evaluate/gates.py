@@ -56,13 +56,25 @@ class GatesConfig:
     detector_max_shift: dict[str, float] = field_doc({}, "Extra bounds: detector name -> largest allowed shift.")
 
     def validate(self) -> None:
+        check(bool(self.gates) or bool(self.detector_max_shift), "gates.gates",
+              "no gates configured: nothing would decide a promotion")
         for i, g in enumerate(self.gates):
             check(g in GATES, f"gates.gates[{i}]", f"must be one of {list(GATES)}, got {g!r}")
+            check(g not in self.gates[:i], f"gates.gates[{i}]", f"{g!r} is listed twice")
         check(0 <= self.win_rate_lower_min < 1, "gates.win_rate_lower_min", "must be in [0, 1)")
         check(0 < self.factual_alpha < 0.5, "gates.factual_alpha", "must be in (0, 0.5)")
         check(self.kl_max > 0, "gates.kl_max", "must be > 0")
-        for name in self.detector_max_shift:
+        # a rate's shift lies in [-1, 1]: a bound at or past 1 switches its gate off, at or below -1 fails it always
+        for name, bound in (("confident_wrong_max_shift", self.confident_wrong_max_shift),
+                            ("formality_max_shift", self.formality_max_shift)):
+            check(-1 < bound < 1, f"gates.{name}", f"must be in (-1, 1) (a shift of a share), got {bound}")
+        for name, bound in self.detector_max_shift.items():
             check(name in DETECTORS, f"gates.detector_max_shift.{name}", f"unknown detector (known: {', '.join(DETECTORS)})")
+            if DETECTORS[name].compare == "ratio":
+                check(bound > 0, f"gates.detector_max_shift.{name}", f"a ratio to the baseline: must be > 0, got {bound}")
+            elif name != "kl":
+                check(-1 < bound < 1, f"gates.detector_max_shift.{name}",
+                      f"must be in (-1, 1) (a shift of a share), got {bound}")
 
 
 @dataclass(frozen=True)
@@ -124,6 +136,9 @@ class Evidence:
     factual: FactualComparison | None = None
     detectors: dict[str, DetectorResult] | None = None
     detectors_by_topic: dict[str, dict[str, DetectorResult]] | None = None
+    # what the factual and detector evidence was collected on (``preflab gates --baseline``):
+    # candidate / baseline / reference paths and weights fingerprints, the suite and its sha256
+    provenance: dict[str, Any] | None = None
 
     def save(self, eval_dir: str | Path) -> Path:
         eval_dir = Path(eval_dir)
@@ -137,6 +152,8 @@ class Evidence:
         if self.detectors_by_topic is not None:
             by = {t: results_to_dict(r) for t, r in self.detectors_by_topic.items()}
             (eval_dir / "detectors_by_topic.json").write_text(json.dumps(by, indent=2) + "\n")
+        if self.provenance is not None:
+            (eval_dir / "provenance.json").write_text(json.dumps(self.provenance, indent=2) + "\n")
         return eval_dir
 
     @classmethod
@@ -163,6 +180,8 @@ class Evidence:
                 ev.detectors = results_from_dict(d)
             if (d := read("detectors_by_topic.json")) is not None:
                 ev.detectors_by_topic = {t: results_from_dict(r) for t, r in d.items()}
+            if (d := read("provenance.json")) is not None:
+                ev.provenance = dict(d)
         except (KeyError, TypeError) as e:
             raise ValueError(f"{eval_dir}: evidence file with missing or unknown field: {e}") from None
         return ev
@@ -181,8 +200,47 @@ def _detector_gate(name: str, det: dict[str, DetectorResult] | None, key: str, b
                 {"candidate": r.value, "baseline": r.baseline, "ci_low": r.ci_low, "ci_high": r.ci_high, "n": r.n})
 
 
-def evaluate_gates(cfg: GatesConfig, evidence: Evidence, *, subject: str = "") -> GateReport:
-    """Every configured gate on ``evidence`` (see the module docstring for each rule)."""
+def evidence_problems(checkpoint: str | Path, ev: Evidence) -> dict[str, str]:
+    """Evidence that is not about ``checkpoint``'s weights: {"ab" | "collected": why}.
+
+    A checkpoint directory copied or moved keeps its weights fingerprint; evidence carried along
+    from another checkpoint (a copied ``eval/``, an ``ab.json`` of another round's candidate) or
+    collected against the candidate itself as baseline must not decide a promotion."""
+    from preflab.models.hf import weights_fingerprint
+
+    mine = weights_fingerprint(checkpoint)
+    out: dict[str, str] = {}
+    if ev.ab is not None:
+        if ev.ab.candidate_weights and mine and ev.ab.candidate_weights != mine:
+            out["ab"] = f"the A/B was judged on other weights ({ev.ab.candidate})"
+        elif not ev.ab.candidate_weights and Path(ev.ab.candidate).resolve() != Path(checkpoint).resolve():
+            out["ab"] = f"the A/B is about {ev.ab.candidate}, not this checkpoint"
+    p = ev.provenance or {}
+    if p.get("candidate_weights") and mine and p["candidate_weights"] != mine:
+        out["collected"] = f"the factual and detector evidence was collected on other weights ({p.get('candidate')})"
+    elif p.get("candidate_weights") and p.get("candidate_weights") == p.get("baseline_weights"):
+        out["collected"] = "the evidence compares the candidate with itself (the baseline has its weights)"
+    return out
+
+
+def evaluate_gates(cfg: GatesConfig, evidence: Evidence, *, subject: str = "",
+                   checkpoint: str | Path | None = None) -> GateReport:
+    """Every configured gate on ``evidence`` (see the module docstring for each rule).
+
+    With ``checkpoint`` (its directory), evidence that is not about its weights fails the gates it
+    would decide, with the reason (``evidence_problems``)."""
+    problems = evidence_problems(checkpoint, evidence) if checkpoint is not None else {}
+    out = _evaluate(cfg, evidence)
+    if problems:
+        def judged_by(gate: Gate) -> str | None:
+            return problems.get("ab") if gate.name == "win_rate" else problems.get("collected")
+
+        out = [Gate(g.name, False, g.value, g.threshold, g.rule, {"reason": why, **g.numbers})
+               if (why := judged_by(g)) else g for g in out]
+    return GateReport(out, subject)
+
+
+def _evaluate(cfg: GatesConfig, evidence: Evidence) -> list[Gate]:
     out: list[Gate] = []
     ev = evidence
     for g in cfg.gates:
@@ -194,7 +252,7 @@ def evaluate_gates(cfg: GatesConfig, evidence: Evidence, *, subject: str = "") -
             w = ev.ab.overall
             out.append(Gate("win_rate", w.ci_low > cfg.win_rate_lower_min, w.ci_low, cfg.win_rate_lower_min, rule,
                             {"rate": w.rate, "ci_low": w.ci_low, "ci_high": w.ci_high, "n": w.n, "wins": w.wins,
-                             "losses": w.losses, "ties": w.ties, "sign_test_p": w.p_value,
+                             "losses": w.losses, "ties": w.ties, "sign_test_p": w.p_value, "n_needed": w.n_needed,
                              "length_controlled": ev.ab.length_controlled.rate}))
         elif g == "factual":
             rule = "not (one-sided McNemar p < alpha): not significantly more items lost than gained"
@@ -238,7 +296,7 @@ def evaluate_gates(cfg: GatesConfig, evidence: Evidence, *, subject: str = "") -
             out.append(Gate("kl", r.value <= cfg.kl_max, r.value, cfg.kl_max, rule, {"n": r.n}))
     for name, bound in cfg.detector_max_shift.items():
         out.append(_detector_gate(name, ev.detectors, name, bound))
-    return GateReport(out, subject)
+    return out
 
 
 def render_table(report: GateReport):  # noqa: ANN201 - rich imported lazily

@@ -74,9 +74,10 @@ def promote_checkpoint(checkpoint: str | Path, *, stage: str, db_url: str, proje
     if not checkpoint.exists():
         raise ValueError(f"{checkpoint}: no such checkpoint")
     if stage not in STAGES:
-        raise ValueError(f"stage: must be one of {list(STAGES)}, got {stage!r}")
+        raise ValueError(f"--to: must be one of {list(STAGES)}, got {stage!r}")
     eval_dir = Path(eval_dir) if eval_dir is not None else checkpoint / "eval"
-    report = evaluate_gates(gates or GatesConfig(), Evidence.load(eval_dir), subject=str(checkpoint))
+    report = evaluate_gates(gates or GatesConfig(), Evidence.load(eval_dir), subject=str(checkpoint),
+                            checkpoint=checkpoint)
     engine = db.make_engine(db_url)
     try:
         db.upgrade(engine)

@@ -174,3 +174,24 @@ def fuse_gelu(*models: torch.nn.Module | None) -> int:
                     setattr(parent, name, FusedTanhGELU())
                     swapped += 1
     return swapped
+
+
+def weights_fingerprint(path: str | Path) -> str | None:
+    """A cheap fingerprint of a model directory's weights (each ``*.safetensors`` / ``*.bin`` file's
+    name, size and first and last MiB, hashed): the same model moved or copied keeps it, another
+    checkpoint does not. None when the directory holds no weight files."""
+    import hashlib
+
+    files = sorted(p for pat in ("*.safetensors", "*.bin") for p in Path(path).glob(pat) if p.is_file())
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}:".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), 2)
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]

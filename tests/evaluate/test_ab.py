@@ -10,6 +10,7 @@ from scipy.stats import binomtest
 from statsmodels.stats.proportion import proportion_confint
 
 from preflab.evaluate.ab import (
+    ABResult,
     ab_result,
     length_controlled_win_rate,
     n_needed,
@@ -205,6 +206,8 @@ def test_blind_round_through_the_store_matches_direct_statistics(engine):
     with db.session_scope(engine, readonly=True) as s:
         res = ab_result_from_round(s, rid)
     assert res.candidate == "runs/ppo/policy" and res.baseline == "runs/sft"
+    assert res.round["id"] == rid and res.round["pairs_judged"] == res.round["n_pairs"] == 40  # its provenance
+    assert ABResult.from_dict(res.to_dict()) == res
     assert res.overall == win_rate(expected)
     assert res.overall.ties == 5 and res.overall.rate == pytest.approx(37.5 / 40)
     assert sum(w.n for w in res.by_topic.values()) == 40

@@ -47,12 +47,13 @@ def stilted_style(it, rng):
     return domain.Style(tone=s.tone, factuality=s.factuality, formality="stilted")
 
 
-def evidence(style_of, *, win=0.68, kl=2.0) -> Evidence:
+def evidence(style_of, *, win=0.68, kl=2.0, candidate="candidate") -> Evidence:
     base = policy_run(sft_style, 1)
     cand = policy_run(style_of, 2, kl=kl)
     rng = random.Random(0)
     outcomes = [1.0 if rng.random() < win else 0.0 for _ in range(200)]
-    ab = ab_result(outcomes, topics=["pricing"] * 200, candidate_texts=["a b"] * 200, baseline_texts=["a b"] * 200)
+    ab = ab_result(outcomes, topics=["pricing"] * 200, candidate_texts=["a b"] * 200, baseline_texts=["a b"] * 200,
+                   candidate=candidate)
     g_base = SuiteRun(ITEMS, [row[:1] for row in base.texts])
     g_cand = SuiteRun(ITEMS, [row[:1] for row in cand.texts])
     return Evidence(ab=ab, factual=compare_runs(g_base, g_cand),
@@ -218,6 +219,15 @@ def test_cli_factual_run_compare_and_gates_collect(tmp_path):
     assert det["formality"]["n"] == det["formality"]["n_baseline"] == 3 * 8  # --detector-samples per item
     res = runner.invoke(app, ["gates", str(cand), "--baseline", str(sft)])
     assert res.exit_code == 2 and "together" in res.output
+    prov = json.loads((cand / "eval" / "provenance.json").read_text())  # what the evidence was collected on
+    assert prov["baseline"] == str(sft.resolve()) and prov["items"] == 8 and prov["candidate_weights"]
+    for args, words in ((["--baseline", str(cand), "--suite", str(suite)], "--baseline: "),
+                        (["--reference", str(sft)], "--reference: only used when collecting evidence")):
+        res = runner.invoke(app, ["gates", str(cand), *args], terminal_width=200)
+        assert res.exit_code == 2 and words in res.output, res.output
+    res = runner.invoke(app, ["gates", str(tmp_path / "nope")], terminal_width=200)
+    assert res.exit_code == 2 and "CHECKPOINT: no such model directory" in res.output
+    assert not (tmp_path / "nope").exists()
 
 
 def test_checkpoint_hook_for_the_trainers(tmp_path):

@@ -17,8 +17,8 @@ from tests.evaluate.test_gates import evidence, good_style, rubric_v1_style
 def setup(tmp_path):
     url = f"sqlite:///{tmp_path / 'store.db'}"
     good, bad = tmp_path / "ppo2" / "policy", tmp_path / "ppo1" / "policy"
-    evidence(good_style).save(good / "eval")
-    evidence(rubric_v1_style).save(bad / "eval")
+    evidence(good_style, candidate=str(good)).save(good / "eval")  # the A/B was about these checkpoints
+    evidence(rubric_v1_style, candidate=str(bad)).save(bad / "eval")
     return url, good, bad
 
 
@@ -70,7 +70,7 @@ def test_missing_evidence_or_checkpoint(setup, tmp_path):
     assert not d.promoted and d.report.gates[0].numbers == {"reason": "no evidence"}
     with pytest.raises(ValueError, match="no such checkpoint"):
         promote_checkpoint(tmp_path / "nope", stage="staging", db_url=url)
-    with pytest.raises(ValueError, match="stage"):
+    with pytest.raises(ValueError, match="--to: must be one of"):
         promote_checkpoint(good, stage="prod", db_url=url)
 
 
@@ -95,3 +95,49 @@ def test_cli_promote_refuses_with_a_table_and_exit_1(setup):
     assert [d.payload["promoted"] for d in decs] == [False, True] and staged == str(good.resolve())
     res = runner.invoke(app, ["gates", str(bad)], terminal_width=200)
     assert res.exit_code == 1 and "factual[pricing]" in res.output
+
+
+def test_evidence_of_other_weights_does_not_promote(setup, tmp_path):
+    """A checkpoint directory copied with its eval/ keeps the evidence; evidence copied into another
+    checkpoint, or collected against the candidate itself, fails the gates it would decide."""
+    import shutil
+
+    from preflab.evaluate.gates import Evidence, evaluate_gates
+
+    url, good, bad = setup
+    for d, seed in ((good, 1), (bad, 2)):
+        (d / "model.safetensors").write_bytes(bytes([seed]) * 4096)  # stand-ins for two checkpoints' weights
+    ab = json.loads((good / "eval" / "ab.json").read_text())
+    from preflab.models.hf import weights_fingerprint
+
+    ab["candidate_weights"] = weights_fingerprint(good)
+    (good / "eval" / "ab.json").write_text(json.dumps(ab))
+    moved = tmp_path / "moved" / "policy"
+    shutil.copytree(good, moved)  # the same weights elsewhere: its A/B still counts
+    report = evaluate_gates(GatesConfig(gates=["win_rate"]), Evidence.load(moved / "eval"), checkpoint=moved)
+    assert report.passed
+    shutil.copy(good / "eval" / "ab.json", bad / "eval" / "ab.json")  # good's A/B pasted beside bad's weights
+    d = promote_checkpoint(bad, stage="staging", db_url=url, gates=GatesConfig(gates=["win_rate"]))
+    assert not d.promoted and d.report.gates[0].numbers["reason"].startswith("the A/B was judged on other weights")
+    ev = Evidence.load(good / "eval")
+    ev.provenance = {"candidate": str(good), "candidate_weights": weights_fingerprint(good), "baseline": str(good),
+                     "baseline_weights": weights_fingerprint(good)}
+    report = evaluate_gates(GatesConfig(gates=["factual", "formality"]), ev, checkpoint=good)
+    assert not report.passed
+    assert all(g.numbers["reason"].startswith("the evidence compares the candidate with itself") for g in report.gates)
+
+
+@pytest.mark.parametrize("table, words", [
+    ("gates = []", "no gates configured"),
+    ('gates = ["kl", "kl"]', "'kl' is listed twice"),
+    ("formality_max_shift = 5.0", "formality_max_shift: must be in (-1, 1)"),
+    ("confident_wrong_max_shift = 2.0", "confident_wrong_max_shift: must be in (-1, 1)"),
+    ("detector_max_shift = { hedging = 7 }", "detector_max_shift.hedging: must be in (-1, 1)"),
+    ("detector_max_shift = { length = -1 }", "detector_max_shift.length: a ratio to the baseline: must be > 0"),
+])
+def test_gate_settings_that_would_switch_a_gate_off_are_refused(tmp_path, table, words):
+    from preflab.config import ConfigError, load_toml
+
+    (tmp_path / "g.toml").write_text(f"[gates]\n{table}\n")
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        load_toml(GatesConfig, tmp_path / "g.toml", "gates")
