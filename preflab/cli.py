@@ -590,6 +590,8 @@ def promote_cmd(
     config: str = typer.Option(None, help="Project TOML with a \\[gates] table."),
     db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
     project: str = typer.Option("default", help="Project."),
+    eval_dir: str = typer.Option(None, "--eval-dir", help="The evidence, where it is not CHECKPOINT/eval/ (the "
+                                                          "demo's: RUN/ppo_v2/gates)."),
 ) -> None:
     """Promote only if every gate passes; the decision is recorded either way. Exit 1 when refused."""
     from rich.markup import escape
@@ -607,16 +609,54 @@ def promote_cmd(
                     ops.require_project(s, name=project)
         finally:
             engine.dispose()
-        d = promote_checkpoint(checkpoint, stage=to, db_url=db, project=project, gates=_gates_cfg(config))
+        d = promote_checkpoint(checkpoint, stage=to, db_url=db, project=project, gates=_gates_cfg(config),
+                               eval_dir=eval_dir)
     except ValueError as e:
         _fail(e)
     console.print(render_table(d.report))
+    for n in d.notes:
+        console.print(f"[yellow]note:[/yellow] {escape(n)}")
     if not d.promoted:
         console.print(f"[red]refused:[/red] {escape(checkpoint)} not promoted to {to}; "
                       f"failed: {escape(', '.join(d.report.failed))} "
                       f"(decision recorded, event {d.event_id})")
         raise typer.Exit(1)
     console.print(f"[green]promoted[/green] {checkpoint} to {to} (event {d.event_id})")
+
+
+@app.command("decisions")
+def decisions_cmd(
+    db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
+    project: str = typer.Option("default", help="Project."),
+) -> None:
+    """What is in staging and production now, and every promotion decision (newest last)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from preflab.evaluate.promote import STAGES, decisions, promoted_to
+    from preflab.store import db as store_db
+    from preflab.store import ops
+
+    try:
+        engine = store_db.make_engine(db, create=False)
+        with store_db.session_scope(engine, readonly=True) as s:
+            pid = ops.require_project(s, name=project)
+            now = {stage: promoted_to(s, project_id=pid, stage=stage) for stage in STAGES}
+            rows = decisions(s, project_id=pid)
+        engine.dispose()
+    except ValueError as e:
+        _fail(e)
+    for stage, subject in now.items():
+        console.print(f"{stage}: {escape(subject) if subject else '(nothing promoted yet)'}")
+    t = Table(title=f"promotion decisions in {project!r}")
+    for col in ("event", "when", "checkpoint", "stage", "decision", "failed gates", "notes"):
+        t.add_column(col)
+    for e in rows:
+        p = e.payload
+        t.add_row(str(e.id), f"{e.created_at:%Y-%m-%d %H:%M}", escape(e.subject), p.get("stage", ""),
+                  "[green]promoted[/green]" if p.get("promoted") else "[red]refused[/red]",
+                  escape(", ".join(p.get("failed", [])) or "-"), escape("; ".join(p.get("notes", [])) or "-"))
+    console.print(t)
 
 
 @app.command("diagnose")
@@ -1569,6 +1609,25 @@ def store_progress(
     for r in p.raters:
         console.print(f"  {r.rater_name}: {r.done} done ({r.duplicates_done} duplicates), {r.leased} leased, "
                       f"{r.time_on_task_s / 60:.1f} min")
+
+
+@store_app.command("projects")
+def store_projects(db: str = _DB_OPT) -> None:
+    """The store's projects (the names --project takes)."""
+    from preflab.store import db as store_db
+    from preflab.store import ops
+
+    try:
+        engine = store_db.make_engine(db, create=False)
+        with store_db.session_scope(engine, readonly=True) as s:
+            names = ops.list_projects(s)
+        engine.dispose()
+    except ValueError as e:
+        _fail(e)
+    for n in names:
+        console.print(n, markup=False)
+    if not names:
+        console.print("(no projects yet: `preflab store import` makes one)")
 
 
 @store_app.command("reset-password")

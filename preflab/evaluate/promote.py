@@ -26,6 +26,7 @@ class Decision:
     promoted: bool
     report: GateReport
     event_id: int  # the gate_decision event
+    notes: tuple[str, ...] = ()  # what a reviewer should know: gate settings changed after a refusal, etc.
 
 
 def checkpoint_subject(checkpoint: str | Path) -> str:
@@ -46,25 +47,43 @@ def decisions(session, *, project_id: int, checkpoint: str | Path | None = None)
     return ops.list_events(session, project_id=project_id, kind="gate_decision", subject=subject)
 
 
-def record_decision(session, *, project_id: int, checkpoint: str | Path, stage: str, report: GateReport) -> Decision:
-    """Store the decision for ``report`` and, when it passed, the promotion (caller's transaction)."""
+def record_decision(session, *, project_id: int, checkpoint: str | Path, stage: str, report: GateReport,
+                    gates: GatesConfig | None = None) -> Decision:
+    """Store the decision for ``report`` (and the gate settings it was made under, ``gates``) and, when
+    it passed, the promotion (caller's transaction)."""
+    from dataclasses import asdict
+
     if stage not in STAGES:
         raise ValueError(f"stage: must be one of {list(STAGES)}, got {stage!r}")
     subject = checkpoint_subject(checkpoint)
     if stage == "production":
         staged = any(e.subject == subject and e.payload.get("stage") == "staging"
                      for e in ops.list_events(session, project_id=project_id, kind="promotion"))
+        why = {} if staged else {"reason": "never promoted to staging: promote it --to staging first"}
         report = GateReport(report.gates + [Gate("staged_first", staged, None, None,
-                                                 "promoted to staging before production", {})], report.subject)
+                                                 "promoted to staging before production", why)], report.subject)
     report = GateReport(report.gates, report.subject, stage)
     promoted = report.passed
+    config = asdict(gates) if gates is not None else None
+    notes = []
+    if config is not None:  # a promotion under other settings than an earlier refusal, or than staging's
+        earlier = [e for e in decisions(session, project_id=project_id, checkpoint=checkpoint)
+                   if e.payload.get("gates_config") not in (None, config)]
+        refused = [e.id for e in earlier if e.payload.get("stage") == stage and not e.payload.get("promoted")]
+        if promoted and refused:
+            notes.append(f"promoted under other gate settings than the refusal(s) of this checkpoint for {stage} "
+                         f"(decision event {', '.join(map(str, refused))})")
+        staged = [e.id for e in earlier if e.payload.get("stage") == "staging" and e.payload.get("promoted")]
+        if stage == "production" and staged:
+            notes.append(f"production gate settings differ from those it was staged under (event {staged[-1]})")
     eid = ops.record_event(session, project_id=project_id, kind="gate_decision", subject=subject,
                            payload={"stage": stage, "promoted": promoted, "failed": report.failed,
-                                    "report": report.to_dict()})
+                                    "report": report.to_dict(), **({"gates_config": config} if config else {}),
+                                    **({"notes": notes} if notes else {})})
     if promoted:
         ops.record_event(session, project_id=project_id, kind="promotion", subject=subject,
                          payload={"stage": stage, "decision_event": eid})
-    return Decision(subject, stage, promoted, report, eid)
+    return Decision(subject, stage, promoted, report, eid, tuple(notes))
 
 
 def promote_checkpoint(checkpoint: str | Path, *, stage: str, db_url: str, project: str = "default",
@@ -84,7 +103,8 @@ def promote_checkpoint(checkpoint: str | Path, *, stage: str, db_url: str, proje
 
         def run(s) -> Decision:
             pid = ops.ensure_project(s, name=project)
-            return record_decision(s, project_id=pid, checkpoint=checkpoint, stage=stage, report=report)
+            return record_decision(s, project_id=pid, checkpoint=checkpoint, stage=stage, report=report,
+                                   gates=gates or GatesConfig())
 
         decision = db.transact(engine, run)
     finally:

@@ -141,3 +141,29 @@ def test_gate_settings_that_would_switch_a_gate_off_are_refused(tmp_path, table,
     (tmp_path / "g.toml").write_text(f"[gates]\n{table}\n")
     with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
         load_toml(GatesConfig, tmp_path / "g.toml", "gates")
+
+
+def test_decisions_list_and_gate_shopping_is_noted(setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from preflab.cli import app
+
+    url, good, bad = setup
+    runner = CliRunner()
+    assert runner.invoke(app, ["store", "migrate", "--db", url]).exit_code == 0
+    r = runner.invoke(app, ["promote", str(bad), "--to", "staging", "--db", url], terminal_width=200)
+    assert r.exit_code == 1  # refused under the default gates
+    (tmp_path / "lenient.toml").write_text('[gates]\ngates = ["win_rate"]\n')
+    r = runner.invoke(app, ["promote", str(bad), "--to", "staging", "--db", url, "--config",
+                            str(tmp_path / "lenient.toml")], terminal_width=200)
+    assert r.exit_code == 0 and "note: promoted under other gate settings than the refusal(s)" in r.output
+    r = runner.invoke(app, ["promote", str(good), "--to", "production", "--db", url], terminal_width=200)
+    assert r.exit_code == 1 and "failed: staged_first" in r.output
+    gate = json.loads((good / "eval" / "gate.json").read_text())
+    assert gate["gates"][-1]["numbers"]["reason"] == "never promoted to staging: promote it --to staging first"
+    r = runner.invoke(app, ["decisions", "--db", url], terminal_width=250)
+    assert r.exit_code == 0, r.output
+    assert f"staging: {bad.resolve()}" in r.output and "production: (nothing promoted yet)" in r.output
+    assert r.output.count("refused") == 2 and r.output.count("promoted") >= 2
+    r = runner.invoke(app, ["store", "projects", "--db", url])
+    assert r.exit_code == 0 and r.output.strip() == "default"
