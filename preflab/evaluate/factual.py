@@ -119,6 +119,9 @@ def item_from_dict(d: Any, where: str) -> SuiteItem:
                 re.compile(p)
             except re.error as e:
                 raise ValueError(f"{where}: {key}[{i}]: bad regex {p!r}: {e}") from None
+            if re.search(r"(?<!\\)\$(?!$)", p):  # "$55" in a regex is end-of-line then "55": never matches
+                raise ValueError(f"{where}: {key}[{i}]: {p!r} has '$' before other text, which a regex reads as "
+                                 "end of line (it never matches); write \\$ for a dollar sign")
         pats[key] = tuple(v)
     if not pats["required"] and not pats["forbidden"]:
         raise ValueError(f"{where}: an item needs at least one required or forbidden pattern")

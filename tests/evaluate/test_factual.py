@@ -39,6 +39,7 @@ def test_item_check_required_and_forbidden():
 @pytest.mark.parametrize("bad, msg", [
     ({**ITEM, "required": "x"}, "'required' must be a list"),
     ({**ITEM, "required": ["(unclosed"]}, r"required\[0\]: bad regex"),
+    ({**ITEM, "forbidden": ["costs $55"]}, r"forbidden\[0\]: 'costs \$55' has '\$' before other text"),
     ({**ITEM, "probe": "trick"}, "'probe' must be null"),
     ({**ITEM, "query": ""}, "'query' must be a non-empty"),
     ({**ITEM, "extra": 1}, "unknown field 'extra'"),
