@@ -3,9 +3,12 @@
 ``promote_checkpoint`` loads the checkpoint's evidence (``<ckpt>/eval/``), evaluates the
 gates of the project config, writes ``gate.json`` next to the evidence and, in one store
 transaction, records the decision (event ``kind='gate_decision'``, payload: stage,
-promoted, the full gate report) and, if every gate passed, the promotion (event
-``kind='promotion'``). A refused checkpoint is recorded too. Promotion to ``production``
-also requires an earlier promotion of the same checkpoint to ``staging``.
+promoted, the full gate report, the gate settings, notes) and, if every gate passed, the
+promotion (event ``kind='promotion'``). A refused checkpoint is recorded too. Promotion to
+``production`` also requires an earlier promotion of the same checkpoint to ``staging``.
+Evidence about other weights than the checkpoint's fails the gates it would decide
+(``gates.evidence_problems``); a promotion under other gate settings than an earlier refusal,
+or than the staging decision, carries a note.
 """
 
 from __future__ import annotations
