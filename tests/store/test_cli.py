@@ -10,12 +10,16 @@ from typer.testing import CliRunner
 from preflab.cli import app
 
 
-def test_store_commands_end_to_end(tmp_path):
-    db = f"sqlite:///{tmp_path / 'cli.db'}"
+def _pairs_file(path, n: int) -> None:
     rows = [{"id": f"p{i}", "prompt": {"id": f"q{i}", "text": f"question {i}", "topic": "pricing"},
              "response_a": {"id": f"r{i}a", "text": f"A{i}"}, "response_b": {"id": f"r{i}b", "text": f"B{i}"}}
-            for i in range(3)]
-    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_store_commands_end_to_end(tmp_path):
+    db = f"sqlite:///{tmp_path / 'cli.db'}"
+    _pairs_file(tmp_path / "pairs.jsonl", 3)
     def run(*args):
         res = CliRunner().invoke(*args)
         res.text = " ".join(res.output.split())  # rich wraps long lines
@@ -240,10 +244,7 @@ def test_store_round_takes_every_assignment_setting(tmp_path):
     from preflab.store import ops
 
     url = f"sqlite:///{tmp_path / 's.db'}"
-    rows = [{"id": f"p{i}", "prompt": {"id": f"q{i}", "text": f"question {i}", "topic": "pricing"},
-             "response_a": {"id": f"r{i}a", "text": f"A{i}"}, "response_b": {"id": f"r{i}b", "text": f"B{i}"}}
-            for i in range(2)]
-    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _pairs_file(tmp_path / "pairs.jsonl", 2)
     assert CliRunner().invoke(app, ["store", "import", str(tmp_path / "pairs.jsonl"), "--db", url]).exit_code == 0
     r = CliRunner().invoke(app, ["store", "round", "r", "--db", url, "--no-ties", "--min-rationale-chars", "30",
                                  "--routing", "any", "--fallback", "after", "--fallback-after-s", "3600",

@@ -166,23 +166,26 @@ def test_split_by_prompt_never_leaks_a_prompt():
     assert split_by_prompt(ex, val_fraction=0.2, seed=8)[1] != val
 
 
-def test_load_jsonl_names_file_and_line(tmp_path):
+@pytest.mark.parametrize("text, message", [
+    ('{"prompt": "hi", "chosen": "a", "rejected": "b"}\n\n{"prompt": "x", "chosen": 3}\n',
+     r"pairs.jsonl:3: field 'chosen' must be a string"),
+    ('{"prompt": "hi", "chosen": "a", "rejected": "b"}\nnot json\n', r"pairs.jsonl:2: not valid JSON"),
+    ('{"chosen": [{"role": "user", "content": "hi"}], "rejected": []}\n',
+     r"pairs.jsonl:1: TRL's conversational format .* is not read here"),
+    ('{"chosen": "Q: hi A: yes", "rejected": "Q: hi A: no"}\n',
+     r"pairs.jsonl:1: no 'prompt' \(TRL's implicit-prompt format"),
+    ('{"prompt": "hi", "chosen": "a", "rejected": "b", "strength": 7}\n',  # before training, not in it
+     r"pairs.jsonl:1: field 'strength' must be 0-3 .* got 7"),
+])
+def test_load_jsonl_names_file_and_line(tmp_path, text, message):
     p = tmp_path / "pairs.jsonl"
-    p.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b", "margin": 1.5}\n\n{"prompt": "x", "chosen": 3}\n')
-    with pytest.raises(ValueError, match=r"pairs.jsonl:3: field 'chosen' must be a string"):
+    p.write_text(text)
+    with pytest.raises(ValueError, match=message):
         load_jsonl(p)
-    p.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b", "margin": 1.5}\nnot json\n')
-    with pytest.raises(ValueError, match=r"pairs.jsonl:2: not valid JSON"):
-        load_jsonl(p)
-    p.write_text('{"chosen": [{"role": "user", "content": "hi"}], "rejected": []}\n')
-    with pytest.raises(ValueError, match=r"pairs.jsonl:1: TRL's conversational format .* is not read here"):
-        load_jsonl(p)
-    p.write_text('{"chosen": "Q: hi A: yes", "rejected": "Q: hi A: no"}\n')
-    with pytest.raises(ValueError, match=r"pairs.jsonl:1: no 'prompt' \(TRL's implicit-prompt format"):
-        load_jsonl(p)
-    p.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b", "strength": 7}\n')  # before training, not in it
-    with pytest.raises(ValueError, match=r"pairs.jsonl:1: field 'strength' must be 0-3 .* got 7"):
-        load_jsonl(p)
+
+
+def test_load_jsonl_reads_trl_rows(tmp_path):
+    p = tmp_path / "pairs.jsonl"
     p.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b", "margin": 1.5, "extra": 1}\n')
     (e,) = load_jsonl(p)
     assert (e.prompt, e.chosen, e.rejected, e.margin, e.pair_id) == ("hi", "a", "b", 1.5, "pairs.jsonl:1")
