@@ -460,7 +460,6 @@ def ab_result_cmd(
     out: str = typer.Option(None, help="JSON file (default: CANDIDATE/eval/ab.json when that directory exists)."),
 ) -> None:
     """Win rate (ties half), Wilson CI, sign test, n needed, length-controlled rate, per topic."""
-    import dataclasses
     import json
     from pathlib import Path
 
@@ -493,10 +492,6 @@ def ab_result_cmd(
                       "good) overstates the evidence; close the round first")
     target = Path(out) if out else (Path(res.candidate) / "eval" / "ab.json" if Path(res.candidate).is_dir() else None)
     if target is not None:
-        from preflab.models.hf import weights_fingerprint
-
-        if Path(res.candidate).is_dir():  # the gates check these weights against the checkpoint they judge
-            res = dataclasses.replace(res, candidate_weights=weights_fingerprint(res.candidate))
         if target.is_file():
             try:
                 before = (json.loads(target.read_text()).get("round") or {}).get("id")
@@ -523,6 +518,8 @@ def gates_cmd(
                                               "confident-wrong gates (more: tighter CIs on a topic with few "
                                               "items). Default: EvidenceConfig's, 4."),
     prompt_format: str = _PROMPT_FORMAT_OPT,
+    eval_dir_opt: str = typer.Option(None, "--eval-dir", help="The evidence, where it is not CHECKPOINT/eval/ (the "
+                                                              "demo's: RUN/ppo_v2/gates)."),
 ) -> None:
     """Evaluate the promotion gates on a checkpoint (optionally collecting the evidence first)."""
     from pathlib import Path
@@ -541,7 +538,7 @@ def gates_cmd(
         cfg = _gates_cfg(config)
         if not Path(checkpoint).is_dir():
             raise ValueError(f"CHECKPOINT: no such model directory {checkpoint}")
-        eval_dir = Path(checkpoint) / "eval"
+        eval_dir = Path(eval_dir_opt) if eval_dir_opt else Path(checkpoint) / "eval"
         if (baseline is None) != (suite is None):
             raise ValueError("give --baseline and --suite together to collect evidence")
         if reference is not None and baseline is None:

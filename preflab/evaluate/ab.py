@@ -405,6 +405,14 @@ def ab_result_from_round(session, round_id: int, candidate_source: str | None = 
         bt.append(texts[base])
     res = ab_result(outcomes, topics=topics, candidate_texts=ct, baseline_texts=bt, candidate=candidate_source,
                     baseline=baseline_source, cfg=cfg)
+    from pathlib import Path
+
+    from preflab.models.hf import weights_fingerprint
+
     prog = ops.round_progress(session, round_id=round_id)
+    # the candidate's weights as they are now (when its directory is here): the gates check them against
+    # the checkpoint they judge, wherever it has moved since
+    weights = weights_fingerprint(candidate_source) if Path(candidate_source).is_dir() else None
     return dataclasses.replace(res, round={"id": rnd.id, "name": rnd.name, "status": rnd.status,
-                                           "pairs_judged": len({r.pair_id for r in rows}), "n_pairs": prog.n_items})
+                                           "pairs_judged": len({r.pair_id for r in rows}), "n_pairs": prog.n_items},
+                               candidate_weights=weights)
