@@ -24,6 +24,8 @@ app.add_typer(sandbox_app, name="sandbox")
 # errors name long paths: never break them; piped into a log (no terminal, no $COLUMNS), tables get
 # 160 columns rather than rich's 80, which folds a gate table's every cell
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
+# the store option shared by every command that works on one
+_DB_OPT = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store.")
 ROUNDS_HELP = ("With --db: round kinds to train on, comma-separated (default calibration,collection,rerate; "
                "the demo: collection,rerate).")
 
@@ -126,7 +128,7 @@ def sandbox_sample(
 
 @app.command()
 def serve(
-    db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
+    db: str = _DB_OPT,
     host: str = typer.Option("127.0.0.1", help="Interface to bind."),
     port: int = typer.Option(8000, help="TCP port."),
     workers: int = typer.Option(1, min=1, max=64, help="Worker processes (safe: the app keeps no state in memory)."),
@@ -398,7 +400,7 @@ def ab_create(
     temperature: float = typer.Option(1.0, min=0.0, help="Sampling temperature (0 = greedy)."),
     max_new_tokens: int = typer.Option(64, min=1, help="Longest response."),
     seed: int = typer.Option(0, help="Seed for queries, sampling and sides."),
-    db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
+    db: str = _DB_OPT,
     project: str = typer.Option("default", help="Project."),
     prompt_format: str = _PROMPT_FORMAT_OPT,
 ) -> None:
@@ -456,7 +458,7 @@ def ab_create(
 @ab_app.command("result")
 def ab_result_cmd(
     round_id: int = typer.Argument(..., help="Eval round id."),
-    db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
+    db: str = _DB_OPT,
     out: str = typer.Option(None, help="JSON file (default: CANDIDATE/eval/ab.json when that directory exists)."),
 ) -> None:
     """Win rate (ties half), Wilson CI, sign test, n needed, length-controlled rate, per topic."""
@@ -550,9 +552,11 @@ def gates_cmd(
             from preflab.models.hf import load_policy, weights_fingerprint
 
             mine = weights_fingerprint(checkpoint)
+            theirs = {flag: weights_fingerprint(other) for flag, other in (("--baseline", baseline),
+                                                                            ("--reference", reference)) if other}
             for flag, other in (("--baseline", baseline), ("--reference", reference)):
                 if other is not None and (Path(other).resolve() == Path(checkpoint).resolve()
-                                          or (mine is not None and weights_fingerprint(other) == mine)):
+                                          or (mine is not None and theirs[flag] == mine)):
                     raise ValueError(f"{flag}: {other} is the candidate itself (same weights): every comparison "
                                      "would come out even")
             items = load_suite(suite)
@@ -564,7 +568,7 @@ def gates_cmd(
                                                         else {})), out_dir=eval_dir,
                                   progress=True)
             ev.provenance = {"candidate": _abs(checkpoint), "candidate_weights": mine, "baseline": _abs(baseline),
-                             "baseline_weights": weights_fingerprint(baseline),
+                             "baseline_weights": theirs["--baseline"],
                              "reference": _abs(reference) if reference else None, "suite": _abs(suite),
                              "suite_sha256": hashlib.sha256(Path(suite).read_bytes()).hexdigest()[:16],
                              "items": len(items)}
@@ -585,7 +589,7 @@ def promote_cmd(
     checkpoint: str = typer.Argument(..., help="Model directory to promote (evidence in CHECKPOINT/eval/)."),
     to: str = typer.Option(..., "--to", help="Stage: staging or production."),
     config: str = typer.Option(None, help="Project TOML with a \\[gates] table."),
-    db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
+    db: str = _DB_OPT,
     project: str = typer.Option("default", help="Project."),
     eval_dir: str = typer.Option(None, "--eval-dir", help="The evidence, where it is not CHECKPOINT/eval/ (the "
                                                           "demo's: RUN/ppo_v2/gates)."),
@@ -623,7 +627,7 @@ def promote_cmd(
 
 @app.command("decisions")
 def decisions_cmd(
-    db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
+    db: str = _DB_OPT,
     project: str = typer.Option("default", help="Project."),
 ) -> None:
     """What is in staging and production now, and every promotion decision (newest last)."""
@@ -967,7 +971,7 @@ app.add_typer(guidelines_app, name="guidelines")
 def guidelines_add_rubric(
     label: str = typer.Option(..., help="Label of the new guideline version, e.g. v2."),
     item: list[str] = typer.Option(..., help="A rubric item (repeat for several)."),
-    db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
+    db: str = _DB_OPT,
     project: str = typer.Option("default", help="Project."),
 ) -> None:
     """Create a new guideline version: the newest one's text and rubric plus the given items."""
@@ -990,7 +994,7 @@ def guidelines_add_rubric(
 
 @guidelines_app.command("list")
 def guidelines_list(
-    db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
+    db: str = _DB_OPT,
     project: str = typer.Option("default", help="Project."),
 ) -> None:
     """List guideline versions with their rubric items."""
@@ -1015,7 +1019,7 @@ def rerate_cmd(
     name: str = typer.Option(None, help="Round name (default rerate-<guideline>)."),
     overlap: int = typer.Option(1, min=1, help="Raters per pair."),
     seed: int = typer.Option(0, help="Seed of the selection."),
-    db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
+    db: str = _DB_OPT,
     project: str = typer.Option("default", help="Project."),
 ) -> None:
     """Open a re-rate round over judged pairs matching --where, under a newer guideline."""
@@ -1036,7 +1040,7 @@ def rerate_cmd(
 
 @app.command("lineage")
 def lineage_cmd(
-    db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
+    db: str = _DB_OPT,
     project: str = typer.Option("default", help="Project."),
 ) -> None:
     """Show which judgements, guideline, reward model and policy each run came from."""
@@ -1083,7 +1087,7 @@ def _quality_embedder(embed: str):
 @quality_app.command("report")
 def quality_report(
     out: str = typer.Option(..., "--out", help="Directory for workshop_report.{json,md} and style_guide.md."),
-    db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
+    db: str = _DB_OPT,
     project: str = typer.Option("default", help="Project."),
     before: int = typer.Option(None, help="Round id before the workshop (default: first calibration round)."),
     after: int = typer.Option(None, help="Round id after (default: last calibration round)."),
@@ -1115,7 +1119,7 @@ def quality_report(
 @quality_app.command("review")
 def quality_review(
     round_ref: str = typer.Argument(..., metavar="ROUND", help="The calibration round: its name or id."),
-    db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
+    db: str = _DB_OPT,
     project: str = typer.Option("default", help="Project."),
     limit: int = typer.Option(15, min=1, help="Most split items to show and write."),
     out: str = typer.Option(None, "--out", help="Also write them, with every side's rationales, as Markdown here "
@@ -1175,7 +1179,7 @@ def _round_ref(s, project: str, ref: str):  # noqa: ANN001, ANN202
 @quality_app.command("agreement")
 def quality_agreement(
     round_ref: str = typer.Argument(..., metavar="ROUND", help="A round with overlap >= 2 (any kind): name or id."),
-    db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
+    db: str = _DB_OPT,
     project: str = typer.Option("default", help="Project."),
     n_boot: int = typer.Option(1000, min=50, help="Bootstrap resamples of items for the CIs."),
     seed: int = typer.Option(0, help="Bootstrap seed."),
@@ -1237,7 +1241,7 @@ def _print_workshop(rep: dict) -> None:
 
 @quality_app.command("status")
 def quality_status(
-    db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
+    db: str = _DB_OPT,
     project: str = typer.Option("default", help="Project."),
     check_drift: bool = typer.Option(False, "--check-drift", help="Run the drift check now and store alerts."),
     baseline: int = typer.Option(200, min=10, help="Judgements after calibration that form each rater's baseline."),
@@ -1283,7 +1287,7 @@ def quality_status(
 @quality_app.command("workshop")
 def quality_workshop(
     out: str = typer.Option(..., "--out", help="Directory for the review, report and style guide."),
-    db: str = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store."),
+    db: str = _DB_OPT,
     project: str = typer.Option("sandbox", help="Project (created if missing)."),
     n_pairs: int = typer.Option(50, min=2, help="Pairs per calibration round."),
     seed: int = typer.Option(0, min=0, help="Seed of the simulated raters, pairs and bootstrap."),
@@ -1335,7 +1339,6 @@ def demo(
 store_app = typer.Typer(help="The preference store: migrate, import prompts/pairs, open rounds, export.",
                         no_args_is_help=True)
 app.add_typer(store_app, name="store")
-_DB_OPT = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store.")
 _PROJECT_OPT = typer.Option("default", help="Project (created if missing on import).")
 
 

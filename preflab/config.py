@@ -148,13 +148,21 @@ def _read_toml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _known(section: str | None) -> None:
+    # a reader of a table the file check does not know would refuse every file that has it
+    if section is not None and section not in SECTIONS:
+        raise AssertionError(f"config section {section!r} is not in config.SECTIONS")
+
+
 def toml_table(path: str | Path, section: str) -> dict[str, Any]:
     """The ``[section]`` table of a project TOML as a dict ({} when the file has none)."""
+    _known(section)
     return dict(_read_toml(path).get(section, {}))
 
 
 def load_toml(cls: type[T], path: str | Path, section: str | None = None) -> T:
     """Load ``cls`` from a TOML file (optionally one ``[section]`` of it)."""
+    _known(section)
     data = _read_toml(path)
     if section is not None:
         data = data.get(section, {})
@@ -163,6 +171,7 @@ def load_toml(cls: type[T], path: str | Path, section: str | None = None) -> T:
 
 def resolve(cls: type[T], path: str | Path | None, section: str, overrides: dict[str, Any]) -> T:
     """``cls`` from ``[section]`` of the TOML file ``path`` (if any), with CLI ``overrides`` (None = unset) on top."""
+    _known(section)
     data: dict[str, Any] = dict(_read_toml(path).get(section, {})) if path is not None else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
     return from_dict(cls, data, where=f"{path}:{section}" if path else section)

@@ -180,6 +180,14 @@ def refuse_to_overwrite(run_dir: str | Path, *, resume: bool) -> None:
                           "train into another --out")
 
 
+def write_step_eval(run_dir: str | Path, step: int, result: dict[str, Any]) -> Path:
+    """An evaluation hook's numbers at ``step``: ``run_dir/eval/step_NNNNNN.json`` (``preflab checkpoints``)."""
+    out = Path(run_dir) / "eval" / f"step_{step:06d}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"step": step, **result}, indent=2, default=float) + "\n")
+    return out
+
+
 def fingerprint(rows: Any) -> str:
     """SHA-256 (first 16 hex digits) of training data: dataclasses, dicts or strings, in order."""
     import dataclasses

@@ -180,6 +180,7 @@ def train_dpo(
         refuse_to_overwrite,
         save_checkpoint,
         truncate_jsonl,
+        write_step_eval,
     )
 
     run_dir = Path(run_dir)
@@ -313,11 +314,8 @@ def train_dpo(
                     if eval_hook is not None:
                         model = acc.unwrap_model(scorer).model
                         was_training = model.training
-                        result = eval_hook(step + 1, model.eval())
+                        write_step_eval(run_dir, step + 1, eval_hook(step + 1, model.eval()))
                         model.train(was_training)
-                        (run_dir / "eval").mkdir(exist_ok=True)
-                        (run_dir / "eval" / f"step_{step + 1:06d}.json").write_text(
-                            json.dumps({"step": step + 1, **result}, indent=2, default=float) + "\n")
             progress.update(task, advance=1, description=f"dpo loss {row['dpo/loss']:.3f} acc {row['dpo/accuracy']:.2f}")
 
     policy_dir = None

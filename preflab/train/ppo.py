@@ -331,6 +331,7 @@ def train_ppo(
         refuse_to_overwrite,
         save_checkpoint,
         truncate_jsonl,
+        write_step_eval,
     )
 
     run_dir = Path(run_dir)
@@ -556,10 +557,7 @@ def train_ppo(
                         state={"controller": controller.state_dict(), "reward_moments": moments.state_dict()},
                         keep_last=cfg.keep_last or None)
                     if eval_hook is not None:
-                        result = eval_hook(step + 1, acc.unwrap_model(ac).policy)
-                        (run_dir / "eval").mkdir(exist_ok=True)
-                        (run_dir / "eval" / f"step_{step + 1:06d}.json").write_text(
-                            json.dumps({"step": step + 1, **result}, indent=2, default=float) + "\n")
+                        write_step_eval(run_dir, step + 1, eval_hook(step + 1, acc.unwrap_model(ac).policy))
                 acc.wait_for_everyone()
 
     policy_dir = None

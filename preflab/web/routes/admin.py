@@ -269,12 +269,8 @@ def _rate(text: str) -> float:
 
 
 def _specialties(text: str) -> list[str]:
-    """Comma-separated topics, trimmed, each once (case-insensitively: "Billing, billing" is one)."""
-    seen: dict[str, str] = {}
-    for x in (x.strip() for x in text.split(",")):
-        if x and x.lower() not in seen:
-            seen[x.lower()] = x
-    return list(seen.values())
+    """The form's comma-separated topics (empty entries dropped; the API cleans the rest: clean_specialties)."""
+    return [x for x in (x.strip() for x in text.split(",")) if x]
 
 
 def _unknown_topics(request: Request, user, specialties) -> str:  # noqa: ANN001

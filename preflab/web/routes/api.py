@@ -199,6 +199,16 @@ def progress_rows(prog) -> list[w.ProgressRow]:  # noqa: ANN001
             for r in prog.raters]
 
 
+def clean_specialties(names: list[str]) -> list[str]:
+    """Topics a rater is routed first: trimmed, none empty, each once ("Billing, billing" is one)."""
+    seen: dict[str, str] = {}
+    for x in (x.strip() for x in names):
+        if not x:
+            raise WebError(422, "invalid_input", "specialties: an empty domain name")
+        seen.setdefault(x.lower(), x)
+    return list(seen.values())
+
+
 @router.post("/raters", response_model=w.RaterCreated, status_code=201)
 def create_rater(request: Request, body: w.RaterCreate, user: AdminUser) -> w.RaterCreated:
     """Add a rater (admin); the password and API token are returned once, only hashes are stored."""
@@ -209,7 +219,7 @@ def create_rater(request: Request, body: w.RaterCreate, user: AdminUser) -> w.Ra
 
     def create(s):  # noqa: ANN001, ANN202
         rid = ops.create_rater(s, project_id=user.project_id, name=body.name, password=password, role=body.role,
-                               specialties=body.specialties, hourly_rate=body.hourly_rate)
+                               specialties=clean_specialties(body.specialties), hourly_rate=body.hourly_rate)
         return rid, ops.issue_api_token(s, rater_id=rid)
 
     rid, token = run_store(request, create)
@@ -246,11 +256,7 @@ def update_rater(request: Request, rater_id: RaterId, body: w.RaterUpdate, user:
     """Change a rater's role, specialties, hourly rate or active flag (admin). A deactivated rater is
     signed out everywhere at once; their judgements stay. An admin cannot deactivate or demote themself."""
     ops = _ops()
-    specialties = None
-    if body.specialties is not None:
-        specialties = [x.strip() for x in body.specialties]
-        if not all(specialties):
-            raise WebError(422, "invalid_input", "specialties: an empty domain name")
+    specialties = None if body.specialties is None else clean_specialties(body.specialties)
 
     def change(s):  # noqa: ANN001, ANN202
         r = _own_rater(s, user, rater_id)
