@@ -4,7 +4,8 @@ Authentication is either ``Authorization: Bearer <API token>`` (scripts; no cook
 at, so no CSRF applies) or the signed session cookie (pages and their fetch calls; every
 unsafe method must then carry the CSRF token as header ``X-CSRF-Token`` or form field
 ``csrf_token``). Every request re-reads the rater from the store, so deactivating a rater or
-changing a role takes effect at once in every worker.
+changing a role takes effect at once in every worker, and new credentials end the sessions
+signed in with the old ones.
 """
 
 from __future__ import annotations
@@ -61,6 +62,16 @@ def project_id(request: Request) -> int:
 def read_cookie_session(request: Request) -> sec.Session | None:
     s: WebSettings = request.app.state.settings
     return sec.read_session(request.cookies.get(s.cookie_name), s.secret_key)
+
+
+def signed_in_session(request: Request, rater_id: int) -> sec.Session:
+    """A fresh session for ``rater_id``, bound to the rater's current credentials."""
+    from preflab.store import ops
+
+    settings: WebSettings = request.app.state.settings
+    version = run_store(request, lambda s: ops.credentials_version(s, rater_id=rater_id), readonly=True)
+    return sec.new_session(rater_id, settings.session_max_age_s,
+                           stamp=sec.credentials_stamp(version, settings.secret_key))
 
 
 def set_session_cookie(response: Response, session: sec.Session, settings: WebSettings) -> None:
@@ -120,13 +131,15 @@ def current_user(request: Request) -> User:
             from preflab.store.ops import StoreError
 
             try:
-                return ops.get_rater(s, rater_id=sess.rater_id)
+                return ops.get_rater(s, rater_id=sess.rater_id), ops.credentials_version(s, rater_id=sess.rater_id)
             except StoreError:
-                return None
+                return None, ""
 
-        info = run_store(request, load, readonly=True)
+        info, version = run_store(request, load, readonly=True)
         if info is None or not info.active or info.project_id != pid:
             raise WebError(401, "unauthenticated", "sign in again (this account is no longer active)")
+        if not sec.session_matches(sess, version, request.app.state.settings.secret_key):
+            raise WebError(401, "unauthenticated", "sign in again (this account has new credentials)")
     return User(id=info.id, name=info.name, role=info.role, project_id=info.project_id)
 
 

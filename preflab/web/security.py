@@ -4,8 +4,11 @@
 - API tokens: 32 random bytes; stored as SHA-256 hex (a high-entropy token needs no slow hash,
   and a plain digest can be looked up by index).
 - Session cookie: ``base64url(json payload) "." base64url(HMAC-SHA256(secret, payload))``,
-  payload ``{"r": rater_id | null, "n": nonce, "e": expiry}``. Stateless, so any worker process
-  verifies it. Sent HttpOnly + SameSite=Lax.
+  payload ``{"r": rater_id | null, "n": nonce, "e": expiry, "c": stamp}``. Stateless, so any
+  worker process verifies it. Sent HttpOnly + SameSite=Lax. The stamp is
+  ``HMAC(secret, "cred:" + credentials version)`` of the rater's password and token at sign-in:
+  new credentials (an admin's "New password", ``store reset-password``) end every session signed
+  in with the old ones.
 - CSRF: synchroniser token ``HMAC(secret, "csrf:" + nonce)`` bound to the session nonce; every form
   post and every cookie-authenticated unsafe API call must carry it (form field ``csrf_token`` or
   header ``X-CSRF-Token``). Bearer-token calls carry no cookie and need none.
@@ -72,17 +75,28 @@ class Session:
     rater_id: int | None
     nonce: str
     expires: float
+    stamp: str = ""
 
 
-def new_session(rater_id: int | None, max_age_s: int, *, now: float | None = None) -> Session:
+def credentials_stamp(version: str, secret: str) -> str:
+    """What a session cookie carries of the rater's credentials version (keyed, so it reveals nothing)."""
+    return _b64(_mac(secret, b"cred:" + version.encode()))[:22]
+
+
+def new_session(rater_id: int | None, max_age_s: int, *, stamp: str = "", now: float | None = None) -> Session:
     """A session with a fresh nonce (rotated at sign-in so a pre-login token is useless after)."""
     now = time.time() if now is None else now
-    return Session(rater_id=rater_id, nonce=secrets.token_urlsafe(16), expires=now + max_age_s)
+    return Session(rater_id=rater_id, nonce=secrets.token_urlsafe(16), expires=now + max_age_s, stamp=stamp)
+
+
+def session_matches(session: Session, version: str, secret: str) -> bool:
+    """Whether the session was signed in with the rater's current credentials."""
+    return hmac.compare_digest(session.stamp, credentials_stamp(version, secret))
 
 
 def sign_session(session: Session, secret: str) -> str:
-    payload = json.dumps({"r": session.rater_id, "n": session.nonce, "e": int(session.expires)},
-                         separators=(",", ":")).encode()
+    payload = json.dumps({"r": session.rater_id, "n": session.nonce, "e": int(session.expires),
+                          "c": session.stamp}, separators=(",", ":")).encode()
     return _b64(payload) + "." + _b64(_mac(secret, payload))
 
 
@@ -96,7 +110,7 @@ def read_session(cookie: str | None, secret: str, *, now: float | None = None) -
         if not hmac.compare_digest(_unb64(sig), _mac(secret, payload)):
             return None
         data = json.loads(payload)
-        s = Session(rater_id=data["r"], nonce=str(data["n"]), expires=float(data["e"]))
+        s = Session(rater_id=data["r"], nonce=str(data["n"]), expires=float(data["e"]), stamp=str(data.get("c", "")))
     except (ValueError, KeyError, TypeError):
         return None
     if s.rater_id is not None and not isinstance(s.rater_id, int):

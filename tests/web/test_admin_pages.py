@@ -115,10 +115,10 @@ def test_admin_edits_a_rater_and_gives_new_credentials(served):
     assert old.get("/api/v1/me").status_code == 401
     new = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {new_token}"}, timeout=30)
     assert new.get("/api/v1/me").json()["id"] == rater_id
-    browser = httpx.Client(base_url=server.url, timeout=30)
-    r = browser.post("/login", data={"name": "week 1-rater0", "password": password,
-                                     "csrf_token": _csrf(browser.get("/login").text)})
-    assert r.status_code == 303
+    signed = httpx.Client(base_url=server.url, timeout=30)
+    r = signed.post("/login", data={"name": "week 1-rater0", "password": password,
+                                    "csrf_token": _csrf(signed.get("/login").text)})
+    assert r.status_code == 303 and signed.get("/api/v1/me").json()["id"] == rater_id
     assert "given new credentials" not in admin.get("/admin").text  # never shown again
     # deactivated: the right password learns why it cannot sign in; a wrong one learns nothing
     admin.post(f"/admin/raters/{rater_id}/active", data={"active": "0", "csrf_token": csrf})
@@ -132,12 +132,21 @@ def test_admin_edits_a_rater_and_gives_new_credentials(served):
     # the API: a chosen password, a rater of no project, demoting oneself
     r = api.post(f"/api/v1/raters/{rater_id}/credentials", json={"password": "correct horse battery"})
     assert r.status_code == 200 and r.json()["password"] == "correct horse battery"
+    r = signed.get("/api/v1/me")  # the session signed in with the old password ends with it
+    assert r.status_code == 401 and "new credentials" in r.json()["error"]["message"]
+    assert signed.get("/rate", follow_redirects=False).status_code in (303, 401)
     assert api.post("/api/v1/raters/424242/credentials").status_code == 404
     me = api.get("/api/v1/me").json()["id"]
     r = api.patch(f"/api/v1/raters/{me}", json={"role": "rater"})
     assert r.status_code == 409 and "demote yourself" in r.json()["error"]["message"]
     r = api.patch(f"/api/v1/raters/{rater_id}", json={"specialties": ["pricing", " "]})
     assert r.status_code == 422 and "specialties: an empty domain name" in r.json()["error"]["message"]
+
+    # an admin renewing their own credentials on the page stays signed in there; the old token stops
+    r = admin.post(f"/admin/raters/{me}/credentials", data={"csrf_token": csrf}, follow_redirects=True)
+    assert r.status_code == 200 and "given new credentials" in r.text
+    assert admin.get("/api/v1/me").json()["id"] == me
+    assert api.get("/api/v1/me").status_code == 401
 
 
 def test_admin_writes_guideline_versions(served):

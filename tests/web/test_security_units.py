@@ -38,6 +38,17 @@ def test_session_roundtrip_and_tamper():
         assert sec.read_session(junk, SECRET) is None
 
 
+def test_session_bound_to_the_credentials_it_signed_in_with():
+    stamp = sec.credentials_stamp("version-1", SECRET)
+    s = sec.read_session(sec.sign_session(sec.new_session(7, 100, stamp=stamp, now=1000.0), SECRET), SECRET, now=1050.0)
+    assert s.stamp == stamp and sec.session_matches(s, "version-1", SECRET)
+    assert not sec.session_matches(s, "version-2", SECRET)  # new password or token: signed out
+    assert not sec.session_matches(s, "version-1", "t" * 32)  # the stamp is keyed
+    assert "version-1" not in stamp and len(stamp) == 22
+    legacy = sec.Session(7, s.nonce, s.expires)  # a cookie from before stamps: signs in again
+    assert not sec.session_matches(legacy, "version-1", SECRET)
+
+
 def test_csrf_bound_to_session_nonce():
     a, b = sec.new_session(1, 100), sec.new_session(1, 100)
     ta = sec.csrf_token(a, SECRET)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Sequence
 
@@ -164,6 +165,13 @@ def rater_by_name(session: Session, *, project_id: int, name: str) -> RaterInfo 
 def password_hash_of(session: Session, *, rater_id: int) -> str | None:
     """The stored argon2 hash (for a web layer that verifies passwords itself)."""
     return _rater(session, rater_id).password_hash
+
+
+def credentials_version(session: Session, *, rater_id: int) -> str:
+    """A digest that changes whenever the rater's password or API token is replaced: the web app binds
+    sessions to it, so new credentials end the sessions signed in with the old ones."""
+    r = _rater(session, rater_id)
+    return hashlib.sha256(f"{r.password_hash or ''}|{r.token_hash or ''}".encode()).hexdigest()
 
 
 def list_raters(session: Session, *, project_id: int, active_only: bool = False) -> list[RaterInfo]:

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from preflab.web import schemas as w
 from preflab.web import security as sec
-from preflab.web.deps import AdminUser, csrf_guard, run_store
+from preflab.web.deps import AdminUser, csrf_guard, run_store, set_session_cookie, signed_in_session
 from preflab.web.errors import WebError
 from preflab.web.routes.api import (
     RaterId,
@@ -292,9 +292,13 @@ def _unknown_topics(request: Request, user, specialties) -> str:  # noqa: ANN001
 def admin_rater_credentials(request: Request, rater_id: RaterId, user: AdminUser) -> RedirectResponse:
     """A new password and API token for a rater, shown once on this page (the old ones stop working)."""
     made = reset_credentials(request, rater_id, user)
-    return _done(request, f"Rater “{made.name}” has new credentials.", created={
+    resp = _done(request, f"Rater “{made.name}” has new credentials.", created={
         "name": made.name, "password": made.password, "token": made.token,
-        "what": "given new credentials (the old password and token no longer work)"})
+        "what": "given new credentials (the old password and token no longer work; "
+                "pages signed in with them are signed out)"})
+    if made.id == user.id:  # an admin renewing their own: this page stays signed in, their other sessions end
+        set_session_cookie(resp, signed_in_session(request, user.id), request.app.state.settings)
+    return resp
 
 
 @router.post("/guidelines")

@@ -272,8 +272,7 @@ def update_rater(request: Request, rater_id: RaterId, body: w.RaterUpdate, user:
 def reset_credentials(request: Request, rater_id: RaterId, user: AdminUser,
                       body: w.CredentialsReset | None = None) -> w.RaterCreated:
     """A new password and API token for a rater (admin), returned once: the old password and token stop
-    working at once. Pages the rater has open stay signed in until their session ends; deactivate the
-    rater to end those too."""
+    working at once, and pages signed in with them are signed out."""
     import secrets
 
     ops = _ops()

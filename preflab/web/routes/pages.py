@@ -15,6 +15,7 @@ from preflab.web.deps import (
     read_cookie_session,
     run_store,
     set_session_cookie,
+    signed_in_session,
 )
 from preflab.web.routes.api import RoundId, own_round, rater_round, rounds
 
@@ -85,7 +86,7 @@ def login(request: Request, settings: Settings, name: Annotated[str, Form(max_le
         return render(request, "login.html", {"next": safe_next(next), "error": error,
                                               "name": name}, status=401)  # the name stays; the password does not
     resp = RedirectResponse(safe_next(next), status_code=303)
-    set_session_cookie(resp, sec.new_session(info.id, settings.session_max_age_s), settings)
+    set_session_cookie(resp, signed_in_session(request, info.id), settings)
     return resp
 
 
