@@ -1815,7 +1815,7 @@ def ppo_cmd(
     from preflab.evaluate.detectors import text_rates
     from preflab.models.hf import load_policy
     from preflab.models.sampling import sample
-    from preflab.pipeline import reward_fn_from
+    from preflab.pipeline import reward_fn_from, sample_eval_hook
     from preflab.train.checkpoint import refuse_to_overwrite
     from preflab.train.data import dialogue_prompt
     from preflab.train.ppo import PPOConfig, train_ppo
@@ -1867,11 +1867,7 @@ def ppo_cmd(
             console.print(f"alarm: {k} above {cfg.alarm_thresholds[k]:.3g} (the reference's {base[k]:.3g} "
                           f"+ {d:g}, on {len(s.texts)} samples of the held-out prompts)")
 
-    def eval_hook(step, model):
-        s = sample(model, tok, heldout, max_new_tokens=cfg.max_new_tokens, generator=torch.Generator().manual_seed(0))
-        scores = reward_fn(heldout, s.texts)
-        return {"eval/reward": float(scores.mean()), **{f"eval/{k}": v for k, v in text_rates(s.texts).items()}}
-
+    eval_hook = sample_eval_hook(tok, heldout, max_new_tokens=cfg.max_new_tokens, ref=ref, reward_fn=reward_fn)
     try:
         res = train_ppo(cfg, policy=pol, ref=ref, tokenizer=tok, reward_fn=reward_fn, prompts=train_prompts,
                         run_dir=out, eval_hook=eval_hook, detectors=text_rates if cfg.alarm_thresholds else None,
@@ -2001,6 +1997,11 @@ def dpo_cmd(
     batch_size: int = typer.Option(None, help="DPOConfig.batch_size"),
     rpo_alpha: float = typer.Option(None, help="DPOConfig.rpo_alpha"),
     seed: int = typer.Option(None, help="DPOConfig.seed"),
+    eval_prompts: str = typer.Option(None, "--eval-prompts", help="Queries each checkpoint's evaluation samples "
+                                     "(first 64; formats as ppo --prompts). Default: the held-out split's prompts."),
+    reward: str = typer.Option(None, "--reward", help="A reward model dir: checkpoint evaluations also score "
+                                                      "their samples (eval/reward)."),
+    eval_max_new_tokens: int = typer.Option(64, min=1, help="Longest response a checkpoint evaluation samples."),
     threads: int = typer.Option(None, min=1, show_default=False,
                                 help="torch CPU threads (default: torch's choice, all cores; 1 or 2 on a shared machine)."),
 ) -> None:
@@ -2008,8 +2009,9 @@ def dpo_cmd(
     _set_threads(threads)
     from preflab.config import resolve
     from preflab.models.hf import load_policy
+    from preflab.pipeline import reward_fn_from, sample_eval_hook
     from preflab.train.checkpoint import refuse_to_overwrite
-    from preflab.train.data import load_jsonl, load_store_examples, split_by_prompt
+    from preflab.train.data import dialogue_prompt, load_jsonl, load_store_examples, split_by_prompt
     from preflab.train.dpo import DPOConfig, train_dpo
 
     try:
@@ -2027,10 +2029,21 @@ def dpo_cmd(
             examples = load_store_examples(db, project=project, round_kinds=_rounds(rounds))
         train, val = split_by_prompt(examples, val_fraction=val_fraction, seed=cfg.seed)
         _warn_data(train, val)
+        if eval_prompts is not None:
+            held = _load_prompts(eval_prompts, 0, cfg.seed)[:64]
+        else:
+            held = list(dict.fromkeys(e.prompt for e in (val or train)))[:64]
+            if not val:
+                console.print("[yellow]note:[/yellow] the checkpoint evaluation samples the first 64 training prompts "
+                              "(no held-out split; give --eval-prompts for held-out ones)")
         pol, tok = load_policy(policy)
         ref, _ = load_policy(policy)
+        heldout = [dialogue_prompt(q, cfg.prompt_format, tok) for q in held]
+        query_of = dict(zip(heldout, held, strict=True))
+        eval_hook = sample_eval_hook(tok, heldout, max_new_tokens=eval_max_new_tokens, ref=ref,
+                                     reward_fn=reward_fn_from(reward, to_query=query_of.__getitem__) if reward else None)
         res = train_dpo(cfg, policy=pol, ref=ref, tokenizer=tok, train=train, val=val, run_dir=out, resume=resume,
-                        inputs={"policy": _abs(policy)})
+                        inputs={"policy": _abs(policy)}, eval_hook=eval_hook)
         _record_lineage(db, project, out, trained_on_judgements=True, round_kinds=_rounds(rounds),
                         parent=_abs(policy), steps=res.steps,
                         policy_dir=_abs(res.policy_dir))

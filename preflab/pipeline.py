@@ -181,6 +181,50 @@ def reward_fn_from(rm_dir: str | Path, *, batch_size: int = 64, max_length: int 
     return reward_fn
 
 
+def sample_eval_hook(tokenizer, prompts: Sequence[str], *, max_new_tokens: int, ref=None,  # noqa: ANN001
+                     reward_fn: Callable | None = None, seed: int = 0) -> Callable[[int, Any], dict[str, float]]:
+    """An ``eval_hook(step, policy) -> dict`` for ``train_ppo`` / ``train_dpo`` (the CLI's, where no
+    factual suite is given): one sample per prompt (temperature 1, the same seed at every step) and
+
+    - ``eval/reward``: the reward model's mean score of the samples (with ``reward_fn``);
+    - ``eval/kl``: mean over samples of sum_t KL(pi(.|y_<t) || ref(.|y_<t)), the exact per-state KL
+      over the vocabulary summed along each sampled response: an unbiased, never negative estimate
+      of KL(pi || ref) per response in nats, steadier than the log-ratio of the sampled tokens (with
+      ``ref``; the drift a DPO run has no other gauge of);
+    - ``eval/<detector>``: the text detectors' rates (formality, hedging, confidence, repetition,
+      length in words; ``evaluate.detectors.text_rates``).
+    """
+    import torch
+
+    from preflab.evaluate.detectors import text_rates
+    from preflab.losses.kl import kl_full
+    from preflab.models.sampling import sample, sequence_log_softmax
+
+    prompts = list(prompts)
+
+    def hook(step: int, policy) -> dict[str, float]:  # noqa: ANN001
+        s = sample(policy, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                   generator=torch.Generator().manual_seed(seed))
+        out: dict[str, float] = {}
+        if reward_fn is not None:
+            out["eval/reward"] = float(reward_fn(prompts, s.texts).mean())
+        if ref is not None:
+            kls, was_training = [], policy.training
+            policy.eval()  # no dropout in the measurement (sample() restores the mode it found, as here)
+            with torch.no_grad():
+                for i in range(0, len(prompts), 8):  # 8 rows at a time: B x R x vocab floats per model
+                    rows = slice(i, i + 8)
+                    ids, mask = s.input_ids[rows], s.attention_mask[rows]
+                    per_state = kl_full(sequence_log_softmax(policy, ids, mask, s.prompt_len),
+                                        sequence_log_softmax(ref, ids, mask, s.prompt_len))
+                    kls.append((per_state * s.response_mask[rows].float()).sum(-1))
+            policy.train(was_training)
+            out["eval/kl"] = float(torch.cat(kls).mean())
+        return {**out, **{f"eval/{k}": v for k, v in text_rates(s.texts).items()}}
+
+    return hook
+
+
 # ---- lineage ----------------------------------------------------------------------------------
 
 

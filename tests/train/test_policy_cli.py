@@ -82,9 +82,14 @@ def test_dpo_cli_from_a_jsonl_file(dirs, tmp_path):
                             for e in sandbox_pairs(40, seed=4)))
     out = tmp_path / "run"
     r = runner.invoke(app, ["dpo", "--policy", str(dirs / "policy"), "--data", str(data), "--out", str(out),
-                            "--batch-size", "8", "--lr", "1e-3", "--loss", "ipo", "--val-fraction", "0.2"])
+                            "--batch-size", "8", "--lr", "1e-3", "--loss", "ipo", "--val-fraction", "0.2",
+                            "--reward", str(dirs / "rm"), "--eval-max-new-tokens", "8"])
     assert r.exit_code == 0, r.output
     assert "dpo:" in r.output and "held out" in r.output
+    evals = sorted((out / "eval").glob("step_*.json"))  # each checkpoint evaluated, as PPO's are
+    last = json.loads(evals[-1].read_text())
+    assert {"eval/kl", "eval/reward", "eval/formality", "eval/length"} <= set(last), last
+    assert last["eval/kl"] > 0.0  # 5 steps at lr 1e-3 moved the policy away from its reference
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["loss"], cfg["batch_size"], cfg["lr"]) == ("ipo", 8, 1e-3)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -108,6 +113,24 @@ def test_dpo_cli_from_a_jsonl_file(dirs, tmp_path):
     r = runner.invoke(app, ["dpo", "--policy", str(dirs / "policy"), "--out", str(tmp_path / "bad")])
     assert r.exit_code == 2 and "either --db" in r.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_sample_eval_hook_measures_kl_reward_and_text(dirs):
+    from preflab.models.hf import load_policy
+    from preflab.pipeline import sample_eval_hook
+
+    pol, tok = load_policy(dirs / "policy")
+    prompts = ["User: How much is Team?\nAssistant:", "User: Can I get a refund?\nAssistant:"]
+    hook = sample_eval_hook(tok, prompts, max_new_tokens=6, ref=pol, reward_fn=lambda p, t: torch.ones(len(t)))
+    out = hook(0, pol)
+    assert out["eval/kl"] == pytest.approx(0.0, abs=1e-5)  # the policy against itself
+    assert out["eval/reward"] == 1.0 and 0.0 <= out["eval/formality"] <= 1.0
+    assert hook(0, pol) == out  # the same samples at every checkpoint (fixed seed)
+    other, _ = load_policy(dirs / "policy")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    assert sample_eval_hook(tok, prompts, max_new_tokens=6, ref=pol)(0, other)["eval/kl"] > 0.0
 
 
 def test_ppo_prompts_file_takes_trl_and_store_formats(tmp_path):
