@@ -1089,9 +1089,10 @@ def quality_report(
     out: str = typer.Option(..., "--out", help="Directory for workshop_report.{json,md} and style_guide.md."),
     db: str = _DB_OPT,
     project: str = typer.Option("default", help="Project."),
-    before: int = typer.Option(None, help="Round id before the workshop (default: first calibration round)."),
-    after: int = typer.Option(None, help="Round id after (default: last calibration round)."),
-    n_boot: int = typer.Option(1000, min=1, help="Bootstrap replicates for the CIs."),
+    before: str = typer.Option(None, help="The round before the workshop, name or id (default: the first "
+                                          "calibration round)."),
+    after: str = typer.Option(None, help="The round after, name or id (default: the last calibration round)."),
+    n_boot: int = typer.Option(1000, min=10, help="Bootstrap replicates for the CIs."),
     seed: int = typer.Option(0, min=0, help="Bootstrap seed."),
     embed: str = typer.Option("tfidf", help="Rationale embedding for the style guide: auto, minilm or tfidf."),
 ) -> None:
@@ -1105,9 +1106,15 @@ def quality_report(
         engine = store_db.make_engine(db, create=False)
         with store_db.session_scope(engine) as s:
             pid = ops.require_project(s, name=project)
-            rep, paths = write_workshop_report(s, project_id=pid, out_dir=out, before_round_id=before,
-                                               after_round_id=after, cfg=WorkshopConfig(n_boot=n_boot, seed=seed),
-                                               embed=embedder)
+            ids = {}
+            for flag, ref in (("--before", before), ("--after", after)):
+                try:
+                    ids[flag] = None if ref is None else _round_ref(s, project, ref).id
+                except ValueError as e:
+                    raise ValueError(str(e).replace("ROUND:", f"{flag}:", 1)) from None
+            rep, paths = write_workshop_report(s, project_id=pid, out_dir=out, before_round_id=ids["--before"],
+                                               after_round_id=ids["--after"],
+                                               cfg=WorkshopConfig(n_boot=n_boot, seed=seed), embed=embedder)
         engine.dispose()
     except (ValueError, OSError) as e:
         _fail(e)
@@ -1181,7 +1188,7 @@ def quality_agreement(
     round_ref: str = typer.Argument(..., metavar="ROUND", help="A round with overlap >= 2 (any kind): name or id."),
     db: str = _DB_OPT,
     project: str = typer.Option("default", help="Project."),
-    n_boot: int = typer.Option(1000, min=50, help="Bootstrap resamples of items for the CIs."),
+    n_boot: int = typer.Option(1000, min=10, help="Bootstrap resamples of items for the CIs."),
     seed: int = typer.Option(0, help="Bootstrap seed."),
     out: str = typer.Option(None, "--out", help="Also write the figures as JSON here."),
 ) -> None:
@@ -1221,6 +1228,7 @@ def quality_agreement(
         agree, k = x["agreement_with_majority"], x["mean_kappa_with_others"]
         r.add_row(name, "-" if agree is None else f"{agree:.0%}", str(x["n_compared"]), "-" if k is None else f"{k:.2f}")
     console.print(r)
+    _few_items(a, rnd.name)
     if out:
         console.print(f"wrote {out}")
 
@@ -1237,6 +1245,17 @@ def _print_workshop(rep: dict) -> None:
                   f"{a['value']:.2f} [{a['low']:.2f}, {a['high']:.2f}]",
                   f"{c['value']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]")
     console.print(t)
+    _few_items(rep["before"], rep["rounds"]["before"]["name"])
+    _few_items(rep["after"], rep["rounds"]["after"]["name"])
+
+
+def _few_items(stats: dict, round_name: str) -> None:
+    from rich.markup import escape
+
+    from preflab.quality.calibration import few_items_note
+
+    if note := few_items_note(stats, round_name):
+        console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)
 
 
 @quality_app.command("status")
@@ -1244,13 +1263,16 @@ def quality_status(
     db: str = _DB_OPT,
     project: str = typer.Option("default", help="Project."),
     check_drift: bool = typer.Option(False, "--check-drift", help="Run the drift check now and store alerts."),
-    baseline: int = typer.Option(200, min=10, help="Judgements after calibration that form each rater's baseline."),
+    baseline: int = typer.Option(200, min=10, help="Judgements after calibration that form each rater's baseline "
+                                                   "(a rater is checked once they have this many and 50 more)."),
     embed: str = typer.Option("tfidf", help="Rationale embedding for the drift check: auto, minilm or tfidf."),
 ) -> None:
     """Per-rater self-consistency (duplicates), agreement with the others, and open alerts."""
+    from rich.markup import escape
     from rich.table import Table
 
     from preflab.collect.workshop import monitor_drift, rater_status
+    from preflab.quality.drift import DriftConfig
     from preflab.store import db as store_db
     from preflab.store import ops
 
@@ -1259,8 +1281,10 @@ def quality_status(
         engine = store_db.make_engine(db, create=False)
         with store_db.session_scope(engine) as s:
             pid = ops.require_project(s, name=project)
-            if check_drift:
-                monitor_drift(s, project_id=pid, baseline_n=baseline, embed=embedder)
+            checks = []
+            if check_drift:  # the baseline the user chose is enough baseline to check against
+                checks = monitor_drift(s, project_id=pid, baseline_n=baseline, embed=embedder,
+                                       cfg=DriftConfig(baseline_min=min(baseline, DriftConfig().baseline_min)))
             status = rater_status(s, project_id=pid)
             alerts = ops.list_alerts(s, project_id=pid, resolved=False)
         engine.dispose()
@@ -1272,16 +1296,29 @@ def quality_status(
         t.add_column(col)
     for r in status:
         c = r["consistency"]
-        t.add_row(r["rater"], str(r["judgements"]),
+        t.add_row(escape(r["rater"]), str(r["judgements"]),
                   f"{c['consistency']:.2f} [{c['low']:.2f}, {c['high']:.2f}] (n={c['n']})" if c else "no duplicates",
                   f"{c['flip_rate']:.3f}" if c else "-", f"{c['ceiling']:.2f}" if c else "-",
                   f"{r['agreement_with_majority']:.2f} (n={r['agreement_n']})"
                   if r["agreement_with_majority"] is not None else "-", str(r["open_alerts"]))
     console.print(t)
+    if check_drift:
+        d = Table(title=f"drift check: each rater's last {DriftConfig().window} judgements against their first {baseline}")
+        for col in ("rater", "baseline", "recent", "rationale shift p", "agreement (baseline -> recent)",
+                    "agreement drop p", "result"):
+            d.add_column(col)
+        for c in checks:
+            agr = ("-" if c.agreement_baseline is None or c.agreement_recent is None
+                   else f"{c.agreement_baseline:.2f} -> {c.agreement_recent:.2f}")
+            ran = not c.reason.startswith("not enough")
+            d.add_row(escape(c.rater), str(c.n_baseline), str(c.n_recent), f"{c.p_rationale:.4f}" if ran else "-",
+                      agr, f"{c.p_agreement:.4f}" if ran else "-",
+                      f"[red]flagged[/red]: {escape(c.reason)}" if c.flagged else escape(c.reason))
+        console.print(d)
     for a in alerts:
-        console.print(f"[yellow]alert {a.id} ({a.kind}):[/yellow] {a.message}")
+        console.print(f"[yellow]alert {a.id} ({a.kind}):[/yellow] {escape(a.message)}")
         for ex in (a.payload or {}).get("examples", []):
-            console.print(f"    e.g. \"{ex}\"")
+            console.print(f"    e.g. \"{ex}\"", markup=False)
 
 
 @quality_app.command("workshop")
@@ -1291,7 +1328,7 @@ def quality_workshop(
     project: str = typer.Option("sandbox", help="Project (created if missing)."),
     n_pairs: int = typer.Option(50, min=2, help="Pairs per calibration round."),
     seed: int = typer.Option(0, min=0, help="Seed of the simulated raters, pairs and bootstrap."),
-    n_boot: int = typer.Option(1000, min=1, help="Bootstrap replicates for the CIs."),
+    n_boot: int = typer.Option(1000, min=10, help="Bootstrap replicates for the CIs."),
     rubric: str = typer.Option("v1", help="Rubric the simulated raters judge by: v1 or v2."),
 ) -> None:
     """Sandbox: run the calibration workshop with the five simulated senior agents through the store."""

@@ -88,21 +88,30 @@ def round_labels(s: Session, *, round_id: int) -> dict[str, dict[str, str]]:
     return out
 
 
-def round_agreement(s: Session, *, round_id: int, n_boot: int = 500, seed: int = 0) -> dict:
-    """Agreement between a round's raters (any kind of round with overlap >= 2): mean pairwise
-    Cohen's kappa, Fleiss' kappa, Krippendorff's alpha and raw agreement with bootstrap CIs over
-    items, and per rater agreement with the others' majority (``quality.calibration.round_stats``).
-    Planted duplicates are left out; items judged once carry no agreement and are not counted."""
+def _agreement_round(s: Session, round_id: int, *, project_id: int | None = None):  # noqa: ANN202
+    """The round and its items judged by two raters or more; refused (naming the round) when it is
+    another project's, has overlap 1 or has no such item yet."""
     rnd = ops.get_round(s, round_id=round_id)
-    labels = round_labels(s, round_id=round_id)
-    shared = {pid: lab for pid, lab in labels.items() if len(lab) >= 2}
+    if project_id is not None and rnd.project_id != project_id:
+        raise ops.StoreError(f"round {round_id}: belongs to another project", code="not_found")
     if rnd.overlap < 2:
         raise ops.StoreError(f"round {rnd.name!r}: overlap 1, each item goes to one rater, so there is no agreement "
                              "to measure (raters' consistency comes from planted duplicates: preflab quality status)",
                              code="conflict")
+    labels = round_labels(s, round_id=round_id)
+    shared = {pid: lab for pid, lab in labels.items() if len(lab) >= 2}
     if not shared:
         raise ops.StoreError(f"round {rnd.name!r}: no item has two raters' judgements yet (overlap {rnd.overlap})",
                              code="conflict")
+    return rnd, labels, shared
+
+
+def round_agreement(s: Session, *, round_id: int, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Agreement between a round's raters (any kind of round with overlap >= 2): mean pairwise
+    Cohen's kappa, Fleiss' kappa, Krippendorff's alpha and raw agreement with bootstrap CIs over
+    items, and per rater agreement with the others' majority (``quality.calibration.round_stats``).
+    Planted duplicates are left out; items judged once carry no agreement and are not counted."""
+    rnd, labels, shared = _agreement_round(s, round_id)
     stats = round_stats(shared, n_boot=n_boot, seed=seed)
     return {"round": {"id": rnd.id, "name": rnd.name, "kind": rnd.kind, "overlap": rnd.overlap,
                       "guideline": rnd.guideline_label},
@@ -174,15 +183,16 @@ def _calibration_rounds(s: Session, project_id: int) -> list[ops.RoundInfo]:
 
 
 def workshop_report(s: Session, *, before_round_id: int, after_round_id: int,
-                    cfg: WorkshopConfig | None = None) -> dict:
-    """:func:`preflab.quality.calibration.before_after` on two rounds, with their names."""
+                    cfg: WorkshopConfig | None = None, project_id: int | None = None) -> dict:
+    """:func:`preflab.quality.calibration.before_after` on two rounds, with their names. With
+    ``project_id`` both rounds must be that project's."""
     cfg = cfg or WorkshopConfig()
-    before, after = round_labels(s, round_id=before_round_id), round_labels(s, round_id=after_round_id)
-    for rid, lab in ((before_round_id, before), (after_round_id, after)):
-        if not lab:
-            raise ops.StoreError(f"round {rid}: has no judgements yet", code="conflict")
+    if before_round_id == after_round_id:
+        raise ops.StoreError(f"quality report: before and after are the same round ({before_round_id}); the workshop "
+                             "compares the round before the discussion with the round after it", code="invalid")
+    rb, before, _ = _agreement_round(s, before_round_id, project_id=project_id)
+    ra, after, _ = _agreement_round(s, after_round_id, project_id=project_id)
     rep = before_after(before, after, n_boot=cfg.n_boot, seed=cfg.seed)
-    rb, ra = ops.get_round(s, round_id=before_round_id), ops.get_round(s, round_id=after_round_id)
     rep["rounds"] = {"before": {"id": rb.id, "name": rb.name, "guideline": rb.guideline_label},
                      "after": {"id": ra.id, "name": ra.name, "guideline": ra.guideline_label}}
     return rep
@@ -223,7 +233,8 @@ def write_workshop_report(s: Session, *, project_id: int, out_dir: str | Path, b
                                  code="not_found")
         before_round_id = cal[0].id if before_round_id is None else before_round_id
         after_round_id = cal[-1].id if after_round_id is None else after_round_id
-    rep = workshop_report(s, before_round_id=before_round_id, after_round_id=after_round_id, cfg=cfg)
+    rep = workshop_report(s, before_round_id=before_round_id, after_round_id=after_round_id, cfg=cfg,
+                          project_id=project_id)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "workshop_report.json", "markdown": out / "workshop_report.md",
@@ -270,18 +281,31 @@ def monitor_drift(s: Session, *, project_id: int, cfg: DriftConfig | None = None
     rows = [j for j in ops.project_judgements(s, project_id=project_id, round_kinds=list(round_kinds))
             if not j.is_duplicate]
     rows.sort(key=lambda j: j.judgement_id)
-    hits = hits_vs_others([((j.round_id, j.pair_id), j.rater_name, j.choice) for j in rows])
+    labels = [((j.round_id, j.pair_id), j.rater_name, j.choice) for j in rows]
     standard = agreed_rationales(s, round_ids=[r.id for r in _calibration_rounds(s, project_id)])
     open_for = {a.rater_id for a in ops.list_alerts(s, project_id=project_id, resolved=False, kind="reconvene")}
-    checks = []
-    for r in _raters(s, project_id):
-        mine = [j.rationale for j in rows if j.rater_name == r.name]
-        h = hits.get(r.name, [])
+    raters = _raters(s, project_id)
+
+    def check(name: str, hits: dict) -> DriftCheck:
+        mine = [j.rationale for j in rows if j.rater_name == name]
+        h = hits.get(name, [])
         recent_from = max(baseline_n, len(mine) - cfg.window)
-        c = check_drift(r.name, mine[:baseline_n], mine[recent_from:],
-                        baseline_hits=[x for x in h[:baseline_n] if x is not None],
-                        recent_hits=[x for x in h[recent_from:] if x is not None],
-                        standard_rationales=standard, cfg=cfg, embed=embed)
+        return check_drift(name, mine[:baseline_n], mine[recent_from:],
+                           baseline_hits=[x for x in h[:baseline_n] if x is not None],
+                           recent_hits=[x for x in h[recent_from:] if x is not None],
+                           standard_rationales=standard, cfg=cfg, embed=embed)
+
+    first = {r.name: check(r.name, hits_vs_others(labels)) for r in raters}
+    flagged = {n for n, c in first.items() if c.flagged}
+    if len(flagged) > 1:  # each flagged rater again, against the raters not flagged themselves
+        honest = hits_vs_others(labels, exclude=flagged)
+        for n in flagged:
+            again = check(n, honest)
+            if again.n_recent and again.agreement_recent is not None:  # still someone to compare with
+                first[n] = again
+    checks = []
+    for r in raters:
+        c = first[r.name]
         checks.append(c)
         if c.flagged and store_alerts and r.id not in open_for:
             ops.add_alert(s, project_id=project_id, kind="reconvene", rater_id=r.id,

@@ -111,13 +111,22 @@ class PairwiseKappa:
 
     @property
     def mean(self) -> float:
-        """Unweighted mean over rater pairs that share at least one item."""
+        """Mean over rater pairs that share at least one item, each weighted by the items it shares:
+        sum n_ij kappa_ij / sum n_ij. A pair that shares one item (whose kappa is 1.0 or a chance
+        accident) weighs a fifteenth of a pair that shares fifteen; in a complete design (every rater
+        on every item) all weights are equal and this is the plain mean."""
         iu = np.triu_indices(len(self.raters), 1)
-        vals = self.matrix[iu]
-        vals = vals[~np.isnan(vals)]
-        if vals.size == 0:
+        vals, n = self.matrix[iu], self.n_shared[iu].astype(float)
+        keep = ~np.isnan(vals) & (n > 0)
+        if not keep.any():
             raise ValueError("mean pairwise kappa: no two raters share an item")
-        return float(vals.mean())
+        return float(np.average(vals[keep], weights=n[keep]))
+
+    def rater_mean(self, i: int) -> float | None:
+        """Rater ``i``'s kappa with each other rater, weighted by the items they share (None: shares none)."""
+        vals, n = np.delete(self.matrix[i], i), np.delete(self.n_shared[i], i).astype(float)
+        keep = ~np.isnan(vals) & (n > 0)
+        return float(np.average(vals[keep], weights=n[keep])) if keep.any() else None
 
 
 def pairwise_kappa(labels: LabelTable | LabelMatrix) -> PairwiseKappa:
@@ -136,7 +145,8 @@ def pairwise_kappa(labels: LabelTable | LabelMatrix) -> PairwiseKappa:
 
 
 def mean_pairwise_kappa(labels: LabelTable | LabelMatrix) -> float:
-    """Mean of Cohen's kappa over all rater pairs that share an item (docs/quality.md)."""
+    """Mean of Cohen's kappa over the rater pairs that share an item, weighted by the items each pair
+    shares (``PairwiseKappa.mean``; docs/quality.md)."""
     return pairwise_kappa(labels).mean
 
 

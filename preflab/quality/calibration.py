@@ -39,12 +39,7 @@ STATISTICS: dict[str, Callable[[LabelMatrix], float]] = {
 
 def _rater_mean_kappa(m: LabelMatrix) -> dict:
     pk = pairwise_kappa(m)
-    out = {}
-    for i, r in enumerate(pk.raters):
-        row = np.delete(pk.matrix[i], i)
-        row = row[~np.isnan(row)]
-        out[r] = float(row.mean()) if row.size else None
-    return out
+    return {r: pk.rater_mean(i) for i, r in enumerate(pk.raters)}
 
 
 def round_stats(labels: LabelTable | LabelMatrix, *, n_boot: int = 1000, seed: int = 0) -> dict:
@@ -96,6 +91,25 @@ def before_after(before: LabelTable | LabelMatrix, after: LabelTable | LabelMatr
     return {"before": rb, "after": ra, "change": changes, "movers": movers}
 
 
+FEW_ITEMS = 5
+
+
+def few_items(stats: Mapping, min_items: int = FEW_ITEMS) -> dict[str, int]:
+    """Raters of a :func:`round_stats` result compared with the others on fewer than ``min_items``
+    items: their own figures rest on too little to read (the round's mean kappa weighs each pair of
+    raters by the items it shares, so they move it little)."""
+    return {r: x["n_compared"] for r, x in stats["raters"].items() if x["n_compared"] < min_items}
+
+
+def few_items_note(stats: Mapping, round_name: str) -> str | None:
+    few = few_items(stats)
+    if not few:
+        return None
+    names = ", ".join(f"{r} ({n})" for r, n in sorted(few.items(), key=lambda kv: kv[1]))
+    return (f"{round_name}: {names} shared fewer than {FEW_ITEMS} items with the others; their own figures rest on "
+            "too little to read")
+
+
 def _f(x: float | None, nd: int = 2) -> str:
     return "n/a" if x is None else f"{x:.{nd}f}"
 
@@ -118,8 +132,10 @@ def report_markdown(report: Mapping, *, title: str = "Calibration workshop: befo
     for m in report["movers"]:
         lines.append(f"| {m['rater']} | {_f(m['kappa_before'])} -> {_f(m['kappa_after'])} | "
                      f"{_f(m['majority_before'])} -> {_f(m['majority_after'])} |")
+    notes = [n for n in (few_items_note(b, "Before"), few_items_note(a, "After")) if n]
     lines += ["", "Kappa near 0.4-0.6 is moderate agreement, above ~0.7 a usable shared standard; "
-              "a change whose interval includes 0 is not yet evidence the workshop helped.", ""]
+              "a change whose interval includes 0 is not yet evidence the workshop helped. The mean pairwise "
+              "kappa weighs each pair of raters by the items they share.", *(f"\nNote: {n}." for n in notes), ""]
     return "\n".join(lines)
 
 

@@ -17,6 +17,9 @@ so about 0.004 per check; over the 6 checks of a 150-judgement horizon that keep
 non-drifting rater's false-alarm rate near 2%, measured in ``bench/drift_detection.py``).
 The distance of each window to the agreed standard (e.g. the workshop's rationales) is
 reported beside it, so the alert says whether the rater moved *away from* the standard.
+A rater flagged on agreement is checked again against the raters who are not flagged
+themselves (``collect.workshop.monitor_drift``): one drifting rater lowers every peer's
+agreement with "the others", and should not get an honest peer flagged with them.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -237,7 +240,7 @@ def check_drift(
         reasons.append(f"rationales moved (p={p_rat:.4f})")
     if p_agr <= cfg.alpha:
         reasons.append(f"agreement with the others fell {_mean(baseline_hits):.2f} -> "
-                       f"{_mean(recent_hits):.2f} (p={p_agr:.4f})")
+                       f"{_mean(recent_hits):.2f} on {len(recent_hits)} recent items (p={p_agr:.4f})")
     examples: list[str] = []
     if reasons and cfg.n_examples:
         far = np.argsort(-((xr - xb.mean(0)) ** 2).sum(1))
@@ -253,9 +256,11 @@ def check_drift(
 # ---- monitoring a stream ------------------------------------------------------------------------
 
 
-def hits_vs_others(judgements: Sequence[tuple]) -> dict:
+def hits_vs_others(judgements: Sequence[tuple], *, exclude: Collection[str] = ()) -> dict:
     """Per rater, in time order: whether each label equals the strict majority of the *other*
-    raters on that item (None when no other rater judged it or they split evenly).
+    raters on that item (None when no other rater judged it or they split evenly). Raters in
+    ``exclude`` do not count among the others (a drifting rater would drag an honest peer's
+    agreement down with their own).
 
     ``judgements``: ``(item, rater, label)`` in time order; labels canonical (never screen sides).
     """
@@ -264,7 +269,7 @@ def hits_vs_others(judgements: Sequence[tuple]) -> dict:
         by_item.setdefault(item, []).append((rater, label))
     out: dict = {}
     for item, rater, label in judgements:
-        others = Counter(lab for r, lab in by_item[item] if r != rater)
+        others = Counter(lab for r, lab in by_item[item] if r != rater and r not in exclude)
         hit = None
         if others:
             (top, n_top), *rest = others.most_common()

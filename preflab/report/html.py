@@ -133,11 +133,15 @@ def norm_workshop(w: dict) -> dict:
     """quality.calibration.before_after() output -> the documented workshop shape."""
     if "statistics" not in (w.get("before") or {}):
         return w
-    names = {"mean_pairwise_kappa": "mean_kappa", "fleiss_kappa": "fleiss", "krippendorff_alpha": "alpha"}
+    names = {"mean_pairwise_kappa": "mean_kappa", "fleiss_kappa": "fleiss", "krippendorff_alpha": "alpha",
+             "percent_agreement": "agreement"}
 
     def phase(r: dict) -> dict:
         return {short: {"value": r["statistics"][long]["value"], "ci": ci_of(r["statistics"][long])}
                 for long, short in names.items() if long in r["statistics"]}
+
+    change = {short: {"value": c["value"], "ci": [c.get("low"), c.get("high")]}
+              for long, short in names.items() if isinstance(c := (w.get("change") or {}).get(long), dict)}
 
     b, a = w["before"], w["after"]
     raters = sorted(set(b.get("raters", {})) | set(a.get("raters", {})))
@@ -151,7 +155,7 @@ def norm_workshop(w: dict) -> dict:
     n = (b.get("n_items") if b.get("n_items") == a.get("n_items")
          else f"{b.get('n_items', '?')} before / {a.get('n_items', '?')} after")
     return {"n_pairs": w.get("n_pairs", n), "raters": w.get("raters", raters), "before": phase(b),
-            "after": phase(a), "per_rater": per, "moved": w.get("moved", moved)}
+            "after": phase(a), "change": change, "per_rater": per, "moved": w.get("moved", moved)}
 
 
 def norm_oracle(o: Any) -> list[dict]:
@@ -322,15 +326,28 @@ def section_workshop(run: Path) -> Section | None:
         return None
     w = norm_workshop(read_json(p))
     s = Section("workshop", "Calibration workshop")
-    rows = []
-    for key, label in plots.WORKSHOP_STATS:
+    rows, changes = [], w.get("change") or {}
+
+    def change(key: str, b: float, a: float) -> str:
+        c = changes.get(key)
+        if not isinstance(c, dict) or not c.get("ci") or c["ci"][0] is None:
+            return f"{a - b:+.2f}"
+        lo, hi = c["ci"]
+        return f"{c['value']:+.2f} [{lo:+.2f}, {hi:+.2f}]" + (" not a clear change" if lo <= 0 <= hi else "")
+
+    for key, label in (*plots.WORKSHOP_STATS, ("agreement", "raw agreement")):
         if key in w.get("before", {}):
             (b, bc), (a, ac) = stat(w["before"][key]), stat(w.get("after", {}).get(key))
-            rows.append((label.replace("\n", " "), num(b) + ci(bc), num(a) + ci(ac), f"{a - b:+.2f}"))
-    th, tm = table(["statistic", "before (95% CI)", "after (95% CI)", "change"], rows)
+            rows.append((label.replace("\n", " "), num(b) + ci(bc), num(a) + ci(ac), change(key, b, a)))
+    th, tm = table(["statistic", "before (95% CI)", "after (95% CI)", "change (95% CI)"], rows)
     mk = w.get("before", {}).get("mean_kappa")
     if mk is not None:
-        s.headline.append(f"mean pairwise kappa {num(stat(mk)[0])} -> {num(stat(w['after']['mean_kappa'])[0])}")
+        b, a = stat(mk)[0], stat(w["after"]["mean_kappa"])[0]
+        c = change("mean_kappa", b, a)
+        s.headline.append(f"mean pairwise kappa {num(b)} -> {num(a)}"
+                          + (f" (change {c.replace(' not a clear change', '')}"
+                             + ("; not a clear change)" if c.endswith("not a clear change") else ")")
+                             if "mean_kappa" in changes else ""))
     info = f"{w.get('n_pairs', '?')} pairs per round; raters: {', '.join(map(str, w.get('raters', [])))}"
     s.html = f"<p>{esc(info)}</p>" + th + img(plots.plot_workshop(w), "agreement before and after calibration")
     s.md = info + "\n\n" + tm

@@ -94,9 +94,25 @@ def test_cohen_matches_sklearn_with_missing(seed):
                 assert cohen_kappa(t, a, b) == pytest.approx(ref, abs=1e-9)
                 assert pk.matrix[i, j] == pytest.approx(ref, abs=1e-9)
             assert pk.n_shared[i, j] == len(shared)
-            vals.append(pk.matrix[i, j])
-    if vals:
-        assert mean_pairwise_kappa(t) == pytest.approx(float(np.mean(vals)), abs=1e-12)
+            vals.append((pk.matrix[i, j], len(shared)))
+    if vals:  # each pair weighted by the items it shares
+        k, n = np.array(vals).T
+        assert mean_pairwise_kappa(t) == pytest.approx(float((k * n).sum() / n.sum()), abs=1e-12)
+
+
+def test_a_rater_with_one_item_does_not_swing_the_mean():
+    # A and B share 10 items with kappa 0.6 (p_o 0.8, p_e 0.5); C judged one item, agreeing with both,
+    # so C's kappas are 1.0 on one item each. Unweighted: (0.6 + 1 + 1) / 3 = 0.867, as if the round
+    # agreed well; weighted by shared items: (10 * 0.6 + 1 + 1) / 12 = 0.667.
+    a = list("aaaaabbbbb")
+    b = list("aaaabbbbba")
+    t = {f"i{k}": {"A": a[k], "B": b[k]} for k in range(10)}
+    t["i0"]["C"] = "a"
+    pk = pairwise_kappa(t)
+    assert cohen_kappa(t, "A", "B") == pytest.approx(0.6)
+    assert mean_pairwise_kappa(t) == pytest.approx(8 / 12, abs=1e-12)
+    assert pk.rater_mean(list(pk.raters).index("C")) == pytest.approx(1.0)  # C's own figure: on 1 item each
+    assert pk.rater_mean(list(pk.raters).index("A")) == pytest.approx((10 * 0.6 + 1) / 11)
 
 
 @pytest.mark.parametrize("seed", range(12))

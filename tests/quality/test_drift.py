@@ -78,6 +78,9 @@ def test_hits_vs_others():
     assert h["a"] == [None, False, None]  # item 1: others split x/y; item 2: b alone says y; item 3: alone
     assert h["c"] == [False]  # others both said x
     assert h["b"] == [None, False]
+    h = hits_vs_others(stream, exclude={"c"})  # c's labels no longer count among a's and b's others
+    assert h["a"] == [True, False, None] and h["b"] == [True, False]
+    assert h["c"] == [False]  # c's own hits still compare c with a and b
 
 
 def test_config_validation_names_field():

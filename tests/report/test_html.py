@@ -159,7 +159,10 @@ def test_reads_the_native_outputs_of_the_evaluators(tmp_path):
     assert "sft 60.0% -> ppo_v2" not in md and "baseline 60.0% -> candidate 70.0%" in md
     assert "FAIL win_rate 0.450 vs 0.500" in md
     assert "- Decision: nothing promoted; blocked ppo_v1@500 on win_rate\n" in md.split("## Summary")[1]  # the first line
-    assert "mean pairwise kappa " in md and "| Fleiss' kappa |" in md
+    assert "mean pairwise kappa " in md and "| Fleiss' kappa |" in md and "| raw agreement |" in md
+    rep_w = json.loads((run / "workshop" / "report.json").read_text())["change"]["mean_pairwise_kappa"]
+    change = f"{rep_w['value']:+.2f} [{rep_w['low']:+.2f}, {rep_w['high']:+.2f}]"  # the change's own interval
+    assert f"(change {change}" in md and f"| {change}" in md
 
 
 def test_curve_headlines_say_climbing_flat_or_one_size(tmp_path):
