@@ -1108,10 +1108,7 @@ def quality_report(
             pid = ops.require_project(s, name=project)
             ids = {}
             for flag, ref in (("--before", before), ("--after", after)):
-                try:
-                    ids[flag] = None if ref is None else _round_ref(s, project, ref).id
-                except ValueError as e:
-                    raise ValueError(str(e).replace("ROUND:", f"{flag}:", 1)) from None
+                ids[flag] = None if ref is None else _round_ref(s, project, ref, flag=flag).id
             rep, paths = write_workshop_report(s, project_id=pid, out_dir=out, before_round_id=ids["--before"],
                                                after_round_id=ids["--after"],
                                                cfg=WorkshopConfig(n_boot=n_boot, seed=seed), embed=embedder)
@@ -1144,6 +1141,9 @@ def quality_review(
         engine = store_db.make_engine(db, create=False)
         with store_db.session_scope(engine, readonly=True) as s:
             rnd = _round_ref(s, project, round_ref)
+            if rnd.overlap < 2:
+                raise ValueError(f"ROUND: {rnd.name!r} has overlap 1: each item went to one rater, so no item "
+                                 "is split (raters' consistency comes from planted duplicates: preflab quality status)")
             items = disagreement_review(s, round_id=rnd.id)
         engine.dispose()
         if not items:
@@ -1165,8 +1165,9 @@ def quality_review(
         console.print(f"wrote {out} (each side's rationales, in the raters' words)")
 
 
-def _round_ref(s, project: str, ref: str):  # noqa: ANN001, ANN202
-    """The round of ``project`` named ``ref`` (or numbered, when no round has that name)."""
+def _round_ref(s, project: str, ref: str, *, flag: str = "ROUND"):  # noqa: ANN001, ANN202
+    """The round of ``project`` named ``ref`` (or numbered, when no round has that name); ``flag`` is
+    what an error names."""
     from preflab.store import ops
 
     pid = ops.require_project(s, name=project)
@@ -1179,7 +1180,7 @@ def _round_ref(s, project: str, ref: str):  # noqa: ANN001, ANN202
         if rnd is not None and rnd.project_id != pid:
             rnd = None
     if rnd is None:
-        raise ValueError(f"ROUND: no round named or numbered {ref!r} in project {project!r}")
+        raise ValueError(f"{flag}: no round named or numbered {ref!r} in project {project!r}")
     return rnd
 
 
@@ -1292,16 +1293,24 @@ def quality_status(
         _fail(e)
     t = Table(title=f"raters of {project}")
     for col in ("rater", "judgements", "self-consistency [95% CI]", "flip rate", "accuracy ceiling",
-                "agreement with majority", "open alerts"):
+                "agreement with majority", "picks left", "open alerts"):
         t.add_column(col)
+    sided = []
     for r in status:
-        c = r["consistency"]
+        c, side = r["consistency"], r["picks_left"]
+        if side["n"] and side["p_value"] < 0.001:
+            sided.append(f"{r['rater']} ({side['share']:.0%} of {side['n']}, p={side['p_value']:.2g})")
         t.add_row(escape(r["rater"]), str(r["judgements"]),
                   f"{c['consistency']:.2f} [{c['low']:.2f}, {c['high']:.2f}] (n={c['n']})" if c else "no duplicates",
                   f"{c['flip_rate']:.3f}" if c else "-", f"{c['ceiling']:.2f}" if c else "-",
                   f"{r['agreement_with_majority']:.2f} (n={r['agreement_n']})"
-                  if r["agreement_with_majority"] is not None else "-", str(r["open_alerts"]))
+                  if r["agreement_with_majority"] is not None else "-",
+                  f"{side['share']:.0%} (n={side['n']})" if side["n"] else "-", str(r["open_alerts"]))
     console.print(t)
+    if sided:
+        console.print(f"[yellow]position bias:[/yellow] {escape(', '.join(sided))} picked one screen side far more "
+                      "than half the time; sides are random, so this is a rater clicking a side, not judging "
+                      "(it also makes their duplicates disagree)")
     if check_drift:
         d = Table(title=f"drift check: each rater's last {DriftConfig().window} judgements against their first {baseline}")
         for col in ("rater", "baseline", "recent", "rationale shift p", "agreement (baseline -> recent)",
@@ -1418,6 +1427,14 @@ def store_import(
     console.print(f"imported {res.prompts} prompts, {res.responses} responses, {res.pairs} pairs into {project!r}")
 
 
+def _as_flag(e: Exception) -> ValueError:
+    """A round setting's error named as the user typed it: --duplicate-rate, not assign.duplicate_rate."""
+    import re
+
+    return ValueError(re.sub(r"^(?:assign|AssignConfig|round)\.(\w+)",
+                             lambda m: "NAME" if m.group(1) == "name" else "--" + m.group(1).replace("_", "-"), str(e)))
+
+
 @store_app.command("round")
 def store_round(
     name: str = typer.Argument(..., help="Round name (unique in the project)."),
@@ -1452,7 +1469,7 @@ def store_round(
                                        "lease_s": lease_s, "seed": seed})
         cfg.validate()
     except ValueError as e:
-        _fail(e)
+        _fail(_as_flag(e))
     engine = store_db.make_engine(db, create=False)
     try:
         with store_db.session_scope(engine) as s:
@@ -1470,7 +1487,7 @@ def store_round(
             rid = open_round(s, cfg, project_id=pid, name=name, kind=kind, pair_ids=pairs)
             gaps = round_routing_gaps(s, round_id=rid)
     except ops.StoreError as e:
-        _fail(e)
+        _fail(_as_flag(e))
     console.print(f"round {name!r} (id {rid}): {len(pairs)} pairs, overlap {overlap}")
     for g in gaps:
         console.print(f"[yellow]warning:[/yellow] {g}")
@@ -1583,7 +1600,7 @@ def store_sample(
 def store_export(
     what: str = typer.Argument(..., help="judgements | trl | hf | pairs."),
     out: str = typer.Argument(..., help="Output file (JSONL) or directory (hf: Dataset.save_to_disk)."),
-    round_name: str = typer.Option(None, "--round", help="Only this round (judgements)."),
+    round_name: str = typer.Option(None, "--round", help="Only this round (judgements): its name or id."),
     margin: str = typer.Option(None, help="Strength->margin map for trl/hf, e.g. '0,0.5,1,2' (strengths 0..3)."),
     db: str = _DB_OPT,
     project: str = _PROJECT_OPT,
@@ -1605,10 +1622,7 @@ def store_export(
             if what == "judgements":
                 rid = None
                 if round_name is not None:
-                    rnd = ops.round_by_name(s, project_id=pid, name=round_name)
-                    if rnd is None:
-                        raise ops.StoreError(f"--round: no round {round_name!r} in project {project!r}")
-                    rid = rnd.id
+                    rid = _round_ref(s, project, round_name, flag="--round").id
                 n = io.export_judgements_jsonl(s, project_id=pid, path=out, round_id=rid)
             elif what == "trl":
                 n = io.export_trl_jsonl(s, project_id=pid, path=out, margin=margins)
@@ -1627,7 +1641,7 @@ def store_export(
 
 @store_app.command("progress")
 def store_progress(
-    round_name: str = typer.Argument(..., help="Round name."),
+    round_name: str = typer.Argument(..., metavar="ROUND", help="The round: its name or id."),
     db: str = _DB_OPT,
     project: str = _PROJECT_OPT,
 ) -> None:
@@ -1635,13 +1649,13 @@ def store_progress(
     from preflab.store import db as store_db
     from preflab.store import ops
 
-    engine = store_db.make_engine(db, create=False)
-    with store_db.session_scope(engine, readonly=True) as s:
-        pid = ops.project_id(s, name=project)
-        rnd = ops.round_by_name(s, project_id=pid, name=round_name) if pid else None
-        if rnd is None:
-            _fail(ValueError(f"no round {round_name!r} in project {project!r}"))
-        p = ops.round_progress(s, round_id=rnd.id)
+    try:
+        engine = store_db.make_engine(db, create=False)
+        with store_db.session_scope(engine, readonly=True) as s:
+            rnd = _round_ref(s, project, round_name)
+            p = ops.round_progress(s, round_id=rnd.id)
+    except (ValueError, OSError) as e:
+        _fail(e)
     console.print(f"{rnd.name}: {p.items_complete}/{p.n_items} items complete, {p.n_judgements} judgements")
     for r in p.raters:
         console.print(f"  {r.rater_name}: {r.done} done ({r.duplicates_done} duplicates), {r.leased} leased, "

@@ -33,7 +33,7 @@ from preflab.quality.calibration import (
     style_guide_excerpts,
     style_guide_markdown,
 )
-from preflab.quality.consistency import self_consistency
+from preflab.quality.consistency import self_consistency, side_preference
 from preflab.quality.drift import DriftCheck, DriftConfig, check_drift, hits_vs_others, tfidf_embed
 from preflab.store import ops
 
@@ -157,7 +157,7 @@ def review_markdown(items: Sequence[ReviewItem], *, limit: int = 15) -> str:
     lines = ["# Disagreement review", "", "Most split items first. Each side's reasons, in the raters' words.", ""]
     for it in items[:limit]:
         camp = ", ".join(f"{k}: {v}" for k, v in sorted(it.counts.items()))
-        lines += [f"## {it.pair_id} ({camp})", "", f"**Customer:** {it.prompt_text}", "",
+        lines += [f"## {it.pair_id} ({camp})", "", f"**Prompt:** {it.prompt_text}", "",
                   f"**A:** {it.response_a_text}", "", f"**B:** {it.response_b_text}", ""]
         for choice, rs in sorted(it.rationales.items()):
             lines.append(f"- chose **{choice}**: " + " / ".join(f"{r}: \"{t}\"" for r, t in rs))
@@ -167,12 +167,10 @@ def review_markdown(items: Sequence[ReviewItem], *, limit: int = 15) -> str:
 
 def record_guideline_revision(s: Session, *, project_id: int, label: str, text: str, rubric: Sequence[str],
                               notes: str = "") -> int:
-    """Store the revised guideline agreed in the discussion, and an event recording it."""
-    prev = ops.latest_guideline(s, project_id=project_id)
-    gid = ops.create_guideline_version(s, project_id=project_id, label=label, text=text, rubric=list(rubric))
-    ops.record_event(s, kind="guideline_revision", subject=label, project_id=project_id,
-                     payload={"previous": prev.label if prev else None, "notes": notes, "guideline_id": gid})
-    return gid
+    """Store the revised guideline agreed in the discussion (``ops.create_guideline_version`` records
+    the ``guideline_revision`` event, with ``notes``)."""
+    return ops.create_guideline_version(s, project_id=project_id, label=label, text=text, rubric=list(rubric),
+                                        notes=notes)
 
 
 # ---- the report ----------------------------------------------------------------------------------
@@ -251,8 +249,14 @@ def write_workshop_report(s: Session, *, project_id: int, out_dir: str | Path, b
 
 def rater_status(s: Session, *, project_id: int) -> list[dict]:
     """Per rater: duplicate self-consistency (95% Wilson CI, implied flip rate and accuracy
-    ceiling), agreement with the others' majority over every overlapped item, open alerts."""
-    rows = [j for j in ops.project_judgements(s, project_id=project_id) if not j.is_duplicate]
+    ceiling), agreement with the others' majority over every overlapped item, the share of
+    non-tie judgements that picked the left answer (``side_preference``), open alerts."""
+    every = ops.project_judgements(s, project_id=project_id)
+    rows = [j for j in every if not j.is_duplicate]
+    sides: dict[str, list[bool]] = {}
+    for j in every:  # duplicates included: they show the sides swapped
+        if j.winner_id is not None:
+            sides.setdefault(j.rater_name, []).append(j.winner_id == j.left_id)
     table: dict = {}
     for j in rows:
         table.setdefault((j.round_id, j.pair_id), {})[j.rater_name] = j.choice
@@ -267,7 +271,9 @@ def rater_status(s: Session, *, project_id: int) -> list[dict]:
         a = agree.get(r.name)
         out.append({"rater": r.name, "judgements": sum(1 for j in rows if j.rater_name == r.name),
                     "consistency": c, "agreement_with_majority": a.agreement if a else None,
-                    "agreement_n": a.n if a else 0, "open_alerts": alerts.get(r.id, 0)})
+                    "agreement_n": a.n if a else 0,
+                    "picks_left": side_preference(sum(sides.get(r.name, [])), len(sides.get(r.name, []))).to_dict(),
+                    "open_alerts": alerts.get(r.id, 0)})
     return out
 
 

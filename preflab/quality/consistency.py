@@ -99,3 +99,34 @@ def consistency_by_rater(
 ) -> dict[Hashable, Consistency]:
     """:func:`self_consistency` for every rater with at least one duplicate pair."""
     return {r: self_consistency(pairs) for r, pairs in duplicates.items() if len(pairs) > 0}
+
+
+@dataclass(frozen=True)
+class SidePreference:
+    """How often a rater picked the answer shown on the left, of their non-tie judgements."""
+
+    left: int
+    n: int
+    share: float | None  # left / n (None when n = 0)
+    low: float  # Wilson 95%
+    high: float
+    p_value: float  # exact two-sided binomial test of share = 0.5
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def side_preference(left: int, n: int) -> SidePreference:
+    """Position bias: sides are randomised per showing, so a rater judging content picks left about
+    half the time whatever they prefer; a share far from 0.5 (small p) is a rater clicking a side.
+    Duplicates swap sides, so such a rater also looks inconsistent (an always-left rater's
+    duplicates all disagree, c = 0) — this column says why."""
+    if not 0 <= left <= n:
+        raise ValueError(f"left: must be in [0, n={n}], got {left}")
+    if n == 0:
+        return SidePreference(0, 0, None, 0.0, 1.0, 1.0)
+    from scipy.stats import binom
+
+    lo, hi = wilson_interval(left, n)
+    tail = float(binom.cdf(min(left, n - left), n, 0.5))  # exact two-sided test at 0.5: twice the smaller tail
+    return SidePreference(left, n, left / n, lo, hi, min(1.0, 2 * tail))

@@ -79,7 +79,9 @@ def jsonl_objects(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
             try:
                 obj = json.loads(line.rstrip("\r\n"))  # a truncated line fails at its end, not "line 2 column 1"
             except json.JSONDecodeError as e:
-                raise StoreError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+                hint = (" - expected JSON lines, one object per line (docs/store.md); a CSV or spreadsheet "
+                        "export must be converted first") if n == 1 and not line.lstrip().startswith(("{", "[")) else ""
+                raise StoreError(f"{where}: invalid JSON ({e.msg} at column {e.colno}){hint}") from None
             if not isinstance(obj, dict):
                 raise StoreError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             yield where, obj

@@ -73,6 +73,10 @@ def test_rerate_errors_change_nothing(seed):
                 rerate.add_rubric(s, project_id=st.project_id, label="v3", items=items)
         assert ops.latest_guideline(s, project_id=st.project_id).label == "v2"
         assert ops.list_rounds(s, project_id=st.project_id) == []
+        # the revision is on record, as the workshop's is: what changed from which version
+        (ev,) = ops.list_events(s, project_id=st.project_id, kind="guideline_revision")
+        assert ev.subject == "v2" and ev.payload["previous"] == "v1"
+        assert ev.payload["added"] == ["Verify every price."] and ev.payload["removed"] == []
 
 
 def test_lineage_records_in_order(seed):

@@ -97,6 +97,8 @@ def test_status_and_drift_alert_through_the_store(engine):
     assert status[pool[0].name]["open_alerts"] == 1
     assert status[pool[1].name]["consistency"]["n"] > 5
     assert 0 < status[pool[1].name]["agreement_with_majority"] <= 1
+    side = status[pool[1].name]["picks_left"]  # simulated raters judge content: about half on each side
+    assert side["n"] > 50 and 0.35 < side["share"] < 0.65 and side["p_value"] > 0.001
 
 
 def test_cli_workshop_report_and_status(tmp_path):
@@ -140,6 +142,8 @@ def test_cli_workshop_report_and_status(tmp_path):
                          (["--before", "single"], "round 'single': overlap 1")):
         res = runner.invoke(app, [*base, *flags], terminal_width=200)
         assert res.exit_code == 2 and words in res.output, (flags, res.output)
+    res = runner.invoke(app, ["quality", "review", "single", "--db", url, "--project", "demo"], terminal_width=200)
+    assert res.exit_code == 2 and "'single' has overlap 1" in res.output, res.output  # not every item at 100%
 
 
 def test_a_rater_who_flips_labels_does_not_get_an_honest_peer_flagged(engine):

@@ -15,6 +15,7 @@ from preflab.quality.consistency import (
     consistency_from_flip_rate,
     flip_rate_from_consistency,
     self_consistency,
+    side_preference,
     wilson_interval,
 )
 
@@ -115,3 +116,19 @@ def test_duplicate_estimate_recovers_simulated_flip_rate():
         est.append(self_consistency(pairs).flip_rate)
     assert sum(est) / len(est) == pytest.approx(e, abs=0.01)
     assert math.isfinite(max(est))
+
+
+@pytest.mark.parametrize(("left", "n"), [(10, 10), (5, 10), (3, 12), (40, 60), (2600, 5000), (0, 7)])
+def test_side_preference_is_the_exact_binomial_test(left, n):
+    from scipy.stats import binomtest
+
+    sp = side_preference(left, n)
+    assert sp.p_value == pytest.approx(binomtest(left, n, 0.5).pvalue, rel=1e-9)
+    assert sp.share == left / n and sp.low <= sp.share <= sp.high
+
+
+def test_side_preference_edges():
+    assert side_preference(0, 0).share is None and side_preference(0, 0).p_value == 1.0
+    assert side_preference(44, 44).p_value < 1e-12  # a rater who always clicks left
+    with pytest.raises(ValueError, match="left: must be in"):
+        side_preference(5, 4)

@@ -48,10 +48,19 @@ def test_store_commands_end_to_end(tmp_path):
     assert r.exit_code == 2 and "typo.jsonl:2: no pair 'p99' in the project" in r.text, r.text
     r = run(app, ["store", "round", "t", "--topic", "billing", "--db", db, "--project", "cli"])
     assert r.exit_code == 2 and "--topic: no pairs with topic 'billing' in project 'cli' (topics there: pricing)" in r.text
+    for flags, words in ((["--duplicate-rate", "1.5"], "--duplicate-rate: must be in [0, 1]"),
+                         (["--kind", "calib"], "--kind: must be one of"), ([], "NAME: 'first' already exists")):
+        r = run(app, ["store", "round", "first", *flags, "--db", db, "--project", "cli"])  # named as typed
+        assert r.exit_code == 2 and words in r.text, (flags, r.text)
     r = run(app, ["store", "progress", "typo", "--db", db, "--project", "cli"])
-    assert r.exit_code == 2 and "no round 'typo'" in r.text  # nothing was created
+    assert r.exit_code == 2 and "no round named or numbered 'typo'" in r.text  # nothing was created
     r = run(app, ["store", "progress", "first", "--db", db, "--project", "cli"])
     assert r.exit_code == 0 and "0/3 items complete" in r.text
+    r = run(app, ["store", "progress", "1", "--db", db, "--project", "cli"])  # or by id, as quality takes it
+    assert r.exit_code == 0 and "first: 0/3 items complete" in r.text
+    r = run(app, ["store", "export", "judgements", str(tmp_path / "j.jsonl"), "--round", "9", "--db", db,
+                  "--project", "cli"])
+    assert r.exit_code == 2 and "--round: no round named or numbered '9'" in r.text
     r = run(app, ["store", "export", "pairs", str(tmp_path / "out.jsonl"), "--db", db, "--project", "cli"])
     assert r.exit_code == 0 and len((tmp_path / "out.jsonl").read_text().splitlines()) == 4  # 3 + the new one
     r = run(app, ["store", "export", "trl", str(tmp_path / "trl.jsonl"), "--margin", "0,1", "--db", db,

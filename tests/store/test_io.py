@@ -52,6 +52,16 @@ def test_import_pairs_inline_and_by_id(engine, project, tmp_path):
     assert (p.prompt_text, p.response_a_text, p.response_b_source) == ("question 0", "A0", "dpo")
 
 
+def test_a_csv_is_named_as_not_json_lines(engine, project, tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text("id,prompt,response_a,response_b\np1,How much?,5,6\n")
+    with pytest.raises(ops.StoreError, match=r"pairs.csv:1: invalid JSON .* expected JSON lines, one object per "
+                                             r"line .* a CSV or spreadsheet export must be converted first"), \
+            db.session_scope(engine) as s:
+        io.import_pairs(s, project_id=project, path=path)
+    assert counts(engine) == (0, 0, 0)
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"id": "p9", "prompt_id": "q1", "response_a_id": "r1a", "response_b_id": "r_9"},
      "pairs.jsonl:3: unknown response id 'r_9'"),

@@ -211,10 +211,17 @@ def update_rater(
 
 
 def create_guideline_version(
-    session: Session, *, project_id: int, label: str, text: str = "", rubric: Sequence[str] = ()
+    session: Session, *, project_id: int, label: str, text: str = "", rubric: Sequence[str] = (), notes: str = ""
 ) -> int:
-    """Add guideline version ``label`` (e.g. "v2") with its rubric items; newest = latest created."""
+    """Add guideline version ``label`` (e.g. "v2") with its rubric items; newest = latest created. A
+    version after the first is a revision: a ``guideline_revision`` event records it (the previous
+    label, the rubric items added, ``notes``), whichever way it was written (workshop, add-rubric,
+    the admin page or the API)."""
+    from preflab.store.ops.events import record_event
+
     _project(session, project_id)
+    prev = session.scalar(select(GuidelineVersion).where(GuidelineVersion.project_id == project_id)
+                          .order_by(GuidelineVersion.id.desc()).limit(1))
     label = _text(label, "guideline.label", max_len=64)
     _text(text, "guideline.text", max_len=200_000, allow_empty=True)
     if isinstance(rubric, str) or not all(isinstance(x, str) for x in rubric):
@@ -225,6 +232,11 @@ def create_guideline_version(
     g = GuidelineVersion(project_id=project_id, label=label, text=text, rubric=list(rubric))
     session.add(g)
     session.flush()
+    if prev is not None:
+        record_event(session, kind="guideline_revision", subject=label, project_id=project_id,
+                     payload={"previous": prev.label, "guideline_id": g.id, "notes": notes,
+                              "added": [x for x in rubric if x not in (prev.rubric or [])],
+                              "removed": [x for x in (prev.rubric or []) if x not in rubric]})
     return g.id
 
 
