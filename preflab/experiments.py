@@ -344,7 +344,9 @@ class Lab:
         if (d / "result.json").is_file():
             self.console.print(f"  [dim]PPO {label}: cached ({d})[/dim]")
             return json.loads((d / "result.json").read_text())
-        self.console.print(f"  PPO {label}: {c.ppo_steps} steps x {c.ppo_prompts} prompts, {controller} beta {beta:g}")
+        again = " (resuming from its last checkpoint)" if (d / "ckpt").is_dir() else ""
+        self.console.print(f"  PPO {label}: {c.ppo_steps} steps x {c.ppo_prompts} prompts, {controller} beta {beta:g}"
+                           + again)
         from preflab.pipeline import reward_fn_from
 
         policy, tok = load_policy(self.base)
@@ -363,7 +365,12 @@ class Lab:
         t0 = time.perf_counter()
         res = train_ppo(pc, policy=policy, ref=ref, tokenizer=tok, reward_fn=reward_fn_from(rm_dir, max_length=self.max_length),
                         prompts=[format_prompt(q.text) for q in train_q], run_dir=d, eval_hook=eval_hook, resume=True)
-        points = [json.loads(f.read_text()) for f in sorted((d / "eval").glob("step_*.json"))]
+        expected = sorted({*range(pc.checkpoint_every, pc.steps + 1, pc.checkpoint_every), pc.steps})
+        missing = [n for n in expected if not (d / "eval" / f"step_{n:06d}.json").is_file()]
+        if missing:  # a run interrupted by an older preflab, between a checkpoint and its evaluation
+            raise ValueError(f"PPO {label}: no evaluation at step(s) {', '.join(map(str, missing))} in {d / 'eval'} "
+                             f"(an interrupted run); delete {d} and run the experiment again")
+        points = [json.loads((d / "eval" / f"step_{n:06d}.json").read_text()) for n in expected]
         last = res.metrics[-1] if res.metrics else {}
         out = {"label": label, "controller": controller, "beta_start": beta, "beta_final": last.get("objective/beta"),
                "train_kl_final": last.get("objective/kl"), "rm_score_final": last.get("objective/scores"),

@@ -307,15 +307,15 @@ def train_dpo(
             if save_now:
                 acc.wait_for_everyone()
                 if acc.is_main_process:
-                    last_ckpt = save_checkpoint(run_dir, step + 1, modules={"policy": acc.unwrap_model(scorer).model},
-                                                optimizers={"optimizer": optimizer},
-                                                schedulers={"scheduler": scheduler},
-                                                keep_last=cfg.keep_last or None)
-                    if eval_hook is not None:
+                    if eval_hook is not None:  # before the checkpoint, so a stop between them cannot lose it
                         model = acc.unwrap_model(scorer).model
                         was_training = model.training
                         write_step_eval(run_dir, step + 1, eval_hook(step + 1, model.eval()))
                         model.train(was_training)
+                    last_ckpt = save_checkpoint(run_dir, step + 1, modules={"policy": acc.unwrap_model(scorer).model},
+                                                optimizers={"optimizer": optimizer},
+                                                schedulers={"scheduler": scheduler},
+                                                keep_last=cfg.keep_last or None)
             progress.update(task, advance=1, description=f"dpo loss {row['dpo/loss']:.3f} acc {row['dpo/accuracy']:.2f}")
 
     policy_dir = None

@@ -550,14 +550,16 @@ def train_ppo(
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 acc.wait_for_everyone()
                 if acc.is_main_process:
+                    # the evaluation first: a run stopped between the two resumes from the previous
+                    # checkpoint and writes it again, where the other order would lose it for good
+                    if eval_hook is not None:
+                        write_step_eval(run_dir, step + 1, eval_hook(step + 1, acc.unwrap_model(ac).policy))
                     last_ckpt = save_checkpoint(
                         run_dir, step + 1, modules={"actor_critic": acc.unwrap_model(ac)},
                         optimizers={"optimizer": optimizer}, schedulers={"scheduler": scheduler},
                         generators={"sampler": sampler_gen, "shuffle": shuffle_gen},
                         state={"controller": controller.state_dict(), "reward_moments": moments.state_dict()},
                         keep_last=cfg.keep_last or None)
-                    if eval_hook is not None:
-                        write_step_eval(run_dir, step + 1, eval_hook(step + 1, acc.unwrap_model(ac).policy))
                 acc.wait_for_everyone()
 
     policy_dir = None

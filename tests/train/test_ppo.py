@@ -92,6 +92,35 @@ def test_resume_refuses_a_changed_config(tmp_path, random_policy):
     assert run(PPOConfig(**{**cfg.__dict__, "checkpoint_every": 5}), True).steps == 2
 
 
+def test_a_stop_during_a_checkpoint_evaluation_loses_no_evaluation(tmp_path, random_policy):
+    """The evaluation is written before its checkpoint: stopped in between, the run resumes from the
+    previous checkpoint and evaluates the step again (the other order left that step unevaluated)."""
+    from preflab.models.tiny import tiny_gpt2
+
+    tok, mcfg = random_policy
+    prompts = [format_prompt(q.text) for q in generate_queries(8, seed=0)]
+    cfg = PPOConfig(steps=3, prompts_per_step=4, max_new_tokens=6, minibatch_size=4, ppo_epochs=1,
+                    checkpoint_every=1, progress=False, cpu=True)
+
+    def run(hook, resume):
+        return train_ppo(cfg, policy=tiny_gpt2(mcfg, seed=0), ref=tiny_gpt2(mcfg, seed=0), tokenizer=tok,
+                         reward_fn=lambda ps, ts: torch.zeros(len(ts)), prompts=prompts, run_dir=tmp_path,
+                         resume=resume, eval_hook=hook)
+
+    def stop_at_2(step, model):
+        if step == 2:
+            raise KeyboardInterrupt
+        return {"eval/x": float(step)}
+
+    with pytest.raises(KeyboardInterrupt):
+        run(stop_at_2, False)
+    assert not (tmp_path / "ckpt" / "step_000002").exists()  # stopped before step 2's checkpoint
+    res = run(lambda step, model: {"eval/x": float(step)}, True)
+    assert res.resumed_from == 1
+    assert sorted(f.name for f in (tmp_path / "eval").glob("step_*.json")) == [
+        "step_000001.json", "step_000002.json", "step_000003.json"]
+
+
 def test_ppo_writes_metrics_checkpoints_and_eval(tmp_path, random_policy):
     from preflab.models.tiny import tiny_gpt2
 
