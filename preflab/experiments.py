@@ -120,6 +120,11 @@ def wilson(successes: int, n: int) -> list[float]:
     return list(wilson_interval(float(successes), n)) if n else [math.nan, math.nan]
 
 
+def _pts(p: dict) -> str:
+    """A paired difference of two shares in percentage points, with its interval: "+0.8 points [-3.5, +5.1]"."""
+    return f"{100 * p['diff']:+.1f} points [{100 * p['ci'][0]:+.1f}, {100 * p['ci'][1]:+.1f}]"
+
+
 def _verdict(p: dict) -> str:
     lo, hi = p["ci"]
     return "this scale cannot tell them apart" if lo <= 0 <= hi else "the difference is clear at this scale"
@@ -415,7 +420,7 @@ def consistency_vs_volume(lab: Lab) -> list[Path]:
                **acc, "rm_dir": str(rm)}
         if c.cv_ppo:
             r = lab.ppo(f"cv-{kind}", rm, controller="adaptive", beta=c.cv_beta)
-            row["ppo"] = {k: r["points"][-1][k] for k in ("gold", "gold_ci", "kl", "sqrt_kl", "correct_rate")}
+            row["ppo"] = {k: r["points"][-1][k] for k in ("gold", "gold_ci", "kl", "kl_ci", "sqrt_kl", "correct_rate")}
             row["ppo_base"] = {k: r["points"][0][k] for k in ("gold", "gold_ci")}
         rows.append(row)
         lab.console.print(f"  {label}: labels agree with gold {row['label_gold_agreement']:.3f}, RM gold accuracy "
@@ -427,30 +432,40 @@ def consistency_vs_volume(lab: Lab) -> list[Path]:
     notes = (f"Scale: {c.pairs:,} calibrated pairs vs {n_crowd:,} crowd pairs (the story: 6,000 vs 60,000; "
              f"ratio kept), one label per pair, rubric {c.rubric}, reward models {c.rm_epochs} epoch(s) from the "
              f"base model (so the crowd's RM also takes {c.volume_ratio}x the optimiser steps). Gold accuracy on {cal['n_gold']} held-out pairs: calibrated {cal['gold_accuracy']:.1%}, "
-             f"crowd {crowd['gold_accuracy']:.1%}; paired difference crowd - calibrated {pd['diff']:+.1%} "
-             f"[{pd['ci'][0]:+.1%}, {pd['ci'][1]:+.1%}]: {_verdict(pd)}. Labels agreeing "
+             f"crowd {crowd['gold_accuracy']:.1%}; paired difference crowd - calibrated {_pts(pd)}: "
+             f"{_verdict(pd)}. Labels agreeing "
              f"with gold: calibrated {cal['label_gold_agreement']:.1%}, crowd {crowd['label_gold_agreement']:.1%}.")
     bars = [_bar(f"RM gold acc\n{r['label']}", r["gold_accuracy"], r["gold_ci"], r["n_gold"]) for r in rows]
     bars += [_bar(f"labels = gold\n{r['label']}", r["label_gold_agreement"], r["label_gold_ci"], r["n_label"])
              for r in rows]
     out_dir = lab.run / "experiments"
+    headline = (f"rater consistency vs volume: crowd - calibrated reward-model gold accuracy {_pts(pd)} "
+                f"({_verdict(pd)})")
     paths = [write_json(out_dir / "consistency-vs-volume.json", {
         "title": "Rater consistency vs volume: reward-model gold accuracy", "kind": "bars", "y_label": "share",
-        "notes": notes, "bars": bars, "rows": rows, "gold_accuracy_diff": pd, "scale": _scale(c, lab),
+        "headline": headline, "notes": notes, "bars": bars, "rows": rows, "gold_accuracy_diff": pd, "scale": _scale(c, lab),
         "simulated": True})]
     if c.cv_ppo:
         base = cal["ppo_base"]
         pb = [_bar("SFT (base)", base["gold"], base["gold_ci"], c.eval_queries)]
-        pb += [_bar(f"PPO on RM of\n{r['label']}", r["ppo"]["gold"], r["ppo"]["gold_ci"], c.eval_queries) for r in rows]
+        pb += [_bar(f"PPO on RM of\n{r['label']}\nKL {r['ppo']['kl']:.2f}", r["ppo"]["gold"], r["ppo"]["gold_ci"],
+                    c.eval_queries) for r in rows]
+
+        def kl(r: dict) -> str:
+            lo, hi = r["ppo"].get("kl_ci") or (math.nan, math.nan)
+            return f"KL {r['ppo']['kl']:.2f} [{lo:.2f}, {hi:.2f}]"
+
         pnotes = (f"Gold utility of samples on {c.eval_queries} held-out queries after {c.ppo_steps} PPO steps x "
                   f"{c.ppo_prompts} prompts (adaptive KL, beta from {c.cv_beta:g}) on each reward model: base "
-                  f"{base['gold']:.3f}, calibrated {cal['ppo']['gold']:.3f} (KL {cal['ppo']['kl']:.2f}), crowd "
-                  f"{crowd['ppo']['gold']:.3f} (KL {crowd['ppo']['kl']:.2f} nats per response).")
+                  f"{base['gold']:.3f}, calibrated {cal['ppo']['gold']:.3f} ({kl(cal)}), crowd "
+                  f"{crowd['ppo']['gold']:.3f} ({kl(crowd)}; nats per response, sampled, with 95% intervals).")
         if max(cal["ppo"]["kl"], crowd["ppo"]["kl"]) < 0.5:
             pnotes += " Both policies stayed within 0.5 nats of the base: too short a pass to separate the reward models."
         paths.append(write_json(out_dir / "consistency-vs-volume_ppo.json", {
             "title": "Rater consistency vs volume: gold utility after a short PPO pass", "kind": "bars",
-            "y_label": "gold utility", "notes": pnotes, "bars": pb, "simulated": True}))
+            "y_label": "gold utility", "headline": f"after a short PPO pass, gold utility: base {base['gold']:.3f}, "
+            f"calibrated {cal['ppo']['gold']:.3f} ({kl(cal)}), crowd {crowd['ppo']['gold']:.3f} ({kl(crowd)})",
+            "notes": pnotes, "bars": pb, "simulated": True}))
     return paths
 
 
@@ -491,23 +506,36 @@ def kl_sweep(lab: Lab) -> list[Path]:
     keep = [i for i in np.argsort(fr.sqrt_kl) if fr.sqrt_kl[i] <= xmax]
     series.append({"label": "oracle frontier (gold-tilted base)", "reference": True,
                    "x": [float(fr.sqrt_kl[i]) for i in keep], "y": [float(fr.gold[i]) for i in keep]})
-    best = max(rows, key=lambda r: r["oracle_gold"])
+    # the run nearest the frontier: the largest share of the oracle's gain at its own KL (raw gold would
+    # favour whichever run drifted furthest); runs within a point of it are named as indistinguishable
+    ranked = sorted(rows, key=lambda r: -(r["fraction_of_oracle_gain"] if r["fraction_of_oracle_gain"] is not None
+                                          else -math.inf))
+    best = ranked[0]
+    ties = [r["run"] for r in ranked[1:] if best["fraction_of_oracle_gain"] is not None
+            and r["fraction_of_oracle_gain"] is not None
+            and best["fraction_of_oracle_gain"] - r["fraction_of_oracle_gain"] < 0.01]
     notes = (f"Scale: {c.ppo_steps} PPO steps x {c.ppo_prompts} prompts per run, reward model from {c.pairs:,} "
              f"calibrated pairs. Each point is exact on the oracle's {c.oracle_queries} held-out queries: the "
              f"policy's KL to the base and expected gold over every enumerated answer, its mass outside them "
              f"({c.oracle_other_samples} samples per query) one more outcome, the frontier on the same support "
-             f"(start: gold {start:.3f}). Best run: {best['run']} at sqrt(KL) "
-             f"{best['sqrt_oracle_kl']:.2f}, gold {best['oracle_gold']:.3f} against the oracle's "
-             f"{best['oracle_gold_at_kl']:.3f} at that KL"
-             + (f" ({best['fraction_of_oracle_gain']:.0%} of its gain). "
-                if best["fraction_of_oracle_gain"] is not None else " (the oracle gains nothing at that KL). ")
+             f"(start: gold {start:.3f}). Closest to the oracle (the largest share of its gain at the run's own "
+             f"KL): {best['run']} at sqrt(KL) {best['sqrt_oracle_kl']:.2f}, gold {best['oracle_gold']:.3f} against "
+             f"the oracle's {best['oracle_gold_at_kl']:.3f} at that KL"
+             + (f" ({best['fraction_of_oracle_gain']:.0%} of its gain)" if best["fraction_of_oracle_gain"] is not None
+                else " (the oracle gains nothing at that KL)")
+             + (f"; within a point of it, indistinguishable: {', '.join(ties)}. " if ties else ". ")
              + "; ".join(f"{r['run']}: sqrt(KL) {r['sqrt_oracle_kl']:.2f}, gold {r['oracle_gold']:.3f} "
                          f"(sampled on {c.eval_queries} queries: {r['gold']:.3f} "
                          f"[{r['gold_ci'][0]:.3f}, {r['gold_ci'][1]:.3f}]), last RM score {r['rm_score_final']:.2f}"
                          for r in rows)
              + ". RM score up while gold falls below the base is reward hacking: the proxy, not the policy, improved.")
+    headline = (f"KL sweep: closest to the oracle frontier {best['run']}"
+                + (f", {best['fraction_of_oracle_gain']:.0%} of its gain at sqrt(KL) {best['sqrt_oracle_kl']:.2f}"
+                   if best["fraction_of_oracle_gain"] is not None else "")
+                + (f" (indistinguishable: {', '.join(ties)})" if ties else ""))
     return [write_json(lab.run / "experiments" / "kl-sweep.json", {
         "title": "KL penalty sweep: gold utility vs sqrt(KL) against the oracle frontier", "kind": "lines",
+        "headline": headline,
         "x_label": "sqrt(KL to the base model), nats^0.5 per response (oracle queries, exact)",
         "y_label": "expected gold utility (oracle queries, exact)",
         "notes": notes, "series": series, "rows": rows, "scale": _scale(c, lab), "simulated": True})]
@@ -530,9 +558,8 @@ def margin(lab: Lab) -> list[Path]:
         r["paired_vs"] = first["margin"]
         r["gold_diff"] = g = paired_diff(r["gold_hits"], first["gold_hits"])
         r["heldout_diff"] = h = paired_diff(r["heldout_hits"], first["heldout_hits"])
-        paired.append(f"Paired, margin {r['margin']} - {first['margin']}: gold {g['diff']:+.1%} [{g['ci'][0]:+.1%}, "
-                      f"{g['ci'][1]:+.1%}] ({_verdict(g)}), held-out {h['diff']:+.1%} [{h['ci'][0]:+.1%}, "
-                      f"{h['ci'][1]:+.1%}].")
+        paired.append(f"Paired, margin {r['margin']} - {first['margin']}: gold {_pts(g)} ({_verdict(g)}), "
+                      f"held-out {_pts(h)}.")
     for r in rows:
         r.pop("gold_hits"), r.pop("heldout_hits")
     bars = [_bar(f"gold acc\nmargin {r['margin']}", r["gold_accuracy"], r["gold_ci"], r["n_gold"]) for r in rows]
@@ -545,8 +572,11 @@ def margin(lab: Lab) -> list[Path]:
              + "; ".join(f"margin {r['margin']}: gold {r['gold_accuracy']:.1%} [{r['gold_ci'][0]:.1%}, "
                          f"{r['gold_ci'][1]:.1%}], held-out {r['heldout_accuracy']:.1%}" for r in rows)
              + ". " + " ".join(paired))
+    headline = "margin on/off: " + "; ".join(
+        f"{r['margin']} - {first['margin']} gold accuracy {_pts(r['gold_diff'])} ({_verdict(r['gold_diff'])})"
+        for r in rows[1:])
     return [write_json(lab.run / "experiments" / "margin.json", {
-        "title": "Margin on/off: reward-model accuracy", "kind": "bars", "y_label": "accuracy",
+        "title": "Margin on/off: reward-model accuracy", "kind": "bars", "y_label": "accuracy", "headline": headline,
         "notes": notes, "bars": bars, "rows": rows, "scale": _scale(c, lab), "simulated": True})]
 
 
@@ -586,8 +616,9 @@ def learning_curve(lab: Lab) -> list[Path]:
                           "rubric": c.rubric, "lapse": c.lapse, "eval_pairs": c.eval_pairs}),
                       ceiling=dup.ceiling, show_progress=c.progress, log=lab.console.print, extra=gold)
     last = curve["points"][-1]
+    sizes = ", ".join(f"{p['pairs']:,}" for p in curve["points"])  # as trained (the split can round a size)
     notes = (f"Reward models ({c.rm_epochs} epoch(s), lr {c.rm_lr:g}, margin {c.margin}) on nested sets of "
-             f"{', '.join(f'{n:,}' for n in c.curve_sizes)} pairs labelled once each by the 5 calibrated raters "
+             f"{sizes} pairs labelled once each by the 5 calibrated raters "
              f"(rubric {c.rubric}, lapse +{c.lapse:g} at volume), scored on the same {curve['n_val']} held-out labels. "
              + " ".join(f"{s}." for s in describe(curve))
              + f" The duplicate ceiling comes from the same raters judging each held-out pair again ({dup.n} "
@@ -597,6 +628,7 @@ def learning_curve(lab: Lab) -> list[Path]:
              f"{last['gold_ci'][1]:.1%}] at {last['pairs']:,} pairs.")
     return [write_json(lab.run / "experiments" / "learning-curve.json", {
         "title": "Would more judgements help? Reward-model accuracy against the pairs trained on", "kind": "curve",
+        "headline": f"learning curve to {last['pairs']:,} pairs: {describe(curve)[-1]}",
         "notes": notes, **{k: v for k, v in curve.items() if k != "config"}, "duplicates": dup.n,
         "best_possible": best, "scale": _scale(c, lab), "simulated": True})]
 

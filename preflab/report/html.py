@@ -751,6 +751,7 @@ def section_experiments(run: Path) -> Section | None:
         s.html += img(plots.plot_experiment(e), title)
         s.images += 1
         s.md += f"\n\n### {title}\n\n{e.get('notes', '')}"
+        s.headline.append(str(e.get("headline") or title))
     return s
 
 
@@ -829,7 +830,7 @@ GLOSSARY = [
     ("beta", "the price of KL in PPO's objective (score - beta x KL); raised when KL runs above its target or a "
      "drift alarm fires", ("ppo", "experiments")),
     ("gold utility, oracle frontier (sandbox)", "gold is the simulator's hidden true preference, which real projects "
-     "do not have; the frontier is the best gold any policy can reach at each KL", ("truth",)),
+     "do not have; the frontier is the best gold any policy can reach at each KL", ("truth", "experiments")),
     ("blind win rate", "the share of conversations where raters, not told which model wrote which answer, preferred "
      "the candidate (a tie counts a half); its 95% CI's lower end must clear 50%", ("ab", "checkpoints")),
     ("gates", "the checks a checkpoint must pass before promotion: win rate, no factual regression, no rise in "
@@ -890,9 +891,14 @@ def render_report(run_dir: str | Path, *, title: str | None = None) -> Report:
         raise ReportError(f"{run}: no report inputs found (see docs/report.md for the files the report reads)")
     title = title or f"preflab report: {run.resolve().name}"
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    sandbox = any(s.id == "truth" for s in sections)
-    kind = ("Sandbox run: raters, production traffic and outcomes are simulated (see Run setup and the ground-truth panel)."
-            if sandbox else "Real project: no simulated ground truth is available.")
+    ids = {s.id for s in sections}
+    if "truth" in ids:
+        kind = ("Sandbox run: raters, production traffic and outcomes are simulated (see Run setup and the "
+                "ground-truth panel).")
+    elif "experiments" in ids:  # what-if experiments are sandbox-only: simulated raters, the hidden gold
+        kind = "Sandbox experiments: the raters are simulated and gold is the simulator's hidden true preference."
+    else:
+        kind = "Real project: no simulated ground truth is available."
     heads = [h for s in sections for h in s.lead] + [h for s in sections for h in s.headline]
     nav = "".join(f'<a href="#{esc(s.id)}">{esc(s.title)}</a>' for s in sections)
     summary_h, summary_md = bullets(heads) if heads else ("", "")
