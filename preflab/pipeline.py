@@ -140,10 +140,14 @@ def train_reward_stage(*, examples: Sequence, policy_dir: str | Path, run_dir: s
 
 
 def trained_prompt_format(rm_dir: str | Path) -> str:
-    """The prompt format a reward model was trained with: its ``rm train`` run's ``config.json``
-    beside ``model/``; "dialogue" (the default) when there is none."""
+    """The prompt format a reward model was trained with: its directory's ``preflab.json`` (written
+    by ``rm train`` and kept by an export or a copy of the directory), else its ``rm train`` run's
+    ``config.json`` beside ``model/`` (runs from before the file); "dialogue" when there is neither."""
+    from preflab.models.hf import model_meta
     from preflab.train.data import PROMPT_FORMATS
 
+    if model_meta(rm_dir).get("prompt_format") in PROMPT_FORMATS:
+        return model_meta(rm_dir)["prompt_format"]
     run_cfg = Path(rm_dir).parent / "config.json"
     if run_cfg.is_file():  # an `rm train` run dir; anything else beside the model leaves the default
         try:
@@ -155,13 +159,33 @@ def trained_prompt_format(rm_dir: str | Path) -> str:
     return "dialogue"
 
 
-def reward_fn_from(rm_dir: str | Path, *, batch_size: int = 64, max_length: int = 256,
+def trained_max_length(rm_dir: str | Path) -> int:
+    """The longest prompt + response (tokens) a reward model was trained on (``preflab.json``, or its
+    run's ``config.json``); 256, the trainer's default, when neither says."""
+    from preflab.models.hf import model_meta
+
+    for meta in (model_meta(rm_dir), _run_config(rm_dir)):
+        if isinstance(meta.get("max_length"), int) and meta["max_length"] > 0:
+            return meta["max_length"]
+    return 256
+
+
+def _run_config(rm_dir: str | Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads((Path(rm_dir).parent / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def reward_fn_from(rm_dir: str | Path, *, batch_size: int = 64, max_length: int | None = None,
                    to_query: Callable[[str], str] = query_of):
     """``(prompts, texts) -> (B,) tensor`` scoring with a trained reward model (for PPO).
 
     ``to_query`` recovers the raw query from the policy's prompt (default: strip the dialogue
-    template); the reward model then wraps it in the prompt format it was trained with (its run's
-    ``config.json`` beside ``model/``; "dialogue" when there is none).
+    template); the reward model then wraps it in the prompt format it was trained with, and cuts
+    at the length it was trained with unless ``max_length`` says otherwise (``trained_prompt_format``,
+    ``trained_max_length``).
     """
     import torch
 
@@ -172,6 +196,7 @@ def reward_fn_from(rm_dir: str | Path, *, batch_size: int = 64, max_length: int 
     fuse_gelu(model)
     model.eval()
     fmt = trained_prompt_format(rm_dir)
+    max_length = max_length or trained_max_length(rm_dir)
 
     def reward_fn(prompts: list[str], texts: list[str]) -> torch.Tensor:
         scores = score_responses(model, tok, [to_query(p) for p in prompts], texts, batch_size=batch_size,

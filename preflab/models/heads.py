@@ -25,8 +25,11 @@ class ValueHead(torch.nn.Module):
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, **kw) -> ValueHead:
-        """A head sized for ``model``'s hidden states (``config.hidden_size``)."""
-        return cls(int(model.config.hidden_size), **kw)
+        """A head sized for ``model``'s last hidden states: the input width of its LM head (OPT-350m
+        projects 1024 down to 512 before it), else ``config.hidden_size``."""
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        width = getattr(out, "in_features", None) or int(model.config.hidden_size)
+        return cls(int(width), **kw)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         h = self.dropout(hidden_states.to(self.summary.weight.dtype))  # (B, T, H)

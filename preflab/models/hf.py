@@ -44,6 +44,37 @@ def is_reward_model(path: str | Path) -> bool:
     return architecture(path).endswith("ForSequenceClassification")
 
 
+MODEL_META = "preflab.json"  # in a reward model's directory: how it reads its input (travels with a copy)
+
+
+def model_meta(model_dir: str | Path) -> dict:
+    """``MODEL_META`` of a model directory: ``prompt_format`` and ``max_length`` a reward model was
+    trained with ({} when absent or unreadable)."""
+    p = Path(model_dir) / MODEL_META
+    try:
+        meta = json.loads(p.read_text()) if p.is_file() else {}
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def write_model_meta(model_dir: str | Path, meta: dict) -> None:
+    (Path(model_dir) / MODEL_META).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def warn_low_precision(model: torch.nn.Module, where: str) -> None:
+    """Warn when ``model`` would be trained with half-precision weights: an update smaller than the
+    weight's rounding step (1/256 of it in bf16) is lost, so most of a run's updates vanish silently."""
+    import warnings
+
+    low = {str(p.dtype).removeprefix("torch.") for p in model.parameters()
+           if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)}
+    if low:
+        warnings.warn(f"{where}: training weights held in {', '.join(sorted(low))}: small updates round away; "
+                      "load them in float32 (preflab's loaders do) and set mixed_precision for speed",
+                      stacklevel=3)
+
+
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:  # many causal LMs ship without one; never pad with a real word
@@ -89,11 +120,13 @@ def _quiet_hf():
         hf_logging.set_verbosity(old)
 
 
-def load_policy(path: str | Path, *, dtype: torch.dtype | None = None):
+def load_policy(path: str | Path, *, dtype: torch.dtype | None = torch.float32):
     """``(model, tokenizer)`` of a causal LM saved with ``save_pretrained`` (eval mode).
 
     The tokenizer always has a pad token (eos if the model ships none) and the model's
-    config carries its id.
+    config carries its id. Weights load in float32 (``dtype``; None = the dtype its config names):
+    a model saved in bf16 would otherwise train in bf16, where most small updates round away (use
+    ``mixed_precision = "bf16"`` for the speed).
     """
     path = _check_dir(path, "policy")
     if is_reward_model(path):
@@ -105,7 +138,7 @@ def load_policy(path: str | Path, *, dtype: torch.dtype | None = None):
     return model.eval(), tok
 
 
-def load_reward_model(path: str | Path, *, dtype: torch.dtype | None = None):
+def load_reward_model(path: str | Path, *, dtype: torch.dtype | None = torch.float32):
     """``(model, tokenizer)`` of a scalar reward model (sequence classifier, ``num_labels=1``)."""
     path = _check_dir(path, "reward model")
     if architecture(path) and not is_reward_model(path):  # its score head would be random numbers
@@ -118,18 +151,26 @@ def load_reward_model(path: str | Path, *, dtype: torch.dtype | None = None):
     return model.eval(), tok
 
 
-def reward_model_from_policy(policy_path: str | Path, *, seed: int = 0, dtype: torch.dtype | None = None):
+def reward_model_from_policy(policy_path: str | Path, *, seed: int = 0, dtype: torch.dtype | None = torch.float32):
     """A reward model initialised from a policy's weights: same body, a fresh scalar head.
 
     The head (``score`` on most architectures) is re-initialised from ``seed`` with
     N(0, initializer_range) so the result does not depend on the global RNG. Returns
-    ``(model, tokenizer)``; the model reads the reward at the last non-pad token.
+    ``(model, tokenizer)``; the model reads the reward at the last non-pad token, the response's EOS
+    (a tokenizer that pads with its eos gets a pad token of its own).
     """
     path = _check_dir(policy_path, "policy")
     tok = _load_tokenizer(path)
     kw = {"dtype": dtype} if dtype is not None else {}
     with _quiet_hf():
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kw)
+        if tok.pad_token_id == tok.eos_token_id:
+            # Hugging Face's sequence classifiers read the last token that is not pad; with pad = eos that
+            # is the token before the response's EOS, where preflab reads the reward at the EOS itself, so
+            # the saved model would score differently in transformers, TRL or vLLM. A pad of its own
+            # (a new embedding row; no text token changes id) makes both read the same token.
+            tok.add_special_tokens({"pad_token": "<|pad|>"})
+            model.resize_token_embeddings(len(tok))
     _set_pad(model, tok)
     head = getattr(model, "score", None)
     if isinstance(head, torch.nn.Linear):

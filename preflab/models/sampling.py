@@ -39,6 +39,13 @@ def max_positions(model) -> int | None:
     return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
 
 
+def fit_length(model, max_length: int) -> int:
+    """``max_length`` cut to the model's context length: a longer sequence would index past its
+    position table (an IndexError deep in the model); texts are truncated to fit instead."""
+    n = max_positions(model)
+    return min(max_length, int(n)) if n else max_length
+
+
 def _cache_kw(model: torch.nn.Module) -> str:
     """The forward's KV-cache argument: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
     return "cache" if _accepts(model, "cache") else "past_key_values"
@@ -93,8 +100,27 @@ def sample_token(
     return (probs / race).argmax(-1)
 
 
+def default_bos(tokenizer) -> int | None:
+    """The BOS id the tokenizer puts first when asked to add special tokens (Llama, Mistral, Gemma and
+    OPT tokenizers do, and their models expect it), else None (GPT-2 style tokenizers add none)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    with_special = tokenizer("a")["input_ids"]
+    return bos if with_special and with_special[0] == bos else None
+
+
+def encode_prompt(tokenizer, text: str, *, bos: int | None) -> list[int]:
+    """A prompt's token ids, starting with ``bos`` (``default_bos(tokenizer)``; None: none) exactly
+    once: special tokens are otherwise never added, and a chat template that writes the BOS into its
+    text keeps its own."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
+
+
 def _encode_prompts(tokenizer, prompts: list[str], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    bos = default_bos(tokenizer)
+    ids = [encode_prompt(tokenizer, p, bos=bos) if p else [] for p in prompts]
     for i, row in enumerate(ids):
         if not row:
             raise ValueError(f"prompts[{i}]: empty prompt")

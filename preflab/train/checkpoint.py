@@ -286,7 +286,7 @@ def export_checkpoint(ckpt: str | Path, like: str | Path, out: str | Path) -> Pa
     unless the weights match ``like``'s architecture exactly (tied weights aside)."""
     from safetensors.torch import load_file
 
-    from preflab.models.hf import load_policy, load_reward_model
+    from preflab.models.hf import load_policy, load_reward_model, model_meta, write_model_meta
 
     ckpt, out = Path(ckpt), Path(out)
     if not (ckpt / "state.json").is_file():
@@ -316,6 +316,12 @@ def export_checkpoint(ckpt: str | Path, like: str | Path, out: str | Path) -> Pa
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    if kind == "reward model":  # how it reads its input: the run's settings (like's file may be another run's)
+        run_cfg = ckpt.parent.parent / "config.json"
+        cfg = json.loads(run_cfg.read_text()) if run_cfg.is_file() else model_meta(like)
+        meta = {k: cfg[k] for k in ("prompt_format", "max_length") if k in cfg}
+        if meta:
+            write_model_meta(out, {"kind": "reward_model", **meta})
     (out / "exported_from.json").write_text(json.dumps(
         {"checkpoint": str(ckpt.resolve()), "step": checkpoint_step(ckpt), "kind": kind,
          "architecture_from": str(Path(like).resolve())}, indent=2) + "\n")

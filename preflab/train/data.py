@@ -160,26 +160,34 @@ def encode_prompt_response(
     """Token ids of the prompt and of each ``" " + response + eos`` (no leading space for "raw" and
     "chat": a chat template's generation prompt ends where the answer starts).
 
-    The prompt keeps its last tokens and each response its first so that prompt + response
-    fits ``max_length``; the prompt may use at most half of it when it would not fit.
+    The prompt starts with the tokenizer's default BOS, once (``models.sampling.default_bos``:
+    Llama-style tokenizers have one, GPT-2 style none), as the sampler's prompts do. It keeps its
+    last tokens and each response its first so that prompt + response fits ``max_length``; the
+    prompt may use at most half of it when it would not fit.
     Returns (prompt_ids, response_ids, truncated).
     """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("tokenizer: has no eos token")
+    from preflab.models.sampling import default_bos
+
+    bos = default_bos(tokenizer)  # Llama-style tokenizers start every text with it; GPT-2 style: None
     p_ids = tokenizer(dialogue_prompt(prompt, prompt_format, tokenizer), add_special_tokens=False)["input_ids"]
+    if bos is not None and p_ids[:1] == [bos]:  # a chat template wrote it: placed once, below
+        p_ids = p_ids[1:]
     sep = " " if prompt_format == "dialogue" else ""
     r_ids = [tokenizer(sep + r, add_special_tokens=False)["input_ids"] + [eos] for r in responses]
     truncated = False
     longest = max(len(r) for r in r_ids)
-    if len(p_ids) + longest > max_length:
+    budget = max_length - (bos is not None)
+    if len(p_ids) + longest > budget:
         truncated = True
-        keep_p = min(len(p_ids), max(max_length // 2, max_length - longest))
+        keep_p = min(len(p_ids), max(budget // 2, budget - longest))
         p_ids = p_ids[len(p_ids) - keep_p:]
-        r_ids = [r[: max_length - len(p_ids)] for r in r_ids]
+        r_ids = [r[: budget - len(p_ids)] for r in r_ids]
     if not p_ids:
         raise ValueError("prompt: encodes to zero tokens")
-    return p_ids, r_ids, truncated
+    return ([bos] if bos is not None else []) + p_ids, r_ids, truncated
 
 
 def encode_example(tokenizer, ex: PreferenceExample, *, max_length: int,

@@ -28,7 +28,8 @@ import torch
 
 from preflab.config import check, check_resume, field_doc, seed_everything, write_config
 from preflab.losses.dpo import PreferenceLoss, dpo_loss, ipo_loss
-from preflab.models.hf import fuse_gelu
+from preflab.models.hf import fuse_gelu, warn_low_precision
+from preflab.models.sampling import fit_length
 from preflab.train.data import PairBatch, PreferenceExample, collate_pairs, encode_example
 from preflab.train.ppo import RunResult
 
@@ -191,6 +192,7 @@ def train_dpo(
         raise ValueError(f"DPOConfig.batch_size: {cfg.batch_size} is not divisible by {world} processes")
     seed_everything(cfg.seed)
     fuse_gelu(policy, ref)  # the same activation in one kernel (models.hf.fuse_gelu)
+    warn_low_precision(policy, "train_dpo")
     resuming = resume and latest_checkpoint(run_dir) is not None
     if resuming:
         check_resume(cfg, run_dir, may_change=("checkpoint_every", "keep_last", "eval_batch_size", "progress"))
@@ -206,7 +208,8 @@ def train_dpo(
     ties = len(train) - len(usable)
     if not usable:
         raise ValueError("train_dpo: no non-tie pairs to train on")
-    encoded = [encode_example(tokenizer, ex, max_length=cfg.max_length, prompt_format=cfg.prompt_format)
+    max_length = fit_length(policy, cfg.max_length)
+    encoded = [encode_example(tokenizer, ex, max_length=max_length, prompt_format=cfg.prompt_format)
                for ex in usable]
     ref = ref.to(acc.device).eval().requires_grad_(False)
     ref_path = run_dir / "ref_logprobs.pt"
@@ -218,7 +221,7 @@ def train_dpo(
             ref_c, ref_r = _all_logprobs(ref, encoded, pad_id, cfg.eval_batch_size, acc.device)
         if acc.is_main_process:
             torch.save({"chosen": ref_c, "rejected": ref_r, "data": data_fp}, ref_path)
-    val_enc = [encode_example(tokenizer, ex, max_length=cfg.max_length, prompt_format=cfg.prompt_format)
+    val_enc = [encode_example(tokenizer, ex, max_length=max_length, prompt_format=cfg.prompt_format)
                for ex in (val or []) if not ex.is_tie]
     val_ref = None
     if val_enc:

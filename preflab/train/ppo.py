@@ -50,7 +50,7 @@ from preflab.losses.ppo import (
     ppo_value_loss,
     token_sum_mean,
 )
-from preflab.models.hf import fuse_gelu
+from preflab.models.hf import fuse_gelu, warn_low_precision
 from preflab.models.sampling import logits_to_keep_kw
 
 
@@ -354,6 +354,7 @@ def train_ppo(
     eos_id = tokenizer.eos_token_id
 
     fuse_gelu(policy, ref, value_model)  # the same activation in one kernel (models.hf.fuse_gelu)
+    warn_low_precision(policy, "train_ppo")
     value_head = ValueHead.for_model(policy, seed=cfg.seed) if value_model is None else None
     ac = ActorCritic(policy, value_head, value_model).to(acc.device)
     ac.eval()  # no dropout anywhere: log-probs must be the ones the sampler used

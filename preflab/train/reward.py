@@ -32,7 +32,8 @@ from torch import nn
 
 from preflab.config import check, check_resume, field_doc, write_config
 from preflab.losses.bradley_terry import MARGIN_PRESETS, bradley_terry_loss, margins_from_strength
-from preflab.models.hf import fuse_gelu
+from preflab.models.hf import fuse_gelu, warn_low_precision, write_model_meta
+from preflab.models.sampling import fit_length
 from preflab.train.data import (
     PROMPT_FORMATS,
     PairBatch,
@@ -259,6 +260,7 @@ def score_pairs(model, tokenizer, examples: Sequence[PreferenceExample], *, batc
     model.eval()
     device = device or next(model.parameters()).device
     rc, rr = [], []
+    max_length = fit_length(model, max_length)
     enc = [encode_example(tokenizer, e, max_length=max_length, prompt_format=prompt_format) for e in examples]
     for i in range(0, len(enc), batch_size):
         b = collate_pairs(enc[i: i + batch_size], pad_id=tokenizer.pad_token_id).to(device)
@@ -280,6 +282,7 @@ def score_responses(model, tokenizer, prompts: Sequence[str], responses: Sequenc
     model.eval()
     device = device or next(model.parameters()).device
     pad = tokenizer.pad_token_id
+    max_length = fit_length(model, max_length)
     out: list[float] = []
     for i in range(0, len(prompts), batch_size):
         enc = [encode_prompt_response(tokenizer, p, [r], max_length=max_length, prompt_format=prompt_format)
@@ -398,14 +401,16 @@ def train_reward(
     model.config.pad_token_id = tokenizer.pad_token_id
 
     # ---- data: encode once; the step -> pair indices schedule is a pure function of the seed
-    enc_train = [encode_example(tokenizer, e, max_length=cfg.max_length, prompt_format=cfg.prompt_format)
+    max_length = fit_length(model, cfg.max_length)
+    enc_train = [encode_example(tokenizer, e, max_length=max_length, prompt_format=cfg.prompt_format)
                  for e in train]
-    enc_val = [encode_example(tokenizer, e, max_length=cfg.max_length, prompt_format=cfg.prompt_format)
+    enc_val = [encode_example(tokenizer, e, max_length=max_length, prompt_format=cfg.prompt_format)
                for e in val]
     schedule = _batch_order(len(enc_train), cfg.batch_size, cfg.epochs, cfg.seed)
     total = min(len(schedule), cfg.max_steps) if cfg.max_steps else len(schedule)
 
     fuse_gelu(model)  # the same activation in one kernel (models.hf.fuse_gelu)
+    warn_low_precision(model, "train_reward")
     scorer = PairScorer(model, share_prompt=cfg.share_prompt)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -527,6 +532,9 @@ def train_reward(
         unwrapped = acc.unwrap_model(scorer).model
         unwrapped.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
+        # how it reads its input, in the directory itself: an export or a copy scores the same
+        write_model_meta(model_dir, {"kind": "reward_model", "prompt_format": cfg.prompt_format,
+                                     "max_length": cfg.max_length})
     return RunResult(run_dir=run_dir, model_dir=model_dir, steps=total, metrics=last, resumed_from=start)
 
 

@@ -92,3 +92,66 @@ def test_fuse_gelu_keeps_outputs_gradients_and_saved_model(policy_dir, tmp_path,
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["activation_function"] == plain.config.activation_function
     assert set(fused.state_dict()) == set(plain.state_dict())
+
+
+def test_a_bf16_checkpoint_loads_in_float32_for_training(tmp_path):
+    """A config saying bf16 must not make training run in bf16 (most small updates would round away)."""
+    import warnings
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from preflab.models.hf import load_policy, reward_model_from_policy, warn_low_precision
+
+    t = Tokenizer(models.WordLevel({"<eos>": 0, "a": 1, "b": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>", unk_token="[UNK]")
+    m = GPT2LMHeadModel(GPT2Config(vocab_size=4, n_positions=16, n_layer=1, n_head=2, n_embd=8)).to(torch.bfloat16)
+    m.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    pol, _ = load_policy(tmp_path)
+    rm, _ = reward_model_from_policy(tmp_path)
+    assert {p.dtype for p in pol.parameters()} == {p.dtype for p in rm.parameters()} == {torch.float32}
+    assert {p.dtype for p in load_policy(tmp_path, dtype=None)[0].parameters()} == {torch.bfloat16}  # asked for
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        warn_low_precision(m, "train_x")
+    assert any("train_x: training weights held in bfloat16" in str(x.message) for x in w)
+
+
+def test_a_reward_model_from_a_pad_less_policy_scores_the_same_in_plain_transformers(tmp_path):
+    """Llama-style tokenizers have no pad; padding with eos would make Hugging Face's classifier read the token
+    before the response's EOS. The reward model gets a pad of its own, so transformers reads preflab's token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        AutoModelForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+        PreTrainedTokenizerFast,
+    )
+
+    from preflab.models.hf import reward_model_from_policy
+    from preflab.train.data import encode_prompt_response
+    from preflab.train.reward import score_responses
+
+    vocab = {"<eos>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate("user assistant : how much is it five six".split())}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>", unk_token="[UNK]")
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_positions=64, n_layer=1, n_head=2, n_embd=16)).save_pretrained(tmp_path / "p")
+    tok.save_pretrained(tmp_path / "p")
+    rm, rtok = reward_model_from_policy(tmp_path / "p", seed=1)
+    assert rtok.pad_token_id not in (None, rtok.eos_token_id) and rm.config.pad_token_id == rtok.pad_token_id
+    rm.save_pretrained(tmp_path / "rm")
+    rtok.save_pretrained(tmp_path / "rm")
+    prompts, responses = ["how much is it", "how much"], ["five", "six six six"]
+    ours = score_responses(rm, rtok, prompts, responses)
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    for p, r, score in zip(prompts, responses, ours, strict=True):
+        ids, (resp,), _ = encode_prompt_response(rtok, p, [r], max_length=64)
+        with torch.no_grad():
+            theirs = hf(input_ids=torch.tensor([ids + resp])).logits[0, 0].item()
+        assert theirs == pytest.approx(score, abs=1e-5)
+    # longer than the model's 64 positions: truncated to fit, not an IndexError inside the model
+    (long,) = score_responses(rm, rtok, ["how much is it"], [" ".join(["five"] * 200)], max_length=256)
+    assert long == long  # a number, not NaN

@@ -159,3 +159,31 @@ def test_bad_arguments(tok, tiny_model):
         sample(tiny_model, tok, PROMPTS, max_new_tokens=120)
     with pytest.raises(ValueError, match=r"prompts\[1\]"):
         sample(tiny_model, tok, ["hi", ""], max_new_tokens=2)
+
+
+def _bos_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "</s>": 1, "[UNK]": 2, "User:": 3, "hello": 4, "Assistant:": 5, "hi": 6}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])  # as Llama's
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="[UNK]",
+                                   pad_token="</s>")
+
+
+def test_prompts_start_with_the_bos_a_llama_style_tokenizer_adds_once():
+    """Llama, Mistral, Gemma and OPT expect their BOS first: the sampler's prompts and the trainers' pairs
+    carry it once (a chat template that writes it keeps its own), as tokenizer(text) would."""
+    from preflab.models.sampling import _encode_prompts, default_bos
+    from preflab.train.data import encode_prompt_response
+
+    tok = _bos_tokenizer()
+    assert default_bos(tok) == 0 and tok("hello")["input_ids"] == [0, 4]
+    ids, _ = _encode_prompts(tok, ["User: hello Assistant:", "<s> hello"], pad_id=1, device="cpu")
+    assert ids.tolist() == [[0, 3, 4, 5], [1, 1, 0, 4]]  # left-padded; the second had its own BOS
+    p, (r,), cut = encode_prompt_response(tok, "hello", ["hi"], max_length=20)
+    assert (p, r, cut) == ([0, 3, 4, 5], [6, 1], False)
+    p, (r,), cut = encode_prompt_response(tok, "hello " * 30, ["hi"], max_length=10)  # cut: BOS stays first
+    assert p[0] == 0 and len(p) + len(r) == 10 and cut

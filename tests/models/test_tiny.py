@@ -82,3 +82,13 @@ def test_phrase_tokenizer_round_trip_and_save_load(tmp_path):
     assert loaded(texts[-1])["input_ids"] == tok(texts[-1])["input_ids"]
     with pytest.raises(ValueError, match="granularity"):
         train_tokenizer(texts, 400, granularity="chars")
+
+
+def test_value_head_fits_a_model_that_projects_its_last_hidden_state():
+    """OPT-350m projects hidden_size 1024 to 512 before its LM head: the critic reads the projected state."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    m = OPTForCausalLM(OPTConfig(vocab_size=100, hidden_size=64, word_embed_proj_dim=32, num_hidden_layers=1,
+                                 ffn_dim=64, num_attention_heads=2, max_position_embeddings=64))
+    h = m(input_ids=torch.tensor([[1, 2, 3]]), output_hidden_states=True).hidden_states[-1]
+    assert h.shape[-1] == 32 and ValueHead.for_model(m)(h).shape == (1, 3)

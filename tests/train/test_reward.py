@@ -228,7 +228,8 @@ def test_cli_rm_train_eval_score(tok, tmp_path):
     from tests.train.rm_fixtures import tiny_policy_and_pairs
 
     policy, data = tiny_policy_and_pairs(tok, tmp_path, n_pairs=60)
-    (tmp_path / "rm.toml").write_text("[rm]\nlr = 1e-3\nval_fraction = 0.25\ncheckpoint_every = 0\n")
+    (tmp_path / "rm.toml").write_text("[rm]\nlr = 1e-3\nval_fraction = 0.25\ncheckpoint_every = 0\n"
+                                      'prompt_format = "raw"\nmax_length = 96\n')
     run = tmp_path / "run"
     runner = CliRunner()
     r = runner.invoke(app, ["rm", "train", "--data", str(data), "--policy", str(policy), "--out", str(run),
@@ -247,6 +248,17 @@ def test_cli_rm_train_eval_score(tok, tmp_path):
     assert r.exit_code == 0, r.output
     (row,) = [json.loads(x) for x in (tmp_path / "scored.jsonl").read_text().splitlines()]
     assert isinstance(row["score"], float) and row["response"] == "Hello."
+    # the model's directory says how it reads its input, so a copy of it (or an export) scores the same
+    assert json.loads((run / "model" / "preflab.json").read_text()) == {
+        "kind": "reward_model", "prompt_format": "raw", "max_length": 96}
+    import shutil
+
+    shutil.copytree(run / "model", tmp_path / "copied")
+    r = runner.invoke(app, ["rm", "score", "--model", str(tmp_path / "copied"), "--input", str(inp)])
+    assert r.exit_code == 0 and json.loads(r.stdout.splitlines()[-1])["score"] == row["score"], r.output
+    r = runner.invoke(app, ["checkpoints", str(run), "--export", "6", "--out", str(tmp_path / "exported")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "exported" / "preflab.json").read_text())["prompt_format"] == "raw"
     # bad input: named, exit code 2
     inp.write_text('{"prompt": "x"}\n')
     r = runner.invoke(app, ["rm", "score", "--model", str(run / "model"), "--input", str(inp)])
