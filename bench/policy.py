@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from rm import _peer_fused_gelu, _vm, make_workload  # noqa: E402  (the RM benchmark's workload and helpers)
 
-THREADS = 2
+THREADS = int(os.environ.get("BENCH_THREADS", "2"))  # --threads sets it for the workers
 SETTINGS = {
     "model": "GPT-2, n_layer 4, n_head 4, n_embd 256, n_positions 256, vocab 4096, seeded random init",
     "dtype": "float32", "threads": THREADS, "dropout": 0.0, "optimizer": "AdamW", "schedule": "linear decay",
@@ -87,10 +87,11 @@ def dpo_ours(d: Path, out: Path) -> dict:
     train = load_jsonl(d / "train.jsonl")
     cfg = DPOConfig(batch_size=16, lr=1e-5, beta=0.1, epochs=1, max_length=256, checkpoint_every=10**6,
                     progress=False, cpu=True)
-    rss0, t0 = _vm("VmRSS"), time.perf_counter()
+    rss0, t0, c0 = _vm("VmRSS"), time.perf_counter(), time.process_time()
     res = train_dpo(cfg, policy=pol, ref=ref, tokenizer=tok, train=train, run_dir=out)
-    return {"wall_s": time.perf_counter() - t0, "steps": res.steps, "rss_before_mb": rss0,
-            "final_loss": res.metrics[-1]["dpo/loss"]}
+    return {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "steps": res.steps, "rss_before_mb": rss0,
+            # the mean over the run's steps, as TRL's training_loss is (not the last step's)
+            "mean_train_loss": statistics.fmean(r["dpo/loss"] for r in res.metrics)}
 
 
 def dpo_trl(d: Path, out: Path) -> dict:
@@ -118,11 +119,11 @@ def dpo_trl(d: Path, out: Path) -> dict:
         use_cpu=True, torch_compile=False, disable_tqdm=True,
     )
     trainer = DPOTrainer(model=pol, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
-    rss0, t0 = _vm("VmRSS"), time.perf_counter()
+    rss0, t0, c0 = _vm("VmRSS"), time.perf_counter(), time.process_time()
     res = trainer.train()
     trainer.save_model(str(out / "policy"))
-    return {"wall_s": time.perf_counter() - t0, "steps": res.global_step, "rss_before_mb": rss0,
-            "final_loss": res.training_loss}
+    return {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "steps": res.global_step, "rss_before_mb": rss0,
+            "mean_train_loss": res.training_loss}
 
 
 def _reward_fn(d: Path):
@@ -157,11 +158,11 @@ def _ppo(d: Path, out: Path, *, own_defaults: bool) -> dict:
     cfg = PPOConfig(**shape)
     prompts = [format_prompt(p) for p in _prompts(d)]
     reward = _reward_fn(d)
-    rss0, t0 = _vm("VmRSS"), time.perf_counter()
+    rss0, t0, c0 = _vm("VmRSS"), time.perf_counter(), time.process_time()
     res = train_ppo(cfg, policy=pol, ref=ref, tokenizer=tok, reward_fn=reward, prompts=prompts, run_dir=out)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     m = res.metrics
-    return {"wall_s": wall, "steps": res.steps, "rss_before_mb": rss0,
+    return {"wall_s": wall, "cpu_s": cpu, "steps": res.steps, "rss_before_mb": rss0,
             "rollout_s": sum(r["time/rollout_s"] for r in m), "update_s": sum(r["time/update_s"] for r in m),
             "optimizer_steps_per_rollout": cfg.ppo_epochs * -(-cfg.rollout_batch // cfg.minibatch_size),
             "final_kl": m[-1]["objective/kl"], "final_score": m[-1]["objective/scores"],
@@ -202,11 +203,11 @@ def rl_trl(d: Path, out: Path) -> dict:
     )
     trainer = RLOOTrainer(model=pol, reward_funcs=rm, args=args, train_dataset=ds, processing_class=tok,
                           reward_processing_classes=rm_tok)
-    rss0, t0 = _vm("VmRSS"), time.perf_counter()
+    rss0, t0, c0 = _vm("VmRSS"), time.perf_counter(), time.process_time()
     res = trainer.train()
     trainer.save_model(str(out / "policy"))
     lens = [h.get("completions/mean_length") for h in trainer.state.log_history if "completions/mean_length" in h]
-    return {"wall_s": time.perf_counter() - t0, "steps": res.global_step, "rss_before_mb": rss0,
+    return {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "steps": res.global_step, "rss_before_mb": rss0,
             "response_len": lens[-1] if lens else None}
 
 
@@ -222,11 +223,14 @@ def worker(kind: str, d: Path, result: Path) -> None:
         r = WORKERS[kind](d, Path(tmp))
     hwm = _vm("VmHWM")
     rl = SETTINGS["rl"]
-    r.update(kind=kind, peak_rss_mb=hwm, train_rss_delta_mb=hwm - r["rss_before_mb"])
+    r.update(kind=kind, threads=THREADS, peak_rss_mb=hwm, train_rss_delta_mb=hwm - r["rss_before_mb"],
+             load_avg=os.getloadavg()[0])  # a loaded machine slows both sides unevenly: read cpu_s beside wall_s
     if kind.startswith("dpo"):
         r["pairs_per_s"] = SETTINGS["dpo"]["pairs"] / r["wall_s"]
+        r["pairs_per_cpu_s"] = SETTINGS["dpo"]["pairs"] / r["cpu_s"]
     else:
         r["prompts_per_s"] = rl["prompts"] / r["wall_s"]
+        r["prompts_per_cpu_s"] = rl["prompts"] / r["cpu_s"]
         r["generated_tokens_per_s"] = rl["prompts"] * rl["samples_per_prompt"] * rl["new_tokens"] / r["wall_s"]
     result.write_text(json.dumps(r, default=str))
 
@@ -333,6 +337,8 @@ def sandbox_acceptance(base: Path, out: Path, *, steps: int, kl_target: float, l
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=THREADS, help="torch threads per run (the workload: 2; 1 on a "
+                                                                  "busy machine, and compare cpu_s as well)")
     ap.add_argument("--only", default="dpo,rl,ppo")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "policy.json"))
     ap.add_argument("--peer-fused-gelu", action="store_true", help="give TRL's models the fused activation too")
@@ -340,7 +346,7 @@ def main() -> None:
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     ap.add_argument("--sandbox", help="Instead: PPO on this sandbox base model vs SFT and the oracle frontier.")
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=60, help="--sandbox only: PPO steps")
     ap.add_argument("--kl-target", type=float, default=4.0)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--rm-pairs", type=int, default=2000)
@@ -360,15 +366,22 @@ def main() -> None:
         return
     import torch
     import transformers
-    import trl
 
     kinds = [k for g in a.only.split(",") for k in GROUPS[g.strip()]]
+    try:
+        import trl
+    except ImportError:
+        trl = None
+        if any(k.endswith("_trl") for k in kinds):
+            sys.exit("bench/policy.py: TRL is not installed; the side-by-side runs need it (pip install -e '.[bench]' "
+                     "in a separate venv), or run --only ppo")
     runs: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp) / "w"
         make_workload(d)
         make_policy(d)
-        env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false",
+        env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "BENCH_THREADS": str(a.threads),
+               "TOKENIZERS_PARALLELISM": "false",
                "BENCH_PEER_FUSED_GELU": "1" if a.peer_fused_gelu else "0"}
         for i in range(a.repeats):
             for kind in kinds:  # peer first, then ours, interleaved
@@ -386,7 +399,8 @@ def main() -> None:
                     f"{r['prompts_per_s']:.2f} prompts/s, {r['generated_tokens_per_s']:.0f} tok/s"
                 print(f"{kind:13s} run {i}: {rate}, wall {r['wall_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB "
                       f"(+{r['train_rss_delta_mb']:.0f} MB)", flush=True)
-    metrics = ("wall_s", "peak_rss_mb", "train_rss_delta_mb", "pairs_per_s", "prompts_per_s", "generated_tokens_per_s")
+    metrics = ("wall_s", "cpu_s", "peak_rss_mb", "train_rss_delta_mb", "pairs_per_s", "pairs_per_cpu_s",
+               "prompts_per_s", "prompts_per_cpu_s", "generated_tokens_per_s", "mean_train_loss")
     med = {}
     for k in kinds:
         ok = [r for r in runs if r["kind"] == k and "error" not in r]
@@ -395,15 +409,20 @@ def main() -> None:
     ratio = {}
     if "dpo_trl" in med and "dpo_ours" in med:
         ratio["dpo_pairs_per_s_ours_over_trl"] = med["dpo_ours"]["pairs_per_s"] / med["dpo_trl"]["pairs_per_s"]
+        ratio["dpo_pairs_per_cpu_s_ours_over_trl"] = (med["dpo_ours"]["pairs_per_cpu_s"]
+                                                      / med["dpo_trl"]["pairs_per_cpu_s"])
     if "rl_trl" in med and "rl_ours" in med:
         ratio["rl_prompts_per_s_ours_over_rloo"] = med["rl_ours"]["prompts_per_s"] / med["rl_trl"]["prompts_per_s"]
+        ratio["rl_prompts_per_cpu_s_ours_over_rloo"] = (med["rl_ours"]["prompts_per_cpu_s"]
+                                                        / med["rl_trl"]["prompts_per_cpu_s"])
     if "ppo_defaults" in med and "rl_ours" in med:
         ratio["ppo_defaults_wall_over_rl_shape"] = med["ppo_defaults"]["wall_s"] / med["rl_ours"]["wall_s"]
     out = {"benchmark": "policy optimisation (DPO, online RL), benchmark workload",
-           "settings": {**SETTINGS, "peer_fused_gelu": a.peer_fused_gelu},
-           "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+           "settings": {**SETTINGS, "threads": a.threads, "peer_fused_gelu": a.peer_fused_gelu},
+           "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__ if trl else None,
                         "python": platform.python_version()},
            "machine": {"cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg(),
+                       "load_avg_per_run": [r.get("load_avg") for r in runs],
                        "note": "2 shared cores; other engineers' jobs ran concurrently, so absolute numbers drift"},
            "runs": runs, "median": med, "ratios": ratio}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

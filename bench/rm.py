@@ -227,7 +227,12 @@ def main() -> None:
         return
     import torch
     import transformers
-    import trl
+
+    try:
+        import trl
+    except ImportError:
+        sys.exit("bench/rm.py: TRL is not installed; this benchmark runs TRL's RewardTrainer beside ours "
+                 "(pip install -e '.[bench]' in a separate venv: docs/reward_model.md)")
 
     load0 = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:

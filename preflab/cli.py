@@ -78,7 +78,7 @@ def sandbox_build(
     path = build_sandbox_model(cfg, out, train_sft=train_sft)
     m = json.loads((path / "build.json").read_text())
     console.print(f"base model in {path}: {m['parameters']:,} parameters, vocab {m['vocab_size']}, "
-                  f"{m['sft_steps']} SFT steps, final loss {m['final_loss']:.3f}, "
+                  f"{m['sft_steps']} SFT steps, final loss {m['final_loss']:.3f} (mean of the last 50 steps), "
                   f"{time.perf_counter() - t0:.0f} s this run")
 
 
@@ -929,7 +929,10 @@ def rm_score(
     output: str = typer.Option(None, "--output", help="JSONL out (default: stdout): each row plus 'score'."),
     prompt_format: str = typer.Option(None, show_default=False,
                                       help="dialogue (format_prompt) | raw | chat (the model's chat template). "
-                                           "Default: the format the model was trained with (its run's config.json)."),
+                                           "Default: the format the model was trained with (its preflab.json)."),
+    max_length: int = typer.Option(None, min=8, show_default=False,
+                                   help="Longest prompt + response in tokens. Default: the length the model was "
+                                        "trained with (its preflab.json; 256 when it says nothing)."),
     batch_size: int = typer.Option(32, min=1, help="Responses per forward pass."),
 ) -> None:
     """Score prompt/response pairs with a reward model."""
@@ -937,12 +940,13 @@ def rm_score(
     from pathlib import Path
 
     from preflab.models.hf import load_reward_model
-    from preflab.pipeline import trained_prompt_format
+    from preflab.pipeline import trained_max_length, trained_prompt_format
     from preflab.store import io
     from preflab.train.reward import score_responses
 
     try:
         prompt_format = prompt_format or trained_prompt_format(model)
+        max_length = max_length or trained_max_length(model)
         if output:
             Path(output).parent.mkdir(parents=True, exist_ok=True)  # before the scoring, not after it
         rows = []
@@ -952,7 +956,7 @@ def rm_score(
             rows.append(row)
         rm, tok = load_reward_model(model)
         scores = score_responses(rm, tok, [r["prompt"] for r in rows], [r["response"] for r in rows],
-                                 batch_size=batch_size, prompt_format=prompt_format)
+                                 batch_size=batch_size, prompt_format=prompt_format, max_length=max_length)
     except (ValueError, OSError) as e:
         _fail(e)
     text = "".join(json.dumps({**r, "score": s}) + "\n" for r, s in zip(rows, scores, strict=True))

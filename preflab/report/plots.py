@@ -230,7 +230,7 @@ def plot_curve(curve: Mapping) -> bytes:
     a.set_title("Reward-model learning curve" + (
         f": last step {100 * g['diff']:+.1f} points [{100 * g['ci'][0]:+.1f}, {100 * g['ci'][1]:+.1f}]"
         if g and g.get("n") else ""), fontsize=10)
-    a.legend(fontsize=8, loc="lower right")
+    a.legend(fontsize=8, loc="best")  # never over the points it explains
     return _png(fig)
 
 

@@ -173,7 +173,9 @@ def build_sandbox_model(cfg: BuildConfig, out_dir: str | Path, *, train_sft: Tra
             "seed": cfg.seed, "corpus_sha256": corpus_sha, "corpus_size": len(records),
             "vocab_size": len(tokenizer), "parameters": sum(p.numel() for p in model.parameters()),
             "max_response_tokens": max_response, "sft_steps": cfg.steps,
-            "final_loss": metrics[-1]["train/loss"] if metrics else None,
+            # the mean of the last 50 steps: one batch's loss swings by +-0.3 (0.71 then 1.21)
+            "final_loss": (sum(r["train/loss"] for r in metrics[-50:]) / len(metrics[-50:])) if metrics else None,
+            "final_loss_last_step": metrics[-1]["train/loss"] if metrics else None,
             "resumed_from_step": getattr(result, "resumed_from", 0),
             "seconds_data": round(t_data, 2), "seconds_total_this_run": round(time.perf_counter() - t0, 2),
             "torch_threads": torch.get_num_threads(),
