@@ -68,8 +68,18 @@ def main() -> None:
             else:
                 n_f += 1
                 fa += res["alarm_at"] is not None
-    out = {"trials": args.trials, "detected": det, "drifting": n_d, "detection_rate": det / n_d,
+    from dataclasses import asdict
+
+    from preflab.quality.consistency import wilson_interval
+
+    out = {"settings": {"pool": "sandbox default_pool(seed), calibrated", "overlap": 3, "rubric": "v1",
+                        "baseline": BASELINE, "horizon": HORIZON, "check_every": EVERY,
+                        "drift": "+2.0 on one style value after the baseline", "profiles": list(PROFILES),
+                        "embedder": "tfidf (the default)", "drift_config": asdict(DriftConfig())},
+           "trials": args.trials, "detected": det, "drifting": n_d, "detection_rate": det / n_d,
+           "detection_rate_ci": list(wilson_interval(det, n_d)),
            "false_alarms": fa, "non_drifting": n_f, "false_alarm_rate": fa / n_f,
+           "false_alarm_rate_ci": list(wilson_interval(fa, n_f)),
            "median_delay": sorted(delays)[len(delays) // 2] if delays else None,
            "seconds": round(time.perf_counter() - t0, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)

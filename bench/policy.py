@@ -5,7 +5,7 @@
 
 Workload: GPT-2 4 layers / 4 heads / width 256 / 256 positions /
 vocab 4096, seeded random init; reference = a frozen copy; reward model = the same config
-with a seeded scalar head; byte-level BPE (4096) on sandbox text; the 512 preference pairs
+with a seeded scalar head; byte-level BPE (asked for 4096, ~1,071 learnt) on sandbox text; the 512 preference pairs
 of ``bench/rm.py`` (prompts >= 48 tokens, responses >= 48 tokens + EOS). float32, 2 threads,
 dropout 0, no activation checkpointing, no torch.compile, AdamW, linear decay, grad-clip 1.0.
 

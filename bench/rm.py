@@ -3,7 +3,7 @@
     .venv-bench/bin/python bench/rm.py [--repeats 3] [--out bench/results/rm.json]
 
 Workload: GPT-2 4 layers / 4 heads / width 256 / 256 positions /
-vocab 4096, seeded random init, scalar head; byte-level BPE (4096) trained on sandbox
+vocab 4096, seeded random init, scalar head; byte-level BPE (asked for 4096, ~1,071 learnt) on sandbox
 text; 512 preference pairs with prompts >= 48 tokens and responses >= 48 tokens + EOS;
 Bradley-Terry loss (no margin), batch 16 pairs, lr 1e-4, 1 epoch (32 steps), float32,
 2 threads, dropout 0, no activation checkpointing, no torch.compile, plain AdamW,
@@ -36,7 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {
     "model": "GPT-2, n_layer 4, n_head 4, n_embd 256, n_positions 256, vocab 4096, seeded random init, scalar head",
-    "tokenizer": "byte-level BPE 4096 trained on sandbox SFT text (models.tiny.train_tokenizer)",
+    "tokenizer": "byte-level BPE asked for 4096 tokens, trained on sandbox SFT text (models.tiny.train_tokenizer); "
+                 "the small corpus yields about 1,071 (tokenizer_vocab); the model's embedding has 4096 rows",
     "pairs": 512, "heldout_pairs": 256, "min_prompt_tokens": 48, "min_response_tokens": 48,
     "batch_pairs": 16, "grad_accum": 1, "lr": 1e-4, "epochs": 1, "steps": 32, "dtype": "float32", "threads": 2,
     "dropout": 0.0, "gradient_checkpointing": False, "torch_compile": False, "optimizer": "AdamW(0.9, 0.999, 1e-8)",

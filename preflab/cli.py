@@ -776,6 +776,8 @@ def rm_train(
         model, tok = initial_reward_model(policy, seed=cfg.seed)
         res = train_reward(cfg, model=model, tokenizer=tok, train=train, val=val, run_dir=out, resume=resume,
                            inputs={"initialised_from": _abs(policy)})
+        if not _main_process():  # under `accelerate launch`: the first process records and reports
+            return
         _record_lineage(db, project, out, trained_on_judgements=True, round_kinds=_rounds(rounds),
                         initialised_from=_abs(policy),
                         model_dir=_abs(res.model_dir))
@@ -1753,6 +1755,11 @@ def _rounds(spec: str | None) -> tuple[str, ...]:
     return TRAINING_ROUNDS if spec is None else tuple(k.strip() for k in spec.split(",") if k.strip())
 
 
+def _main_process() -> bool:
+    """False in the second and later processes of an `accelerate launch` (``RANK`` > 0)."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 def _record_lineage(db: str | None, project: str | None, run: str, **payload) -> None:
     """Record in the store what a CLI run came from (``preflab lineage``); runs without a store record nothing."""
     if db is None or not project:
@@ -1928,6 +1935,8 @@ def ppo_cmd(
                         run_dir=out, eval_hook=eval_hook, detectors=text_rates if cfg.alarm_thresholds else None,
                         resume=resume, inputs={"policy": _abs(policy), "reward_model": _abs(reward),
                                                "prompt_format": prompt_format})
+        if not _main_process():  # under `accelerate launch`: the first process records and reports
+            return
         _record_lineage(db, project, out, reward_model=_abs(reward), parent=_abs(policy), steps=res.steps,
                         policy_dir=_abs(res.policy_dir))
     except ValueError as e:
@@ -2099,6 +2108,8 @@ def dpo_cmd(
                                      reward_fn=reward_fn_from(reward, to_query=query_of.__getitem__) if reward else None)
         res = train_dpo(cfg, policy=pol, ref=ref, tokenizer=tok, train=train, val=val, run_dir=out, resume=resume,
                         inputs={"policy": _abs(policy)}, eval_hook=eval_hook)
+        if not _main_process():  # under `accelerate launch`: the first process records and reports
+            return
         _record_lineage(db, project, out, trained_on_judgements=True, round_kinds=_rounds(rounds),
                         parent=_abs(policy), steps=res.steps,
                         policy_dir=_abs(res.policy_dir))

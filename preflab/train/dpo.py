@@ -170,7 +170,6 @@ def train_dpo(
     A resumed run must train on the same pairs and ``inputs`` (e.g. the policy's path; ``inputs.json``).
     ``eval_hook(step, policy) -> dict`` runs at every checkpoint, as in ``train_ppo``; its numbers go to
     ``run_dir/eval/step_NNNNNN.json`` (``preflab checkpoints`` lists them)."""
-    from accelerate import Accelerator
     from rich.progress import Progress
 
     from preflab.train.checkpoint import (
@@ -183,10 +182,11 @@ def train_dpo(
         truncate_jsonl,
         write_step_eval,
     )
+    from preflab.train.launch import make_accelerator
 
     run_dir = Path(run_dir)
     refuse_to_overwrite(run_dir, resume=resume)
-    acc = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
+    acc = make_accelerator(cfg, "DPOConfig")
     world, rank = acc.num_processes, acc.process_index
     if cfg.batch_size % world:
         raise ValueError(f"DPOConfig.batch_size: {cfg.batch_size} is not divisible by {world} processes")
@@ -276,10 +276,14 @@ def train_dpo(
                 pc, pr = scorer(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
             rc, rr = ref_c[mine].to(acc.device), ref_r[mine].to(acc.device)
             out = preference_loss(cfg, pc, pr, rc, rr)
-            loss = out.losses.mean()
-            if cfg.rpo_alpha > 0:  # RPO: + alpha * NLL of the chosen response per token (Pang et al. 2024)
-                n_chosen = batch.response_mask[0::2].sum(-1).clamp_min(1)  # (B,)
-                loss = loss + cfg.rpo_alpha * (-(pc / n_chosen)).mean()
+            n_chosen = batch.response_mask[0::2].sum(-1).clamp_min(1)  # (B,)
+            rpo = -(pc / n_chosen)  # RPO: + alpha * NLL of the chosen response per token (Pang et al. 2024)
+            if world == 1:
+                loss = out.losses.mean() + (cfg.rpo_alpha * rpo.mean() if cfg.rpo_alpha > 0 else 0.0)
+            else:  # the mean over the step's pairs, whatever each process's share: DDP averages over processes
+                per_pair = out.losses + (cfg.rpo_alpha * rpo if cfg.rpo_alpha > 0 else 0.0)
+                own = len(idx[rank * share : (rank + 1) * share])  # 0: the reused pair counts nothing
+                loss = per_pair.sum() * (1.0 if own else 0.0) * world / len(idx)
             optimizer.zero_grad(set_to_none=True)
             acc.backward(loss)
             if cfg.max_grad_norm > 0:

@@ -72,6 +72,8 @@ class RewardConfig:
     checkpoint_every: int = field_doc(50, "save a resumable checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = field_doc(2, "how many checkpoints keep their weights (0 = all, as PPO's keep_last)")
     mixed_precision: Literal["no", "fp16", "bf16"] = field_doc("no", "accelerate mixed precision")
+    cpu: bool = field_doc(False, "force the CPU even when an accelerator is present (several launched processes "
+                                 "on a machine without a GPU use it anyway)")
     seed: int = field_doc(0, "seed for data order, head init and RNG")
 
     def validate(self) -> None:
@@ -352,7 +354,7 @@ def _evaluate(scorer, encoded, cfg: RewardConfig, pad_id: int, device) -> dict[s
 
 
 # fields a resumed run may change (they do not alter the trained weights)
-_RESUMABLE_CHANGES = ("eval_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints")
+_RESUMABLE_CHANGES = ("eval_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints", "cpu")
 
 
 def train_reward(
@@ -372,7 +374,6 @@ def train_reward(
 
     ``inputs``: what else the run depends on (e.g. the model it started from), recorded beside the
     data's fingerprints in ``inputs.json``; a resumed run must match them (``checkpoint.check_inputs``)."""
-    from accelerate import Accelerator
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -389,6 +390,7 @@ def train_reward(
         refuse_to_overwrite,
         save_checkpoint,
     )
+    from preflab.train.launch import make_accelerator
 
     if not train:
         raise ValueError("train: no training pairs")
@@ -425,29 +427,32 @@ def train_reward(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
-    # ---- resume: weights, optimizer, scheduler, RNG, step (before prepare: accelerate moves state)
+    # ---- resume: weights, optimizer, scheduler, RNG, step (before prepare: accelerate moves state).
+    # Every process reads; only the first writes (the others wait), so none reads a file mid-write.
+    acc = make_accelerator(cfg, "RewardConfig")
     start = 0
     metrics_path = run_dir / "metrics.jsonl"
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
         check_resume(cfg, run_dir, may_change=_RESUMABLE_CHANGES)
     check_inputs(run_dir, {"train_data": fingerprint(train), "val_data": fingerprint(val), **(inputs or {})},
-                 resuming=ckpt is not None)
+                 resuming=ckpt is not None, write=acc.is_main_process)
     if ckpt is not None:
         state = load_checkpoint(ckpt, modules={"model": model}, optimizers={"optimizer": optimizer},
                                 schedulers={"scheduler": scheduler})
         start = int(state["step"])
-        if metrics_path.exists():  # drop rows logged after the checkpoint (they are re-run)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        if ckpt is not None and metrics_path.exists():  # drop rows logged after the checkpoint (they are re-run)
             rows = [ln for ln in metrics_path.read_text().splitlines() if ln.strip()]
             kept = [ln for ln in rows if json.loads(ln).get("step", 0) <= start]
             metrics_path.write_text("".join(k + "\n" for k in kept))
-    elif metrics_path.exists():
-        metrics_path.unlink()
-    write_config(cfg, run_dir)
-    _write_jsonl(run_dir / "data" / "train.jsonl", train)
-    _write_jsonl(run_dir / "data" / "val.jsonl", val)
-
-    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+        elif ckpt is None and metrics_path.exists():
+            metrics_path.unlink()
+        write_config(cfg, run_dir)
+        _write_jsonl(run_dir / "data" / "train.jsonl", train)
+        _write_jsonl(run_dir / "data" / "val.jsonl", val)
+    acc.wait_for_everyone()
     scorer, optimizer = acc.prepare(scorer, optimizer)
     world, rank = acc.num_processes, acc.process_index
     pad_id = tokenizer.pad_token_id
@@ -480,6 +485,10 @@ def train_reward(
             idx = schedule[step]
             items = [enc_train[i] for i in idx]
             mine = items[rank::world]
+            # a step with fewer pairs than processes leaves a share empty: it still joins the gradient
+            # all-reduce, with one pair weighted 0 (DDP needs every process's backward)
+            weight = 1.0 if mine else 0.0
+            mine = mine or items[:1]
             denom = sum(1 for x in items if not (x.is_tie and cfg.ties == "exclude"))
             denom = max(denom, 1) / world  # DDP averages gradients over processes
             loss_sum, d_all = 0.0, []
@@ -490,9 +499,10 @@ def train_reward(
                 with ctx:
                     with acc.autocast():
                         loss, d = _step_loss(scorer, mb, cfg, denom)
-                    acc.backward(loss)
-                loss_sum += float(loss.detach()) / world
-                d_all.append(d[~mb.is_tie])
+                    acc.backward(loss * weight)
+                loss_sum += weight * float(loss.detach()) / world
+                if weight:
+                    d_all.append(d[~mb.is_tie])
             grad_norm = (acc.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm)
                          if cfg.max_grad_norm > 0 else torch.tensor(float("nan")))
             lr = scheduler.get_last_lr()[0]
@@ -500,15 +510,18 @@ def train_reward(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            # ---- metrics (train accuracy over this process's strict pairs, gathered)
+            # ---- metrics over the step's strict pairs: sums and counts, summed over processes (their
+            # shares differ in size with ties or an uneven split, so tensors cannot be gathered)
             d_cat = torch.cat(d_all) if d_all else torch.zeros(0, device=acc.device)
+            sums = torch.tensor([float(d_cat.numel()), float((d_cat > 0).sum()), float(d_cat.float().sum()), loss_sum],
+                                device=acc.device, dtype=torch.float64)
             if world > 1:
-                d_cat = acc.gather_for_metrics(d_cat)
-                loss_sum = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum"))
+                sums = acc.reduce(sums, reduction="sum")
+            n_strict, n_right, gap_sum, loss_sum = (float(x) for x in sums)
             done = step + 1
             row: dict[str, Any] = {
-                "step": done, "train/loss": loss_sum, "train/accuracy": float((d_cat > 0).float().mean())
-                if d_cat.numel() else math.nan, "train/reward_gap": float(d_cat.mean()) if d_cat.numel() else math.nan,
+                "step": done, "train/loss": loss_sum, "train/accuracy": n_right / n_strict if n_strict else math.nan,
+                "train/reward_gap": gap_sum / n_strict if n_strict else math.nan,
                 "train/grad_norm": float(grad_norm), "train/lr": lr,
                 "train/pairs_per_s": (done - start) * cfg.batch_size / (time.perf_counter() - t0),
             }

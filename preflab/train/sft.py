@@ -166,7 +166,6 @@ def train_sft(
     ``resume``: continue from the newest checkpoint in ``run_dir`` (same batches, same RNG,
     so the result equals an uninterrupted run). ``cfg`` may be a dict of SFTConfig fields.
     """
-    from accelerate import Accelerator
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from preflab.train.checkpoint import (
@@ -175,6 +174,7 @@ def train_sft(
         save_checkpoint,
         truncate_jsonl,
     )
+    from preflab.train.launch import make_accelerator
 
     if isinstance(cfg, dict):
         cfg = from_dict(SFTConfig, cfg)
@@ -186,7 +186,7 @@ def train_sft(
     if n_pos is not None and cfg.max_length > n_pos:
         raise ValueError(f"SFTConfig.max_length: {cfg.max_length} exceeds the model's {n_pos} positions")
     run_dir = Path(run_dir)
-    acc = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
+    acc = make_accelerator(cfg, "SFTConfig")
     if acc.num_processes > 1:
         raise ValueError("train_sft: runs in one process (the sandbox model is tiny); use one device")
     seed_everything(cfg.seed)

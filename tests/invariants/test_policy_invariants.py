@@ -165,3 +165,39 @@ def test_two_process_ppo_matches_one_process_with_the_same_global_batch(tmp_path
     assert m1[-1]["objective/scores"] != m1[0]["objective/scores"]  # it trained
     w1, w2 = _weights(one), _weights(two)
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4
+
+
+@pytest.mark.slow
+def test_the_documented_launch_of_rm_train_runs_ddp_on_a_cpu_with_ties_and_an_uneven_batch(tmp_path, model_dir):
+    """`accelerate launch --multi_gpu --num_processes 2 preflab rm train` with no `cpu` in the config: on a
+    machine without a GPU it used to run two independent copies into one directory (every row twice, exit 0),
+    and with the CPU forced it crashed gathering unequal shares (ties, a batch of 5). Now: one run, the
+    1-process curve, exit 0."""
+    from preflab.sandbox.domain import Style, compose, generate_queries
+
+    rows = []
+    for i, q in enumerate(generate_queries(30, seed=5)):
+        rows.append({"prompt": q.text, "chosen": compose(q, Style(tone="warm")),
+                     "rejected": compose(q, Style(tone="dismissive")), **({"is_tie": True} if i % 5 == 0 else {})})
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "rm.toml").write_text("[rm]\nbatch_size = 5\nepochs = 1\nlr = 1e-3\neval_every = 0\n"
+                                      "checkpoint_every = 0\nmax_length = 256\n")
+    preflab = str(Path(sys.executable).parent / "preflab")
+    args = ["rm", "train", "--data", str(data), "--policy", str(model_dir), "--config", str(tmp_path / "rm.toml"),
+            "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([preflab, *args, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "--main_process_port", "0", preflab, *args, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("trained ") == 1  # one summary, from the first process
+    m1, m2 = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert [r["step"] for r in m2] == [r["step"] for r in m1] == list(range(1, len(m1) + 1))
+    for a, b in zip(m1, m2, strict=True):
+        for key in ("train/loss", "train/accuracy", "train/reward_gap"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
