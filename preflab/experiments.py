@@ -572,9 +572,9 @@ def margin(lab: Lab) -> list[Path]:
              + "; ".join(f"margin {r['margin']}: gold {r['gold_accuracy']:.1%} [{r['gold_ci'][0]:.1%}, "
                          f"{r['gold_ci'][1]:.1%}], held-out {r['heldout_accuracy']:.1%}" for r in rows)
              + ". " + " ".join(paired))
-    headline = "margin on/off: " + "; ".join(
+    headline = "margin on/off: " + ("; ".join(
         f"{r['margin']} - {first['margin']} gold accuracy {_pts(r['gold_diff'])} ({_verdict(r['gold_diff'])})"
-        for r in rows[1:])
+        for r in rows[1:]) or f"{first['margin']} alone, gold accuracy {first['gold_accuracy']:.1%}")
     return [write_json(lab.run / "experiments" / "margin.json", {
         "title": "Margin on/off: reward-model accuracy", "kind": "bars", "y_label": "accuracy", "headline": headline,
         "notes": notes, "bars": bars, "rows": rows, "scale": _scale(c, lab), "simulated": True})]
