@@ -327,8 +327,11 @@ def factual_run(
     seed: int = typer.Option(0, help="Sampler seed."),
     out: str = typer.Option(None, help="JSON file for the run (default CHECKPOINT/eval/factual.json)."),
     prompt_format: str = _PROMPT_FORMAT_OPT,
+    threads: int = typer.Option(None, min=1, show_default=False,
+                                help="torch CPU threads (default: torch's choice, all cores; 1 or 2 on a shared machine)."),
 ) -> None:
     """Run a checkpoint against a suite: accuracy overall and per topic."""
+    _set_threads(threads)
     from pathlib import Path
 
     from rich.table import Table
@@ -403,8 +406,11 @@ def ab_create(
     db: str = _DB_OPT,
     project: str = typer.Option("default", help="Project."),
     prompt_format: str = _PROMPT_FORMAT_OPT,
+    threads: int = typer.Option(None, min=1, show_default=False,
+                                help="torch CPU threads (default: torch's choice, all cores; 1 or 2 on a shared machine)."),
 ) -> None:
     """Generate both checkpoints' responses and open a blind eval round (sides random, identities hidden)."""
+    _set_threads(threads)
     import json
     from pathlib import Path
 
@@ -522,8 +528,11 @@ def gates_cmd(
     prompt_format: str = _PROMPT_FORMAT_OPT,
     eval_dir_opt: str = typer.Option(None, "--eval-dir", help="The evidence, where it is not CHECKPOINT/eval/ (the "
                                                               "demo's: RUN/ppo_v2/gates)."),
+    threads: int = typer.Option(None, min=1, show_default=False,
+                                help="torch CPU threads (default: torch's choice, all cores; 1 or 2 on a shared machine)."),
 ) -> None:
     """Evaluate the promotion gates on a checkpoint (optionally collecting the evidence first)."""
+    _set_threads(threads)
     from pathlib import Path
 
     from rich.markup import escape
@@ -671,8 +680,11 @@ def diagnose_cmd(
     groups: bool = typer.Option(False, help="Also print the table per group (fact)."),
     out: str = typer.Option(None, help="JSON file (default CHECKPOINT/eval/diagnose.json)."),
     prompt_format: str = _PROMPT_FORMAT_OPT,
+    threads: int = typer.Option(None, min=1, show_default=False,
+                                help="torch CPU threads (default: torch's choice, all cores; 1 or 2 on a shared machine)."),
 ) -> None:
     """Knowledge or preference? First-sample vs any-of-n correctness per item, per topic, and a verdict."""
+    _set_threads(threads)
     import json
     from pathlib import Path
 
@@ -797,8 +809,11 @@ def rm_eval(
     db: str = typer.Option(None, "--db", help="Store URL: compute the ceiling from its planted duplicates."),
     project: str = typer.Option(None, "--project", help="Project name in the store (with --db)."),
     n_boot: int = typer.Option(1000, min=50, help="Bootstrap replicates for the CIs."),
+    threads: int = typer.Option(None, min=1, show_default=False,
+                                help="torch CPU threads (default: torch's choice, all cores; 1 or 2 on a shared machine)."),
 ) -> None:
     """Held-out accuracy (overall, per rater/topic/strength, with CIs), calibration, length bias, warnings."""
+    _set_threads(threads)
     from rich.table import Table
 
     from preflab.evaluate.preference import evaluate_run, store_ceiling
@@ -936,8 +951,11 @@ def rm_score(
                                    help="Longest prompt + response in tokens. Default: the length the model was "
                                         "trained with (its preflab.json; 256 when it says nothing)."),
     batch_size: int = typer.Option(32, min=1, help="Responses per forward pass."),
+    threads: int = typer.Option(None, min=1, show_default=False,
+                                help="torch CPU threads (default: torch's choice, all cores; 1 or 2 on a shared machine)."),
 ) -> None:
     """Score prompt/response pairs with a reward model."""
+    _set_threads(threads)
     import json
     from pathlib import Path
 
@@ -1520,8 +1538,11 @@ def store_sample(
     seed: int = typer.Option(0, help="Seed of the prompt choice, the sampler, pair choice and sides."),
     db: str = _DB_OPT,
     project: str = typer.Option("default", help="Project (its prompts are sampled; the pairs are added to it)."),
+    threads: int = typer.Option(None, min=1, show_default=False,
+                                help="torch CPU threads (default: torch's choice, all cores; 1 or 2 on a shared machine)."),
 ) -> None:
     """Sample policies on the project's prompts and add the answers as comparison pairs (fix-and-re-rate loop)."""
+    _set_threads(threads)
     import functools
     import random
     from pathlib import Path
@@ -2154,6 +2175,9 @@ def sandbox_experiment(
     rm_lr: float = typer.Option(None, help="Reward-model learning rate (default 1e-4; the demo's: 1e-3)."),
     ppo: bool = typer.Option(True, help="consistency-vs-volume: also a short PPO pass on each reward model."),
     progress: bool = typer.Option(True, help="Show the trainers' progress bars."),
+    threads: int = typer.Option(None, min=1, show_default=False,
+                                help="torch CPU threads (default 1: ExperimentConfig.threads, the least waste on a busy "
+                                     "machine)."),
 ) -> None:
     """A what-if experiment in the sandbox, written as a plot the report shows (see docs/experiments.md)."""
     import json
@@ -2166,7 +2190,7 @@ def sandbox_experiment(
     flags = {"pairs": pairs, "volume_ratio": volume_ratio, "crowd_raters": crowd_raters, "rubric": rubric,
              "eval_pairs": eval_pairs, "ppo_steps": ppo_steps, "ppo_prompts": ppo_prompts,
              "ppo_eval_every": ppo_eval_every, "eval_queries": eval_queries, "oracle_queries": oracle_queries,
-             "max_new_tokens": max_new_tokens, "rm_epochs": rm_epochs, "rm_lr": rm_lr}
+             "max_new_tokens": max_new_tokens, "rm_epochs": rm_epochs, "rm_lr": rm_lr, "threads": threads}
     try:
         if betas is not None:
             flags["betas"] = [float(b) for b in betas.split(",") if b.strip()]
@@ -2209,7 +2233,7 @@ def main() -> None:
     try:
         app()
     except SystemExit as e:  # Typer turns Ctrl-C into exit status 130, silently
-        if e.code == 130:
+        if e.code == 130 and _main_process():  # once under `accelerate launch`, not once per process
             console.print(f"[yellow]interrupted[/yellow]{_interrupted_hint(sys.argv)}")
         raise
     except ConfigError as e:

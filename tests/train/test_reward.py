@@ -254,7 +254,7 @@ def test_cli_rm_train_eval_score(tok, tmp_path):
     import shutil
 
     shutil.copytree(run / "model", tmp_path / "copied")
-    r = runner.invoke(app, ["rm", "score", "--model", str(tmp_path / "copied"), "--input", str(inp)])
+    r = runner.invoke(app, ["rm", "score", "--model", str(tmp_path / "copied"), "--input", str(inp), "--threads", "1"])
     assert r.exit_code == 0 and json.loads(r.stdout.splitlines()[-1])["score"] == row["score"], r.output
     r = runner.invoke(app, ["checkpoints", str(run), "--export", "6", "--out", str(tmp_path / "exported")])
     assert r.exit_code == 0, r.output
