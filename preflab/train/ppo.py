@@ -295,6 +295,28 @@ def rewards_and_advantages(old_logprobs: torch.Tensor, old_values: torch.Tensor,
     return kl_seq, old_values, advantages, returns, scale
 
 
+class _SavedState:
+    """A generator state taken on another process, saved as ``save_checkpoint`` saves a generator."""
+
+    def __init__(self, state: torch.Tensor):
+        self.state = state
+
+    def get_state(self) -> torch.Tensor:
+        return self.state
+
+
+def _process_generators(world: int, rank: int, sampler_gen, shuffle_gen) -> dict:  # noqa: ANN001
+    """Every other process's sampler, shuffle and global RNG states, gathered to all (a collective: every
+    process calls it), as ``{"sampler_r1": ..., "shuffle_r1": ..., "rng_r1": ...}``; {} with one process."""
+    if world == 1:
+        return {}
+    from accelerate.utils import gather_object
+
+    mine = [(rank, sampler_gen.get_state().cpu(), shuffle_gen.get_state(), torch.get_rng_state())]
+    return {f"{kind}_r{r}": _SavedState(st) for r, *states in gather_object(mine) if r
+            for kind, st in zip(("sampler", "shuffle", "rng"), states, strict=True)}
+
+
 def train_ppo(
     cfg: PPOConfig,
     *,
@@ -382,9 +404,16 @@ def train_ppo(
     metrics_path, events_path = run_dir / "metrics.jsonl", run_dir / "events.jsonl"
     start, history, events, last_ckpt = 0, [], [], None
     if resume and (last_ckpt := latest_checkpoint(run_dir)) is not None:
+        # under DDP each process continues from its own generators (saved per process; a checkpoint from
+        # before they were gives every process the first one's, as it always did)
+        own = rank > 0 and (last_ckpt / f"sampler_r{rank}.gen.pt").is_file()
+        gens = ({f"sampler_r{rank}": sampler_gen, f"shuffle_r{rank}": shuffle_gen} if own
+                else {"sampler": sampler_gen, "shuffle": shuffle_gen})
         state = load_checkpoint(last_ckpt, modules={"actor_critic": acc.unwrap_model(ac)},
                                 optimizers={"optimizer": optimizer}, schedulers={"scheduler": scheduler},
-                                generators={"sampler": sampler_gen, "shuffle": shuffle_gen})
+                                generators=gens)
+        if own:
+            torch.set_rng_state(torch.load(last_ckpt / f"rng_r{rank}.gen.pt", weights_only=True))
         start = state["step"]
         controller.load_state_dict(state["controller"])
         moments.load_state_dict(state["reward_moments"])
@@ -553,6 +582,7 @@ def train_ppo(
             # ---- checkpoint ----------------------------------------------------------------
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 acc.wait_for_everyone()
+                per_process = _process_generators(world, rank, sampler_gen, shuffle_gen)  # collective
                 if acc.is_main_process:
                     # the evaluation first: a run stopped between the two resumes from the previous
                     # checkpoint and writes it again, where the other order would lose it for good
@@ -561,7 +591,7 @@ def train_ppo(
                     last_ckpt = save_checkpoint(
                         run_dir, step + 1, modules={"actor_critic": acc.unwrap_model(ac)},
                         optimizers={"optimizer": optimizer}, schedulers={"scheduler": scheduler},
-                        generators={"sampler": sampler_gen, "shuffle": shuffle_gen},
+                        generators={"sampler": sampler_gen, "shuffle": shuffle_gen, **per_process},
                         state={"controller": controller.state_dict(), "reward_moments": moments.state_dict()},
                         keep_last=cfg.keep_last or None)
                 acc.wait_for_everyone()

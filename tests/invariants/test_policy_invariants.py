@@ -33,13 +33,15 @@ SCRIPT = textwrap.dedent('''
                 os.kill(os.getpid(), signal.SIGKILL)
             return torch.tensor([len(t) / 40.0 for t in texts])
         # ddp: one minibatch per epoch and per-sample seeds, so 1 and 2 processes see the same global batch
-        ddp = mode == "ddp"
-        cfg = PPOConfig(steps=4, prompts_per_step=4, samples_per_prompt=2, max_new_tokens=8,
-                        minibatch_size=8 if ddp else 4, per_sample_seeds=ddp, ppo_epochs=2, lr=1e-3,
-                        checkpoint_every=2, progress=False, kl_controller="adaptive", kl_target=0.5, seed=3, cpu=True)
+        # mb: two minibatches per process and one sampler per process (no per-sample seeds)
+        ddp, mb = mode == "ddp", mode.startswith("mb")
+        cfg = PPOConfig(steps=4, prompts_per_step=4, samples_per_prompt=2,
+                        max_new_tokens=8, minibatch_size=8 if ddp else (2 if mb else 4), per_sample_seeds=ddp,
+                        ppo_epochs=2, lr=1e-3, checkpoint_every=2, progress=False, kl_controller="adaptive",
+                        kl_target=0.5, seed=3, cpu=True)
         prompts = [format_prompt(q.text) for q in generate_queries(10, seed=1)]
         train_ppo(cfg, policy=policy, ref=ref, tokenizer=tok, reward_fn=reward, prompts=prompts,
-                  run_dir=run_dir, resume=mode == "resume")
+                  run_dir=run_dir, resume=mode.endswith("resume"))
     else:
         from preflab.sandbox.domain import Style, compose
         from preflab.train.data import PreferenceExample
@@ -82,14 +84,14 @@ def model_dir(tmp_path_factory):
     return out
 
 
-def _launch(model_dir, algo, run_dir, nproc, mode="fresh"):
+def _launch(model_dir, algo, run_dir, nproc, mode="fresh", kill_at=-1):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     # `--multi_gpu` picks accelerate's torchrun launcher; the trainers' cpu=True makes it DDP over gloo
     # (`--cpu` with several processes expects mpirun and would silently start just one)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc), "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            *(["--multi_gpu"] if nproc > 1 else ["--cpu"]),
-           str(model_dir / "run.py"), algo, str(model_dir), str(run_dir), mode]
+           str(model_dir / "run.py"), algo, str(model_dir), str(run_dir), mode, str(kill_at)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode == 0:
         assert (Path(run_dir) / "world.txt").read_text() == (f"{nproc} gloo" if nproc > 1 else "1 none")
@@ -201,3 +203,20 @@ def test_the_documented_launch_of_rm_train_runs_ddp_on_a_cpu_with_ties_and_an_un
     for a, b in zip(m1, m2, strict=True):
         for key in ("train/loss", "train/accuracy", "train/reward_gap"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
+
+
+@pytest.mark.slow
+def test_a_two_process_ppo_resume_continues_each_process_from_its_own_generators(tmp_path, model_dir):
+    """Each process samples and shuffles with its own generators; the checkpoint keeps every process's
+    (it kept the first one's, so a resumed 2-process run drifted from step 3: scores 0.29 vs 0.32)."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    r = _launch(model_dir, "ppo", full, 2, "mb")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _launch(model_dir, "ppo", cut, 2, "mb", kill_at=3)  # both processes die scoring step 3
+    assert r.returncode != 0
+    assert (cut / "ckpt" / "step_000002" / "sampler_r1.gen.pt").is_file() and not (cut / "policy").exists()
+    r = _launch(model_dir, "ppo", cut, 2, "mb_resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _metrics(cut) == _metrics(full)
+    wf, wc = _weights(full), _weights(cut)
+    assert all(torch.equal(wf[k], wc[k]) for k in wf)
