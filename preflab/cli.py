@@ -26,6 +26,8 @@ app.add_typer(sandbox_app, name="sandbox")
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
 # the store option shared by every command that works on one
 _DB_OPT = typer.Option("sqlite:///preflab.db", "--db", help="SQLAlchemy URL (or SQLite path) of the store.")
+_THREADS_OPT = typer.Option(None, "--threads", min=1, show_default=False,
+                            help="torch CPU threads (default: torch's choice, all cores; 1 or 2 on a shared machine).")
 ROUNDS_HELP = ("With --db: round kinds to train on, comma-separated (default calibration,collection,rerate; "
                "the demo: collection,rerate).")
 
@@ -327,8 +329,7 @@ def factual_run(
     seed: int = typer.Option(0, help="Sampler seed."),
     out: str = typer.Option(None, help="JSON file for the run (default CHECKPOINT/eval/factual.json)."),
     prompt_format: str = _PROMPT_FORMAT_OPT,
-    threads: int = typer.Option(None, min=1, show_default=False,
-                                help="torch CPU threads (default: torch's choice, all cores; 1 or 2 on a shared machine)."),
+    threads: int = _THREADS_OPT,
 ) -> None:
     """Run a checkpoint against a suite: accuracy overall and per topic."""
     _set_threads(threads)
@@ -406,8 +407,7 @@ def ab_create(
     db: str = _DB_OPT,
     project: str = typer.Option("default", help="Project."),
     prompt_format: str = _PROMPT_FORMAT_OPT,
-    threads: int = typer.Option(None, min=1, show_default=False,
-                                help="torch CPU threads (default: torch's choice, all cores; 1 or 2 on a shared machine)."),
+    threads: int = _THREADS_OPT,
 ) -> None:
     """Generate both checkpoints' responses and open a blind eval round (sides random, identities hidden)."""
     _set_threads(threads)
@@ -528,8 +528,7 @@ def gates_cmd(
     prompt_format: str = _PROMPT_FORMAT_OPT,
     eval_dir_opt: str = typer.Option(None, "--eval-dir", help="The evidence, where it is not CHECKPOINT/eval/ (the "
                                                               "demo's: RUN/ppo_v2/gates)."),
-    threads: int = typer.Option(None, min=1, show_default=False,
-                                help="torch CPU threads (default: torch's choice, all cores; 1 or 2 on a shared machine)."),
+    threads: int = _THREADS_OPT,
 ) -> None:
     """Evaluate the promotion gates on a checkpoint (optionally collecting the evidence first)."""
     _set_threads(threads)
@@ -680,8 +679,7 @@ def diagnose_cmd(
     groups: bool = typer.Option(False, help="Also print the table per group (fact)."),
     out: str = typer.Option(None, help="JSON file (default CHECKPOINT/eval/diagnose.json)."),
     prompt_format: str = _PROMPT_FORMAT_OPT,
-    threads: int = typer.Option(None, min=1, show_default=False,
-                                help="torch CPU threads (default: torch's choice, all cores; 1 or 2 on a shared machine)."),
+    threads: int = _THREADS_OPT,
 ) -> None:
     """Knowledge or preference? First-sample vs any-of-n correctness per item, per topic, and a verdict."""
     _set_threads(threads)
@@ -757,8 +755,7 @@ def rm_train(
     ties: str = typer.Option(None, help="RewardConfig.ties: exclude | half"),
     mixed_precision: str = typer.Option(None, help="RewardConfig.mixed_precision: no | fp16 | bf16"),
     seed: int = typer.Option(None, help="RewardConfig.seed"),
-    threads: int = typer.Option(None, min=1, show_default=False,
-                                help="torch CPU threads (default: torch's choice, all cores; 1 or 2 on a shared machine)."),
+    threads: int = _THREADS_OPT,
 ) -> None:
     """Train a reward model on judged pairs (split by prompt into train/validation)."""
     _set_threads(threads)
@@ -809,8 +806,7 @@ def rm_eval(
     db: str = typer.Option(None, "--db", help="Store URL: compute the ceiling from its planted duplicates."),
     project: str = typer.Option(None, "--project", help="Project name in the store (with --db)."),
     n_boot: int = typer.Option(1000, min=50, help="Bootstrap replicates for the CIs."),
-    threads: int = typer.Option(None, min=1, show_default=False,
-                                help="torch CPU threads (default: torch's choice, all cores; 1 or 2 on a shared machine)."),
+    threads: int = _THREADS_OPT,
 ) -> None:
     """Held-out accuracy (overall, per rater/topic/strength, with CIs), calibration, length bias, warnings."""
     _set_threads(threads)
@@ -878,8 +874,7 @@ def rm_curve(
     margin: str = typer.Option(None, help="RewardConfig.margin"),
     seed: int = typer.Option(None, help="RewardConfig.seed (the validation split and training) and CurveConfig.seed"),
     progress: bool = typer.Option(True, help="Show the trainer's progress bars."),
-    threads: int = typer.Option(None, min=1, show_default=False,
-                                help="torch CPU threads (default: torch's choice, all cores; 1 or 2 on a shared machine)."),
+    threads: int = _THREADS_OPT,
 ) -> None:
     """Would more judgements help? Reward models on nested shares of the training pairs, each scored on the same
     validation pairs: accuracy per size, paired gains, gain per doubling, and the pairs projected to near the ceiling."""
@@ -951,8 +946,7 @@ def rm_score(
                                    help="Longest prompt + response in tokens. Default: the length the model was "
                                         "trained with (its preflab.json; 256 when it says nothing)."),
     batch_size: int = typer.Option(32, min=1, help="Responses per forward pass."),
-    threads: int = typer.Option(None, min=1, show_default=False,
-                                help="torch CPU threads (default: torch's choice, all cores; 1 or 2 on a shared machine)."),
+    threads: int = _THREADS_OPT,
 ) -> None:
     """Score prompt/response pairs with a reward model."""
     _set_threads(threads)
@@ -1538,8 +1532,7 @@ def store_sample(
     seed: int = typer.Option(0, help="Seed of the prompt choice, the sampler, pair choice and sides."),
     db: str = _DB_OPT,
     project: str = typer.Option("default", help="Project (its prompts are sampled; the pairs are added to it)."),
-    threads: int = typer.Option(None, min=1, show_default=False,
-                                help="torch CPU threads (default: torch's choice, all cores; 1 or 2 on a shared machine)."),
+    threads: int = _THREADS_OPT,
 ) -> None:
     """Sample policies on the project's prompts and add the answers as comparison pairs (fix-and-re-rate loop)."""
     _set_threads(threads)
@@ -1887,8 +1880,7 @@ def ppo_cmd(
                                                         "Assistant:') | raw | chat (its tokenizer's chat template)."),
     db: str = typer.Option(None, "--db", help="Store to record the run's lineage in (policy, reward model, steps)."),
     project: str = typer.Option(None, "--project", help="Project in --db."),
-    threads: int = typer.Option(None, min=1, show_default=False,
-                                help="torch CPU threads (default: torch's choice, all cores; 1 or 2 on a shared machine)."),
+    threads: int = _THREADS_OPT,
 ) -> None:
     """Optimise a policy against a reward model with PPO and a KL leash (fixed, adaptive, alarm-driven)."""
     _set_threads(threads)
@@ -2087,8 +2079,7 @@ def dpo_cmd(
     reward: str = typer.Option(None, "--reward", help="A reward model dir: checkpoint evaluations also score "
                                                       "their samples (eval/reward)."),
     eval_max_new_tokens: int = typer.Option(64, min=1, help="Longest response a checkpoint evaluation samples."),
-    threads: int = typer.Option(None, min=1, show_default=False,
-                                help="torch CPU threads (default: torch's choice, all cores; 1 or 2 on a shared machine)."),
+    threads: int = _THREADS_OPT,
 ) -> None:
     """Fit a policy directly to judged pairs with DPO (or IPO) against the frozen SFT policy."""
     _set_threads(threads)

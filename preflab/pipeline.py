@@ -146,16 +146,9 @@ def trained_prompt_format(rm_dir: str | Path) -> str:
     from preflab.models.hf import model_meta
     from preflab.train.data import PROMPT_FORMATS
 
-    if model_meta(rm_dir).get("prompt_format") in PROMPT_FORMATS:
-        return model_meta(rm_dir)["prompt_format"]
-    run_cfg = Path(rm_dir).parent / "config.json"
-    if run_cfg.is_file():  # an `rm train` run dir; anything else beside the model leaves the default
-        try:
-            saved = json.loads(run_cfg.read_text())
-        except ValueError:
-            saved = None
-        if isinstance(saved, dict) and saved.get("prompt_format") in PROMPT_FORMATS:
-            return saved["prompt_format"]
+    for meta in (model_meta(rm_dir), _run_config(rm_dir)):
+        if meta.get("prompt_format") in PROMPT_FORMATS:
+            return meta["prompt_format"]
     return "dialogue"
 
 

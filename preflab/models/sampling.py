@@ -9,6 +9,7 @@ under the model's raw (temperature 1) distribution, which is what PPO's ratio us
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -100,14 +101,27 @@ def sample_token(
     return (probs / race).argmax(-1)
 
 
+_BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (bos_token_id, default BOS)
+
+
 def default_bos(tokenizer) -> int | None:
     """The BOS id the tokenizer puts first when asked to add special tokens (Llama, Mistral, Gemma and
-    OPT tokenizers do, and their models expect it), else None (GPT-2 style tokenizers add none)."""
+    OPT tokenizers do, and their models expect it), else None (GPT-2 style tokenizers add none).
+    Found once per tokenizer (encoding every training pair asks)."""
     bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return None
-    with_special = tokenizer("a")["input_ids"]
-    return bos if with_special and with_special[0] == bos else None
+    try:
+        known = _BOS.get(tokenizer)
+    except TypeError:  # neither hashable nor weakly referable: look it up each time
+        known = None
+    if known is not None and known[0] == bos:
+        return known[1]
+    with_special = tokenizer("a")["input_ids"] if bos is not None else []
+    found = bos if with_special and with_special[0] == bos else None
+    try:
+        _BOS[tokenizer] = (bos, found)
+    except TypeError:
+        pass
+    return found
 
 
 def encode_prompt(tokenizer, text: str, *, bos: int | None) -> list[int]:

@@ -328,25 +328,28 @@ def section_workshop(run: Path) -> Section | None:
     s = Section("workshop", "Calibration workshop")
     rows, changes = [], w.get("change") or {}
 
-    def change(key: str, b: float, a: float) -> str:
+    def change(key: str, b: float, a: float) -> tuple[str, bool]:
+        """The change with its interval (the bare difference when the file has none), and whether the
+        interval includes 0."""
         c = changes.get(key)
         if not isinstance(c, dict) or not c.get("ci") or c["ci"][0] is None:
-            return f"{a - b:+.2f}"
+            return f"{a - b:+.2f}", False
         lo, hi = c["ci"]
-        return f"{c['value']:+.2f} [{lo:+.2f}, {hi:+.2f}]" + (" not a clear change" if lo <= 0 <= hi else "")
+        return f"{c['value']:+.2f} [{lo:+.2f}, {hi:+.2f}]", lo <= 0 <= hi
 
     for key, label in (*plots.WORKSHOP_STATS, ("agreement", "raw agreement")):
         if key in w.get("before", {}):
             (b, bc), (a, ac) = stat(w["before"][key]), stat(w.get("after", {}).get(key))
-            rows.append((label.replace("\n", " "), num(b) + ci(bc), num(a) + ci(ac), change(key, b, a)))
+            text, unclear = change(key, b, a)
+            rows.append((label.replace("\n", " "), num(b) + ci(bc), num(a) + ci(ac),
+                         text + (" not a clear change" if unclear else "")))
     th, tm = table(["statistic", "before (95% CI)", "after (95% CI)", "change (95% CI)"], rows)
     mk = w.get("before", {}).get("mean_kappa")
     if mk is not None:
         b, a = stat(mk)[0], stat(w["after"]["mean_kappa"])[0]
-        c = change("mean_kappa", b, a)
+        text, unclear = change("mean_kappa", b, a)
         s.headline.append(f"mean pairwise kappa {num(b)} -> {num(a)}"
-                          + (f" (change {c.replace(' not a clear change', '')}"
-                             + ("; not a clear change)" if c.endswith("not a clear change") else ")")
+                          + (f" (change {text}{'; not a clear change' if unclear else ''})"
                              if "mean_kappa" in changes else ""))
     info = f"{w.get('n_pairs', '?')} pairs per round; raters: {', '.join(map(str, w.get('raters', [])))}"
     s.html = f"<p>{esc(info)}</p>" + th + img(plots.plot_workshop(w), "agreement before and after calibration")

@@ -389,6 +389,7 @@ def train_reward(
         load_checkpoint,
         refuse_to_overwrite,
         save_checkpoint,
+        truncate_jsonl,
     )
     from preflab.train.launch import make_accelerator
 
@@ -443,11 +444,9 @@ def train_reward(
         start = int(state["step"])
     acc.wait_for_everyone()
     if acc.is_main_process:
-        if ckpt is not None and metrics_path.exists():  # drop rows logged after the checkpoint (they are re-run)
-            rows = [ln for ln in metrics_path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in rows if json.loads(ln).get("step", 0) <= start]
-            metrics_path.write_text("".join(k + "\n" for k in kept))
-        elif ckpt is None and metrics_path.exists():
+        if ckpt is not None:  # drop rows logged after the checkpoint (they are re-run)
+            truncate_jsonl(metrics_path, start)
+        elif metrics_path.exists():
             metrics_path.unlink()
         write_config(cfg, run_dir)
         _write_jsonl(run_dir / "data" / "train.jsonl", train)

@@ -154,4 +154,4 @@ def test_a_reward_model_from_a_pad_less_policy_scores_the_same_in_plain_transfor
         assert theirs == pytest.approx(score, abs=1e-5)
     # longer than the model's 64 positions: truncated to fit, not an IndexError inside the model
     (long,) = score_responses(rm, rtok, ["how much is it"], [" ".join(["five"] * 200)], max_length=256)
-    assert long == long  # a number, not NaN
+    assert torch.isfinite(torch.tensor(long))  # a score, not an IndexError or NaN

@@ -71,18 +71,23 @@ def random_policy():
     return tok, cfg
 
 
-def test_resume_refuses_a_changed_config(tmp_path, random_policy):
+def _tiny_run(random_policy, run_dir, cfg, *, resume, eval_hook=None):
+    """``train_ppo`` of a fresh tiny policy on 8 sandbox prompts with a constant reward."""
     from preflab.models.tiny import tiny_gpt2
 
     tok, mcfg = random_policy
     prompts = [format_prompt(q.text) for q in generate_queries(8, seed=0)]
+    return train_ppo(cfg, policy=tiny_gpt2(mcfg, seed=0), ref=tiny_gpt2(mcfg, seed=0), tokenizer=tok,
+                     reward_fn=lambda ps, ts: torch.zeros(len(ts)), prompts=prompts, run_dir=run_dir,
+                     resume=resume, eval_hook=eval_hook)
+
+
+def test_resume_refuses_a_changed_config(tmp_path, random_policy):
     cfg = PPOConfig(steps=2, prompts_per_step=4, max_new_tokens=6, minibatch_size=4, ppo_epochs=1,
                     checkpoint_every=1, progress=False, cpu=True)
 
     def run(c, resume):
-        return train_ppo(c, policy=tiny_gpt2(mcfg, seed=0), ref=tiny_gpt2(mcfg, seed=0), tokenizer=tok,
-                         reward_fn=lambda ps, ts: torch.zeros(len(ts)), prompts=prompts, run_dir=tmp_path,
-                         resume=resume)
+        return _tiny_run(random_policy, tmp_path, c, resume=resume)
 
     run(cfg, False)
     config = (tmp_path / "config.json").read_text()
@@ -95,17 +100,11 @@ def test_resume_refuses_a_changed_config(tmp_path, random_policy):
 def test_a_stop_during_a_checkpoint_evaluation_loses_no_evaluation(tmp_path, random_policy):
     """The evaluation is written before its checkpoint: stopped in between, the run resumes from the
     previous checkpoint and evaluates the step again (the other order left that step unevaluated)."""
-    from preflab.models.tiny import tiny_gpt2
-
-    tok, mcfg = random_policy
-    prompts = [format_prompt(q.text) for q in generate_queries(8, seed=0)]
     cfg = PPOConfig(steps=3, prompts_per_step=4, max_new_tokens=6, minibatch_size=4, ppo_epochs=1,
                     checkpoint_every=1, progress=False, cpu=True)
 
     def run(hook, resume):
-        return train_ppo(cfg, policy=tiny_gpt2(mcfg, seed=0), ref=tiny_gpt2(mcfg, seed=0), tokenizer=tok,
-                         reward_fn=lambda ps, ts: torch.zeros(len(ts)), prompts=prompts, run_dir=tmp_path,
-                         resume=resume, eval_hook=hook)
+        return _tiny_run(random_policy, tmp_path, cfg, resume=resume, eval_hook=hook)
 
     def stop_at_2(step, model):
         if step == 2:
