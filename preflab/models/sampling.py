@@ -2,7 +2,7 @@
 
 Our own decode loop over the model's cache (not ``model.generate``), so that what RLHF
 needs comes out of one pass: left-padded prompts with correct position ids, temperature,
-top-p, min/max new tokens, per-row stop at EOS, and the log-prob of every sampled token
+top-p, min/max new tokens, per-row stop at EOS or end-of-turn, and the log-prob of every sampled token
 under the model's raw (temperature 1) distribution, which is what PPO's ratio uses.
 """
 
@@ -24,9 +24,10 @@ class Samples:
     attention_mask: torch.Tensor  # (B, T) 1 on real prompt tokens and on the response up to EOS
     prompt_len: int  # padded prompt width P
     response_ids: torch.Tensor  # (B, R) pad after EOS
-    response_mask: torch.Tensor  # (B, R) 1 up to and including EOS
+    response_mask: torch.Tensor  # (B, R) 1 up to and including the stop token
     logprobs: torch.Tensor  # (B, R) log p(token) under the raw model distribution; 0 where masked
-    texts: list[str]  # decoded responses, EOS stripped
+    texts: list[str]  # decoded responses, the stop token stripped
+    ended: torch.Tensor  # (B,) bool: the response ended with a stop token (not cut at max_new_tokens)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -101,27 +102,72 @@ def sample_token(
     return (probs / race).argmax(-1)
 
 
-_BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (bos_token_id, default BOS)
+_PER_TOKENIZER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {what: (key, value)}
+
+
+def _once_per_tokenizer(tokenizer, what: str, key, find):
+    """``find()``, remembered for ``tokenizer`` while ``key`` (what it depends on) is unchanged:
+    encoding every training pair asks."""
+    try:
+        known = _PER_TOKENIZER.setdefault(tokenizer, {})
+    except TypeError:  # neither hashable nor weakly referable: find it each time
+        return find()
+    if what not in known or known[what][0] != key:
+        known[what] = (key, find())
+    return known[what][1]
 
 
 def default_bos(tokenizer) -> int | None:
     """The BOS id the tokenizer puts first when asked to add special tokens (Llama, Mistral, Gemma and
-    OPT tokenizers do, and their models expect it), else None (GPT-2 style tokenizers add none).
-    Found once per tokenizer (encoding every training pair asks)."""
+    OPT tokenizers do, and their models expect it), else None (GPT-2 style tokenizers add none)."""
     bos = getattr(tokenizer, "bos_token_id", None)
-    try:
-        known = _BOS.get(tokenizer)
-    except TypeError:  # neither hashable nor weakly referable: look it up each time
-        known = None
-    if known is not None and known[0] == bos:
-        return known[1]
-    with_special = tokenizer("a")["input_ids"] if bos is not None else []
-    found = bos if with_special and with_special[0] == bos else None
-    try:
-        _BOS[tokenizer] = (bos, found)
-    except TypeError:
-        pass
-    return found
+
+    def find():
+        with_special = tokenizer("a")["input_ids"] if bos is not None else []
+        return bos if with_special and with_special[0] == bos else None
+
+    return _once_per_tokenizer(tokenizer, "bos", bos, find)
+
+
+_MARK = "preflab-answer-mark"  # an answer no template rewrites
+
+
+def end_of_turn(tokenizer) -> int | None:
+    """The special token the tokenizer's chat template writes right after an assistant answer
+    (``<|im_end|>`` Qwen/ChatML, ``<end_of_turn>`` Gemma, ``<|eot_id|>`` Llama 3, ``<|end|>`` Phi-3),
+    or None: no chat template, a template that ends the answer with ordinary text, or the EOS itself
+    (Mistral, Zephyr). Instruct models end their answers with it, not with the EOS."""
+    template = getattr(tokenizer, "chat_template", None)
+
+    def find():
+        if not template:
+            return None
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _MARK}], tokenize=False)
+        except Exception:  # noqa: BLE001 - a template that needs other roles or arguments: no end found
+            return None
+        at = text.rfind(_MARK) if isinstance(text, str) else -1
+        rest = text[at + len(_MARK):] if at >= 0 else ""
+        ids = tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else []
+        if not ids:
+            return None
+        first = ids[0]
+        special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+        return first if first in special and first != tokenizer.eos_token_id else None
+
+    return _once_per_tokenizer(tokenizer, "end_of_turn", template, find)
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokens that end a response, sorted: the tokenizer's EOS, the ids the model's
+    ``generation_config`` stops at (instruct models list their end-of-turn there, as ``generate``
+    uses it), and the chat template's ``end_of_turn``."""
+    ids = {tokenizer.eos_token_id, end_of_turn(tokenizer)}
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen if isinstance(gen, (list, tuple)) else [gen])
+    ids.discard(None)
+    return sorted(int(i) for i in ids)
 
 
 def encode_prompt(tokenizer, text: str, *, bos: int | None) -> list[int]:
@@ -162,9 +208,10 @@ def sample(
 ) -> Samples:
     """Sample a response for every prompt, batched, with the model's KV cache.
 
-    A row stops after its first EOS (``stop_at_eos``); later positions hold pad with mask 0.
-    With ``stop_at_eos=False`` every row gets exactly ``max_new_tokens`` tokens (benchmarks).
-    ``min_new_tokens`` forbids EOS among the first that many tokens (as in HF). ``generator``: one for
+    A row stops after its first stop token (``stop_at_eos``; ``stop_token_ids``: the EOS, and an instruct
+    model's end-of-turn); later positions hold pad with mask 0. With ``stop_at_eos=False`` every row
+    gets exactly ``max_new_tokens`` tokens (benchmarks). ``min_new_tokens`` forbids the stop tokens
+    among the first that many tokens (as in HF). ``generator``: one for
     the batch, or one per prompt (see ``sample_token``). Runs in eval mode and restores the model's
     previous mode.
     """
@@ -180,6 +227,7 @@ def sample(
     if eos_id is None or pad_id is None:
         raise ValueError("tokenizer: needs an eos and a pad token (load it with models.hf.load_policy)")
     device = next(model.parameters()).device
+    stops = torch.tensor(stop_token_ids(model, tokenizer), device=device)
     was_training = model.training
     model.eval()
     try:
@@ -205,7 +253,7 @@ def sample(
         for t in range(max_new_tokens):
             if t < min_new_tokens:
                 logits = logits.clone()
-                logits[:, eos_id] = float("-inf")
+                logits[:, stops] = float("-inf")
             tok = sample_token(logits, temperature=temperature, top_p=top_p, generator=generator)  # (B,)
             lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tok[:, None]).squeeze(-1)
             if stop_at_eos:
@@ -215,7 +263,7 @@ def sample(
             logps[:, t] = lp
             n = t + 1
             if stop_at_eos:
-                alive &= tok != eos_id
+                alive &= ~torch.isin(tok, stops)
                 if not bool(alive.any()):
                     break
             if t + 1 == max_new_tokens:
@@ -225,16 +273,15 @@ def sample(
             cache, logits = _cache_of(out), out.logits[:, -1, :]
             next_pos = next_pos + 1
         tokens, logps = tokens[:, :n], logps[:, :n]
-        if stop_at_eos:
-            # 1 up to and including the first EOS, 0 after it
-            is_eos = (tokens == eos_id).long()
-            response_mask = ((is_eos.cumsum(-1) - is_eos) == 0).long()
+        is_stop = torch.isin(tokens, stops).long()
+        if stop_at_eos:  # 1 up to and including the first stop token, 0 after it
+            response_mask = ((is_stop.cumsum(-1) - is_stop) == 0).long()
         else:
             response_mask = torch.ones_like(tokens)
         texts = []
-        for row in tokens.tolist():
-            if eos_id in row:
-                row = row[: row.index(eos_id)]
+        for row, stop in zip(tokens.tolist(), is_stop.tolist(), strict=True):
+            if 1 in stop:
+                row = row[: stop.index(1)]
             texts.append(tokenizer.decode(row, skip_special_tokens=True))
         return Samples(
             input_ids=torch.cat([prompt_ids, tokens], dim=1),
@@ -244,6 +291,7 @@ def sample(
             response_mask=response_mask,
             logprobs=logps * response_mask,
             texts=texts,
+            ended=is_stop.bool().any(-1),
         )
     finally:
         model.train(was_training)

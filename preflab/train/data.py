@@ -158,7 +158,10 @@ def encode_prompt_response(
     tokenizer, prompt: str, responses: Sequence[str], *, max_length: int, prompt_format: str = "dialogue"
 ) -> tuple[list[int], list[list[int]], bool]:
     """Token ids of the prompt and of each ``" " + response + eos`` (no leading space for "raw" and
-    "chat": a chat template's generation prompt ends where the answer starts).
+    "chat": a chat template's generation prompt ends where the answer starts). In "chat" a response
+    ends with the template's end-of-turn token where it has one (``models.sampling.end_of_turn``:
+    ``<|im_end|>``, ``<end_of_turn>``, ``<|eot_id|>``), as the model ends its own answers and the
+    sampler stops, instead of the EOS.
 
     The prompt starts with the tokenizer's default BOS, once (``models.sampling.default_bos``:
     Llama-style tokenizers have one, GPT-2 style none), as the sampler's prompts do. It keeps its
@@ -169,8 +172,10 @@ def encode_prompt_response(
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("tokenizer: has no eos token")
-    from preflab.models.sampling import default_bos
+    from preflab.models.sampling import default_bos, end_of_turn
 
+    if prompt_format == "chat":
+        eos = end_of_turn(tokenizer) or eos
     bos = default_bos(tokenizer)  # Llama-style tokenizers start every text with it; GPT-2 style: None
     p_ids = tokenizer(dialogue_prompt(prompt, prompt_format, tokenizer), add_special_tokens=False)["input_ids"]
     if bos is not None and p_ids[:1] == [bos]:  # a chat template wrote it: placed once, below

@@ -88,7 +88,8 @@ class PPOConfig:
     lam: float = field_doc(0.95, "lambda of GAE.")
     whiten_advantages: bool = field_doc(True, "Standardise advantages per rollout batch.")
     normalize_reward: bool = field_doc(True, "Standardise scores with a running mean/std before the KL penalty.")
-    missing_eos_penalty: float = field_doc(1.0, "Subtracted from the score of a response that never emitted EOS.")
+    missing_eos_penalty: float = field_doc(1.0, "Subtracted from the score of a response that never emitted EOS (or its "
+                                         "chat template's end-of-turn).")
     ref_floor: float | None = field_doc(
         None, "If set: each response token the frozen reference gives a log-prob below this (text the SFT model "
               "would hardly write, which the reward model has rarely seen) costs ref_floor_penalty, at that token.")
@@ -373,7 +374,6 @@ def train_ppo(
                  write=acc.is_main_process)
     if acc.is_main_process:
         write_config(cfg, run_dir)
-    eos_id = tokenizer.eos_token_id
 
     fuse_gelu(policy, ref, value_model)  # the same activation in one kernel (models.hf.fuse_gelu)
     warn_low_precision(policy, "train_ppo")
@@ -474,7 +474,7 @@ def train_ppo(
             # ---- score + KL ----------------------------------------------------------------
             with torch.no_grad():
                 scores = torch.as_tensor(reward_fn(batch_prompts, s.texts), dtype=torch.float32).to(acc.device)
-                has_eos = (s.response_ids.to(acc.device) == eos_id).any(-1)
+                has_eos = s.ended.to(acc.device)  # stopped at the EOS or an instruct model's end-of-turn
                 scores_pen = torch.where(has_eos, scores, scores - cfg.missing_eos_penalty)
                 # tokens the reference would hardly write: a penalty at the token, not on the whole response
                 # (a response-level one pushes down every token of it and raises the entropy instead)

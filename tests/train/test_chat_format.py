@@ -42,6 +42,54 @@ def test_chat_prompt_is_the_template_and_the_answer_follows_it_directly():
         dialogue_prompt("Hi", "chat", tiny_tokenizer())
 
 
+# Gemma's shape: the answer ends with <end_of_turn>, a special token that is not the EOS
+TURN_TEMPLATE = ("{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def turn_tokenizer():
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tok.chat_template = TURN_TEMPLATE
+    return tok
+
+
+def test_an_instruct_model_answers_until_its_end_of_turn_not_until_eos():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from preflab.models.sampling import end_of_turn, sample, stop_token_ids
+
+    tok = turn_tokenizer()
+    eot = tok.convert_tokens_to_ids("<end_of_turn>")
+    assert end_of_turn(tok) == eot != tok.eos_token_id
+    assert end_of_turn(chat_tokenizer()) is None and end_of_turn(tiny_tokenizer()) is None  # "\n" / no template
+    p_ids, (r_ids,), _ = encode_prompt_response(tok, "How much is Team?", ["$30."], max_length=128,
+                                                prompt_format="chat")
+    assert tok.decode(r_ids[:-1]) == "$30." and r_ids[-1] == eot  # trained to end as the template ends
+    _, (r_plain,), _ = encode_prompt_response(tok, "How much is Team?", ["$30."], max_length=128)
+    assert r_plain[-1] == tok.eos_token_id  # the dialogue format keeps the EOS
+
+    # a model that always writes <end_of_turn> (then, were it not stopped, a new user turn)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_layer=1, n_head=2, n_embd=16,
+                                       tie_word_embeddings=False, eos_token_id=tok.eos_token_id,
+                                       pad_token_id=tok.pad_token_id))
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[eot] = 1.0
+    assert stop_token_ids(model, tok) == sorted([tok.eos_token_id, eot])
+    prompt = dialogue_prompt("How much is Team?", "chat", tok)
+    s = sample(model, tok, [prompt, prompt], max_new_tokens=5, temperature=0)
+    assert s.response_ids.shape[1] == 1 and s.response_mask.tolist() == [[1], [1]]
+    assert s.texts == ["", ""] and s.ended.tolist() == [True, True]
+    s = sample(model, tok, [prompt], max_new_tokens=5, temperature=0, min_new_tokens=2)
+    assert s.response_ids[0, :2].tolist() != [eot, eot] and bool(s.ended[0])  # stop tokens held back, then eot
+    model.generation_config.eos_token_id = [tok.eos_token_id, 7]  # generate's list of stop ids counts too
+    assert stop_token_ids(model, tok) == sorted([tok.eos_token_id, 7, eot])
+
+
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     from transformers import GPT2Config, GPT2LMHeadModel
