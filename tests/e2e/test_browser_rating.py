@@ -82,6 +82,10 @@ def test_admin_creates_round_and_rater_rates_three_items_by_keyboard(browser, tm
         page.wait_for_selector("#task:not([hidden])")
         assert page.text_content("#progress-text") == "0 of 8 done"
 
+        page.keyboard.press("1")  # no strength is preset: a choice alone is not an answer
+        page.keyboard.press("Enter")
+        expect(page.locator("#message")).to_have_text("How much better? Choose Slightly, Clearly or Much better (A, S or D).")
+        assert page.text_content("#progress-text") == "0 of 8 done" and page.locator(".strength.selected").count() == 0
         chosen: list[tuple[str, str]] = []  # (text on the chosen side, key pressed)
         for i, (key, strength) in enumerate([("1", "a"), ("2", "d"), ("t", None)]):
             left, right = page.text_content("#left-text"), page.text_content("#right-text")
@@ -105,11 +109,13 @@ def test_admin_creates_round_and_rater_rates_three_items_by_keyboard(browser, tm
         page2.wait_for_selector("#task:not([hidden])")
         assert page2.text_content("#query") == page.text_content("#query")
         page.keyboard.press("1")
+        page.keyboard.press("s")
         page.keyboard.press("r")
         page.keyboard.type("tab one answers this item first")
         page.keyboard.press("Enter")
         expect(page.locator("#progress-text")).to_have_text("4 of 8 done")
         page2.keyboard.press("2")
+        page2.keyboard.press("s")
         page2.keyboard.press("r")
         page2.keyboard.type("tab two answers the same item later")
         page2.keyboard.press("Enter")
@@ -140,7 +146,7 @@ def test_admin_creates_round_and_rater_rates_three_items_by_keyboard(browser, tm
             # the stored winner is the canonical response id whose text was on the chosen side
             assert texts[j.pair_id][j.winner_id] == text
         assert j.rationale.startswith("item ") and j.time_on_task_s > 0
-    assert [j.strength for j, _ in rows[:2]] == [1, 3]
+    assert [j.strength for j, _ in rows] == [1, 3, 0, 2]
 
 
 def test_an_open_item_keeps_its_lease_while_the_rater_works_on_it(browser, tmp_path):
@@ -167,6 +173,7 @@ def test_an_open_item_keeps_its_lease_while_the_rater_works_on_it(browser, tmp_p
         page.click("button[type=submit]")
         page.wait_for_selector("#task:not([hidden])")
         page.keyboard.press("1")
+        page.keyboard.press("d")
         page.keyboard.press("r")
         for _ in range(10):  # ten seconds of typing: longer than the lease
             page.keyboard.type("x")
@@ -206,6 +213,7 @@ def test_a_round_closed_under_the_rater_says_so(browser, tmp_path):
             page.click("button[type=submit]")
             page.wait_for_selector("#task:not([hidden])")
             page.keyboard.press("1")
+            page.keyboard.press("a")
             page.fill("#rationale", "the first one is right")
             import httpx
 

@@ -13,7 +13,7 @@
   const $ = (id) => document.getElementById(id);
   const rationale = $("rationale");
 
-  let task = null, choice = null, strength = 2, shownAt = 0, key = null, busy = false, lastActive = 0;
+  let task = null, choice = null, strength = null, shownAt = 0, key = null, busy = false, lastActive = 0;
 
   function newKey() {
     const b = new Uint8Array(16);
@@ -67,7 +67,7 @@
     if (r.status !== 200) { say((r.data && r.data.error && r.data.error.message) || `error ${r.status}`); return; }
     progress(r.data.progress);
     if (!r.data.task) { $("task").hidden = true; $(r.data.closed ? "closed" : "done").hidden = false; return; }
-    task = r.data.task; choice = null; strength = 2; key = newKey();
+    task = r.data.task; choice = null; strength = null; key = newKey();  // nothing preset: a default would pass for a judgement
     $("query").textContent = task.prompt;
     $("left-text").textContent = task.left.text;
     $("right-text").textContent = task.right.text;
@@ -87,6 +87,7 @@
   async function submit() {
     if (!task || busy) return;
     if (!choice) { say("Choose a response first (1 or 2)."); return; }
+    if (choice !== "tie" && !strength) { say("How much better? Choose Slightly, Clearly or Much better (A, S or D)."); return; }
     const text = rationale.value.trim();
     if (text.length < minRationale) { say(`The rationale needs at least ${minRationale} characters.`); rationale.focus(); return; }
     busy = true; $("submit").disabled = true; say("Saving…");
