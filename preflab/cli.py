@@ -1679,7 +1679,9 @@ def store_progress(
     console.print(f"{rnd.name}: {p.items_complete}/{p.n_items} items complete, {p.n_judgements} judgements")
     for r in p.raters:
         console.print(f"  {r.rater_name}: {r.done} done ({r.duplicates_done} duplicates), {r.leased} leased, "
-                      f"{r.time_on_task_s / 60:.1f} min")
+                      + (f"{r.expired} lease(s) lapsed (back to the pool at the next request for work), "
+                         if r.expired else "")
+                      + f"{r.time_on_task_s / 60:.1f} min")
 
 
 @store_app.command("projects")

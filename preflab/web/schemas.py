@@ -116,8 +116,9 @@ class ImportOut(BaseModel):
 class ProgressRow(BaseModel):
     rater: str
     rater_id: int
-    done: int
-    total: int
+    done: int  # judgements, planted duplicates included
+    total: int  # done + items in hand (lease running)
+    expired: int = 0  # leases that lapsed: the items go back to the pool at the next request for work
 
 
 class AlertOut(BaseModel):

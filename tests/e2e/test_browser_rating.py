@@ -128,7 +128,7 @@ def test_admin_creates_round_and_rater_rates_three_items_by_keyboard(browser, tm
         # the admin sees the round's items complete, and each rater's judgements and items in hand
         admin.goto(server.url + f"/admin/rounds/{round_id}")
         assert "4 of 8 items have all 1 judgement" in " ".join(admin.text_content("#round-progress").split())
-        assert [c.strip() for c in admin.locator("table.grid tbody td").all_text_contents()] == ["dana", "4", "1"]
+        assert [c.strip() for c in admin.locator("table.grid tbody td").all_text_contents()] == ["dana", "4", "1", "0"]
     finally:
         server.kill()
 
@@ -229,5 +229,57 @@ def test_a_round_closed_under_the_rater_says_so(browser, tmp_path):
             assert page.locator("#done").is_hidden()
             r = httpx.get(server.url + f"/api/v1/rounds/{rid}/next", headers={"Authorization": f"Bearer {dana['token']}"})
             assert r.json()["task"] is None and r.json()["closed"] is True
+    finally:
+        server.kill()
+
+
+def test_all_done_page_picks_up_an_item_another_rater_left_open(browser, tmp_path):
+    """The end of a round: bob takes an item and walks away; dana finishes the rest and sees "All done";
+    when bob's lease lapses her page, left as it is, shows his item (nobody has to reload), and the
+    admin's figures count bob's lease as lapsed meanwhile."""
+    import time
+
+    import httpx
+
+    from tests.web.harness import pairs_jsonl
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    server = Server(db_url=url, log_path=tmp_path / "serve.log").start()
+    try:
+        with server.admin() as admin:
+            assert admin.post("/api/v1/import/pairs", content=pairs_jsonl(2).encode()).status_code == 200
+            rid = admin.post("/api/v1/rounds", json={"name": "tail", "overlap": 1, "duplicate_rate": 0}).json()["id"]
+            users = {n: admin.post("/api/v1/raters", json={"name": n}).json() for n in ("dana", "bob")}
+        engine = db.make_engine(url)
+        with db.session_scope(engine) as s:
+            s.get(schema.Round, rid).lease_s = 6.0
+        engine.dispose()
+        bob = httpx.get(server.url + f"/api/v1/rounds/{rid}/next",
+                        headers={"Authorization": f"Bearer {users['bob']['token']}"}, timeout=30).json()["task"]
+        taken = time.monotonic()
+
+        page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+        page.goto(server.url + f"/login?next=/rate/{rid}")
+        page.fill("input[name=name]", "dana")
+        page.fill("input[name=password]", users["dana"]["password"])
+        page.click("button[type=submit]")
+        page.wait_for_selector("#task:not([hidden])")
+        assert page.text_content("#query") != bob["prompt"]
+        for k in ("1", "s", "r"):
+            page.keyboard.press(k)
+        page.keyboard.type("the first answer gives the price")
+        page.keyboard.press("Enter")
+        expect(page.locator("#done")).to_be_visible()
+        if time.monotonic() - taken < 5:  # bob's lease (6 s) still runs: his item is in his hands
+            with server.admin() as admin:
+                rows = admin.get(f"/api/v1/rounds/{rid}/progress").json()
+            assert {r["rater"]: r["total"] - r["done"] for r in rows}["bob"] == 1
+        time.sleep(max(0.0, 6.5 - (time.monotonic() - taken)))
+        with server.admin() as admin:
+            rows = {r["rater"]: r for r in admin.get(f"/api/v1/rounds/{rid}/progress").json()}
+        assert rows["bob"]["expired"] == 1 and rows["bob"]["total"] == 0  # lapsed, not "in hand"
+        # the page asks again by itself (every lease_s / 2, at least 5 s) and shows bob's item
+        expect(page.locator("#task")).to_be_visible(timeout=20_000)
+        assert page.text_content("#query") == bob["prompt"] and page.locator("#done").is_hidden()
     finally:
         server.kill()

@@ -281,6 +281,32 @@ def test_expired_lease_returns_to_pool(store):
     judge(store.engine, tb, bob)
 
 
+def test_progress_counts_a_lapsed_lease_apart_and_deactivation_frees_the_raters_items(store):
+    """An item a rater left open past the lease is 'expired', not 'in hand', in the admin's figures; a
+    rater made inactive gives back what they hold at once (they could never answer it)."""
+    rid = mk_round(store, overlap=1, duplicate_rate=0.0, lease_s=60, pair_ids=["p000", "p001"])
+    ann, bob, cat = store.raters["ann"], store.raters["bob"], store.raters["cat"]
+    t0 = dt.datetime(2030, 1, 1, 12, 0, 0)
+    ta = one(store.engine, ops.next_task, round_id=rid, rater_id=ann, now=t0)
+    tb = one(store.engine, ops.next_task, round_id=rid, rater_id=bob, now=t0)
+    by = {r.rater_name: r for r in one(store.engine, ops.round_progress, round_id=rid,
+                                       now=t0 + dt.timedelta(seconds=30)).raters}
+    assert (by["ann"].leased, by["ann"].expired) == (1, 0)
+    by = {r.rater_name: r for r in one(store.engine, ops.round_progress, round_id=rid,
+                                       now=t0 + dt.timedelta(seconds=61)).raters}
+    assert (by["ann"].leased, by["ann"].expired) == (0, 1) and (by["bob"].leased, by["bob"].expired) == (0, 1)
+
+    assert one(store.engine, ops.next_task, round_id=rid, rater_id=cat, now=t0 + dt.timedelta(seconds=1)) is None
+    one(store.engine, ops.update_rater, rater_id=ann, active=False)  # within the lease: ann's item comes free now
+    tc = one(store.engine, ops.next_task, round_id=rid, rater_id=cat, now=t0 + dt.timedelta(seconds=2))
+    assert tc is not None and {tc.left_id, tc.right_id} == {ta.left_id, ta.right_id}
+    judge(store.engine, tc, cat)
+    judge(store.engine, tb, bob)
+    prog = one(store.engine, ops.round_progress, round_id=rid, now=t0 + dt.timedelta(seconds=3))
+    assert prog.items_complete == 2 and {r.rater_name: r.leased + r.expired for r in prog.raters} == {
+        "bob": 0, "cat": 0}
+
+
 def test_own_expired_lease_can_still_be_submitted(store):
     rid = mk_round(store, duplicate_rate=0.0, lease_s=60)
     ann = store.raters["ann"]

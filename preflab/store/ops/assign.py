@@ -109,26 +109,37 @@ def _next_seq(session: Session, round_id: int, rater_id: int) -> int:
 
 
 def _reclaim_expired(session: Session, round_id: int, now: dt.datetime) -> None:
-    """Expired leases of the round go back to the pool.
+    """Expired leases of the round go back to the pool (``_release``)."""
+    _release(session, and_(Assignment.round_id == round_id, Assignment.state == "leased",
+                           Assignment.lease_expires_at < now))
 
-    Only items whose row this transaction can lock without waiting are reclaimed (the
-    rest on a later call): a reclaimer never waits on a rater taking that item, so the
+
+def release_rater_leases(session: Session, *, rater_id: int) -> None:
+    """Every item the rater holds goes back to the pool now (a rater made inactive cannot answer:
+    their items would otherwise wait out the lease, up to ``lease_s``)."""
+    _release(session, and_(Assignment.rater_id == rater_id, Assignment.state == "leased"))
+
+
+def _release(session: Session, leased) -> None:  # noqa: ANN001 - an SQL condition on leased assignments
+    """The ``leased`` assignments give their items back: a fresh slot is deleted (its item's slot frees),
+    a planted duplicate goes back to being scheduled.
+
+    Only items whose row this transaction can lock without waiting are released (the rest on a
+    later call, as expired leases): a releaser never waits on a rater taking that item, so the
     two cannot deadlock. RETURNING makes only rows really deleted free a slot.
     """
-    expired = and_(Assignment.round_id == round_id, Assignment.state == "leased",
-                   Assignment.lease_expires_at < now)
-    item_ids = sorted(set(session.scalars(select(Assignment.item_id).where(expired, Assignment.is_duplicate.is_(False)))))
+    item_ids = sorted(set(session.scalars(select(Assignment.item_id).where(leased, Assignment.is_duplicate.is_(False)))))
     if item_ids:
         locked = list(session.scalars(select(RoundItem.id).where(RoundItem.id.in_(item_ids)).order_by(RoundItem.id)
                                       .with_for_update(skip_locked=True)))
         if locked:
             freed = session.execute(
-                delete(Assignment).where(expired, Assignment.is_duplicate.is_(False), Assignment.item_id.in_(locked))
+                delete(Assignment).where(leased, Assignment.is_duplicate.is_(False), Assignment.item_id.in_(locked))
                 .returning(Assignment.item_id).execution_options(synchronize_session=False)).scalars().all()
             for item_id, n in Counter(freed).items():
                 session.execute(update(RoundItem).where(RoundItem.id == item_id).values(filled=RoundItem.filled - n)
                                 .execution_options(synchronize_session=False))
-    session.execute(update(Assignment).where(expired, Assignment.is_duplicate.is_(True))
+    session.execute(update(Assignment).where(leased, Assignment.is_duplicate.is_(True))
                     .values(state="scheduled", seq=None, lease_expires_at=None, leased_at=None)
                     .execution_options(synchronize_session=False))
 

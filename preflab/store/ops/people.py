@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from preflab.store.ops.assign import release_rater_leases
 from preflab.store.ops.base import (
     StoreError,
     _guideline_info,
@@ -197,6 +198,8 @@ def update_rater(
             raise StoreError(f"rater.role: must be one of {list(ROLES)}, got {role!r}")
         r.role = role
     if active is not None:
+        if r.active and not active:
+            release_rater_leases(session, rater_id=r.id)
         r.active = bool(active)
     if specialties is not None:
         if isinstance(specialties, str) or not all(isinstance(s, str) and s for s in specialties):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
 
 from sqlalchemy import and_, case, func, select
@@ -12,6 +13,7 @@ from preflab.store.ops.assign import (
     _record,
 )
 from preflab.store.ops.base import (
+    _now,
     _round,
 )
 from preflab.store.ops.people import (
@@ -164,8 +166,11 @@ def preference_examples(
     return out
 
 
-def round_progress(session: Session, *, round_id: int) -> RoundProgress:
-    """Items, completed items, judgements and per-rater counts of a round (admin view)."""
+def round_progress(session: Session, *, round_id: int, now: dt.datetime | None = None) -> RoundProgress:
+    """Items, completed items, judgements and per-rater counts of a round (admin view). A lease past
+    its time counts as ``expired``, not in hand: its item goes back to the pool at the next request
+    for work (a read changes nothing)."""
+    now = _now(now)
     rnd = _round(session, round_id)
     n_items = session.scalar(select(func.count()).select_from(RoundItem).where(RoundItem.round_id == round_id)) or 0
     per_item = (select(Assignment.item_id, func.count().label("n")).where(
@@ -176,12 +181,13 @@ def round_progress(session: Session, *, round_id: int) -> RoundProgress:
     stats = session.execute(
         select(Rater.id, Rater.name,
                func.sum(case((Assignment.state == "done", 1), else_=0)),
-               func.sum(case((Assignment.state == "leased", 1), else_=0)),
-               func.sum(case((and_(Assignment.state == "done", Assignment.is_duplicate.is_(True)), 1), else_=0)))
+               func.sum(case((and_(Assignment.state == "leased", Assignment.lease_expires_at >= now), 1), else_=0)),
+               func.sum(case((and_(Assignment.state == "done", Assignment.is_duplicate.is_(True)), 1), else_=0)),
+               func.sum(case((and_(Assignment.state == "leased", Assignment.lease_expires_at < now), 1), else_=0)))
         .join(Assignment, Assignment.rater_id == Rater.id)
         .where(Assignment.round_id == round_id).group_by(Rater.id, Rater.name).order_by(Rater.id)).all()
     times = dict(session.execute(select(Judgement.rater_id, func.sum(Judgement.time_on_task_s))
                                  .where(Judgement.round_id == round_id).group_by(Judgement.rater_id)).all())
-    raters = tuple(RaterProgress(rid, name, int(d or 0), int(le or 0), int(dd or 0), float(times.get(rid) or 0.0))
-                   for rid, name, d, le, dd in stats)
+    raters = tuple(RaterProgress(rid, name, int(d or 0), int(le or 0), int(dd or 0), float(times.get(rid) or 0.0),
+                                 int(ex or 0)) for rid, name, d, le, dd, ex in stats)
     return RoundProgress(round_id, n_items, complete, n_j, raters)

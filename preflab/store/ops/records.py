@@ -210,9 +210,10 @@ class RaterProgress:
     rater_id: int
     rater_name: str
     done: int
-    leased: int
+    leased: int  # items in hand, their lease running
     duplicates_done: int
     time_on_task_s: float
+    expired: int = 0  # leases that lapsed: back to the pool at the next request for work
 
 
 @dataclass(frozen=True)

@@ -207,7 +207,8 @@ def admin_round_page(request: Request, round_id: RoundId, user: AdminUser) -> HT
     rows = progress_rows(prog)  # one read of the store for the round's and the raters' figures
     resp = render(request, "admin_round.html", {"user": user, "flash": _read_flash(request).get("message"), "round": {
         "id": info.id, "name": info.name, "kind": info.kind, "overlap": info.overlap, "status": info.status,
-        "guideline_version": info.guideline_label, "n_items": prog.n_items, "items_complete": prog.items_complete},
+        "guideline_version": info.guideline_label, "n_items": prog.n_items, "items_complete": prog.items_complete,
+        "lease_s": info.lease_s},
         "progress": rows})
     _take_flash(request, resp)
     return resp

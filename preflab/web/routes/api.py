@@ -195,8 +195,8 @@ def round_agreement(request: Request, round_id: RoundId, user: AdminUser) -> dic
 
 def progress_rows(prog) -> list[w.ProgressRow]:  # noqa: ANN001
     """A round's ``ops.RoundProgress`` as the rows the API and the admin round page show."""
-    return [w.ProgressRow(rater=r.rater_name, rater_id=r.rater_id, done=r.done, total=r.done + r.leased)
-            for r in prog.raters]
+    return [w.ProgressRow(rater=r.rater_name, rater_id=r.rater_id, done=r.done, total=r.done + r.leased,
+                          expired=r.expired) for r in prog.raters]
 
 
 def clean_specialties(names: list[str]) -> list[str]:

@@ -14,6 +14,7 @@
   const rationale = $("rationale");
 
   let task = null, choice = null, strength = null, shownAt = 0, key = null, busy = false, lastActive = 0;
+  let recheck = null;
 
   function newKey() {
     const b = new Uint8Array(16);
@@ -66,7 +67,11 @@
     if (r.status === 401) { location.href = "/login?next=" + encodeURIComponent(location.pathname); return; }
     if (r.status !== 200) { say((r.data && r.data.error && r.data.error.message) || `error ${r.status}`); return; }
     progress(r.data.progress);
-    if (!r.data.task) { $("task").hidden = true; $(r.data.closed ? "closed" : "done").hidden = false; return; }
+    if (!r.data.task) {
+      $("task").hidden = true; $(r.data.closed ? "closed" : "done").hidden = false;
+      if (!r.data.closed) waitForMore();
+      return;
+    }
     task = r.data.task; choice = null; strength = null; key = newKey();  // nothing preset: a default would pass for a judgement
     $("query").textContent = task.prompt;
     $("left-text").textContent = task.left.text;
@@ -77,6 +82,19 @@
     render();
     window.scrollTo(0, 0);
     rationale.blur();
+  }
+
+  // "All done" holds for now only: an item another rater left open comes back to the pool when its lease
+  // lapses, and is handed out when someone asks, so the page keeps asking (quietly) while it says done
+  function waitForMore() {
+    clearTimeout(recheck);
+    recheck = setTimeout(async () => {
+      if ($("done").hidden) return;
+      let r = null;
+      try { r = await api("GET", `/api/v1/rounds/${roundId}/next`); } catch (e) { r = null; }
+      if (r && r.status === 200 && (r.data.task || r.data.closed)) { $("done").hidden = true; loadNext(); }
+      else waitForMore();
+    }, Math.max(5000, Math.min(60000, leaseMs / 2)));
   }
 
   function choose(c) {  // the rationale box is not focused: A/S/D still set the strength, R goes there
@@ -132,7 +150,9 @@
   rationale.addEventListener("input", render);
 
   // while the rater works on an item, keep its lease (the server renews it when asked for the task in hand)
-  ["keydown", "click", "input"].forEach((t) => document.addEventListener(t, () => { lastActive = performance.now(); }));
+  // (reading counts: scrolling a long answer, in the page or inside a card, keeps the lease too)
+  ["keydown", "click", "input", "scroll", "wheel", "touchmove"].forEach((t) => document.addEventListener(
+    t, () => { lastActive = performance.now(); }, { capture: true, passive: true }));
   setInterval(async () => {
     if (!task || busy || $("task").hidden || performance.now() - lastActive > leaseMs) return;
     let r = null;
