@@ -221,6 +221,9 @@ def outcomes_import(
         console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
     console.print(f"imported {res['imported']} conversations ({res['by_version']}); {res['total']} in {res['path']}")
+    for group in res["similar_versions"]:
+        console.print(f"[yellow]warning:[/yellow] model versions {escape(', '.join(map(repr, group)))} differ only by "
+                      f"case: they are kept and compared as separate versions (one model? fix the labels in the log)")
 
 
 @outcomes_app.command("compare")
@@ -231,14 +234,21 @@ def outcomes_compare(
     file: str = typer.Option(None, "--file", help="Compare straight from a log file instead (nothing written)."),
     method: str = typer.Option("newcombe", help="Interval for the escalation difference: newcombe or wald."),
     simulated: bool = typer.Option(False, help="Mark the logs as simulated in comparison.json."),
+    checkpoint: str = typer.Option(None, "--checkpoint", help="With --run: the model directory that served the "
+                                   "candidate version; recorded in comparison.json so the report can tell whether "
+                                   "these outcomes are the promoted checkpoint's (docs/outcomes.md)."),
 ) -> None:
-    """Compare two model versions: escalation (two-proportion CI), CSAT and handle time (Welch CIs)."""
+    """Compare two model versions: escalation (two-proportion CI; Fisher's exact p at small counts), CSAT and
+    handle time (Welch CIs)."""
+    from pathlib import Path
+
     from rich.table import Table
 
     from preflab.report.outcomes import (
         OutcomeImportError,
         compare_versions,
         load_run_outcomes,
+        not_compared,
         read_outcomes,
         write_comparison,
     )
@@ -246,6 +256,13 @@ def outcomes_compare(
     if (run is None) == (file is None):
         console.print("[red]error:[/red] give exactly one of --run or --file")
         raise typer.Exit(2)
+    if baseline == candidate:
+        _fail(ValueError(f"--candidate: the same model version as --baseline ({candidate!r}): compare two versions"))
+    if checkpoint is not None and run is None:
+        _fail(ValueError("--checkpoint: give --run too (it is recorded in RUN/outcomes/comparison.json)"))
+    if checkpoint is not None and not Path(checkpoint).is_dir():
+        _fail(ValueError(f"--checkpoint: {checkpoint} is not a directory (the model directory that served "
+                         f"{candidate!r})"))
     try:
         records = read_outcomes(file) if file else load_run_outcomes(run)
         if run and not records:
@@ -254,17 +271,25 @@ def outcomes_compare(
     except (OutcomeImportError, ValueError) as e:
         console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
+    n, surveys = comp["conversations"], comp["answered_surveys"]
     t = Table(title=f"{candidate} vs {baseline}")
     for c in ("metric", baseline, candidate, "difference", "95% CI", "p"):
         t.add_column(c)
+    t.add_row("conversations", f"{n['baseline']:,}", f"{n['candidate']:,}", "", "", "")
+    t.add_row("answered surveys", f"{surveys['baseline']:,}", f"{surveys['candidate']:,}", "", "", "")
     for name, block in (("escalation rate", comp["escalation"]), ("CSAT", comp["csat"]),
                         ("handle time (min)", comp["handle_time_min"])):
         if block:
             t.add_row(name, f"{block['baseline']:.3f}", f"{block['candidate']:.3f}", f"{block['diff']:+.3f}",
                       f"[{block['ci'][0]:+.3f}, {block['ci'][1]:+.3f}]", f"{block['p_value']:.2g}")
     console.print(t)
+    console.print("escalation p: " + ("Fisher's exact test (an expected count below 5)"
+                                      if comp["escalation"]["test"] == "fisher" else "pooled two-proportion z-test")
+                  + f"; interval: {comp['escalation']['method']}; CSAT and handle time: Welch")
+    for why in not_compared(comp):
+        console.print(f"[yellow]warning:[/yellow] {escape(why)}")
     if run:
-        console.print(f"wrote {write_comparison(run, comp, simulated=simulated)}")
+        console.print(f"wrote {write_comparison(run, comp, simulated=simulated, checkpoint=checkpoint)}")
 
 
 # ---- evaluation: factual, ab, gates, promote, diagnose (evaluate/) ------------------------

@@ -753,7 +753,7 @@ def stage_production(cfg: DemoConfig, run: Path, final: str) -> dict:
     if not gate["passed"]:  # say so: these weeks are a shadow run of a candidate the gates refused
         comp["note"] = (f"{final} was not promoted (failed: {', '.join(g['name'] for g in gate['gates'] if not g['passed'])}); "
                         "its production weeks are a simulated shadow run, not a deployment")
-    write_comparison(run, comp, simulated=True)
+    write_comparison(run, comp, simulated=True, checkpoint=run / final / "policy")
     return {"promoted": gate["passed"], "escalation_sft": comp["escalation"]["baseline"], "escalation_new": comp["escalation"]["candidate"],
             "csat_sft": comp["csat"]["baseline"], "csat_new": comp["csat"]["candidate"]}
 

@@ -366,6 +366,24 @@ def _checkpoint_label(ckpt: Path, run_dir: Path) -> tuple[str, int | None]:
     return label, step
 
 
+def store_decisions(session, *, project_id: int, run_dir: Path) -> list[dict[str, Any]]:  # noqa: ANN001
+    """The project's gate decisions (``preflab decisions``), oldest first, in ``decisions.json``'s shape:
+    checkpoint (relative to ``run_dir`` when inside it, else the stored path), stage, promoted, failed
+    gates, notes, time and event id."""
+    from preflab.evaluate.promote import decisions
+
+    run = run_dir.resolve()
+    out = []
+    for e in decisions(session, project_id=project_id):
+        p = e.payload
+        path = Path(e.subject)
+        out.append({"event": e.id, "at": e.created_at.isoformat(timespec="minutes"),
+                    "checkpoint": str(path.relative_to(run)) if path.is_relative_to(run) else e.subject,
+                    "subject": e.subject, "stage": p.get("stage"), "promoted": bool(p.get("promoted")),
+                    "failed": list(p.get("failed", [])), "notes": list(p.get("notes", []))})
+    return out
+
+
 def project_summaries(run_dir: str | Path, engine, *, project: str, cost=None) -> dict[str, str]:  # noqa: ANN001
     """Write a real project's report inputs into ``run_dir`` from the store and the checkpoints' evidence.
 
@@ -377,7 +395,11 @@ def project_summaries(run_dir: str | Path, engine, *, project: str, cost=None) -
       avoided per week at ``cost.weekly_conversations`` x ``cost.cost_per_escalation``, and the payback;
     - ``checkpoints.json``: a row per ``*/eval/gate.json`` under ``run_dir`` (``preflab gates``), win
       rate from the ``ab.json`` beside it;
-    - ``ab/result.json``, ``factual/result.json``: the newest ``*/eval/ab.json`` / ``factual_compare.json``.
+    - ``ab/result.json``, ``factual/result.json``: the newest ``*/eval/ab.json`` / ``factual_compare.json``;
+    - ``decisions.json``: every promotion decision in the store (``evaluate.promote.decisions``, refusals
+      included, oldest first), each with its notes (e.g. promoted under other gate settings than a refusal).
+
+    The ledger warns of ``[cost] hourly_rates`` keys that name none of the project's raters.
 
     Each file carries ``"written_by": FROM_STORE``. An existing file without that mark (the demo's
     own summaries, a hand-written one) is kept. Returns ``{file: "written" | "kept: ..."}``.
@@ -396,6 +418,7 @@ def project_summaries(run_dir: str | Path, engine, *, project: str, cost=None) -
              "signal": a.message, "examples": list(a.payload.get("examples", []))}
             for a in ops.list_alerts(s, project_id=pid, resolved=False)]
         times = judgement_times(ops.project_judgements(s, project_id=pid, round_kinds=[*RATED_KINDS, "eval"]))
+        decisions = store_decisions(s, project_id=pid, run_dir=run_dir)
     cost = cost or CostConfig()
     rates = {r.name: r.hourly_rate for r in raters if r.hourly_rate > 0}
     cfg = dataclasses.replace(cost, hourly_rates={**rates, **cost.hourly_rates})  # the config's rates win
@@ -405,7 +428,10 @@ def project_summaries(run_dir: str | Path, engine, *, project: str, cost=None) -
         roi = {"escalation_before": esc["baseline"], "escalation_after": esc["candidate"],
                "escalation_diff_ci": tuple(esc["ci"])}
     files: dict[str, Any] = {"collection/quality.json": quality,
-                             "cost.json": build_ledger(cfg, judgement_times=times, **roi)}
+                             "cost.json": build_ledger(cfg, judgement_times=times, raters=[r.name for r in raters],
+                                                       **roi)}
+    if decisions:
+        files["decisions.json"] = {"decisions": decisions}
 
     rows = []
     for gate_file in _evidence_files(run_dir, "gate.json"):

@@ -7,7 +7,8 @@
 - ROI: weekly saving = weekly conversations x (escalation before - escalation after) x
   cost per escalation; payback weeks = total cost / weekly saving (infinite when the
   saving is not positive). With a CI on the escalation difference, the payback is also
-  given at both ends of the interval.
+  given at both ends of the interval;
+- cost per judgement = a rater's cost / their judgements (and annotation total / all judgements).
 
 Pure functions; ``build_ledger`` assembles the ``RUN/cost.json`` shape the report reads.
 """
@@ -51,6 +52,8 @@ class RaterCost:
     hours: float
     hourly_rate: float
     cost: float
+    default_rate: bool = False  # priced at the default rate: no rate of its own in the store or config
+    cost_per_judgement: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -81,8 +84,17 @@ def annotator_costs(times: Iterable[tuple[str, float]], rates: Mapping[str, floa
         if rate is None:
             raise ConfigError(f"CostConfig.hourly_rates.{rater}: no hourly rate for this rater")
         hours = secs[rater] / 3600
-        out.append(RaterCost(rater, count[rater], hours, float(rate), hours * rate))
+        out.append(RaterCost(rater, count[rater], hours, float(rate), hours * rate, rater not in rates,
+                             hours * rate / count[rater]))
     return out
+
+
+def unknown_rate_keys(rates: Mapping[str, float], raters: Iterable[str]) -> list[str]:
+    """Warnings for ``hourly_rates`` keys that name no rater of the project (a typo prices nobody:
+    that rater is then charged the default rate)."""
+    known = sorted(set(raters))
+    return [f"CostConfig.hourly_rates.{k}: no rater of this project is named {k!r} (its raters: "
+            f"{', '.join(known) or 'none'}); the rate is not used" for k in rates if k not in known]
 
 
 def compute_costs(stage_seconds: Mapping[str, float], price_per_device_hour: float,
@@ -111,13 +123,16 @@ def payback(*, weekly_conversations: float, escalation_before: float, escalation
 def build_ledger(cfg: CostConfig, *, judgement_times: Iterable[tuple[str, float]] = (),
                  stage_seconds: Mapping[str, float] | None = None, devices: Mapping[str, int] | None = None,
                  escalation_before: float | None = None, escalation_after: float | None = None,
-                 escalation_diff_ci: tuple[float, float] | None = None, simulated_raters: bool = False) -> dict:
+                 escalation_diff_ci: tuple[float, float] | None = None, simulated_raters: bool = False,
+                 raters: Iterable[str] | None = None) -> dict:
     """The ``cost.json`` ledger: annotators, compute, totals and (given escalation rates) the ROI.
 
     ``escalation_diff_ci`` is the CI of (after - before); the payback is repeated at both
-    ends of it (the slowest payback uses the smallest reduction).
+    ends of it (the slowest payback uses the smallest reduction). ``stage_seconds=None`` records
+    ``compute_tracked: false`` (the report says "not tracked" rather than a cost of 0).
     """
     cfg.validate()
+    warnings = unknown_rate_keys(cfg.hourly_rates, raters) if raters is not None else []
     raters = annotator_costs(judgement_times, cfg.hourly_rates, cfg.default_hourly_rate)
     stages = compute_costs(stage_seconds or {}, cfg.device_hour_price, devices)
     annot = sum(r.cost for r in raters)
@@ -128,8 +143,11 @@ def build_ledger(cfg: CostConfig, *, judgement_times: Iterable[tuple[str, float]
         "simulated_raters": simulated_raters,
         "annotators": [asdict(r) for r in raters],
         "compute": [asdict(s) for s in stages],
+        "compute_tracked": stage_seconds is not None,  # a real project records no compute: "not tracked", not 0
+        "warnings": warnings,
         "totals": {"annotation": annot, "compute": comp, "total": annot + comp,
                    "judgements": sum(r.judgements for r in raters),
+                   "cost_per_judgement": annot / n if (n := sum(r.judgements for r in raters)) else None,
                    "annotation_hours": sum(r.hours for r in raters),
                    "device_hours": sum(s.device_hours for s in stages)},
         "roi": None,
@@ -141,6 +159,7 @@ def build_ledger(cfg: CostConfig, *, judgement_times: Iterable[tuple[str, float]
         roi.update(escalation_before=escalation_before, escalation_after=escalation_after)
         if escalation_diff_ci is not None:
             lo, hi = escalation_diff_ci
+            roi["escalation_diff_ci"] = [lo, hi]
             # diff = after - before: the most negative end is the biggest reduction.
             best = payback(escalation_before=escalation_before, escalation_after=escalation_before + lo, **kw)
             worst = payback(escalation_before=escalation_before, escalation_after=escalation_before + hi, **kw)

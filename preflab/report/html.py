@@ -13,6 +13,7 @@ import base64
 import html
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,6 +38,7 @@ class Section:
     headline: list[str] = field(default_factory=list)  # one-line key figures for the summary
     lead: list[str] = field(default_factory=list)  # summary lines that go before every section's (the decision)
     images: int = 0
+    problems: list[str] = field(default_factory=list)  # rendered, but a reader must be warned (Report.problems)
 
 
 @dataclass
@@ -232,13 +234,47 @@ def money(x: Any, cur: str = "USD") -> str:
     return "n/a" if x is None else f"{cur} {float(x):,.0f}"
 
 
+def rate(x: Any, cur: str = "USD") -> str:
+    """A price: cents shown when it has them (EUR 42.50, EUR 42)."""
+    if x is None:
+        return "n/a"
+    return f"{cur} {float(x):,.0f}" if float(x) == round(float(x)) else f"{cur} {float(x):,.2f}"
+
+
+def plural(n: Any, word: str, words: str | None = None) -> str:
+    """``1 conversation``, ``2 conversations`` (``words`` for an irregular plural: ``1 loss``, ``2 losses``)."""
+    one = isinstance(n, (int, float)) and not isinstance(n, bool) and n == 1
+    return f"{num(n)} {word if one else (words or word + 's')}"
+
+
+def sig2(x: float) -> str:
+    """Two significant digits (0.0096, 1.6, 17, 120); never a misleading 0.0."""
+    if x == 0 or not math.isfinite(x):
+        return num(float(x))
+    digits = 1 - math.floor(math.log10(abs(x)))
+    return f"{round(x, digits):,.{max(digits, 0)}f}"
+
+
+def duration(weeks: float) -> str:
+    """A payback time in the unit that reads best: hours under a day, days under a week, else weeks
+    (two significant digits)."""
+    if weeks is None or not math.isfinite(weeks):
+        return "never"
+    if weeks * 7 < 1:
+        return f"{sig2(weeks * 7 * 24)} hours"
+    if weeks < 1:
+        return f"{sig2(weeks * 7)} days"
+    return f"{sig2(weeks)} weeks"
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, classes: Sequence[str] | None = None) -> tuple[str, str]:
-    """(html, markdown) of a table; cells are escaped; ``classes`` tag rows (e.g. 'fail')."""
-    h = ["<table><thead><tr>" + "".join(f"<th>{esc(x)}</th>" for x in headers) + "</tr></thead><tbody>"]
+    """(html, markdown) of a table; cells are escaped; ``classes`` tag rows (e.g. 'fail'). A table wider
+    than the page scrolls inside its ``div.wide`` rather than running off the page."""
+    h = ['<div class="wide"><table><thead><tr>' + "".join(f"<th>{esc(x)}</th>" for x in headers) + "</tr></thead><tbody>"]
     for i, r in enumerate(rows):
         cls = f' class="{esc(classes[i])}"' if classes and classes[i] else ""
         h.append(f"<tr{cls}>" + "".join(f"<td>{esc(x)}</td>" for x in r) + "</tr>")
-    h.append("</tbody></table>")
+    h.append("</tbody></table></div>")
     md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     md += ["| " + " | ".join(str(x).replace("|", "\\|") for x in r) + " |" for r in rows]
     return "".join(h), "\n".join(md)
@@ -578,14 +614,83 @@ def section_checkpoints(run: Path) -> Section | None:
         s.md += "\n\nHow to read a gate (value vs threshold; [topic] = the same gate on one topic's items):\n\n" + bm
     blocked = [r for r, cl in zip(rows_in, classes, strict=True) if cl == "fail"]
     promoted = [r for r in rows_in if r.get("promoted")]
+    decided = _decisions(run)
+    notes = {}  # checkpoint -> the store's notes on its promotions (e.g. gate settings loosened after a refusal)
+    for d in decided:
+        if d.get("promoted") and d.get("notes"):
+            notes.setdefault(d.get("checkpoint"), []).extend(d["notes"])
+
     def at(r: dict) -> str:
         return f"{r.get('run')}@{r.get('step')}" + (f" ({r['stage']})" if r.get("stage") else "")
 
+    def passed(r: dict) -> str:
+        note = "; ".join(notes.get(r.get("run"), []))
+        return at(r) + " (every gate passed" + (f"; note: {note}" if note else "") + ")"
+
     why = {at(r): ", ".join(g["name"] for g in _gate_rows(r.get("gates")) if not g["pass"]) for r in blocked}
-    s.lead.append("Decision: " + ("promoted " + ", ".join(map(at, promoted)) + " (every gate passed)" if promoted
-                                  else "nothing promoted")
-                  + ("; blocked " + "; ".join(f"{k} on {v}" for k, v in why.items()) if why else ""))
+    refused = [f"{d.get('checkpoint')} for {d.get('stage')}" + (f" on {', '.join(d['failed'])}" if d.get("failed") else "")
+               for d in decided if not d.get("promoted")]
+    s.lead.append("Decision: " + ("promoted " + ", ".join(map(passed, promoted)) if promoted else "nothing promoted")
+                  + ("; blocked " + "; ".join(f"{k} on {v}" for k, v in why.items()) if why else "")
+                  + ("; refused earlier (store): " + "; ".join(refused) if promoted and refused else ""))
+    if decided:
+        dh, dm = table(["event", "when", "checkpoint", "stage", "decision", "failed gates", "notes"],
+                       [(num(d.get("event")), d.get("at", ""), d.get("checkpoint", ""), d.get("stage", ""),
+                         "promoted" if d.get("promoted") else "refused", ", ".join(d.get("failed") or []) or "-",
+                         "; ".join(d.get("notes") or []) or "-") for d in decided],
+                       classes=["pass" if d.get("promoted") else "fail" for d in decided])
+        head = "Promotion decisions in the store (preflab decisions), refusals included"
+        s.html += f"<h3>{esc(head)}</h3>" + dh
+        s.md += f"\n\n### {head}\n\n" + dm
     return s
+
+
+def _decisions(run: Path) -> list[dict]:
+    """``decisions.json`` (``preflab report --db``): the store's gate decisions, oldest first; [] without it."""
+    d = read_json(run / "decisions.json", {})
+    return rows_of(d.get("decisions") if isinstance(d, dict) else d, "checkpoint")
+
+
+def _promoted_checkpoints(run: Path) -> list[dict]:
+    """The checkpoints promoted now: per stage the last promotion in ``decisions.json``, else the rows
+    of ``checkpoints.json`` marked promoted. Each ``{"label": run-relative dir, "subject": path or None}``."""
+    decided = _decisions(run)
+    if decided:
+        last = {d.get("stage"): d for d in decided if d.get("promoted")}
+        return list({d.get("checkpoint"): {"label": d.get("checkpoint"), "subject": d.get("subject")}
+                     for d in last.values()}.values())  # one checkpoint in staging and production: once
+    c = read_json(run / "checkpoints.json", {})
+    rows = c.get("rows", []) if isinstance(c, dict) else c
+    return [{"label": r.get("run"), "subject": None} for r in rows if r.get("promoted")]
+
+
+def outcomes_checkpoint_note(run: Path, comp: dict) -> tuple[str, bool] | None:
+    """Which checkpoint the outcomes (and so the ROI) measure, against the promoted one: (sentence, is a
+    mismatch). None when nothing was promoted and the comparison names no checkpoint."""
+    promoted = _promoted_checkpoints(run)
+    names = ", ".join(str(p["label"]) for p in promoted)
+    base, cand = comp.get("baseline"), comp.get("candidate")
+    ck = comp.get("checkpoint")
+    if not ck:
+        if not promoted:
+            return None
+        return (f"The outcomes compare the labels {base!r} vs {cand!r}; which checkpoint served {cand!r} is not "
+                f"recorded (`preflab outcomes compare --checkpoint`), so they may not be the promoted {names}'s.", False)
+    served = ck.get("in_run") or ck.get("resolved") or ck.get("given")
+    if not promoted:
+        return f"{cand!r} was served by {served}.", False
+    def same(p: dict) -> bool:  # a checkpoint row may name the run whose final policy/ it is (the demo's)
+        return served in (p["label"], f"{p['label']}/policy") or bool(p["subject"] and ck.get("resolved") == p["subject"])
+
+    if any(map(same, promoted)):
+        return f"{cand!r} was served by {served}, the promoted checkpoint.", False
+    return (f"These outcomes are NOT the promoted checkpoint's: {cand!r} was served by {served}, while {names} "
+            f"was promoted; the outcome and ROI numbers measure {served}.", True)
+
+
+def para(text: str) -> str:
+    """A paragraph of plain text in HTML: escaped, with markdown's `code` as <code>."""
+    return "<p>" + re.sub(r"`([^`]+)`", r"<code>\1</code>", esc(text)) + "</p>"
 
 
 def section_pricing(run: Path) -> Section | None:
@@ -621,8 +726,8 @@ def section_ab(run: Path) -> Section | None:
     ab = norm_ab(read_json(p))
     s = Section("ab", "Blind A/B evaluation")
     lc = ab.get("length_controlled") or {}
-    facts = [f"{ab.get('candidate')} vs {ab.get('baseline')} on {num(ab.get('n'))} new conversations: "
-             f"{num(ab.get('wins'))} wins, {num(ab.get('ties'))} ties, {num(ab.get('losses'))} losses",
+    facts = [f"{ab.get('candidate')} vs {ab.get('baseline')} on {plural(ab.get('n'), 'new conversation')}: "
+             f"{plural(ab.get('wins'), 'win')}, {plural(ab.get('ties'), 'tie')}, {plural(ab.get('losses'), 'loss', 'losses')}",
              f"win rate {pct(ab.get('win_rate'))}{ci(ab.get('ci'), pct)} (Wilson 95%), sign-test p {pval(ab.get('p_value'))}",
              f"n needed to tell this rate from 50% (alpha 0.05, power 0.8): {num(ab.get('n_needed'))}"]
     if lc:
@@ -659,36 +764,59 @@ def section_factual(run: Path) -> Section | None:
 
 
 def section_outcomes(run: Path) -> Section | None:
+    from preflab.report.outcomes import not_compared
+
     p = run / "outcomes" / "comparison.json"
     if not p.exists():
         return None
     c = read_json(p)
     s = Section("outcomes", "Production outcomes")
     e, cs, ht = c["escalation"], c.get("csat"), c.get("handle_time_min")
-    rows = [("escalation rate", pct(e["baseline"]), pct(e["candidate"]), f"{100 * e['diff']:+.1f} pts",
-             ci([100 * x for x in e["ci"]], lambda v: f"{v:+.1f}") + f" ({e['method']})", pval(e.get("p_value")))]
+    test = {"fisher": " (Fisher exact)", "z": " (z-test)"}.get(e.get("test"), "")
+    n = c.get("conversations") or e.get("n", {})
+    rows = [("conversations", num(n.get("baseline")), num(n.get("candidate")), "", "", "")]
+    if c.get("answered_surveys"):
+        rows.append(("answered surveys", num(c["answered_surveys"]["baseline"]), num(c["answered_surveys"]["candidate"]),
+                     "", "", ""))
+    rows.append(("escalation rate", pct(e["baseline"]), pct(e["candidate"]), f"{100 * e['diff']:+.1f} pts",
+                 ci([100 * x for x in e["ci"]], lambda v: f"{v:+.1f}") + f" ({e['method']})", pval(e.get("p_value")) + test))
     if cs:
         rows.append(("CSAT (1-5)", num(cs["baseline"]), num(cs["candidate"]), f"{cs['diff']:+.2f}",
                      ci(cs["ci"], lambda v: f"{v:+.2f}") + " (Welch)", pval(cs.get("p_value"))))
     if ht:
         rows.append(("handle time (min, mean)", num(ht["baseline"]), num(ht["candidate"]), f"{ht['diff']:+.2f}",
                      ci(ht["ci"], lambda v: f"{v:+.2f}") + " (Welch)", pval(ht.get("p_value"))))
+    missing = not_compared(c)
+    for why in missing:
+        metric, reason = why.split(" not compared: ", 1)
+        rows.append((metric, "", "", "not compared", reason, ""))
     th, tm = table(["metric", c["baseline"], c["candidate"], "difference", "95% CI", "p"], rows)
     src = ("Simulated production logs (sandbox production simulator)." if c.get("simulated")
            else "Imported production logs.")
-    n = e.get("n", {})
-    info = f"{src} {num(n.get('baseline'))} conversations on {c['baseline']}, {num(n.get('candidate'))} on {c['candidate']}."
+    info = (f"{src} {plural(n.get('baseline'), 'conversation')} on {c['baseline']}, "
+            f"{plural(n.get('candidate'), 'conversation')} on {c['candidate']}.")
+    if test:
+        info += (" Escalation p-value: Fisher's exact test (an expected count below 5)." if e.get("test") == "fisher"
+                 else " Escalation p-value: pooled two-proportion z-test.")
     weeks = {v: {w.get("week") for w in c.get("weekly") or [] if w.get("model_version") == v}
              for v in (c["baseline"], c["candidate"])}
     if all(weeks.values()) and not weeks[c["baseline"]] & weeks[c["candidate"]]:
         info += (" The two versions ran in different weeks (before / after, not side by side), so anything else that "
                  "changed between those weeks would read as an effect of the model.")
-    s.html = f"<p>{esc(info)}</p>" + th + img(plots.plot_outcomes(c), "escalation, CSAT and handle time per model version")
-    s.md = info + "\n\n" + tm
+    texts = [info, *(f"{w}." for w in missing)]
+    s.html = "".join(map(para, texts))
+    note = outcomes_checkpoint_note(run, c)
+    if note:
+        texts.append(note[0])
+        s.html += f'<p class="alert">{esc(note[0])}</p>' if note[1] else para(note[0])
+        if note[1]:
+            s.problems.append(note[0])
+    s.html += th + img(plots.plot_outcomes(c), "escalation, CSAT and handle time per model version")
+    s.md = "\n\n".join([*texts, tm])
     s.images = 1
     s.headline.append(f"escalations {pct(e['baseline'])} -> {pct(e['candidate'])} ({_significance(e['ci'], 100)})"
                       + (f", CSAT {num(cs['baseline'])} -> {num(cs['candidate'])} ({_significance(cs['ci'], digits=2)})"
-                         if cs else ""))
+                         if cs else "") + (f" [{note[0]}]" if note and note[1] else ""))
     return s
 
 
@@ -708,36 +836,78 @@ def section_cost(run: Path) -> Section | None:
     cur = c.get("currency", "USD")
     s = Section("cost", "Cost ledger")
     t = c.get("totals", {})
-    ah, am = table(["rater", "judgements", "hours on task", "hourly rate", "cost"],
-                   [(r["rater"], num(r["judgements"]), num(r["hours"], 1), money(r["hourly_rate"], cur), money(r["cost"], cur))
+    ah, am = table(["rater", "judgements", "hours on task", "hourly rate", "cost", "cost per judgement"],
+                   [(r["rater"], num(r["judgements"]), num(r["hours"], 1),
+                     rate(r["hourly_rate"], cur) + (" (default)" if r.get("default_rate") else ""), money(r["cost"], cur),
+                     f"{cur} {r['cost'] / r['judgements']:,.2f}" if r.get("judgements") else "n/a")
                     for r in c.get("annotators", [])])
-    ch, cm = table(["stage", "wall hours", "devices", "device-hours", "cost"],
-                   [(r["stage"], num(r["wall_hours"], 3), num(r["devices"]), num(r["device_hours"], 3),
-                     f"{cur} {r['cost']:,.2f}") for r in c.get("compute", [])])
+    tracked = c.get("compute_tracked", bool(c.get("compute")))  # files from before the flag: tracked if listed
     note = " (simulated raters: times on task are simulated)" if c.get("simulated_raters") else ""
-    tot = (f"Annotation {money(t.get('annotation'), cur)} for {num(t.get('annotation_hours'), 1)} rater-hours{note}; "
-           f"compute {cur} {t.get('compute', 0):,.2f} for {num(t.get('device_hours'), 2)} device-hours; "
-           f"total {money(t.get('total'), cur)}.")
-    s.html = f"<p>{esc(tot)}</p><h3>Annotators</h3>{ah}<h3>Compute</h3>{ch}" + img(plots.plot_cost(c), "cost per rater and per stage")
-    s.md = f"{tot}\n\n### Annotators\n\n{am}\n\n### Compute\n\n{cm}"
+    per = (f", {cur} {t['annotation'] / t['judgements']:,.2f} a judgement over {plural(t['judgements'], 'judgement')}"
+           if t.get("judgements") else "")
+    ann = f"Annotation {money(t.get('annotation'), cur)} for {num(t.get('annotation_hours'), 1)} rater-hours{per}{note}; "
+    if tracked:
+        tot = (ann + f"compute {cur} {t.get('compute', 0):,.2f} for {num(t.get('device_hours'), 2)} device-hours; "
+               f"total {money(t.get('total'), cur)}.")
+        ch, cm = table(["stage", "wall hours", "devices", "device-hours", "cost"],
+                       [(r["stage"], num(r["wall_hours"], 3), num(r["devices"]), num(r["device_hours"], 3),
+                         f"{cur} {r['cost']:,.2f}") for r in c.get("compute", [])])
+    else:
+        tot = ann + f"compute not tracked; total {money(t.get('total'), cur)} (annotation only)."
+        ch = cm = "Not tracked: this ledger has no compute record (a real project's report prices annotation only)."
+        ch = f"<p>{esc(ch)}</p>"
+    defaults = [r["rater"] for r in c.get("annotators", []) if r.get("default_rate")]
+    texts = [tot] + ([f"{', '.join(defaults)}: no hourly rate of their own in the store or config, priced at the "
+                      f"default rate (`CostConfig.default_hourly_rate`)."] if defaults else [])
+    s.problems += list(c.get("warnings") or [])
+    texts += list(c.get("warnings") or [])
+    s.html = "".join(map(para, texts)) + f"<h3>Annotators</h3>{ah}<h3>Compute</h3>{ch}" + img(
+        plots.plot_cost(c), "cost per rater and per stage")
+    s.md = "\n\n".join(texts) + f"\n\n### Annotators\n\n{am}\n\n### Compute\n\n{cm}"
     s.images = 1
-    s.headline.append(f"annotation cost {money(t.get('annotation'), cur)}, total {money(t.get('total'), cur)}")
+    s.headline.append(f"annotation cost {money(t.get('annotation'), cur)}, total {money(t.get('total'), cur)}"
+                      + ("" if tracked else " (annotation only; compute not tracked)"))
     roi = c.get("roi")
     if roi:
-        rng = roi.get("payback_weeks_range")
-        line = (f"ROI: escalations {pct(roi['escalation_before'])} -> {pct(roi['escalation_after'])} at "
-                f"{num(c.get('config', {}).get('weekly_conversations'))} conversations/week avoid "
-                f"{num(roi['escalations_avoided_per_week'], 0)} escalations a week, saving {money(roi['weekly_saving'], cur)}"
-                f"/week at {money(c.get('config', {}).get('cost_per_escalation'), cur)} an escalation "
-                f"(`CostConfig.cost_per_escalation`; {money(roi['annual_saving'], cur)}/year); payback "
-                f"{num(roi['payback_weeks'], 1)} weeks"
-                + (f" (range over the escalation CI: {num(rng[0], 1)} to {num(rng[1], 1)})" if rng else "")
-                + ". A payback of n/a means no saving (at that end of the CI escalations do not fall).")
-        s.html += f"<p>{esc(line)}</p>"
+        line, head = roi_text(roi, c.get("config", {}), cur)
+        comparison = read_json(run / "outcomes" / "comparison.json", None)
+        which = outcomes_checkpoint_note(run, comparison) if isinstance(comparison, dict) else None
+        if which:
+            line += " " + which[0]
+            head += f" [{which[0]}]" if which[1] else ""
+        s.html += para(line)
         s.md += "\n\n" + line
-        s.headline.append(f"payback {num(roi['payback_weeks'], 1)} weeks"
-                          + (f" ({num(rng[0], 1)} to {num(rng[1], 1)} over the escalation CI)" if rng else ""))
+        s.headline.append(head)
     return s
+
+
+def roi_text(roi: dict, cfg: dict, cur: str) -> tuple[str, str]:
+    """(the ROI paragraph, its summary line). No payback when escalations did not fall; when the
+    escalation CI includes no change, the payback is a conditional, not a measured figure."""
+    before, after = roi["escalation_before"], roi["escalation_after"]
+    per = (f"at {num(cfg.get('weekly_conversations'))} conversations/week and "
+           f"{money(cfg.get('cost_per_escalation'), cur)} an escalation (`CostConfig.weekly_conversations`, "
+           f"`CostConfig.cost_per_escalation`)")
+    if roi["weekly_saving"] <= 0:
+        moved = "rose" if after > before else "did not change"
+        line = (f"ROI: escalations {moved} ({pct(before)} -> {pct(after)}): {per} that is "
+                f"{num(-roi['escalations_avoided_per_week'], 0)} more escalations and "
+                f"{money(-roi['weekly_saving'], cur)} more a week. There is no saving, so no payback.")
+        return line, f"no payback: escalations {moved} ({pct(before)} -> {pct(after)})"
+    line = (f"ROI: escalations {pct(before)} -> {pct(after)} {per} avoid "
+            f"{num(roi['escalations_avoided_per_week'], 0)} escalations a week, saving {money(roi['weekly_saving'], cur)}"
+            f"/week ({money(roi['annual_saving'], cur)}/year); ")
+    rng = roi.get("payback_weeks_range")
+    diff_ci = roi.get("escalation_diff_ci")
+    unclear = (diff_ci[0] <= 0 <= diff_ci[1]) if diff_ci else bool(rng) and rng[1] is None
+    if unclear:
+        where = f" [{100 * diff_ci[0]:+.1f}, {100 * diff_ci[1]:+.1f}] pts" if diff_ci else ""
+        line += (f"but the escalation difference's CI{where} includes no change, so no payback is established "
+                 f"(if the point estimate held: {duration(roi['payback_weeks'])}).")
+        return line, f"payback not established: the escalation CI{where} includes no change"
+    span = f" ({duration(rng[0])} to {duration(rng[1])} over the escalation CI)" if rng else ""
+    line += f"payback {duration(roi['payback_weeks'])}{span}."
+    return line, f"payback {duration(roi['payback_weeks'])}{span}"
 
 
 def section_experiments(run: Path) -> Section | None:
@@ -856,7 +1026,9 @@ GLOSSARY_TITLE = "What the terms mean"
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1050px;margin:2em auto;padding:0 1em;color:#1b1f24}
 h1{margin-bottom:.2em} h2{border-bottom:2px solid #d0d7de;padding-bottom:.2em;margin-top:2em}
+div.wide{max-width:100%;overflow-x:auto}
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em} th,td{border:1px solid #d0d7de;padding:.25em .55em;text-align:left}
+td{overflow-wrap:anywhere;min-width:4em}
 th{background:#f6f8fa} tr.fail td{background:#ffebe9} tr.pass td{background:#f0fff4}
 img.plot{display:block;max-width:100%;margin:.8em 0;border:1px solid #eee}
 .alert{border-left:4px solid #d62728;background:#fff5f5;padding:.4em .8em;margin:.5em 0}
@@ -881,6 +1053,7 @@ def build_sections(run_dir: str | Path) -> tuple[list[Section], list[str]]:
             sec = Section(name, f"{name} (not rendered)", html=f'<p class="problem">{esc(msg)}</p>', md=f"**{msg}**")
         if sec is not None:
             out.append(sec)
+            problems += [f"{sec.id}: {p}" for p in sec.problems]
     return out, problems
 
 

@@ -361,27 +361,45 @@ def plot_factual(factual: Mapping) -> bytes:
 
 # ---- outcomes and cost -------------------------------------------------------------------------
 
+def bar_label_place(value: float, top: float, ci_high: float | None) -> tuple[float, str, str]:
+    """(y, vertical alignment, colour) of a bar's value label: inside a bar tall enough to hold it (white,
+    centred), else above the bar and its CI whisker in dark text (a 0.0% bar has no inside)."""
+    if top > 0 and value >= 0.25 * top:
+        return value / 2, "center", "white"
+    return max(value, ci_high if ci_high is not None else value) + 0.02 * top, "bottom", "#1b1f24"
+
+
 def plot_outcomes(comp: Mapping) -> bytes:
-    """Escalation rate, CSAT and handle time per version (95% CIs), and weekly escalation."""
+    """Escalation rate, CSAT and handle time per version (95% CIs), and weekly escalation. A metric that
+    could not be compared (fewer than 2 values on a side) says so in its panel, with the counts."""
     fig, ax = _fig(10, 3.3, ncols=4)
     names = [comp["baseline"], comp["candidate"]]
-    esc = comp["escalation"]
-    for a, title, block, lab in ((ax[0][0], "Escalation rate", esc, "share escalated"),
-                                 (ax[0][1], "CSAT", comp.get("csat"), "mean CSAT (1-5)"),
-                                 (ax[0][2], "Handle time", comp.get("handle_time_min"), "mean minutes")):
+    counts = {"csat": (comp.get("answered_surveys"), "answered surveys"),
+              "handle_time_min": (comp.get("conversations"), "conversations")}
+    for a, title, key, lab in ((ax[0][0], "Escalation rate", "escalation", "share escalated"),
+                               (ax[0][1], "CSAT", "csat", "mean CSAT (1-5)"),
+                               (ax[0][2], "Handle time", "handle_time_min", "mean minutes")):
+        block = comp.get(key)
         if not block:
+            n, what = counts.get(key, (None, ""))
             a.set_axis_off()
+            a.text(0.5, 0.5, f"{title}: not compared\n" + (f"{what}: {n['baseline']} on {names[0]},\n"
+                                                            f"{n['candidate']} on {names[1]}\n(2 a side needed)"
+                                                            if n else "(too few values)"),
+                   ha="center", va="center", fontsize=8, transform=a.transAxes)
             continue
         vals = [block["baseline"], block["candidate"]]
         cis = block.get("ci_by_version") or {}
         a.bar([0, 1], vals, 0.55, color=[BEFORE, AFTER],
               yerr=list(zip(*[_err(v, cis.get(k)) for v, k in zip(vals, ("baseline", "candidate"), strict=True)], strict=True)),
               capsize=4)
-        for i, v in enumerate(vals):
-            a.text(i, v / 2, f"{v:.2f}" if lab != "share escalated" else f"{v:.1%}", ha="center", va="center",
-                   fontsize=8, color="white", fontweight="bold")
         uppers = [ci[1] for ci in cis.values() if ci]
-        a.set_ylim(0, max([*vals, *uppers]) * 1.15)  # the whole CI shows, not only the bar
+        top = max([*vals, *uppers]) * 1.15 or 1.0  # the whole CI shows, not only the bar (1 when all are 0)
+        a.set_ylim(0, top)
+        for i, (v, k) in enumerate(zip(vals, ("baseline", "candidate"), strict=True)):
+            y, va, color = bar_label_place(v, top, (cis.get(k) or [None, None])[1])
+            a.text(i, y, f"{v:.2f}" if lab != "share escalated" else f"{v:.1%}", ha="center", va=va,
+                   fontsize=8, color=color, fontweight="bold")
         lo, hi = block["ci"]
         a.set_xticks([0, 1], names, fontsize=8)
         a.set_ylabel(lab + " (95% CI)")

@@ -57,7 +57,7 @@ def test_ledger_totals_and_roi_range(tmp_path):
     cfg = CostConfig(default_hourly_rate=50.0, device_hour_price=3.0, weekly_conversations=1000, cost_per_escalation=10.0)
     led = build_ledger(cfg, judgement_times=[("a", 3600), ("b", 7200)], stage_seconds={"rm": 3600},
                        escalation_before=0.3, escalation_after=0.2, escalation_diff_ci=(-0.15, 0.01))
-    assert led["totals"] == {"annotation": 150.0, "compute": 3.0, "total": 153.0, "judgements": 2,
+    assert led["totals"] == {"annotation": 150.0, "compute": 3.0, "total": 153.0, "judgements": 2, "cost_per_judgement": 75.0,
                              "annotation_hours": 3.0, "device_hours": 1.0}
     # 1000 x 0.1 x $10 = $1000/week -> 0.153 weeks; CI ends: 0.15 -> $1500/week; -0.01 -> never
     assert led["roi"]["payback_weeks"] == pytest.approx(0.153)

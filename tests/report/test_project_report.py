@@ -112,3 +112,44 @@ def test_a_real_projects_report_has_the_roi_once_outcomes_are_compared(seed, db_
     assert "payback" in md.lower() and "- KL (to SFT)" not in md and "- duplicate ceiling" in md
     r = runner.invoke(app, ["report", str(run), "--config", str(tmp_path / "project.toml")])
     assert r.exit_code == 2 and "--config: give --db too" in r.output
+
+
+def test_a_gate_loosened_after_a_refusal_reaches_the_report_and_a_rate_for_nobody_warns(seed, db_url, tmp_path):
+    """The store's decisions (refusal at win_rate_lower_min 0.5, promotion at 0.4) go to decisions.json; the
+    summary's Decision line carries the store's note; `[cost] hourly_rates` naming no rater is a warning."""
+    from preflab.evaluate.promote import record_decision
+
+    st = seed(n_pairs=4, raters={"ann": []}, project="acme")
+    with db.session_scope(st.engine) as s:
+        rid = ops.create_round(s, project_id=st.project_id, name="w1", kind="collection", pair_ids=st.pair_ids,
+                               overlap=1, duplicate_rate=0.0, routing="any")
+    judge_all(st.engine, rid, st.raters["ann"], lambda t: "left", seconds=60.0)
+    run = tmp_path / "run"
+    ckpt = run / "dpo1" / "policy"
+    ev = Evidence(ab=ab_result([1.0] * 24 + [0.0] * 16, topics=["pricing"] * 40, candidate_texts=["a"] * 40,
+                               baseline_texts=["a"] * 40, candidate=str(ckpt), baseline="sft"))
+    ev.save(ckpt / "eval")  # win rate 0.6, Wilson lower bound 0.45: refused at 0.5, promoted at 0.4
+    strict, loose = GatesConfig(gates=["win_rate"]), GatesConfig(gates=["win_rate"], win_rate_lower_min=0.4)
+    evaluate_gates(loose, ev, subject=str(ckpt)).save(ckpt / "eval" / "gate.json")
+    with db.session_scope(st.engine) as s:
+        for cfg in (strict, loose):
+            d = record_decision(s, project_id=st.project_id, checkpoint=ckpt, stage="staging",
+                                report=evaluate_gates(cfg, ev, subject=str(ckpt)), gates=cfg)
+    assert d.promoted and d.notes
+    (tmp_path / "p.toml").write_text("[cost]\nhourly_rates = { bne = 38 }\n")
+    r = CliRunner().invoke(app, ["report", str(run), "--db", db_url, "--project", "acme",
+                                 "--config", str(tmp_path / "p.toml")])
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert "decisions.json: written" in out
+    assert ("warning: cost: CostConfig.hourly_rates.bne: no rater of this project is named 'bne' (its raters: ann)"
+            in out)
+    decided = json.loads((run / "decisions.json").read_text())["decisions"]
+    assert [(d["checkpoint"], d["stage"], d["promoted"], d["failed"]) for d in decided] == [
+        ("dpo1/policy", "staging", False, ["win_rate"]), ("dpo1/policy", "staging", True, [])]
+    assert decided[1]["notes"] == list(d.notes) and decided[0]["subject"] == str(ckpt.resolve())
+    md = (run / "report.md").read_text()
+    line = next(ln for ln in md.splitlines() if ln.startswith("- Decision:"))
+    assert "(every gate passed; note: promoted under other gate settings than the refusal(s)" in line
+    assert "refused earlier (store): dpo1/policy for staging on win_rate" in line
+    assert "| dpo1/policy | staging | refused | win_rate |" in md
