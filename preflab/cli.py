@@ -471,6 +471,13 @@ def ab_create(
             pid = ops.require_project(s, name=project)
             if ops.round_by_name(s, project_id=pid, name=name) is not None:
                 raise ops.StoreError(f"--name: round {name!r} already exists in project {project!r}")
+        from preflab.models.hf import weights_fingerprint
+
+        same = Path(candidate).resolve() == Path(baseline).resolve() or (
+            (fp := weights_fingerprint(candidate)) is not None and fp == weights_fingerprint(baseline))
+        if same:  # before any sampling: every pair would be the same model twice
+            raise ValueError(f"--baseline: {baseline} has the same weights as --candidate {candidate}: raters would "
+                             "compare a model with itself")
         cand, base = load_policy(candidate), load_policy(baseline)
         # generate before the transaction: a running `preflab serve` keeps taking judgements meanwhile
         texts = [generate_responses(*m, qs, cfg, prompt_template=template) for m in (cand, base)]
@@ -498,7 +505,7 @@ def ab_result_cmd(
 
     from rich.table import Table
 
-    from preflab.evaluate.ab import ab_result_from_round
+    from preflab.evaluate.ab import ab_result_from_round, top_rater_share
     from preflab.store import db as store_db
 
     try:
@@ -506,6 +513,8 @@ def ab_result_cmd(
         with store_db.session_scope(engine, readonly=True) as s:
             res = ab_result_from_round(s, round_id)
         engine.dispose()
+        if res.overall.n == 0:
+            raise ValueError(f"round {round_id}: no judgements yet, nothing to score (nothing written)")
     except ValueError as e:
         _fail(e)
     t = Table(title=f"A/B round {round_id}: {res.candidate} vs {res.baseline}")
@@ -522,7 +531,14 @@ def ab_result_cmd(
     if rnd.get("status") == "open" and rnd.get("pairs_judged", 0) < rnd.get("n_pairs", 0):
         console.print(f"[yellow]warning:[/yellow] round {round_id} is open with {rnd['pairs_judged']} of "
                       f"{rnd['n_pairs']} pairs judged: a result read while it runs (and acted on when it looks "
-                      "good) overstates the evidence; close the round first")
+                      "good) overstates the evidence; close the round first (the win-rate gate refuses it)")
+    top = top_rater_share(res)
+    if top is not None and len(rnd.get("judgements_by_rater", {})) > 1 and top[1] > 0.5:
+        console.print(f"[yellow]warning:[/yellow] {escape(top[0])} made {top[1]:.0%} of the judgements: the interval "
+                      "treats them as independent, so it reads one person's taste as a population's")
+    elif top is not None and len(rnd.get("judgements_by_rater", {})) == 1:
+        console.print(f"[yellow]warning:[/yellow] one rater ({escape(top[0])}) made every judgement: the win rate is "
+                      "one person's preference")
     target = Path(out) if out else (Path(res.candidate) / "eval" / "ab.json" if Path(res.candidate).is_dir() else None)
     if target is not None:
         if target.is_file():

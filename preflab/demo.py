@@ -629,8 +629,10 @@ def _oracle_share(tables, point: dict, reward_fn=None) -> dict:
 
 
 def _ab_round(cfg: DemoConfig, run: Path, engine, *, name: str, candidate: Path, n: int, rubric: str,
-              salt: int) -> dict:
-    """A blind A/B round (candidate vs base) judged by the calibrated pool; returns ABResult dict."""
+              salt: int, label: str) -> dict:
+    """A blind A/B round (candidate vs base) judged by the calibrated pool; returns ABResult dict. ``name``,
+    the round's, is shown to raters; ``label`` names the candidate in the ground truth and keys the round's
+    ids (as the round's name did before it stopped naming the model: the same ids, the same numbers)."""
     from preflab.evaluate.ab import ABQuery, ab_result_from_round, store_ab_round
     from preflab.sandbox.raters import work_round
     from preflab.sandbox.truth import win_rate_truth
@@ -643,13 +645,13 @@ def _ab_round(cfg: DemoConfig, run: Path, engine, *, name: str, candidate: Path,
         rid = store_ab_round(s, project_id=_project_id(s), name=name, queries=[ABQuery(q.id, q.text, q.topic)
                                                                                 for q in queries],
                              candidate_source=str(candidate), baseline_source=str(run / "base"),
-                             candidate_texts=ct, baseline_texts=bt, seed=cfg.seed + salt)
+                             candidate_texts=ct, baseline_texts=bt, seed=cfg.seed + salt, id_key=label)
     pool = _pool(cfg, calibrated=True)
     work_round(engine, round_id=rid, raters=_rater_ids(engine, pool), rubric=rubric, seed=cfg.seed + salt)
     with db.session_scope(engine, readonly=True) as s:
         res = ab_result_from_round(s, rid, str(candidate))
     d = res.to_dict()
-    d["truth"] = win_rate_truth(name, "sft", queries, ct, bt, measured=res.overall.rate)
+    d["truth"] = win_rate_truth(label, "sft", queries, ct, bt, measured=res.overall.rate)
     return d
 
 
@@ -664,7 +666,9 @@ def stage_gates(cfg: DemoConfig, run: Path, engine, ppo_name: str, *, rubric: st
     from preflab.store import db
 
     cand = run / ppo_name / "policy"
-    ab = _ab_round(cfg, run, engine, name=f"blind eval {ppo_name}", candidate=cand, n=n_ab, rubric=rubric, salt=salt)
+    # raters see the round's name: it must not name the model (a pass number does not)
+    ab = _ab_round(cfg, run, engine, name=f"blind eval {ppo_name.removeprefix('ppo_v')}", candidate=cand, n=n_ab,
+                   rubric=rubric, salt=salt, label=f"blind eval {ppo_name}")
     truth = ab.pop("truth")
     out = run / ppo_name / "gates"
     write_json(out / "ab.json", ab)
@@ -675,7 +679,7 @@ def stage_gates(cfg: DemoConfig, run: Path, engine, ppo_name: str, *, rubric: st
                                                      detector_samples=cfg.detector_samples))
     with db.session_scope(engine) as s:
         dec = record_decision(s, project_id=_project_id(s), checkpoint=cand, stage="staging",
-                              report=GateReport.from_dict(g.report))
+                              report=GateReport.from_dict(g.report), gates=GatesConfig())
     dec.report.save(out / "gate.json")  # as `preflab promote` leaves it: the gates and the decision's stage
     write_json(out / "truth_win_rate.json", truth)
     return {"passed": g.passed, "failed": g.failed, "promoted": dec.promoted, "win_rate": ab["overall"]["rate"],

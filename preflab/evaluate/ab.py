@@ -232,24 +232,27 @@ class ABResult:
     by_topic: dict[str, WinRate]
     candidate: str
     baseline: str
-    # where it came from: the round (id, name, status, pairs judged) and the candidate's weights
-    # (models.hf.weights_fingerprint) when they were read; the gates check them against the checkpoint
+    # where it came from: the round (id, name, status, pairs judged, judgements per rater) and both models'
+    # weights (models.hf.weights_fingerprint) when they were read; the gates check them against the
+    # checkpoint and the baseline of the other evidence
     round: dict[str, Any] | None = None
     candidate_weights: str | None = None
+    baseline_weights: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"candidate": self.candidate, "baseline": self.baseline, "overall": self.overall.to_dict(),
                 "length_controlled": self.length_controlled.to_dict(),
                 "by_topic": {k: v.to_dict() for k, v in self.by_topic.items()},
                 **({"round": self.round} if self.round else {}),
-                **({"candidate_weights": self.candidate_weights} if self.candidate_weights else {})}
+                **({"candidate_weights": self.candidate_weights} if self.candidate_weights else {}),
+                **({"baseline_weights": self.baseline_weights} if self.baseline_weights else {})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ABResult:
         return cls(overall=WinRate(**d["overall"]), length_controlled=LengthControlled(**d["length_controlled"]),
                    by_topic={k: WinRate(**v) for k, v in d["by_topic"].items()},
                    candidate=d["candidate"], baseline=d["baseline"], round=d.get("round"),
-                   candidate_weights=d.get("candidate_weights"))
+                   candidate_weights=d.get("candidate_weights"), baseline_weights=d.get("baseline_weights"))
 
 
 def ab_result(outcomes: Sequence[float], *, topics: Sequence[str], candidate_texts: Sequence[str],
@@ -314,8 +317,12 @@ EMPTY_RESPONSE = "(no response)"
 
 def store_ab_round(session, *, project_id: int, name: str, queries: Sequence[ABQuery], candidate_source: str,
                    baseline_source: str, candidate_texts: Sequence[str], baseline_texts: Sequence[str],
-                   overlap: int = 1, seed: int = 0, guideline_version_id: int | None = None) -> int:
+                   overlap: int = 1, seed: int = 0, guideline_version_id: int | None = None,
+                   id_key: str | None = None) -> int:
     """Store prompts, both responses and one pair per query, and open an ``eval`` round.
+
+    Response and pair ids, and which response is side ``a``, are hashed from ``id_key`` (default: the
+    round's name) and the query id.
 
     Blindness: response and pair ids are opaque hashes, which response is canonical side
     ``a`` is drawn per pair (seeded), and model identity lives only in ``Response.source``
@@ -332,14 +339,15 @@ def store_ab_round(session, *, project_id: int, name: str, queries: Sequence[ABQ
     if candidate_source == baseline_source:
         raise ValueError(f"candidate_source: the same as the baseline ({baseline_source!r})")
     prompts, responses, pairs = [], [], []
+    key = name if id_key is None else id_key
     for q, ct, bt in zip(queries, candidate_texts, baseline_texts, strict=True):
         prompts.append(ops.PromptIn(id=q.id, text=q.text, topic=q.topic))
-        rc = "r_" + _hash(name, q.id, candidate_source)[:16]
-        rb = "r_" + _hash(name, q.id, baseline_source)[:16]
+        rc = "r_" + _hash(key, q.id, candidate_source)[:16]
+        rb = "r_" + _hash(key, q.id, baseline_source)[:16]
         responses.append(ops.ResponseIn(id=rc, prompt_id=q.id, text=ct or EMPTY_RESPONSE, source=candidate_source))
         responses.append(ops.ResponseIn(id=rb, prompt_id=q.id, text=bt or EMPTY_RESPONSE, source=baseline_source))
-        a, b = (rc, rb) if int(_hash("side", seed, name, q.id), 16) % 2 == 0 else (rb, rc)
-        pairs.append(ops.PairIn(id="p_" + _hash(name, q.id)[:16], prompt_id=q.id, response_a_id=a, response_b_id=b))
+        a, b = (rc, rb) if int(_hash("side", seed, key, q.id), 16) % 2 == 0 else (rb, rc)
+        pairs.append(ops.PairIn(id="p_" + _hash(key, q.id)[:16], prompt_id=q.id, response_a_id=a, response_b_id=b))
     ops.add_prompts(session, project_id=project_id, prompts=prompts)
     ops.add_responses(session, project_id=project_id, responses=responses)
     ops.add_pairs(session, project_id=project_id, pairs=pairs)
@@ -410,9 +418,27 @@ def ab_result_from_round(session, round_id: int, candidate_source: str | None = 
     from preflab.models.hf import weights_fingerprint
 
     prog = ops.round_progress(session, round_id=round_id)
-    # the candidate's weights as they are now (when its directory is here): the gates check them against
-    # the checkpoint they judge, wherever it has moved since
-    weights = weights_fingerprint(candidate_source) if Path(candidate_source).is_dir() else None
+
+    # both models' weights as they are now (when their directories are here): the gates check them against
+    # the checkpoint they judge, wherever it has moved since, and against the other evidence's baseline
+    def weights(source: str) -> str | None:
+        return weights_fingerprint(source) if source and Path(source).is_dir() else None
+
+    by_rater: dict[str, int] = {}
+    for r in rows:
+        by_rater[r.rater_name] = by_rater.get(r.rater_name, 0) + 1
     return dataclasses.replace(res, round={"id": rnd.id, "name": rnd.name, "status": rnd.status,
-                                           "pairs_judged": len({r.pair_id for r in rows}), "n_pairs": prog.n_items},
-                               candidate_weights=weights)
+                                           "pairs_judged": len({r.pair_id for r in rows}), "n_pairs": prog.n_items,
+                                           "judgements_by_rater": dict(sorted(by_rater.items()))},
+                               candidate_weights=weights(candidate_source), baseline_weights=weights(baseline_source))
+
+
+def top_rater_share(result: ABResult) -> tuple[str, float] | None:
+    """The rater who made the most of the round's judgements and their share (None without the counts):
+    the Wilson interval treats judgements as independent, which one rater's taste is not."""
+    counts = (result.round or {}).get("judgements_by_rater") or {}
+    total = sum(counts.values())
+    if not total:
+        return None
+    name = max(counts, key=lambda k: (counts[k], k))
+    return name, counts[name] / total

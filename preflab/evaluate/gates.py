@@ -15,7 +15,7 @@ Gates (``[gates]`` table of the project TOML):
 
 | gate | passes when |
 | --- | --- |
-| ``win_rate`` | Wilson lower bound of the A/B win rate > ``win_rate_lower_min`` |
+| ``win_rate`` | Wilson lower bound of the A/B win rate > ``win_rate_lower_min``, on at least ``win_rate_min_n`` judgements of a round that is closed or fully judged |
 | ``factual`` | no significant regression: not (one-sided McNemar p < ``factual_alpha``: the candidate lost significantly more items than it gained) |
 | ``factual[topic]`` | the same per topic at ``factual_alpha / n_topics`` (Bonferroni) |
 | ``confident_wrong`` | lower CI bound of the confident-wrong shift <= ``confident_wrong_max_shift`` (not significantly up) |
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from preflab.config import check, field_doc
-from preflab.evaluate.ab import ABResult
+from preflab.evaluate.ab import ABResult, top_rater_share
 from preflab.evaluate.detectors import DETECTORS, DetectorResult, results_from_dict, results_to_dict
 from preflab.evaluate.factual import FactualComparison, mcnemar_regression_p
 
@@ -47,6 +47,9 @@ class GatesConfig:
 
     gates: list[str] = field_doc(list(GATES), "Gates to evaluate (subset of win_rate, factual, confident_wrong, formality, kl).")
     win_rate_lower_min: float = field_doc(0.5, "The A/B win rate's Wilson lower bound must exceed this.")
+    win_rate_min_n: int = field_doc(30, "Fewest A/B judgements the win-rate gate decides on (below about 30 the "
+                                        "Wilson bound passes where the exact sign test does not: 5 wins of 5 give "
+                                        "a bound of 0.57 at p 0.06).")
     factual_alpha: float = field_doc(0.05, "McNemar significance level for a factual regression.")
     factual_per_topic: bool = field_doc(True, "Also gate each topic (Bonferroni over topics).")
     confident_wrong_max_shift: float = field_doc(0.0, "The confident-wrong shift's lower CI bound must not exceed this.")
@@ -62,6 +65,7 @@ class GatesConfig:
             check(g in GATES, f"gates.gates[{i}]", f"must be one of {list(GATES)}, got {g!r}")
             check(g not in self.gates[:i], f"gates.gates[{i}]", f"{g!r} is listed twice")
         check(0 <= self.win_rate_lower_min < 1, "gates.win_rate_lower_min", "must be in [0, 1)")
+        check(self.win_rate_min_n >= 1, "gates.win_rate_min_n", "must be >= 1")
         check(0 < self.factual_alpha < 0.5, "gates.factual_alpha", "must be in (0, 0.5)")
         check(self.kl_max > 0, "gates.kl_max", "must be > 0")
         # a rate's shift lies in [-1, 1]: a bound at or past 1 switches its gate off, at or below -1 fails it always
@@ -210,12 +214,15 @@ def evidence_problems(checkpoint: str | Path, ev: Evidence) -> dict[str, str]:
 
     mine = weights_fingerprint(checkpoint)
     out: dict[str, str] = {}
+    p = ev.provenance or {}
     if ev.ab is not None:
         if ev.ab.candidate_weights and mine and ev.ab.candidate_weights != mine:
             out["ab"] = f"the A/B was judged on other weights ({ev.ab.candidate})"
         elif not ev.ab.candidate_weights and Path(ev.ab.candidate).resolve() != Path(checkpoint).resolve():
             out["ab"] = f"the A/B is about {ev.ab.candidate}, not this checkpoint"
-    p = ev.provenance or {}
+        elif ev.ab.baseline_weights and p.get("baseline_weights") and ev.ab.baseline_weights != p["baseline_weights"]:
+            out["ab"] = (f"the A/B's baseline ({ev.ab.baseline}) is not the baseline of the factual and detector "
+                         f"evidence ({p.get('baseline')}): a weaker baseline would pass the win-rate gate")
     if p.get("candidate_weights") and mine and p["candidate_weights"] != mine:
         out["collected"] = f"the factual and detector evidence was collected on other weights ({p.get('candidate')})"
     elif p.get("candidate_weights") and p.get("candidate_weights") == p.get("baseline_weights"):
@@ -250,10 +257,19 @@ def _evaluate(cfg: GatesConfig, evidence: Evidence) -> list[Gate]:
                 out.append(_missing("win_rate", cfg.win_rate_lower_min, rule))
                 continue
             w = ev.ab.overall
-            out.append(Gate("win_rate", w.ci_low > cfg.win_rate_lower_min, w.ci_low, cfg.win_rate_lower_min, rule,
-                            {"rate": w.rate, "ci_low": w.ci_low, "ci_high": w.ci_high, "n": w.n, "wins": w.wins,
-                             "losses": w.losses, "ties": w.ties, "sign_test_p": w.p_value, "n_needed": w.n_needed,
-                             "length_controlled": ev.ab.length_controlled.rate}))
+            numbers = {"rate": w.rate, "ci_low": w.ci_low, "ci_high": w.ci_high, "n": w.n, "wins": w.wins,
+                       "losses": w.losses, "ties": w.ties, "sign_test_p": w.p_value, "n_needed": w.n_needed,
+                       "length_controlled": ev.ab.length_controlled.rate}
+            if (top := top_rater_share(ev.ab)) is not None:
+                numbers["top_rater"], numbers["top_rater_share"] = top
+            rnd = ev.ab.round or {}
+            if rnd.get("status") == "open" and rnd.get("pairs_judged", 0) < rnd.get("n_pairs", 0):
+                numbers["reason"] = (f"the A/B round {rnd.get('name')!r} is open with {rnd['pairs_judged']} of "
+                                     f"{rnd['n_pairs']} pairs judged: finish or close it, then `preflab ab result` again")
+            elif w.n < cfg.win_rate_min_n:
+                numbers["reason"] = f"too few judgements: {w.n} < win_rate_min_n {cfg.win_rate_min_n}"
+            out.append(Gate("win_rate", "reason" not in numbers and w.ci_low > cfg.win_rate_lower_min, w.ci_low,
+                            cfg.win_rate_lower_min, rule, numbers))
         elif g == "factual":
             rule = "not (one-sided McNemar p < alpha): not significantly more items lost than gained"
             if ev.factual is None:

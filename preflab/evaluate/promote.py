@@ -69,15 +69,22 @@ def record_decision(session, *, project_id: int, checkpoint: str | Path, stage: 
     promoted = report.passed
     config = asdict(gates) if gates is not None else None
     notes = []
-    if config is not None:  # a promotion under other settings than an earlier refusal, or than staging's
-        earlier = [e for e in decisions(session, project_id=project_id, checkpoint=checkpoint)
-                   if e.payload.get("gates_config") not in (None, config)]
-        refused = [e.id for e in earlier if e.payload.get("stage") == stage and not e.payload.get("promoted")]
-        if promoted and refused:
+    prior = decisions(session, project_id=project_id, checkpoint=checkpoint)
+    refusals = [e for e in prior if e.payload.get("stage") == stage and not e.payload.get("promoted")]
+    if promoted and refusals:  # a promotion after a refusal: loosened settings stay visible
+        other = [e.id for e in refusals if config is not None and e.payload.get("gates_config") not in (None, config)]
+        unknown = [e.id for e in refusals if config is None or e.payload.get("gates_config") is None]
+        if other:
             notes.append(f"promoted under other gate settings than the refusal(s) of this checkpoint for {stage} "
-                         f"(decision event {', '.join(map(str, refused))})")
-        staged = [e.id for e in earlier if e.payload.get("stage") == "staging" and e.payload.get("promoted")]
-        if stage == "production" and staged:
+                         f"(decision event {', '.join(map(str, other))})")
+        if unknown:
+            notes.append(f"promoted after the refusal(s) of this checkpoint for {stage} (decision event "
+                         f"{', '.join(map(str, unknown))}); the gate settings of one side were not recorded: "
+                         "compare them by hand")
+    if config is not None and stage == "production":
+        staged = [e.id for e in prior if e.payload.get("stage") == "staging" and e.payload.get("promoted")
+                  and e.payload.get("gates_config") not in (None, config)]
+        if staged:
             notes.append(f"production gate settings differ from those it was staged under (event {staged[-1]})")
     eid = ops.record_event(session, project_id=project_id, kind="gate_decision", subject=subject,
                            payload={"stage": stage, "promoted": promoted, "failed": report.failed,

@@ -210,6 +210,7 @@ def test_blind_round_through_the_store_matches_direct_statistics(engine):
     assert ABResult.from_dict(res.to_dict()) == res
     assert res.overall == win_rate(expected)
     assert res.overall.ties == 5 and res.overall.rate == pytest.approx(37.5 / 40)
+    assert res.round["judgements_by_rater"] == {"r0": 20, "r1": 20}  # who judged: the gates name a dominant rater
     assert sum(w.n for w in res.by_topic.values()) == 40
     with db.session_scope(engine, readonly=True) as s, pytest.raises(ValueError, match="no response from"):
         ab_result_from_round(s, rid, "runs/other")

@@ -140,6 +140,35 @@ def test_win_rate_and_kl_bounds():
     assert set(rep.failed) == {"win_rate", "kl"}
 
 
+def test_win_rate_gate_needs_enough_judgements_of_a_finished_round():
+    """5 wins of 5 have a Wilson lower bound of 0.57 > 0.5 while the exact sign test gives p 0.0625: the gate
+    decides on at least win_rate_min_n judgements, and never on a round still open with pairs unjudged."""
+    import dataclasses
+
+    from preflab.evaluate.ab import sign_test_p, top_rater_share
+
+    few = ab_result([1.0] * 5, topics=["t"] * 5, candidate_texts=["a"] * 5, baseline_texts=["b"] * 5)
+    assert few.overall.ci_low > 0.5 and sign_test_p(5, 0) == pytest.approx(0.0625)
+    g = evaluate_gates(GatesConfig(gates=["win_rate"]), Evidence(ab=few)).gates[0]
+    assert not g.passed and g.numbers["reason"] == "too few judgements: 5 < win_rate_min_n 30"
+    assert evaluate_gates(GatesConfig(gates=["win_rate"], win_rate_min_n=5), Evidence(ab=few)).passed
+
+    ev = evidence(good_style)
+    ok = evaluate_gates(GatesConfig(gates=["win_rate"]), ev)
+    assert ok.passed and ok.gates[0].numbers["n"] == 200
+    rnd = {"id": 7, "name": "week 3", "status": "open", "pairs_judged": 120, "n_pairs": 200,
+           "judgements_by_rater": {"ann": 150, "bob": 50}}
+    ev.ab = dataclasses.replace(ev.ab, round=rnd)
+    g = evaluate_gates(GatesConfig(gates=["win_rate"]), ev).gates[0]
+    assert not g.passed and g.numbers["reason"].startswith("the A/B round 'week 3' is open with 120 of 200 pairs")
+    assert (g.numbers["top_rater"], g.numbers["top_rater_share"]) == ("ann", 0.75) == top_rater_share(ev.ab)
+    for done in ({**rnd, "status": "closed"}, {**rnd, "pairs_judged": 200}):  # closed, or open but complete
+        ev.ab = dataclasses.replace(ev.ab, round=done)
+        assert evaluate_gates(GatesConfig(gates=["win_rate"]), ev).passed
+    with pytest.raises(ConfigError, match="gates.win_rate_min_n"):
+        GatesConfig(win_rate_min_n=0).validate()
+
+
 def test_missing_evidence_fails_and_extra_detector_bounds():
     rep = evaluate_gates(GatesConfig(), Evidence())
     assert not rep.passed and all(g.numbers == {"reason": "no evidence"} for g in rep.gates)
@@ -247,3 +276,39 @@ def test_checkpoint_hook_for_the_trainers(tmp_path):
     assert out["eval/factual_accuracy"] == out["eval/factual_accuracy_baseline"]
     assert abs(out["eval/kl"]) < 1e-4 and out["eval/formality_shift"] == 0
     assert "win_rate" not in out["gates/failed"] and out["gates/passed"] is True
+
+
+def test_cli_ab_create_refuses_a_copy_of_the_candidate_before_sampling_and_ab_result_an_empty_round(tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from preflab.cli import app
+    from preflab.models.tiny import train_tokenizer
+    from preflab.store import db, ops
+
+    tok = train_tokenizer(domain.sandbox_texts(n=100), 300)
+    cand = _save_tiny(tmp_path / "cand", 1, tok)
+    shutil.copytree(cand, tmp_path / "copy")
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    runner = CliRunner()
+    eng = db.make_engine(url)
+    db.upgrade(eng)
+    with db.session_scope(eng) as s:
+        ops.ensure_project(s, name="default")
+    eng.dispose()
+    r = runner.invoke(app, ["ab", "create", "--candidate", str(cand), "--baseline", str(tmp_path / "copy"),
+                            "--name", "blind 1", "--n", "4", "--db", url], terminal_width=200)
+    assert r.exit_code == 2 and "--baseline:" in r.output and "same weights as --candidate" in r.output, r.output
+    eng = db.make_engine(url)
+    with db.session_scope(eng) as s:
+        pid = ops.require_project(s, name="default")
+        assert ops.list_rounds(s, project_id=pid) == []  # nothing stored
+        from preflab.evaluate.ab import ABQuery, store_ab_round
+
+        rid = store_ab_round(s, project_id=pid, name="blind 2", queries=[ABQuery("q1", "How much is Team?")],
+                             candidate_source=str(cand), baseline_source="runs/sft", candidate_texts=["$30."],
+                             baseline_texts=["$25."])
+    eng.dispose()
+    r = runner.invoke(app, ["ab", "result", str(rid), "--db", url, "--out", str(tmp_path / "ab.json")])
+    assert r.exit_code == 2 and "no judgements yet" in r.output and not (tmp_path / "ab.json").exists()

@@ -125,6 +125,45 @@ def test_evidence_of_other_weights_does_not_promote(setup, tmp_path):
     report = evaluate_gates(GatesConfig(gates=["factual", "formality"]), ev, checkpoint=good)
     assert not report.passed
     assert all(g.numbers["reason"].startswith("the evidence compares the candidate with itself") for g in report.gates)
+    # an A/B against another baseline than the rest of the evidence's (a weaker model passes it more easily)
+    weak = tmp_path / "weak"
+    weak.mkdir()
+    (weak / "model.safetensors").write_bytes(bytes([9]) * 4096)
+    ab["baseline_weights"] = weights_fingerprint(weak)
+    (good / "eval" / "ab.json").write_text(json.dumps(ab))
+    ev = Evidence.load(good / "eval")
+    ev.provenance = {"candidate": str(good), "candidate_weights": weights_fingerprint(good), "baseline": "runs/sft",
+                     "baseline_weights": weights_fingerprint(bad)}
+    g = evaluate_gates(GatesConfig(gates=["win_rate"]), ev, checkpoint=good).gates[0]
+    assert not g.passed and g.numbers["reason"].startswith("the A/B's baseline (")
+    ev.provenance["baseline_weights"] = weights_fingerprint(weak)  # the same baseline: it decides
+    assert evaluate_gates(GatesConfig(gates=["win_rate"]), ev, checkpoint=good).passed
+
+
+def test_a_promotion_after_a_refusal_with_unrecorded_settings_is_noted(setup):
+    """A refusal recorded without its gate settings (a caller of record_decision that passed none, as the
+    demo did) followed by a promotion: the loosening cannot be checked, so the decision says so."""
+    from preflab.evaluate.gates import Evidence, evaluate_gates
+    from preflab.evaluate.promote import record_decision
+    from preflab.store import ops
+
+    url, good, bad = setup
+    eng = db.make_engine(url)
+    db.upgrade(eng)
+    try:
+        with db.session_scope(eng) as s:
+            pid = ops.ensure_project(s, name="default")
+            refused = record_decision(s, project_id=pid, checkpoint=bad, stage="staging",
+                                      report=evaluate_gates(GatesConfig(), Evidence.load(bad / "eval")))
+            assert not refused.promoted and refused.notes == ()
+            lenient = GatesConfig(gates=["win_rate"])
+            d = record_decision(s, project_id=pid, checkpoint=bad, stage="staging", gates=lenient,
+                                report=evaluate_gates(lenient, Evidence.load(bad / "eval")))
+    finally:
+        eng.dispose()
+    assert d.promoted and d.notes == (f"promoted after the refusal(s) of this checkpoint for staging (decision event "
+                                      f"{refused.event_id}); the gate settings of one side were not recorded: "
+                                      "compare them by hand",)
 
 
 @pytest.mark.parametrize("table, words", [
