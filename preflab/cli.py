@@ -778,6 +778,28 @@ def _judged(examples) -> str:
     pairs = len({e.pair_id for e in examples})
     return f"{len(examples)} pairs" if pairs == len(examples) else f"{len(examples)} judgements of {pairs} pairs"
 
+def _store_rounds(db: str, project: str, round_kinds: tuple[str, ...]) -> list[int]:
+    """The ids of the rounds ``rm train --db`` reads (for its lineage), after warning about each open
+    re-rate round with pairs nobody judged yet: those pairs train on their old labels."""
+    from preflab.collect.rerate import trained_round_ids, unfinished_rerates
+    from preflab.store import db as store_db
+    from preflab.store import ops
+
+    engine = store_db.make_engine(db, create=False)
+    try:
+        with store_db.session_scope(engine, readonly=True) as s:
+            pid = ops.require_project(s, name=project, where=db)
+            waiting = unfinished_rerates(s, project_id=pid) if "rerate" in round_kinds else []
+            ids = trained_round_ids(s, project_id=pid, round_kinds=round_kinds)
+    finally:
+        engine.dispose()
+    for o in waiting:
+        console.print(f"[yellow]warning:[/yellow] re-rate round {o.round_id} ({o.name}, guideline {o.guideline}) is "
+                      f"open with {o.judged} of {o.total} pairs judged: the other {o.total - o.judged} train on their "
+                      "old labels, made under an older guideline; finish the round and train again for the new ones")
+    return ids
+
+
 @rm_app.command("train")
 def rm_train(
     out: str = typer.Option(..., "--out", help="Run directory (config.json, metrics.jsonl, ckpt/, model/)."),
@@ -815,12 +837,14 @@ def rm_train(
                                                        mixed_precision=mixed_precision, seed=seed))
         refuse_to_overwrite(out, resume=resume)  # before loading anything
         _resumable(out, resume)
+        round_ids = None
         if data is not None:
             examples = load_jsonl(data)
         else:
             if not project:
                 raise ValueError("--project: required with --db")
             examples = load_store_examples(db, project=project, round_kinds=_rounds(rounds))
+            round_ids = _store_rounds(db, project, _rounds(rounds))
         train, val = split_by_prompt(examples, val_fraction=cfg.val_fraction, seed=cfg.seed)
         _warn_data(train, val)
         model, tok = initial_reward_model(policy, seed=cfg.seed)
@@ -830,7 +854,7 @@ def rm_train(
             return
         _record_lineage(db, project, out, trained_on_judgements=True, round_kinds=_rounds(rounds),
                         initialised_from=_abs(policy),
-                        model_dir=_abs(res.model_dir))
+                        model_dir=_abs(res.model_dir), round_ids=round_ids)
     except (ValueError, OSError) as e:
         _fail(e)
     m = res.metrics
@@ -1070,13 +1094,25 @@ def guidelines_list(
         console.print(f"[bold]{g.label}[/bold] ({g.created_at:%Y-%m-%d}): {'; '.join(g.rubric) or '(no rubric)'}")
 
 
+def _rerate_flag(e: Exception) -> ValueError:
+    """A re-rate error named as the user typed it: --name, not round.name; --limit, not rerate.limit."""
+    import re
+
+    return ValueError(re.sub(r"^(?:rerate|round)\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e)))
+
+
 @app.command("rerate")
 def rerate_cmd(
-    where: list[str] = typer.Option([], help="Filter KEY=VALUE (topic, round_kind, source); repeatable."),
-    limit: int = typer.Option(800, min=1, help="Most pairs to re-rate."),
+    where: list[str] = typer.Option([], help="Filter KEY=VALUE (topic, round_kind, source); repeatable. Without "
+                                             "round_kind=: pairs judged in collection or re-rate rounds."),
+    limit: int = typer.Option(800, min=1, help="Most pairs to re-rate (a seeded random sample of the matching ones)."),
     guideline: str = typer.Option(..., help="Guideline version the re-rate round uses, e.g. v2."),
-    name: str = typer.Option(None, help="Round name (default rerate-<guideline>)."),
+    name: str = typer.Option(None, help="Round name (default rerate-<guideline>[-<where values>], numbered if taken)."),
     overlap: int = typer.Option(1, min=1, help="Raters per pair."),
+    duplicate_rate: float = typer.Option(0.1, help="Share of judged items planted again, sides swapped (as a "
+                                                   "collection round's): raters' self-consistency under the rubric."),
+    include_rerated: bool = typer.Option(False, "--include-rerated", help="Also select pairs already judged or "
+                                         "under --guideline (pays for their labels again)."),
     seed: int = typer.Option(0, help="Seed of the selection."),
     db: str = _DB_OPT,
     project: str = typer.Option("default", help="Project."),
@@ -1090,11 +1126,24 @@ def rerate_cmd(
     try:
         with store_db.session_scope(engine) as s:
             pid = ops.require_project(s, name=project)
-            rr = create_rerate_round(s, project_id=pid, name=name or f"rerate-{guideline}", where=parse_where(where),
-                                     limit=limit, guideline=guideline, overlap=overlap, seed=seed)
+            rr = create_rerate_round(s, project_id=pid, name=name, where=parse_where(where), limit=limit,
+                                     guideline=guideline, overlap=overlap, seed=seed, duplicate_rate=duplicate_rate,
+                                     include_rerated=include_rerated)
     except ValueError as e:
-        _fail(e)
-    console.print(f"re-rate round {rr.round_id}: {rr.n_pairs} pairs under guideline {rr.guideline}")
+        _fail(_rerate_flag(e))
+    console.print(f"re-rate round {rr.round_id} ({rr.name}): {rr.n_pairs} of {rr.matched} matching pairs under "
+                  f"guideline {rr.guideline}")
+    if rr.skipped:
+        console.print(f"skipped {rr.skipped} matching pairs already judged under {rr.guideline} "
+                      "(--include-rerated selects them again)")
+    if rr.queued:
+        console.print(f"skipped {rr.queued} matching pairs waiting in an open round under {rr.guideline}")
+    if rr.n_pairs < rr.matched:
+        rest = rr.matched - rr.n_pairs
+        console.print(f"[yellow]truncated at --limit {limit}:[/yellow] kept a random sample (seeded shuffle, --seed "
+                      f"{rr.seed}); the other {rest} are not queued: run the same rerate again for a second round "
+                      f"(it skips the pairs queued here; another --name if you gave one); --limit {rr.matched} would have "
+                      "taken them all")
 
 
 @app.command("lineage")
@@ -1119,8 +1168,21 @@ def lineage_cmd(
     t.add_column("run", overflow="fold")  # paths: every character matters, fold rather than cut
     t.add_column("from", overflow="fold")
     for r in rows:
-        t.add_row(r["run"], ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("run", "at")))
+        t.add_row(r["run"], _lineage_from(r))
     console.print(t)
+
+
+def _lineage_from(row: dict) -> str:
+    """One lineage row's sources: ``key=value``s, the reward model as the run it links to, and the rounds
+    trained on by id, name, kind and guideline."""
+    hidden = ("run", "at", "round_ids", "trained_rounds", "reward_model_run")
+    parts = [f"{k}={row['reward_model_run'] if k == 'reward_model' and 'reward_model_run' in row else v}"
+             for k, v in row.items() if k not in hidden]
+    rounds = row.get("trained_rounds")
+    if rounds:
+        parts.append("trained on rounds " + "; ".join(
+            f"{x['id']} {x['name']} ({x['kind']}, {x['guideline']})" for x in rounds))
+    return ", ".join(parts)
 
 
 # ---- quality: agreement report, rater status, calibration workshop (quality/, collect/workshop.py) ----

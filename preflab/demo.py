@@ -701,7 +701,10 @@ def stage_fix(cfg: DemoConfig, run: Path, engine) -> dict:
         existing = ops.round_by_name(s, project_id=pid, name="rerate pricing v2")  # a resumed run made it
         rr_id = existing.id if existing else create_rerate_round(
             s, project_id=pid, name="rerate pricing v2", where={"topic": "pricing"}, limit=cfg.rerate_limit,
-            guideline="v2", seed=cfg.seed).round_id
+            guideline="v2", seed=cfg.seed,
+            # the demo re-rates the pricing pairs of its calibration rounds too, as it always has (its documented
+            # numbers depend on it); `preflab rerate` takes collection and re-rate rounds' pairs by default
+            round_kinds=("calibration", "collection", "rerate")).round_id
     pool = _pool(cfg, calibrated=True)
     made = work_round(engine, round_id=rr_id, raters=_rater_ids(engine, pool), rubric="v2", seed=cfg.seed + 77)
     with db.session_scope(engine, readonly=True) as s:
