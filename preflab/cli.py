@@ -1312,6 +1312,8 @@ def quality_agreement(
     project: str = typer.Option("default", help="Project."),
     n_boot: int = typer.Option(1000, min=10, help="Bootstrap resamples of items for the CIs."),
     seed: int = typer.Option(0, help="Bootstrap seed."),
+    min_shared: int = typer.Option(5, "--min-shared", min=1, help="Rater pairs sharing fewer items stay out of the "
+                                                                  "mean pairwise kappa."),
     out: str = typer.Option(None, "--out", help="Also write the figures as JSON here."),
 ) -> None:
     """How far a round's raters agree: kappa (pairwise, Fleiss), alpha, raw agreement with 95% CIs; per rater."""
@@ -1327,7 +1329,7 @@ def quality_agreement(
         engine = store_db.make_engine(db, create=False)
         with store_db.session_scope(engine, readonly=True) as s:
             rnd = _round_ref(s, project, round_ref)
-            a = round_agreement(s, round_id=rnd.id, n_boot=n_boot, seed=seed)
+            a = round_agreement(s, round_id=rnd.id, n_boot=n_boot, seed=seed, min_shared=min_shared)
         engine.dispose()
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -1339,8 +1341,14 @@ def quality_agreement(
         t.add_column(col)
     for name, st in a["statistics"].items():
         ci = f"[{st['low']:.2f}, {st['high']:.2f}]" if st.get("low") is not None else "-"
-        t.add_row(name.replace("_", " "), f"{st['value']:.2f}", ci)
+        t.add_row(name.replace("_", " "), "n/a" if st["value"] is None else f"{st['value']:.2f}", ci)
     console.print(t)
+    mk = a["statistics"]["mean_pairwise_kappa"]
+    undefined = f", {mk['n_pairs_undefined']} with an undefined kappa (one category only)" if mk["n_pairs_undefined"] else ""
+    console.print(f"mean pairwise kappa: {mk['n_pairs']} rater pairs sharing {mk['min_shared']}+ items entered the mean; "
+                  f"{mk['n_pairs_few_items']} sharing fewer left out{undefined}", highlight=False)
+    if mk["value"] is None:
+        console.print(f"[yellow]note:[/yellow] mean pairwise kappa n/a: {mk['reason']}", highlight=False)
     r = Table(title="per rater (lowest agreement first)")
     for col in ("rater", "agreement with the others' majority", "items compared", "mean kappa with each other"):
         r.add_column(col)
@@ -1413,8 +1421,9 @@ def quality_status(
     except (ValueError, OSError) as e:
         _fail(e)
     t = Table(title=f"raters of {project}")
-    for col in ("rater", "judgements", "self-consistency [95% CI]", "flip rate", "accuracy ceiling",
-                "agreement with majority", "picks left", "open alerts"):
+    # planted duplicates are not counted here (the admin page and `store progress` count them)
+    for col in ("rater", "judgements (without planted duplicates)", "self-consistency [95% CI]", "flip rate",
+                "accuracy ceiling", "agreement with majority", "picks left", "open alerts"):
         t.add_column(col)
     sided = []
     for r in status:

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from preflab.config import check, field_doc
-from preflab.quality.agreement import agreement_with_reference, majority_labels
+from preflab.quality.agreement import MIN_SHARED, agreement_with_reference, majority_labels
 from preflab.quality.calibration import (
     before_after,
     report_markdown,
@@ -36,6 +37,7 @@ from preflab.quality.calibration import (
 from preflab.quality.consistency import self_consistency, side_preference
 from preflab.quality.drift import DriftCheck, DriftConfig, check_drift, hits_vs_others, tfidf_embed
 from preflab.store import ops
+from preflab.store.schema import Judgement
 
 
 @dataclass
@@ -106,16 +108,26 @@ def _agreement_round(s: Session, round_id: int, *, project_id: int | None = None
     return rnd, labels, shared
 
 
-def round_agreement(s: Session, *, round_id: int, n_boot: int = 1000, seed: int = 0) -> dict:
+def round_agreement(s: Session, *, round_id: int, n_boot: int = 1000, seed: int = 0,
+                    min_shared: int = MIN_SHARED) -> dict:
     """Agreement between a round's raters (any kind of round with overlap >= 2): mean pairwise
-    Cohen's kappa, Fleiss' kappa, Krippendorff's alpha and raw agreement with bootstrap CIs over
+    Cohen's kappa (over rater pairs sharing >= ``min_shared`` items; how many pairs entered is in
+    its entry), Fleiss' kappa, Krippendorff's alpha and raw agreement with bootstrap CIs over
     items, and per rater agreement with the others' majority (``quality.calibration.round_stats``).
     Planted duplicates are left out; items judged once carry no agreement and are not counted."""
     rnd, labels, shared = _agreement_round(s, round_id)
-    stats = round_stats(shared, n_boot=n_boot, seed=seed)
+    stats = round_stats(shared, n_boot=n_boot, seed=seed, min_shared=min_shared)
     return {"round": {"id": rnd.id, "name": rnd.name, "kind": rnd.kind, "overlap": rnd.overlap,
                       "guideline": rnd.guideline_label},
             "n_items_judged": len(labels), **stats}
+
+
+def round_judgement_version(s: Session, *, round_id: int) -> tuple[int, int | None]:
+    """(number of judgements, newest judgement id) of a round, duplicates included: a cheap key that
+    changes whenever :func:`round_agreement`'s input may have (the web app caches on it)."""
+    n, newest = s.execute(select(func.count(Judgement.id), func.max(Judgement.id))
+                          .where(Judgement.round_id == round_id)).one()
+    return int(n), newest
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,14 @@ the change of each figure; the CI of a change resamples each round's items indep
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from preflab.quality.agreement import (
+    MIN_SHARED,
     LabelMatrix,
     LabelTable,
     agreement_with_reference,
@@ -37,20 +39,28 @@ STATISTICS: dict[str, Callable[[LabelMatrix], float]] = {
 }
 
 
-def _rater_mean_kappa(m: LabelMatrix) -> dict:
-    pk = pairwise_kappa(m)
-    return {r: pk.rater_mean(i) for i, r in enumerate(pk.raters)}
+def round_stats(labels: LabelTable | LabelMatrix, *, n_boot: int = 1000, seed: int = 0,
+                min_shared: int = MIN_SHARED) -> dict:
+    """Agreement figures of one round with bootstrap CIs, and per-rater figures (JSON-able).
 
-
-def round_stats(labels: LabelTable | LabelMatrix, *, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Agreement figures of one round with bootstrap CIs, and per-rater figures (JSON-able)."""
+    The mean pairwise kappa takes the rater pairs sharing >= ``min_shared`` items
+    (``PairwiseKappa.mean_detail``); its entry says how many pairs entered and how many were left
+    out, and when none qualifies its value and interval are None with the reason."""
     m = encode(labels)
-    stats = {name: bootstrap_ci(m, fn, n_boot=n_boot, seed=seed).to_dict() for name, fn in STATISTICS.items()}
+    pk = pairwise_kappa(m)
+    mean = pk.mean_detail(min_shared)
+    if mean.value is None:  # no pair qualifies: "n/a" with the reason
+        kappa = {"value": None, "low": None, "high": None, "level": 0.95, "n_boot": 0, "n_failed": 0}
+    else:
+        kappa = bootstrap_ci(m, functools.partial(mean_pairwise_kappa, min_shared=min_shared), n_boot=n_boot,
+                             seed=seed).to_dict()
+    stats = {"mean_pairwise_kappa": kappa | {k: v for k, v in mean.to_dict().items() if k != "value"}}
+    stats |= {name: bootstrap_ci(m, fn, n_boot=n_boot, seed=seed).to_dict()
+              for name, fn in STATISTICS.items() if name != "mean_pairwise_kappa"}
     maj = agreement_with_reference(m)
-    mk = _rater_mean_kappa(m)
+    mk = {r: pk.rater_mean(i) for i, r in enumerate(pk.raters)}
     raters = {str(r): {"agreement_with_majority": maj[r].agreement, "n_compared": maj[r].n,
                        "mean_kappa_with_others": mk[r]} for r in m.raters}
-    pk = pairwise_kappa(m)
     return {"n_items": len(m.items), "n_raters": len(m.raters), "statistics": stats, "raters": raters,
             "pairwise_kappa": {"raters": [str(r) for r in pk.raters],
                                "matrix": [[None if np.isnan(v) else float(v) for v in row] for row in pk.matrix]}}

@@ -31,7 +31,14 @@ def _judged_round(seed):
 def test_round_agreement_matches_hand_worked_kappas(seed):
     st, rid = _judged_round(seed)
     with db.session_scope(st.engine, readonly=True) as s:
-        a = round_agreement(s, round_id=rid, n_boot=200)
+        a = round_agreement(s, round_id=rid, n_boot=200, min_shared=4)
+        by_default = round_agreement(s, round_id=rid, n_boot=200)
+    # the raters share 4 items: fewer than the default 5, so the mean pairwise kappa is n/a, with the reason
+    mk = by_default["statistics"]["mean_pairwise_kappa"]
+    assert mk["value"] is None and mk["low"] is None and (mk["n_pairs"], mk["n_pairs_few_items"]) == (0, 1)
+    assert "no pair of raters shares 5 or more items" in mk["reason"] and "Fleiss" in mk["reason"]
+    assert by_default["statistics"]["fleiss_kappa"] == a["statistics"]["fleiss_kappa"]
+    assert a["statistics"]["mean_pairwise_kappa"]["n_pairs"] == 1
     stats = {k: v["value"] for k, v in a["statistics"].items()}
     # Cohen: p_o = 3/4; ann a/b = 1/2, 1/2, bob 1/4, 3/4 -> p_e = 1/2 -> kappa = 1/2
     assert math.isclose(stats["mean_pairwise_kappa"], 0.5)
@@ -47,9 +54,15 @@ def test_round_agreement_matches_hand_worked_kappas(seed):
 def test_cli_quality_agreement(seed, tmp_path):
     st, rid = _judged_round(seed)
     url = st.engine.url.render_as_string(hide_password=False)
+    r = CliRunner().invoke(app, ["quality", "agreement", "week 1", "--db", url, "--project", "proj", "--n-boot", "200"],
+                           terminal_width=200)
+    assert r.exit_code == 0, r.output  # 4 shared items: below the default 5
+    assert "mean pairwise kappa n/a: no pair of raters shares 5 or more items" in r.output
+    assert "0 rater pairs sharing 5+ items entered the mean; 1 sharing fewer left out" in r.output
     r = CliRunner().invoke(app, ["quality", "agreement", "week 1", "--db", url, "--project", "proj", "--n-boot", "200",
-                                 "--out", str(tmp_path / "a.json")], terminal_width=200)
+                                 "--min-shared", "4", "--out", str(tmp_path / "a.json")], terminal_width=200)
     assert r.exit_code == 0, r.output
+    assert "1 rater pairs sharing 4+ items entered the mean" in r.output
     assert "week 1: 4 items judged by 2+ of 2 raters" in r.output and "fleiss kappa" in r.output and "0.47" in r.output
     assert math.isclose(json.loads((tmp_path / "a.json").read_text())["statistics"]["mean_pairwise_kappa"]["value"], 0.5)
     r = CliRunner().invoke(app, ["quality", "agreement", str(rid), "--db", url, "--project", "proj", "--n-boot", "50"])

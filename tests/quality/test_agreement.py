@@ -87,32 +87,45 @@ def test_cohen_matches_sklearn_with_missing(seed):
                 assert np.isnan(pk.matrix[i, j])
                 continue
             la, lb = [t[it][a] for it in shared], [t[it][b] for it in shared]
-            if len(set(la) | set(lb)) == 1:
-                assert cohen_kappa(t, a, b) == 1.0  # sklearn gives NaN here; ours is defined
+            if len(set(la) | set(lb)) == 1:  # p_e = 1: undefined, as sklearn's NaN
+                assert np.isnan(cohen_kappa_score(la, lb)) and np.isnan(pk.matrix[i, j])
+                with pytest.raises(ValueError, match="undefined"):
+                    cohen_kappa(t, a, b)
             else:
                 ref = cohen_kappa_score(la, lb)
                 assert cohen_kappa(t, a, b) == pytest.approx(ref, abs=1e-9)
                 assert pk.matrix[i, j] == pytest.approx(ref, abs=1e-9)
+                vals.append((ref, len(shared)))
             assert pk.n_shared[i, j] == len(shared)
-            vals.append((pk.matrix[i, j], len(shared)))
-    if vals:  # each pair weighted by the items it shares
-        k, n = np.array(vals).T
-        assert mean_pairwise_kappa(t) == pytest.approx(float((k * n).sum() / n.sum()), abs=1e-12)
+    for min_shared in (1, 5):  # pairs sharing >= min_shared items, each weighted by the items it shares
+        k, n = np.array([v for v in vals if v[1] >= min_shared] or [(0.0, 0)]).T
+        if n.sum():
+            assert mean_pairwise_kappa(t, min_shared=min_shared) == pytest.approx(float((k * n).sum() / n.sum()),
+                                                                                  abs=1e-12)
+        else:
+            with pytest.raises(ValueError, match="no pair of raters shares"):
+                mean_pairwise_kappa(t, min_shared=min_shared)
 
 
 def test_a_rater_with_one_item_does_not_swing_the_mean():
-    # A and B share 10 items with kappa 0.6 (p_o 0.8, p_e 0.5); C judged one item, agreeing with both,
-    # so C's kappas are 1.0 on one item each. Unweighted: (0.6 + 1 + 1) / 3 = 0.867, as if the round
-    # agreed well; weighted by shared items: (10 * 0.6 + 1 + 1) / 12 = 0.667.
+    # A and B share 10 items with kappa 0.6 (p_o 0.8, p_e 0.5); C judged one item, agreeing with both.
+    # C's kappas rest on one item with equal labels: p_e = 1, undefined (sklearn: nan), where they
+    # used to count as 1.0 and lifted the mean ((10 * 0.6 + 1 + 1) / 12 = 0.667 weighted, 0.867 not).
+    # They stay out of the mean, for sharing fewer than 5 items and for being undefined.
     a = list("aaaaabbbbb")
     b = list("aaaabbbbba")
     t = {f"i{k}": {"A": a[k], "B": b[k]} for k in range(10)}
     t["i0"]["C"] = "a"
     pk = pairwise_kappa(t)
     assert cohen_kappa(t, "A", "B") == pytest.approx(0.6)
-    assert mean_pairwise_kappa(t) == pytest.approx(8 / 12, abs=1e-12)
-    assert pk.rater_mean(list(pk.raters).index("C")) == pytest.approx(1.0)  # C's own figure: on 1 item each
-    assert pk.rater_mean(list(pk.raters).index("A")) == pytest.approx((10 * 0.6 + 1) / 11)
+    assert mean_pairwise_kappa(t) == pytest.approx(0.6, abs=1e-12)
+    assert mean_pairwise_kappa(t, min_shared=1) == pytest.approx(0.6, abs=1e-12)  # undefined, not 1.0
+    d = pk.mean_detail()
+    assert (d.n_pairs, d.n_pairs_few_items, d.n_pairs_undefined) == (1, 2, 0)
+    d1 = pk.mean_detail(1)
+    assert (d1.n_pairs, d1.n_pairs_few_items, d1.n_pairs_undefined) == (1, 0, 2)
+    assert pk.rater_mean(list(pk.raters).index("C")) is None  # C's own figure: undefined with everyone
+    assert pk.rater_mean(list(pk.raters).index("A")) == pytest.approx(0.6)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -188,7 +201,9 @@ def test_alpha_krippendorff_2011_example():
 
 def test_degenerate_all_agree_and_one_category():
     one_cat = {i: {"a": "x", "b": "x", "c": "x"} for i in range(5)}
-    assert cohen_kappa(one_cat, "a", "b") == 1.0
+    with pytest.raises(ValueError, match="undefined .* expected agreement is 1"):  # 0/0; sklearn: nan
+        cohen_kappa(one_cat, "a", "b")
+    assert np.isnan(pairwise_kappa(one_cat).matrix[0, 1])
     assert fleiss_kappa(one_cat) == 1.0
     assert krippendorff_alpha(one_cat) == 1.0
     assert percent_agreement(one_cat) == 1.0

@@ -186,11 +186,38 @@ def round_progress(request: Request, round_id: RoundId, user: AdminUser) -> list
 @router.get("/rounds/{round_id}/agreement")
 def round_agreement(request: Request, round_id: RoundId, user: AdminUser) -> dict:
     """Agreement between the round's raters with 95% bootstrap CIs (admin): mean pairwise Cohen's kappa,
-    Fleiss' kappa, Krippendorff's alpha, raw agreement; per rater, agreement with the others' majority."""
+    Fleiss' kappa, Krippendorff's alpha, raw agreement; per rater, agreement with the others' majority.
+
+    Cached in this process per (round, number of judgements, newest judgement id), 32 entries, least
+    recently used first out: admins refreshing the page cost one count query until a judgement arrives.
+    Nothing another worker needs lives there (each worker computes its own on a miss)."""
+    import copy
+    import threading
+    from collections import OrderedDict
+
     from preflab.collect.workshop import round_agreement as agreement
+    from preflab.collect.workshop import round_judgement_version
 
     own_round(request, user, round_id)
-    return run_store(request, lambda s: agreement(s, round_id=round_id), readonly=True)
+    state = request.app.state
+    if getattr(state, "agreement_cache", None) is None:
+        state.agreement_cache = (threading.Lock(), OrderedDict())
+    lock, cache = state.agreement_cache
+
+    def cached(s) -> dict:  # noqa: ANN001
+        key = (round_id, *round_judgement_version(s, round_id=round_id))
+        with lock:
+            if key in cache:
+                cache.move_to_end(key)
+                return cache[key]
+        result = agreement(s, round_id=round_id)
+        with lock:
+            cache[key] = result
+            while len(cache) > 32:
+                cache.popitem(last=False)
+        return result
+
+    return copy.deepcopy(run_store(request, cached, readonly=True))
 
 
 def progress_rows(prog) -> list[w.ProgressRow]:  # noqa: ANN001
