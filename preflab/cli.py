@@ -718,16 +718,24 @@ def diagnose_cmd(
     max_new_tokens: int = typer.Option(64, min=1, help="Longest response."),
     seed: int = typer.Option(0, help="Sampler seed."),
     groups: bool = typer.Option(False, help="Also print the table per group (fact)."),
+    baseline: str = typer.Option(None, help="Model directory sampled the same way (the SFT model): tells facts "
+                                            "lost by optimisation from knowledge gaps."),
     out: str = typer.Option(None, help="JSON file (default CHECKPOINT/eval/diagnose.json)."),
     prompt_format: str = _PROMPT_FORMAT_OPT,
     threads: int = _THREADS_OPT,
 ) -> None:
-    """Knowledge or preference? First-sample vs any-of-n correctness per item, per topic, and a verdict."""
+    """Knowledge or preference? Sampled and greedy correctness per item and topic, never-right items
+    (lost by optimisation or knowledge gaps, with --baseline), confident-wrong answers, and a verdict."""
     _set_threads(threads)
     import json
     from pathlib import Path
 
-    from preflab.evaluate.diagnose import DiagnoseConfig, diagnose, render_tables
+    from preflab.evaluate.diagnose import (
+        DiagnoseConfig,
+        diagnose,
+        render_never_right,
+        render_tables,
+    )
     from preflab.evaluate.factual import load_suite
     from preflab.models.hf import load_policy
 
@@ -736,14 +744,21 @@ def diagnose_cmd(
                              prompt_template=_template(prompt_format))
         cfg.validate()
         items = load_suite(suite)
+        if baseline is not None and not Path(baseline).is_dir():
+            raise ValueError(f"--baseline: {baseline} is not a model directory")
         model, tok = load_policy(checkpoint)
-        d, _ = diagnose(model, tok, items, cfg, progress=True)
+        base = load_policy(baseline) if baseline is not None else None
+        d, _ = diagnose(model, tok, items, cfg, baseline=base, baseline_name=baseline or "baseline", progress=True)
     except (ValueError, OSError) as e:
         _fail(e)
     console.print(render_tables(d))
     if groups:
         console.print(render_tables(d, groups=True))
-    console.print(f"[bold]verdict:[/bold] {d.verdict}")
+    if any(i.right == 0 for i in d.items):
+        console.print(render_never_right(d))
+    console.print(f"[bold]verdict:[/bold] {escape(d.verdict)}")
+    for cmd in d.fixes:
+        console.print(f"[bold]re-rate:[/bold] {escape(cmd)}")
     path = Path(out) if out else Path(checkpoint) / "eval" / "diagnose.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(d.to_dict(), indent=2) + "\n")
