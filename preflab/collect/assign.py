@@ -130,7 +130,11 @@ def round_routing_gaps(session: Session, *, round_id: int) -> list[str]:
     raters = ops.list_raters(session, project_id=rnd.project_id, active_only=True)
     gaps = routing_gaps(domains=list(topics.values()), specialties=[r.specialties for r in raters],
                         overlap=rnd.overlap, routing=rnd.routing, fallback=rnd.fallback)
-    n_admins = sum(r.role == "admin" for r in raters)
-    if n_admins:  # admins may rate too, so they count; say so, as a team may not mean them to
-        gaps = [g.replace(" active raters ", f" active raters ({n_admins} of them admin) ", 1) for g in gaps]
+    admins = sorted(r.name for r in raters if r.role == "admin")
+    if admins:  # admins may rate too, so they count; say so, as a team may not mean them to
+        gaps = [g.replace(" active raters ", f" active raters ({len(admins)} of them admin) ", 1) for g in gaps]
+        n_raters = len(raters) - len(admins)
+        if not gaps and rnd.overlap > n_raters:
+            gaps.append(f"overlap {rnd.overlap} but only {n_raters} active raters who are not admins: no item is "
+                        f"complete until an admin ({', '.join(admins)}) rates it too")
     return gaps

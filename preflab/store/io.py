@@ -180,7 +180,8 @@ def import_pairs(session: Session, *, project_id: int, path: str | Path) -> Impo
 # ---- export ------------------------------------------------------------------------------
 
 
-def _jsonable(v: Any) -> Any:
+def jsonable(v: Any) -> Any:
+    """A record value as JSON has it (datetimes in ISO 8601, as every export writes them)."""
     if isinstance(v, dt.datetime):
         return v.isoformat()
     if isinstance(v, tuple):
@@ -196,7 +197,7 @@ def _write_jsonl(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> int:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             for row in rows:
-                fh.write(json.dumps({k: _jsonable(v) for k, v in row.items()}, ensure_ascii=False) + "\n")
+                fh.write(json.dumps({k: jsonable(v) for k, v in row.items()}, ensure_ascii=False) + "\n")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -55,6 +55,8 @@ class RoundAdminOut(BaseModel):
     guideline_version: str | None
     n_items: int
     n_judgements: int
+    warnings: list[str] = Field(default_factory=list, description="Items that cannot reach their overlap with "
+                                                                   "the active raters (collect.assign.routing_gaps).")
 
 
 class RoundCreate(Strict):

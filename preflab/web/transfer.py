@@ -60,7 +60,9 @@ def pair_ids_of(text: str, filename: str | None = None) -> list[str]:
 
 
 def _line(rec: dict[str, Any]) -> str:
-    return json.dumps(rec, ensure_ascii=False, default=str)
+    from preflab.store.io import jsonable
+
+    return json.dumps({k: jsonable(v) for k, v in rec.items()}, ensure_ascii=False, default=str)  # as the CLI's
 
 
 def export_round_jsonl(session: Session, *, project_id: int, round_id: int) -> str:

@@ -228,3 +228,25 @@ def test_a_round_from_an_uploaded_pairs_file_takes_only_those_pairs(served):
     r = admin.post("/admin/rounds", data={"name": "all of them", "overlap": "1", "duplicate_rate": "0",
                                           "min_rationale_chars": "5", "csrf_token": csrf}, follow_redirects=True)
     assert "Round “all of them” created with 3 items." in r.text  # no file: every imported pair
+
+
+def test_a_round_the_raters_cannot_complete_is_said_by_the_api_the_form_and_the_round_page(served):
+    """Overlap 3 with 2 raters and the admin: no item completes unless the admin rates. The API's answer,
+    the form's message and the round page say so (only `store round` did)."""
+    server, _, _ = served
+    with server.admin() as api:
+        r = api.post("/api/v1/rounds", json={"name": "needs admin", "overlap": 3, "duplicate_rate": 0})
+        assert r.status_code == 201
+        assert r.json()["warnings"] == ["overlap 3 but only 2 active raters who are not admins: no item is complete "
+                                        "until an admin (admin) rates it too"]
+        r = api.post("/api/v1/rounds", json={"name": "too wide", "overlap": 9, "duplicate_rate": 0})
+        assert r.json()["warnings"] == ["only 3 active raters (1 of them admin) for overlap 9: no item can be "
+                                        "completed"]
+        rid = r.json()["id"]
+        assert api.post("/api/v1/rounds", json={"name": "fine", "overlap": 2}).json()["warnings"] == []
+    admin, csrf = _signed_in(server)
+    r = admin.post("/admin/rounds", data={"name": "form wide", "overlap": "9", "csrf_token": csrf},
+                   follow_redirects=True)
+    assert "Round “form wide” created with 3 items. Warning: only 3 active raters" in r.text
+    page = admin.get(f"/admin/rounds/{rid}").text
+    assert 'class="notice warning" role="alert">only 3 active raters (1 of them admin) for overlap 9' in page

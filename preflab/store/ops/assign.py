@@ -317,8 +317,8 @@ def submit_judgement(
         return _replay(session, prior, assignment_id)
     a = session.get(Assignment, assignment_id)
     if a is None or a.rater_id != rater_id:
-        raise StoreError(f"assignment {assignment_id} not found (an expired lease returns to the pool)",
-                         code="not_found")
+        raise StoreError(f"assignment {assignment_id} not found: not one of yours, or its lease expired and it went "
+                         "to another rater (an expired lease returns to the pool)", code="not_found")
     rnd = _round(session, a.round_id)
     if a.state == "done":
         prior = _by_key(session, rater_id, key)  # a same-key request may have committed meanwhile

@@ -182,7 +182,8 @@ async def admin_create_round(
     except ValidationError as e:
         raise _form_error(e) from None
     r = await run_in_threadpool(lambda: create_round_op(request, user, body))
-    return _done(request, f"Round “{r.name}” created with {r.n_items} items.")
+    return _done(request, f"Round “{r.name}” created with {r.n_items} items."
+                 + "".join(f" Warning: {w}." for w in r.warnings))
 
 
 @router.post("/raters")
@@ -200,16 +201,18 @@ def admin_add_rater(request: Request, user: AdminUser, name: Annotated[str, Form
 
 @router.get("/rounds/{round_id}")
 def admin_round_page(request: Request, round_id: RoundId, user: AdminUser) -> HTMLResponse:
+    from preflab.collect.assign import round_routing_gaps
     from preflab.store import ops
 
     info = own_round(request, user, round_id)
-    prog = run_store(request, lambda s: ops.round_progress(s, round_id=round_id), readonly=True)
+    prog, gaps = run_store(request, lambda s: (ops.round_progress(s, round_id=round_id),
+                                               round_routing_gaps(s, round_id=round_id)), readonly=True)
     rows = progress_rows(prog)  # one read of the store for the round's and the raters' figures
     resp = render(request, "admin_round.html", {"user": user, "flash": _read_flash(request).get("message"), "round": {
         "id": info.id, "name": info.name, "kind": info.kind, "overlap": info.overlap, "status": info.status,
         "guideline_version": info.guideline_label, "n_items": prog.n_items, "items_complete": prog.items_complete,
         "lease_s": info.lease_s},
-        "progress": rows})
+        "progress": rows, "warnings": gaps if info.status == "open" else []})
     _take_flash(request, resp)
     return resp
 

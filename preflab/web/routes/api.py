@@ -156,9 +156,12 @@ def create_round_op(request: Request, user, body: w.RoundCreate) -> w.RoundAdmin
                                allow_ties=body.allow_ties, min_rationale_chars=body.min_rationale_chars,
                                routing=body.routing, fallback=body.fallback, fallback_after_s=body.fallback_after_s,
                                seed=body.seed, lease_s=float(request.app.state.settings.lease_s))
-        return ops.get_round(s, round_id=rid)
+        return ops.get_round(s, round_id=rid), round_routing_gaps(s, round_id=rid)
 
-    return admin_round(request, run_store(request, create))
+    from preflab.collect.assign import round_routing_gaps
+
+    info, gaps = run_store(request, create)
+    return admin_round(request, info).model_copy(update={"warnings": gaps})
 
 
 @router.get("/admin/rounds", response_model=list[w.RoundAdminOut])
