@@ -153,6 +153,8 @@ def serve(
         err = e.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else ""
         _fail(ValueError(f"{flags.get(field, field)}: {err['msg']}"))
+    except ValueError as e:  # a port in use, named before anything is created
+        _fail(e)
 
 
 # ---- report, outcomes (report/) ---------------------------------------------------------
@@ -788,10 +790,16 @@ def _warn_data(train, val) -> None:  # noqa: ANN001
                       "accuracy cannot be measured; add pairs or raise the validation fraction")
 
 
-def _judged(examples) -> str:
-    """``N pairs``, or ``N judgements of M pairs`` where raters judged some pairs more than once."""
+def _judged(examples, ties: str | None = None) -> str:
+    """``N pairs``, or ``N judgements of M pairs`` where raters judged some pairs more than once; with
+    ``ties`` ('exclude' / 'half', the reward config's) how many of them are ties and what became of them."""
     pairs = len({e.pair_id for e in examples})
-    return f"{len(examples)} pairs" if pairs == len(examples) else f"{len(examples)} judgements of {pairs} pairs"
+    out = f"{len(examples)} pairs" if pairs == len(examples) else f"{len(examples)} judgements of {pairs} pairs"
+    n_ties = sum(bool(e.is_tie) for e in examples)
+    if ties is not None and n_ties:
+        out += f", {n_ties} of them ties ({'left out of the loss' if ties == 'exclude' else 'trained toward 0.5'})"
+    return out
+
 
 def _store_rounds(db: str, project: str, round_kinds: tuple[str, ...]) -> list[int]:
     """The ids of the rounds ``rm train --db`` reads (for its lineage), after warning about each open
@@ -873,7 +881,7 @@ def rm_train(
     except (ValueError, OSError) as e:
         _fail(e)
     m = res.metrics
-    console.print(f"trained {res.steps} steps{_resumed(res)} on {_judged(train)} ({_judged(val)} held out); "
+    console.print(f"trained {res.steps} steps{_resumed(res)} on {_judged(train, cfg.ties)} ({_judged(val)} held out); "
                   f"val accuracy {m.get('eval/accuracy', float('nan')):.3f}; model in {res.model_dir}")
     console.print(f"next: preflab rm eval {out}" + (f" --db {db} --project {project}" if db else " --ceiling C")
                   + "  (held-out accuracy against the raters' duplicate ceiling)")

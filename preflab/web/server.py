@@ -40,6 +40,20 @@ def bootstrap(settings: WebSettings, *, admin_name: str = "admin") -> tuple[str,
     return made
 
 
+def _check_port(host: str, port: int) -> None:
+    """``ValueError`` naming ``--port`` when ``host:port`` cannot be bound (another server has it)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is free
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise ValueError(f"--port: cannot listen on {host}:{port} ({e.strerror or e}); is another server "
+                             "running there? Stop it or choose another --port") from None
+
+
 def serve(*, db_url: str, host: str, port: int, workers: int, project: str, secret_key: str | None,
           cookie_secure: bool = False, echo: Callable[[str], None] = print) -> None:
     """Bootstrap, print the URL (and first-start credentials once), then block in uvicorn."""
@@ -47,6 +61,7 @@ def serve(*, db_url: str, host: str, port: int, workers: int, project: str, secr
 
     from preflab.store.db import normalise_url
 
+    _check_port(host, port)  # before anything is created: a port in use must not cost a first admin's credentials
     generated = secret_key is None
     settings = WebSettings(database_url=normalise_url(db_url), secret_key=secrets.token_urlsafe(32) if generated else secret_key,
                            project=project, cookie_secure=cookie_secure, upgrade_db=False)

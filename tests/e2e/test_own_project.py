@@ -109,8 +109,9 @@ def test_own_project_end_to_end(request, tmp_path):
         # reward model on the store's judgements, evaluated against the raters' own consistency
         (tmp_path / "rm.toml").write_text("[rm]\nlr = 1e-3\nepochs = 3\nbatch_size = 8\nval_fraction = 0.25\n")
         out = preflab("rm", "train", *proj, "--policy", sft, "--out", run / "rm1", "--config", tmp_path / "rm.toml")
-        n_train, n_val = map(int, re.search(r"on (\d+) judgements of \d+ pairs \((\d+) judgements of \d+ pairs "
-                                            r"held out\)", out).groups())  # the calibration rounds overlap
+        n_train, n_val = map(int, re.search(r"on (\d+) judgements of \d+ pairs(?:, \d+ of them ties \(left out of "
+                                            r"the loss\))? \((\d+) judgements of \d+ pairs held out\)",
+                                            out).groups())  # the calibration rounds overlap
         assert "next: preflab rm eval " in out and " --project " in out  # the hint keeps the store (the ceiling)
         out = preflab("rm", "eval", run / "rm1", *proj)
         assert "accuracy" in out and (run / "rm1" / "eval" / "preference.json").is_file()

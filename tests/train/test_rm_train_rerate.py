@@ -18,7 +18,8 @@ def test_rm_train_warns_about_a_partly_judged_rerate(sqlite_url, tmp_path):
     with db.session_scope(engine) as s:
         c1 = ops.create_round(s, project_id=st.project_id, name="c1", kind="collection", pair_ids=st.pair_ids,
                               duplicate_rate=0.0)
-    judge_all(engine, c1, st.raters["ann"], lambda t: "left")
+    n = iter(range(100))
+    judge_all(engine, c1, st.raters["ann"], lambda t: "tie" if next(n) % 3 == 0 else "left")  # a third are ties
     with db.session_scope(engine) as s:
         rerate.add_rubric(s, project_id=st.project_id, label="v2", items=["Verify every price."])
         rr = rerate.create_rerate_round(s, project_id=st.project_id, name="rr", where={"topic": "pricing"},
@@ -38,6 +39,7 @@ def test_rm_train_warns_about_a_partly_judged_rerate(sqlite_url, tmp_path):
     assert r.exit_code == 0, out
     assert ("warning: re-rate round 2 (rr, guideline v2) is open with 2 of 6 pairs judged: the other 4 train on "
             "their old labels, made under an older guideline") in out
+    assert "of them ties (left out of the loss)" in out  # what 'trained on N judgements' holds
     # its lineage names the rounds it read
     engine = db.make_engine(sqlite_url)
     with db.session_scope(engine, readonly=True) as s:
