@@ -149,23 +149,33 @@ def test_admin_creates_round_and_rater_rates_three_items_by_keyboard(browser, tm
     assert [j.strength for j, _ in rows] == [1, 3, 0, 2]
 
 
-def test_an_open_item_keeps_its_lease_while_the_rater_works_on_it(browser, tmp_path):
-    """A round whose lease is 6 s: the page renews it while the rater is active, so after 10 s another
-    rater still cannot take the item, and the answer is saved."""
+def _six_second_lease_round(tmp_path, *, n_pairs: int):
+    """A served store with ``n_pairs`` pairs, raters dana and bob, and an overlap-1 round whose lease is
+    6 s: (server, round id, {name: created rater}). The caller kills the server."""
     from tests.web.harness import pairs_jsonl
 
     url = f"sqlite:///{tmp_path / 'store.db'}"
     server = Server(db_url=url, log_path=tmp_path / "serve.log").start()
     try:
         with server.admin() as admin:
-            assert admin.post("/api/v1/import/pairs", content=pairs_jsonl(1).encode()).status_code == 200
-            rid = admin.post("/api/v1/rounds", json={"name": "slow", "overlap": 1, "duplicate_rate": 0}).json()["id"]
+            assert admin.post("/api/v1/import/pairs", content=pairs_jsonl(n_pairs).encode()).status_code == 200
+            rid = admin.post("/api/v1/rounds", json={"name": "r", "overlap": 1, "duplicate_rate": 0}).json()["id"]
             users = {n: admin.post("/api/v1/raters", json={"name": n}).json() for n in ("dana", "bob")}
         engine = db.make_engine(url)
         with db.session_scope(engine) as s:
             s.get(schema.Round, rid).lease_s = 6.0
         engine.dispose()
+    except BaseException:
+        server.kill()
+        raise
+    return server, rid, users
 
+
+def test_an_open_item_keeps_its_lease_while_the_rater_works_on_it(browser, tmp_path):
+    """A round whose lease is 6 s: the page renews it while the rater is active, so after 10 s another
+    rater still cannot take the item, and the answer is saved."""
+    server, rid, users = _six_second_lease_round(tmp_path, n_pairs=1)
+    try:
         page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
         page.goto(server.url + f"/login?next=/rate/{rid}")
         page.fill("input[name=name]", "dana")
@@ -241,19 +251,8 @@ def test_all_done_page_picks_up_an_item_another_rater_left_open(browser, tmp_pat
 
     import httpx
 
-    from tests.web.harness import pairs_jsonl
-
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    server = Server(db_url=url, log_path=tmp_path / "serve.log").start()
+    server, rid, users = _six_second_lease_round(tmp_path, n_pairs=2)
     try:
-        with server.admin() as admin:
-            assert admin.post("/api/v1/import/pairs", content=pairs_jsonl(2).encode()).status_code == 200
-            rid = admin.post("/api/v1/rounds", json={"name": "tail", "overlap": 1, "duplicate_rate": 0}).json()["id"]
-            users = {n: admin.post("/api/v1/raters", json={"name": n}).json() for n in ("dana", "bob")}
-        engine = db.make_engine(url)
-        with db.session_scope(engine) as s:
-            s.get(schema.Round, rid).lease_s = 6.0
-        engine.dispose()
         bob = httpx.get(server.url + f"/api/v1/rounds/{rid}/next",
                         headers={"Authorization": f"Bearer {users['bob']['token']}"}, timeout=30).json()["task"]
         taken = time.monotonic()
