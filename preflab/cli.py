@@ -1134,8 +1134,8 @@ def rerate_cmd(
     overlap: int = typer.Option(1, min=1, help="Raters per pair."),
     duplicate_rate: float = typer.Option(0.1, help="Share of judged items planted again, sides swapped (as a "
                                                    "collection round's): raters' self-consistency under the rubric."),
-    include_rerated: bool = typer.Option(False, "--include-rerated", help="Also select pairs already judged or "
-                                         "under --guideline (pays for their labels again)."),
+    include_rerated: bool = typer.Option(False, "--include-rerated", help="Also select pairs already judged under "
+                                         "--guideline (pays for their labels again)."),
     seed: int = typer.Option(0, help="Seed of the selection."),
     db: str = _DB_OPT,
     project: str = typer.Option("default", help="Project."),
