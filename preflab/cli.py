@@ -534,6 +534,15 @@ def ab_result_cmd(
         console.print(f"[yellow]warning:[/yellow] round {round_id} is open with {rnd['pairs_judged']} of "
                       f"{rnd['n_pairs']} pairs judged: a result read while it runs (and acted on when it looks "
                       "good) overstates the evidence; close the round first (the win-rate gate refuses it)")
+    sides = rnd.get("sides")
+    if sides and sides["n"]:
+        console.print(f"screen sides: the candidate was on the left in {sides['candidate_left']} of {sides['n']} "
+                      f"showings; raters picked the left answer in {sides['left_picks']} of {sides['decided']} "
+                      f"decided (p {sides['p_left']:.2g} against 1/2)")
+        if sides["p_left"] < 0.001:
+            console.print("[yellow]warning:[/yellow] the raters favour one screen side: with the candidate on the "
+                          "left in a share other than half of the showings, that moves the win rate; check the "
+                          "raters' side preference (`preflab quality status`)")
     top = top_rater_share(res)
     if top is not None and len(rnd.get("judgements_by_rater", {})) > 1 and top[1] > 0.5:
         console.print(f"[yellow]warning:[/yellow] {escape(top[0])} made {top[1]:.0%} of the judgements: the interval "

@@ -429,8 +429,24 @@ def ab_result_from_round(session, round_id: int, candidate_source: str | None = 
         by_rater[r.rater_name] = by_rater.get(r.rater_name, 0) + 1
     return dataclasses.replace(res, round={"id": rnd.id, "name": rnd.name, "status": rnd.status,
                                            "pairs_judged": len({r.pair_id for r in rows}), "n_pairs": prog.n_items,
-                                           "judgements_by_rater": dict(sorted(by_rater.items()))},
+                                           "judgements_by_rater": dict(sorted(by_rater.items())),
+                                           "sides": screen_sides(rows, candidate_source)},
                                candidate_weights=weights(candidate_source), baseline_weights=weights(baseline_source))
+
+
+def screen_sides(rows, candidate_source: str) -> dict[str, Any]:  # noqa: ANN001 - store.ops.JudgementRow
+    """Where the candidate was shown and which side raters picked. Sides are drawn per rater and pair,
+    not balanced, so the candidate may sit left in, say, 32 of 80 showings; a rater who clicks one side
+    then moves the win rate. ``left_picks`` of ``decided`` (ties left out) with the exact two-sided
+    binomial p at 1/2 (``quality.consistency.side_preference``): a small p is position bias."""
+    from preflab.quality.consistency import side_preference
+
+    cand_left = sum((r.source_a if r.left_id == r.response_a_id else r.source_b) == candidate_source for r in rows)
+    decided = [r for r in rows if r.winner_id is not None]
+    left = sum(r.winner_id == r.left_id for r in decided)
+    side = side_preference(left, len(decided))
+    return {"candidate_left": cand_left, "n": len(rows), "left_picks": left, "decided": len(decided),
+            "p_left": side.p_value}
 
 
 def top_rater_share(result: ABResult) -> tuple[str, float] | None:

@@ -181,7 +181,7 @@ def test_blind_round_through_the_store_matches_direct_statistics(engine):
                              baseline_source="runs/sft", candidate_texts=cand, baseline_texts=base, seed=3)
         raters = [ops.create_rater(s, project_id=pid, name=f"r{i}") for i in range(2)]
     # raters see opaque ids and random sides; they prefer warm answers, tie every 8th
-    shown_left_cand, expected = 0, []
+    shown_left_cand, expected, lefts = 0, [], []
     with db.session_scope(engine) as s:
         pairs = {p.id: p for p in ops.list_pairs(s, project_id=pid)}
         assert all("ppo" not in p.response_a_id + p.response_b_id + p.id for p in pairs.values())
@@ -197,6 +197,7 @@ def test_blind_round_through_the_store_matches_direct_statistics(engine):
                     break
             left_is_cand = t.left_text.startswith(domain.OPENERS["warm"])
             shown_left_cand += left_is_cand
+            lefts.append(left_is_cand)
             choice = "tie" if k % 8 == 7 else ("left" if left_is_cand else "right")
             expected.append(0.5 if choice == "tie" else 1.0)
             ops.submit_judgement(s, assignment_id=t.assignment_id, rater_id=rater, choice=choice, strength=1,
@@ -211,6 +212,14 @@ def test_blind_round_through_the_store_matches_direct_statistics(engine):
     assert res.overall == win_rate(expected)
     assert res.overall.ties == 5 and res.overall.rate == pytest.approx(37.5 / 40)
     assert res.round["judgements_by_rater"] == {"r0": 20, "r1": 20}  # who judged: the gates name a dominant rater
+    # where the candidate was shown, and which side raters picked (these raters pick by content)
+    sides = res.round["sides"]
+    assert (sides["candidate_left"], sides["n"], sides["decided"]) == (shown_left_cand, 40, 35)
+    left_picks = sum(1 for e, left in zip(expected, lefts, strict=True) if e == 1.0 and left)
+    assert sides["left_picks"] == left_picks
+    from scipy.stats import binomtest
+
+    assert sides["p_left"] == pytest.approx(binomtest(left_picks, 35, 0.5).pvalue)
     assert sum(w.n for w in res.by_topic.values()) == 40
     with db.session_scope(engine, readonly=True) as s, pytest.raises(ValueError, match="no response from"):
         ab_result_from_round(s, rid, "runs/other")
