@@ -76,7 +76,9 @@ class Server:
 
     def start(self, timeout: float = 30.0) -> Server:
         env = dict(os.environ, PREFLAB_SECRET_KEY=self.secret, PYTHONUNBUFFERED="1")
-        self.log_path = self.log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"preflab-serve-{self.port}.log"
+        # one log per server (a port is reused across runs and tests; an old log's first admin token is stale)
+        self.log_path = self.log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"preflab-serve-{self.port}-{uuid.uuid4().hex[:8]}.log"
+        start = self.log_path.stat().st_size if self.log_path.exists() else 0  # a restart appends: read what it wrote
         log = open(self.log_path, "ab")
         cmd = [sys.executable, "-m", "preflab.cli", "serve", "--db", self.db_url, "--host", "127.0.0.1",
                "--port", str(self.port), "--workers", str(self.workers), "--project", self.project]
@@ -96,7 +98,7 @@ class Server:
         else:
             self.stop()
             raise RuntimeError(f"preflab serve did not come up:\n{self.log_path.read_text()[-3000:]}")
-        text = self.log_path.read_text()
+        text = self.log_path.read_bytes()[start:].decode(errors="replace")
         pw = re.search(r"admin password: (\S+)", text)
         tok = re.search(r"admin API token: (\S+)", text)
         if pw and tok and self.admin_password is None:
