@@ -8,6 +8,8 @@ worker processes can serve the same database.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -111,6 +113,8 @@ def create_app(settings: WebSettings) -> FastAPI:
     app.state.project_id = _project_id(app.state.engine, settings.project)
     # templates are read once: a package upgraded under a running server must not pair new templates with old code
     app.state.templates = Jinja2Templates(directory=str(HERE / "templates"))
+    # a round's agreement per (round, judgement count, newest judgement): routes.api.round_agreement
+    app.state.agreement_cache = (threading.Lock(), OrderedDict())
     app.state.templates.env.auto_reload = False
     install_handlers(app)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")

@@ -195,17 +195,12 @@ def round_agreement(request: Request, round_id: RoundId, user: AdminUser) -> dic
     recently used first out: admins refreshing the page cost one count query until a judgement arrives.
     Nothing another worker needs lives there (each worker computes its own on a miss)."""
     import copy
-    import threading
-    from collections import OrderedDict
 
     from preflab.collect.workshop import round_agreement as agreement
     from preflab.collect.workshop import round_judgement_version
 
     own_round(request, user, round_id)
-    state = request.app.state
-    if getattr(state, "agreement_cache", None) is None:
-        state.agreement_cache = (threading.Lock(), OrderedDict())
-    lock, cache = state.agreement_cache
+    lock, cache = request.app.state.agreement_cache  # made with the app (web.app)
 
     def cached(s) -> dict:  # noqa: ANN001
         key = (round_id, *round_judgement_version(s, round_id=round_id))
